@@ -1,0 +1,173 @@
+"""The engine every machine shares: a posterior-weighted mean over a dictionary, streamed in chunks.
+
+For a query q (a noisy patch, or a whole noisy image) at time t with s = sqrt(alpha_bar) and
+beta = 1 - alpha_bar, dictionary entry k (a training patch, or image) has posterior logit
+
+    logit_k = -||q - s k||^2 / (2 beta) + log m_k
+            = (s <q, k> - s^2 ||k||^2 / 2) / beta + log m_k  + (a term constant in k),
+
+where m_k is the multiplicity of k when identical entries were merged (exact). The engine returns
+the softmax-weighted mean of the entries' values (the centre pixel of a patch, or a whole image),
+the entry with the largest weight and that weight. It never holds more than one chunk of logits:
+a streaming log-sum-exp keeps a running maximum, normaliser and weighted sum per query.
+
+Backends: ``ExactBackend`` scans the whole dictionary with large matrix products.
+"""
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+"""Bytes that one machine may use for cached dictionaries plus one chunk of logits (default 2 GiB)."""
+
+LOGIT_CHUNK_BYTES = 64 * 1024**2
+"""Bytes of logits per chunk: large enough for efficient matrix products, small enough to stay in cache-friendly blocks."""
+
+
+@dataclass
+class PosteriorSummary:
+    """What the engine reports for Q queries.
+
+    mean: (Q, V) posterior mean of the values.
+    best_source: (Q, 3) int64 source (training image, row, column) of the entry of largest weight.
+    best_weight: (Q,) its posterior weight, in (0, 1].
+    """
+
+    mean: torch.Tensor
+    best_source: torch.Tensor
+    best_weight: torch.Tensor
+
+
+class SoftmaxAccumulator:
+    """Streaming softmax-weighted mean over chunks of logits (an online log-sum-exp)."""
+
+    def __init__(self, num_queries: int, value_dim: int, dtype: torch.dtype, device: torch.device):
+        self.running_max = torch.full((num_queries,), -math.inf, dtype=dtype, device=device)
+        self.normaliser = torch.zeros(num_queries, dtype=dtype, device=device)
+        self.weighted_sum = torch.zeros(num_queries, value_dim, dtype=dtype, device=device)
+        self.best_logit = torch.full((num_queries,), -math.inf, dtype=dtype, device=device)
+        self.best_source = torch.zeros(num_queries, 3, dtype=torch.int64, device=device)
+
+    def update(self, logits: torch.Tensor, contract: Callable[[torch.Tensor], torch.Tensor], sources: torch.Tensor) -> None:
+        """Fold in one chunk.
+
+        logits: (Q, n) logits of n dictionary entries; overwritten.
+        contract: maps unnormalised weights (Q, n) to their weighted sum of values (Q, V).
+        sources: (n, 3) int64 provenance of the n entries.
+        """
+        chunk_max, chunk_argmax = logits.max(dim=1)
+        improved = chunk_max > self.best_logit
+        self.best_logit = torch.where(improved, chunk_max, self.best_logit)
+        self.best_source = torch.where(improved[:, None], sources[chunk_argmax], self.best_source)
+        new_max = torch.maximum(self.running_max, chunk_max)
+        rescale = torch.exp(self.running_max - new_max)
+        weights = logits.sub_(new_max[:, None]).exp_()
+        self.normaliser.mul_(rescale).add_(weights.sum(dim=1))
+        self.weighted_sum.mul_(rescale[:, None]).add_(contract(weights))
+        self.running_max = new_max
+
+    def summary(self) -> PosteriorSummary:
+        """The posterior mean, dominant entry and its weight for every query."""
+        mean = self.weighted_sum / self.normaliser[:, None]
+        best_weight = torch.exp(self.best_logit - self.running_max) / self.normaliser
+        return PosteriorSummary(mean, self.best_source, best_weight)
+
+
+@dataclass
+class PatchDictionary:
+    """The training entries one dictionary group compares against, ready for the engine.
+
+    keys: (K, D) entries (patches or images), in the machine's dtype and device.
+    values: (K, V) what each entry contributes to the mean (its centre pixel, or the whole image).
+    squared_norms: (K,) ||key||^2.
+    log_multiplicity: (K,) log of how many identical entries each row stands for (0 when unmerged).
+    sources: (K, 3) int64 (training image index, centre row, centre column) of each entry
+        (of its first occurrence when merged).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    squared_norms: torch.Tensor
+    log_multiplicity: torch.Tensor
+    sources: torch.Tensor
+
+    @classmethod
+    def from_entries(cls, keys: torch.Tensor, values: torch.Tensor, sources: torch.Tensor, merge_duplicates: bool = True):
+        """Build a dictionary, merging identical keys (their multiplicity joins the logit, which is exact)."""
+        if merge_duplicates and keys.shape[0] > 1:
+            first, counts = unique_rows(keys)
+            keys, values, sources = keys[first], values[first], sources[first]
+            log_multiplicity = counts.to(keys.dtype).log()
+        else:
+            log_multiplicity = torch.zeros(keys.shape[0], dtype=keys.dtype, device=keys.device)
+        return cls(keys, values, keys.square().sum(dim=1), log_multiplicity, sources)
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in (self.keys, self.values, self.squared_norms, self.log_multiplicity, self.sources))
+
+
+def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the first occurrence of each distinct row of rows (K, D), in order, and their counts.
+
+    Rows are hashed (a random 64-bit linear hash of their bit patterns) and every merge is then
+    verified exactly, so a hash collision can never merge two different rows.
+    """
+    bits = _row_bits(rows)
+    generator = torch.Generator().manual_seed(0x5EED)
+    coefficients = torch.randint(1, 2**62, (bits.shape[1],), generator=generator, dtype=torch.int64).to(rows.device) | 1
+    hashes = (bits * coefficients).sum(dim=1)
+    _, inverse, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
+    positions = torch.arange(rows.shape[0], device=rows.device)
+    first = torch.full((counts.shape[0],), rows.shape[0], dtype=torch.int64, device=rows.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    if not torch.equal(rows[first[inverse]], rows):
+        unique, inverse, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+        first = torch.full((unique.shape[0],), rows.shape[0], dtype=torch.int64, device=rows.device)
+        first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    order = torch.argsort(first)
+    return first[order], counts[order]
+
+
+def _row_bits(rows: torch.Tensor) -> torch.Tensor:
+    """The rows' bit patterns as int64 (so that equal floats hash equally; -0.0 is folded into 0.0)."""
+    rows = rows + 0.0
+    if rows.dtype == torch.float64:
+        return rows.view(torch.int64)
+    return rows.to(torch.float32).view(torch.int32).to(torch.int64)
+
+
+class ExactBackend:
+    """Scan every dictionary entry: logits by matrix products, chunk by chunk, into a streaming softmax."""
+
+    def __init__(self, chunk_bytes: int = LOGIT_CHUNK_BYTES):
+        self.chunk_bytes = chunk_bytes
+
+    def summarize(self, queries: torch.Tensor, parts: Iterable[PatchDictionary], alpha_bar: float) -> PosteriorSummary:
+        """Posterior summary for queries (Q, D) against the union of dictionary parts at noise level alpha_bar."""
+        signal = math.sqrt(alpha_bar)
+        noise_variance = 1.0 - alpha_bar
+        accumulator = None
+        for dictionary in parts:
+            if accumulator is None:
+                accumulator = SoftmaxAccumulator(queries.shape[0], dictionary.values.shape[1], queries.dtype, queries.device)
+            for start, stop in chunk_ranges(len(dictionary), queries.shape[0], queries.element_size(), self.chunk_bytes):
+                bias = dictionary.log_multiplicity[start:stop] - (alpha_bar / (2 * noise_variance)) * dictionary.squared_norms[start:stop]
+                logits = torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal / noise_variance)
+                accumulator.update(logits, dictionary.values[start:stop].__rmatmul__, dictionary.sources[start:stop])
+        if accumulator is None:
+            raise ValueError("the dictionary is empty")
+        return accumulator.summary()
+
+
+def chunk_ranges(num_entries: int, num_queries: int, itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) ranges of dictionary entries so that one chunk of logits takes about chunk_bytes."""
+    step = max(256, chunk_bytes // max(1, num_queries * itemsize))
+    for start in range(0, num_entries, step):
+        yield start, min(start + step, num_entries)

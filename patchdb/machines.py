@@ -1,0 +1,253 @@
+"""The analytic score machines: ideal (IS), equivariant (ES), local (LS), equivariant local (ELS)
+and boundary-broken ELS (bbELS), all on one engine (patchdb.engine).
+
+Every machine computes a posterior over training entries and returns, per pixel, the posterior
+mean of the entries' centre pixels: ``Posterior.mean`` is the machine's estimate of x_0, and the
+score is ``(sqrt(alpha_bar) * mean - x) / beta`` (paper eq. for M_t). What differs is the
+dictionary each pixel sees:
+
+- IS: whole training images (one posterior per sample).
+- ES: every circular translate of every training image; FFT cross-correlation gives all
+  translates' logits at once.
+- LS / ELS / bbELS: patches, with a dictionary per pixel group (patchdb.patches).
+
+Class-conditional use: pass ``labels``; each sample then sees only its class's training images.
+A machine is a score model: ``machine(x, t, labels=None, patch_size=None) -> score``.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from patchdb.data import Dataset
+from patchdb.engine import DEFAULT_MEMORY_BUDGET, LOGIT_CHUNK_BYTES, ExactBackend, PatchDictionary, SoftmaxAccumulator
+from patchdb.errors import PatchdbError
+from patchdb.patches import PATCH_MACHINES, centre_indices, dictionary_groups, extract_patches, padding_mode
+from patchdb.schedule import alpha_bar
+
+MACHINES = ("is", "es", "ls", "els", "bbels")
+
+
+@dataclass
+class Posterior:
+    """A machine's answer for a batch at one time t.
+
+    mean: (B, C, H, W) posterior mean of each pixel's centre value: the machine's x_0 estimate.
+    source: (B, H, W, 3) int64 (training image index in the full data set, row, column) of the pixel
+        in the training set that the dominant dictionary entry places at this pixel.
+    weight: (B, H, W) posterior weight of that dominant entry.
+    """
+
+    mean: torch.Tensor
+    source: torch.Tensor
+    weight: torch.Tensor
+
+
+class Machine:
+    """Shared plumbing: input checks, per-label training subsets, score from posterior."""
+
+    name = "machine"
+
+    def __init__(self, dataset: Dataset, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        self.dataset = dataset
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.memory_budget = memory_budget
+        self.images = dataset.images.to(device=self.device, dtype=dtype)
+        self.image_shape = tuple(dataset.images.shape[1:])
+
+    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
+        """Score (B, C, H, W) of the machine at noisy batch x (B, C, H, W) and time t in (0, 1]."""
+        mean = self.posterior(x, t, labels, patch_size).mean
+        return (math.sqrt(alpha_bar(t)) * mean - x) / (1.0 - alpha_bar(t))
+
+    def posterior(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, patch_size: int | None = None) -> Posterior:
+        """Posterior mean, dominant source and its weight for every pixel of x (B, C, H, W) at time t."""
+        self._check_inputs(x, t, labels, patch_size)
+        x = x.to(device=self.device, dtype=self.dtype)
+        batch = x.shape[0]
+        height, width = self.image_shape[1:]
+        mean = torch.empty_like(x)
+        source = torch.empty(batch, height, width, 3, dtype=torch.int64, device=self.device)
+        weight = torch.empty(batch, height, width, dtype=self.dtype, device=self.device)
+        if labels is None:
+            groups = [(None, torch.arange(batch, device=self.device))]
+        else:
+            labels = labels.to(self.device)
+            groups = [(int(label), torch.nonzero(labels == label).squeeze(1)) for label in torch.unique(labels)]
+        for label, members in groups:
+            images, global_index = self._training_images(label)
+            part = self._posterior(x[members], alpha_bar(t), patch_size, images, label)
+            mean[members] = part.mean
+            source[members] = torch.cat([global_index[part.source[..., :1]], part.source[..., 1:]], dim=-1)
+            weight[members] = part.weight
+        return Posterior(mean, source, weight)
+
+    def _posterior(self, x: torch.Tensor, alpha_bar: float, patch_size: int | None, images: torch.Tensor, label) -> Posterior:
+        """The machine's posterior for x against training images (source indices local to images)."""
+        raise NotImplementedError
+
+    def _training_images(self, label: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images (M, C, H, W) a sample of this label may use, and their indices in the full set."""
+        if label is None:
+            return self.images, torch.arange(self.images.shape[0], device=self.device)
+        index = self.dataset.indices_of_label(label).to(self.device)
+        return self.images[index], index
+
+    def _check_inputs(self, x, t, labels, patch_size) -> None:
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise PatchdbError(f"the noisy batch has shape {tuple(x.shape)} but the training images are {self.image_shape}: "
+                               f"pass (B, {', '.join(map(str, self.image_shape))})")
+        if not torch.isfinite(x).all():
+            raise PatchdbError("the noisy batch contains NaN or infinite values")
+        if not 0.0 < t <= 1.0:
+            raise PatchdbError(f"time t must lie in (0, 1], got {t}")
+        if labels is not None:
+            if self.dataset.labels is None:
+                raise PatchdbError(f"labels were given but the data set {self.dataset.name} has none; sample unconditionally")
+            if labels.shape != (x.shape[0],):
+                raise PatchdbError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+            known = set(self.dataset.labels.unique().tolist())
+            unknown = sorted(set(labels.tolist()) - known)
+            if unknown:
+                raise PatchdbError(f"labels {unknown} do not occur in the data set {self.dataset.name} (it has {sorted(known)})")
+
+
+class IdealMachine(Machine):
+    """IS: the exact score of the training set's Gaussian mixture; it memorises."""
+
+    name = "is"
+
+    def _posterior(self, x, alpha_bar, patch_size, images, label):
+        batch, channels, height, width = x.shape
+        keys = images.reshape(images.shape[0], -1)
+        sources = torch.zeros(images.shape[0], 3, dtype=torch.int64, device=self.device)
+        sources[:, 0] = torch.arange(images.shape[0], device=self.device)
+        dictionary = PatchDictionary.from_entries(keys, keys, sources)
+        summary = ExactBackend().summarize(x.reshape(batch, -1), [dictionary], alpha_bar)
+        rows, cols = _pixel_grid(height, width, self.device)
+        source = torch.stack([summary.best_source[:, 0, None, None].expand(batch, height, width),
+                              rows.expand(batch, -1, -1), cols.expand(batch, -1, -1)], dim=-1)
+        return Posterior(summary.mean.reshape(x.shape), source, summary.best_weight[:, None, None].expand(batch, height, width))
+
+
+class EquivariantMachine(Machine):
+    """ES: the ideal score of every circular translate of every training image (FFT cross-correlation)."""
+
+    name = "es"
+
+    def _posterior(self, x, alpha_bar, patch_size, images, label):
+        batch, channels, height, width = x.shape
+        pixels = height * width
+        signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
+        x_spectrum = torch.fft.rfft2(x)
+        accumulator = SoftmaxAccumulator(batch, channels * pixels, x.dtype, x.device)
+        step = max(1, LOGIT_CHUNK_BYTES // (batch * pixels * x.element_size()))
+        shifts = torch.arange(pixels, device=self.device)
+        for start in range(0, images.shape[0], step):
+            chunk = images[start:start + step]
+            chunk_spectrum = torch.fft.rfft2(chunk)  # (n, C, H, W//2+1)
+            # correlation[b, n, d] = <x_b, roll(image_n, d)> for every circular shift d = (dr, dc)
+            correlation = torch.fft.irfft2(torch.einsum("bchw,nchw->bnhw", x_spectrum, chunk_spectrum.conj()), s=(height, width))
+            squared_norms = chunk.square().sum(dim=(1, 2, 3))
+            logits = (signal * correlation - (alpha_bar / 2) * squared_norms[None, :, None, None]) / noise_variance
+            image_index = torch.arange(start, start + chunk.shape[0], device=self.device)
+            sources = torch.stack([image_index.repeat_interleave(pixels), (shifts // width).repeat(chunk.shape[0]),
+                                   (shifts % width).repeat(chunk.shape[0])], dim=1)
+
+            def contract(weights, spectrum=chunk_spectrum, n=chunk.shape[0]):
+                # sum over n, d of w[n, d] * roll(image_n, d): a circular convolution per image
+                weight_spectrum = torch.fft.rfft2(weights.reshape(batch, n, height, width))
+                mixed = torch.einsum("bnhw,nchw->bchw", weight_spectrum, spectrum)
+                return torch.fft.irfft2(mixed, s=(height, width)).reshape(batch, -1)
+
+            accumulator.update(logits.reshape(batch, -1), contract, sources)
+        summary = accumulator.summary()
+        rows, cols = _pixel_grid(height, width, self.device)
+        shift_row, shift_col = summary.best_source[:, 1, None, None], summary.best_source[:, 2, None, None]
+        source = torch.stack([summary.best_source[:, 0, None, None].expand(batch, height, width),
+                              (rows - shift_row) % height, (cols - shift_col) % width], dim=-1)
+        return Posterior(summary.mean.reshape(x.shape), source, summary.best_weight[:, None, None].expand(batch, height, width))
+
+
+class PatchMachine(Machine):
+    """LS, ELS and boundary-broken ELS: each pixel's posterior over its group's patch dictionary."""
+
+    def __init__(self, name: str, dataset: Dataset, *, backend=None, merge_duplicates: bool = True, **options):
+        super().__init__(dataset, **options)
+        self.name = name
+        self.padding = padding_mode(name)
+        self.backend = backend or ExactBackend()
+        self.merge_duplicates = merge_duplicates
+        self._cache_key = None
+        self._cache: list[list[PatchDictionary]] = []
+
+    def _posterior(self, x, alpha_bar, patch_size, images, label):
+        if patch_size is None:
+            raise PatchdbError(f"the {self.name} machine needs a patch size: give --scales")
+        batch, channels, height, width = x.shape
+        mean = torch.empty(batch, channels, height * width, dtype=x.dtype, device=x.device)
+        source = torch.empty(batch, height * width, 3, dtype=torch.int64, device=x.device)
+        weight = torch.empty(batch, height * width, dtype=x.dtype, device=x.device)
+        groups = dictionary_groups(self.name, patch_size, height, width)
+        for group, parts in zip(groups, self._dictionaries(images, label, patch_size, groups)):
+            queries = extract_patches(x, patch_size, self.padding, group.query_pixels)  # (B, Q, D)
+            num_queries = queries.shape[1]
+            summary = self.backend.summarize(queries.reshape(batch * num_queries, -1), parts, alpha_bar)
+            pixels = group.query_pixels.to(x.device)
+            mean[:, :, pixels] = summary.mean.reshape(batch, num_queries, channels).transpose(1, 2)
+            source[:, pixels] = summary.best_source.reshape(batch, num_queries, 3)
+            weight[:, pixels] = summary.best_weight.reshape(batch, num_queries)
+        return Posterior(mean.reshape(x.shape), source.reshape(batch, height, width, 3), weight.reshape(batch, height, width))
+
+    def _dictionaries(self, images, label, patch_size, groups):
+        """For each group, the dictionary's parts: all of it cached when it fits the memory budget,
+        else streamed from the training images a block at a time (re-extracted at every call)."""
+        key = (label, patch_size)
+        if key == self._cache_key:
+            return self._cache
+        entry_bytes = self.image_shape[0] * patch_size**2 * images.element_size() + 32
+        total_bytes = images.shape[0] * self.image_shape[1] * self.image_shape[2] * entry_bytes
+        if total_bytes <= self.memory_budget // 2:
+            self._cache_key, self._cache = None, []  # free the previous scale's dictionaries first
+            self._cache = [list(self._dictionary_blocks(images, patch_size, group, images.shape[0])) for group in groups]
+            self._cache_key = key
+            return self._cache
+        images_per_block = max(1, (self.memory_budget // 4) // (self.image_shape[1] * self.image_shape[2] * entry_bytes))
+        return [self._dictionary_blocks(images, patch_size, group, images_per_block) for group in groups]
+
+    def _dictionary_blocks(self, images, patch_size, group, images_per_block):
+        """Dictionary parts of a group over blocks of images_per_block training images."""
+        centre = centre_indices(self.image_shape[0], patch_size).to(images.device)
+        key_pixels = group.key_pixels.to(images.device)
+        width = self.image_shape[2]
+        for start in range(0, images.shape[0], images_per_block):
+            block = images[start:start + images_per_block]
+            keys = extract_patches(block, patch_size, self.padding, key_pixels).flatten(0, 1)
+            image_index = torch.arange(start, start + block.shape[0], device=images.device).repeat_interleave(key_pixels.shape[0])
+            pixel = key_pixels.repeat(block.shape[0])
+            sources = torch.stack([image_index, pixel // width, pixel % width], dim=1)
+            yield PatchDictionary.from_entries(keys, keys[:, centre], sources, self.merge_duplicates)
+
+
+def _pixel_grid(height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(height, device=device)[None, :, None].expand(1, height, width)
+    cols = torch.arange(width, device=device)[None, None, :].expand(1, height, width)
+    return rows, cols
+
+
+def make_machine(name: str, dataset: Dataset, **options) -> Machine:
+    """The machine called name (one of MACHINES) over dataset's training images.
+
+    options: dtype (torch.float32 or torch.float64), device, memory_budget (bytes), and for the
+    patch machines backend and merge_duplicates.
+    """
+    if name == "is":
+        return IdealMachine(dataset, **options)
+    if name == "es":
+        return EquivariantMachine(dataset, **options)
+    if name in PATCH_MACHINES:
+        return PatchMachine(name, dataset, **options)
+    raise PatchdbError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES)}")

@@ -1,0 +1,105 @@
+"""Patches and patch dictionaries: what each machine lets a pixel compare its neighbourhood with.
+
+A patch of side P (odd, half-width h = P // 2) centred at pixel (r, c) is the (C, P, P) block of an
+image padded by h on every side, flattened in (channel, row, column) order to a vector of
+D = C * P * P values. Its centre pixel sits at flat positions ``channel * P * P + h * P + h``.
+
+A machine is a partition of the pixel grid into *dictionary groups*. Every pixel of a group uses
+the same dictionary: the training patches centred at the group's ``key_pixels``, from every
+training image. That one idea covers the patch machines:
+
+- LS (zero padding): every pixel is its own group; the dictionary holds patches at that location.
+- ELS (circular padding): one group of all pixels; the dictionary holds patches at every location.
+- boundary-broken ELS (zero padding): a pixel's boundary class is, per axis, "inside" or its
+  distance to the border its patch crosses. Pixels whose patch is fully inside form one group
+  whose dictionary holds every fully-inside patch; a pixel whose patch crosses one border shares
+  its dictionary with the pixels at the same distance from that border (any position along it);
+  a corner pixel (two borders) keeps only its own location. For P >= the image side it is LS.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PATCH_MACHINES = ("ls", "els", "bbels")
+
+
+@dataclass(frozen=True)
+class DictionaryGroup:
+    """Pixels that share one patch dictionary.
+
+    query_pixels: (Q,) int64 flat indices r * W + c of the pixels whose score uses this dictionary.
+    key_pixels: (K,) int64 flat indices of the centres of the dictionary's patches in each training image.
+    boundary_class: a name for the dictionary, e.g. 'interior', 'top=2', 'top=0,left=1', 'pixel=(3,5)'.
+    """
+
+    query_pixels: torch.Tensor
+    key_pixels: torch.Tensor
+    boundary_class: str
+
+
+def padding_mode(machine: str) -> str:
+    """'circular' for ELS, 'zeros' for LS and boundary-broken ELS."""
+    return "circular" if machine == "els" else "zeros"
+
+
+def dictionary_groups(machine: str, patch_size: int, height: int, width: int) -> list[DictionaryGroup]:
+    """Partition an (height, width) grid into the dictionary groups of a patch machine at patch_size."""
+    if machine not in PATCH_MACHINES:
+        raise ValueError(f"not a patch machine: {machine!r}")
+    all_pixels = torch.arange(height * width)
+    if machine == "els":
+        return [DictionaryGroup(all_pixels, all_pixels, "all locations")]
+    if machine == "ls" or patch_size >= min(height, width):
+        return [
+            DictionaryGroup(all_pixels[i : i + 1], all_pixels[i : i + 1], f"pixel=({i // width},{i % width})")
+            for i in range(height * width)
+        ]
+    half = patch_size // 2
+    groups = []
+    for row_class, rows in _axis_classes(height, half, ("top", "bottom")):
+        for col_class, cols in _axis_classes(width, half, ("left", "right")):
+            pixels = (rows[:, None] * width + cols[None, :]).reshape(-1)
+            if row_class is None and col_class is None:
+                name = "interior"
+            elif row_class is not None and col_class is not None:
+                name = f"{row_class},{col_class}"
+            else:
+                name = row_class or col_class
+            groups.append(DictionaryGroup(pixels, pixels, name))
+    return groups
+
+
+def _axis_classes(size: int, half: int, sides: tuple[str, str]):
+    """Per-axis boundary classes: (None, inside coordinates), then ('top=d', [d]) for each crossing distance."""
+    yield None, torch.arange(half, size - half)
+    for distance in range(half):
+        yield f"{sides[0]}={distance}", torch.tensor([distance])
+        yield f"{sides[1]}={distance}", torch.tensor([size - 1 - distance])
+
+
+def centre_indices(channels: int, patch_size: int) -> torch.Tensor:
+    """(C,) positions of the centre pixel's channels inside a flattened (C, P, P) patch."""
+    half = patch_size // 2
+    return torch.arange(channels) * patch_size * patch_size + half * patch_size + half
+
+
+def extract_patches(images: torch.Tensor, patch_size: int, padding: str, pixels: torch.Tensor) -> torch.Tensor:
+    """Patches of images (N, C, H, W) centred at flat pixel indices pixels (M,): (N, M, C * P * P).
+
+    padding: 'zeros' (pixels beyond the border read 0) or 'circular' (they wrap around).
+    Only the M requested patches are copied (a strided view selects them).
+    """
+    half = patch_size // 2
+    height, width = images.shape[-2:]
+    if padding == "circular":
+        if half > min(height, width):
+            raise ValueError(f"circular patches of size {patch_size} wrap more than once around a {height}x{width} image")
+        padded = F.pad(images, (half, half, half, half), mode="circular")
+    else:
+        padded = F.pad(images, (half, half, half, half))
+    windows = padded.unfold(2, patch_size, 1).unfold(3, patch_size, 1)  # (N, C, H, W, P, P), a view
+    pixels = pixels.to(images.device)
+    selected = windows[:, :, pixels // width, pixels % width]  # (N, C, M, P, P)
+    return selected.permute(0, 2, 1, 3, 4).reshape(images.shape[0], pixels.shape[0], -1)

@@ -1,0 +1,73 @@
+"""Locality-scale schedules: which patch size P the machines use at each sampling step.
+
+Convention (used by ``sample``, ``calibrate`` and the shipped presets alike): a schedule for an
+n-step sampler is a list of n odd patch sizes; entry i is the patch size at t = i/n, i = 0..n-1.
+The machine loop evaluates i = n-1..1, so entry 0 (t = 0) is never used; the full loop's first
+step (t = 1, i = n) uses entry n-1.
+"""
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from patchdb.errors import PatchdbError
+
+SCALE_SPEC_HELP = (
+    "'paper:KEY' (a calibrated schedule of the paper's authors), 'calibrated:RUN_DIR' "
+    "(RUN_DIR/scales.json written by `patchdb calibrate`), a comma list '3,3,5,...' with one odd "
+    "size per step, a JSON file, or one odd size for every step"
+)
+
+
+def paper_scales() -> dict[str, list[int]]:
+    """The authors' calibrated 20-step schedules, by key (e.g. 'fashion-mnist-resnet-zeros-conditional')."""
+    text = resources.files("patchdb").joinpath("resources/paper-scales.json").read_text()
+    return json.loads(text)["scales"]
+
+
+def parse_scales(spec: str | int, num_steps: int) -> list[int]:
+    """Turn a scale spec (see SCALE_SPEC_HELP) into a list of num_steps odd patch sizes."""
+    spec = str(spec).strip()
+    if spec.startswith("paper:"):
+        key = spec.removeprefix("paper:")
+        presets = paper_scales()
+        if key not in presets:
+            raise PatchdbError(f"unknown paper scale preset {key!r}; choose one of: {', '.join(sorted(presets))}")
+        return check_scales(presets[key], num_steps, source=spec)
+    if spec.startswith("calibrated:"):
+        return _read_scale_file(Path(spec.removeprefix("calibrated:")) / "scales.json", num_steps)
+    if spec.endswith(".json"):
+        return _read_scale_file(Path(spec), num_steps)
+    try:
+        sizes = [int(item) for item in spec.split(",")]
+    except ValueError:
+        raise PatchdbError(f"cannot read the scale schedule {spec!r}: expected {SCALE_SPEC_HELP}") from None
+    if len(sizes) == 1:
+        sizes = sizes * num_steps
+    return check_scales(sizes, num_steps, source=spec)
+
+
+def _read_scale_file(path: Path, num_steps: int) -> list[int]:
+    if not path.is_file():
+        raise PatchdbError(f"scale file {path} does not exist; run `patchdb calibrate --out {path}` or give another --scales")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise PatchdbError(f"scale file {path} is not valid JSON ({error})") from None
+    sizes = content.get("scales") if isinstance(content, dict) else content
+    if not isinstance(sizes, list):
+        raise PatchdbError(f"scale file {path} must hold a list of sizes or an object with a 'scales' list")
+    return check_scales(sizes, num_steps, source=str(path))
+
+
+def check_scales(sizes: list, num_steps: int, source: str = "scales") -> list[int]:
+    """Validate a schedule: exactly num_steps positive odd integers."""
+    if len(sizes) != num_steps:
+        raise PatchdbError(
+            f"{source}: the schedule has {len(sizes)} entries but the sampler has {num_steps} steps; "
+            f"give one patch size per step (entry i is used at t = i/{num_steps}) or change --steps"
+        )
+    for index, size in enumerate(sizes):
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 2 == 0:
+            raise PatchdbError(f"{source}: entry {index} is {size!r}; patch sizes must be positive odd integers")
+    return list(sizes)
