@@ -1,0 +1,406 @@
+"""Readers, spec parsing, lookup order, preprocessing, fingerprints and download checks of patchdb.data / patchdb.fetch."""
+
+import gzip
+import hashlib
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import patchdb.data as data
+from cli.data import fetch_data
+from patchdb.data import (
+    IMAGE_SIZE,
+    load_dataset,
+    preprocess,
+    read_cifar10,
+    read_idx,
+    read_image_folder,
+    read_npz,
+)
+from patchdb.errors import PatchdbError
+from patchdb.fetch import SOURCES, RemoteFile, download_file, payload_sha256, verify_sha256
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "fashion-mnist").is_dir() or not (SHARED_DATA / "mnist-10k").is_dir(),
+    reason="../shared/data is not present")
+
+_IDX_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, _IDX_TYPE_CODES[array.dtype], array.ndim])
+    header += np.array(array.shape, dtype=">u4").tobytes()
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    raw = idx_bytes(array)
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return path
+
+
+def random_uint8(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def write_mnist_like(folder: Path, num_images: int, label: int, stem: str = "train") -> np.ndarray:
+    """An IDX image + labels pair in ``folder`` whose labels are all ``label``; returns the images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = random_uint8(np.random.default_rng(label), (num_images, 28, 28))
+    write_idx(folder / f"{stem}-images-idx3-ubyte.gz", images)
+    write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", np.full(num_images, label, dtype=np.uint8))
+    return images
+
+
+@pytest.fixture
+def isolated_roots(monkeypatch, tmp_path):
+    """No $PATCHDB_DATA, an empty user cache and no system folders, so only what a test sets up is found."""
+    monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", ())
+
+
+# ---------------------------------------------------------------- readers
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_read_idx_round_trips_gzip_and_raw(tmp_path, compress):
+    images = random_uint8(np.random.default_rng(0), (5, 7, 6))
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "images", images, compress)), images)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "labels", labels, compress)), labels)
+    wide = np.array([[1, -2], [70000, 3]], dtype=np.int32)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "wide", wide, compress)), wide)
+
+
+def test_read_idx_rejects_bad_magic_truncation_and_missing_file(tmp_path):
+    good = idx_bytes(random_uint8(np.random.default_rng(1), (4, 5, 5)))
+    (tmp_path / "magic").write_bytes(b"\x01\x02" + good[2:])
+    with pytest.raises(PatchdbError, match="magic"):
+        read_idx(tmp_path / "magic")
+    (tmp_path / "short").write_bytes(good[:-10])
+    with pytest.raises(PatchdbError, match="truncated"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "short.gz").write_bytes(gzip.compress(good)[:-12])
+    with pytest.raises(PatchdbError, match="truncated"):
+        read_idx(tmp_path / "short.gz")
+    with pytest.raises(PatchdbError, match="not found"):
+        read_idx(tmp_path / "absent.gz")
+
+
+def _cifar_batch(rng: np.random.Generator, count: int, first_label: int) -> tuple[dict, np.ndarray, list[int]]:
+    images = random_uint8(rng, (count, 32, 32, 3))
+    labels = [(first_label + index) % 10 for index in range(count)]
+    rows = images.transpose(0, 3, 1, 2).reshape(count, -1)  # red plane, green plane, blue plane
+    return {b"batch_label": b"batch", b"data": rows, b"labels": labels}, images, labels
+
+
+def write_cifar10(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A tiny cifar-10-batches-py folder; returns the expected (images, labels) per split."""
+    rng = np.random.default_rng(2)
+    folder.mkdir(parents=True)
+    expected = {}
+    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        all_images, all_labels = [], []
+        for index, name in enumerate(names):
+            batch, images, labels = _cifar_batch(rng, 2 + index % 2, index)
+            (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+            all_images.append(images)
+            all_labels += labels
+        expected[split] = (np.concatenate(all_images), np.array(all_labels))
+    return expected
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_read_cifar10_folder_and_archive(tmp_path, as_archive):
+    folder = tmp_path / "cifar-10-batches-py"
+    expected = write_cifar10(folder)
+    source = tmp_path
+    if as_archive:
+        source = tmp_path / "cifar-10-python.tar.gz"
+        with tarfile.open(source, "w:gz") as archive:
+            archive.add(folder, arcname="cifar-10-batches-py")
+    for split in ("train", "test"):
+        images, labels = read_cifar10(source, split)
+        assert images.shape == (len(expected[split][1]), 32, 32, 3) and images.dtype == np.uint8
+        assert np.array_equal(images, expected[split][0])
+        assert np.array_equal(labels, expected[split][1])
+
+
+def test_read_cifar10_rejects_missing_batch_and_foreign_pickle(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar10(folder)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(PatchdbError, match="data_batch_3.*not found"):
+        read_cifar10(tmp_path, "train")
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": Path("x")}))
+    with pytest.raises(PatchdbError, match="test_batch.*not a readable CIFAR-10"):
+        read_cifar10(folder, "test")
+
+
+def test_read_image_folder_one_subfolder_per_class(tmp_path):
+    rng = np.random.default_rng(3)
+    written = {}
+    for class_name in ("cats", "dogs"):
+        (tmp_path / class_name).mkdir()
+        for index in range(2):
+            pixels = random_uint8(rng, (9, 8, 3))
+            Image.fromarray(pixels).save(tmp_path / class_name / f"{index}.png")
+            written[(class_name, index)] = pixels
+    images, labels = read_image_folder(tmp_path)
+    assert images.shape == (4, 9, 8, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 1, 1]
+    assert np.array_equal(images[3], written[("dogs", 1)])
+    first_three, _ = read_image_folder(tmp_path, limit=3)
+    assert np.array_equal(first_three, images[:3])
+
+
+def test_read_image_folder_grey_keeps_one_channel_and_rejects_bad_folders(tmp_path):
+    grey = tmp_path / "grey" / "only"
+    grey.mkdir(parents=True)
+    Image.fromarray(np.full((5, 5), 200, dtype=np.uint8)).save(grey / "a.png")
+    images, labels = read_image_folder(tmp_path / "grey")
+    assert images.shape == (1, 5, 5, 1) and images[0, 0, 0, 0] == 200 and labels.tolist() == [0]
+    (tmp_path / "empty" / "class").mkdir(parents=True)
+    with pytest.raises(PatchdbError, match="empty folder"):
+        read_image_folder(tmp_path / "empty")
+    Image.fromarray(np.zeros((6, 5), dtype=np.uint8)).save(grey / "b.png")
+    with pytest.raises(PatchdbError, match="b.png.*one size"):
+        read_image_folder(tmp_path / "grey")
+
+
+def test_read_npz_uint8_and_float(tmp_path):
+    rng = np.random.default_rng(4)
+    images = random_uint8(rng, (3, 10, 10, 3))
+    np.savez(tmp_path / "u8.npz", images=images, labels=np.array([2, 0, 1]))
+    read_images, read_labels = read_npz(tmp_path / "u8.npz")
+    assert np.array_equal(read_images, images) and read_labels.dtype == np.int64 and read_labels.tolist() == [2, 0, 1]
+    floats = rng.uniform(-1, 1, size=(2, 1, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "f32.npz", images=floats)
+    read_images, read_labels = read_npz(tmp_path / "f32.npz")
+    assert np.array_equal(read_images, floats) and read_labels is None
+
+
+@pytest.mark.parametrize("arrays, problem", [
+    ({"images": np.full((2, 1, 32, 32), np.nan, dtype=np.float32)}, "NaN"),
+    ({"images": np.full((2, 1, 32, 32), 3.0, dtype=np.float32)}, r"\[-1, 1\]"),
+    ({"images": np.zeros((2, 32), dtype=np.uint8)}, "wrong shape"),
+    ({"images": np.zeros((2, 1, 32, 32), dtype=np.float32)[:, 0]}, "wrong shape"),
+    ({"images": np.zeros((2, 8, 8), dtype=np.uint8), "labels": np.array([1, 2, 3])}, "3 labels for 2 images"),
+    ({"pictures": np.zeros((2, 8, 8), dtype=np.uint8)}, "no 'images'"),
+])
+def test_read_npz_rejects_bad_contents(tmp_path, arrays, problem):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(PatchdbError, match=problem) as error:
+        read_npz(path)
+    assert str(path) in str(error.value)
+
+
+# ---------------------------------------------------------------- preprocessing and fingerprints
+
+
+def test_preprocess_scales_uint8_and_leaves_32x32_unresized():
+    images = random_uint8(np.random.default_rng(5), (2, 32, 32, 3))
+    images[0, 0, 0] = [0, 255, 0]
+    out = preprocess(images)
+    assert out.shape == (2, 3, 32, 32) and out.dtype == torch.float32
+    assert torch.equal(out, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert out[0, 0, 0, 0] == -1 and out[0, 1, 0, 0] == 1
+    floats = np.random.default_rng(6).uniform(-1, 1, size=(2, 1, 32, 32)).astype(np.float32)
+    assert torch.equal(preprocess(floats), torch.from_numpy(floats))
+
+
+def test_preprocess_resizes_bilinearly_to_32():
+    images = random_uint8(np.random.default_rng(7), (3, 28, 28))
+    out = preprocess(images)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(images).float()[:, None], size=(32, 32), mode="bilinear", align_corners=False) / 127.5 - 1
+    assert out.shape == (3, 1, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.allclose(out, expected, atol=1e-6)
+    flat = preprocess(np.full((1, 28, 28), 255, dtype=np.uint8))
+    assert torch.allclose(flat, torch.ones_like(flat))
+
+
+def test_fingerprint_is_stable_and_sees_one_pixel(tmp_path):
+    images = random_uint8(np.random.default_rng(8), (4, 28, 28))
+    np.savez(tmp_path / "a.npz", images=images, labels=np.arange(4))
+    images[2, 13, 7] ^= 1
+    np.savez(tmp_path / "b.npz", images=images, labels=np.arange(4))
+    first = load_dataset(f"file:{tmp_path / 'a.npz'}")
+    assert first.fingerprint == load_dataset(f"file:{tmp_path / 'a.npz'}").fingerprint
+    assert first.fingerprint != load_dataset(f"file:{tmp_path / 'b.npz'}").fingerprint
+    assert first.fingerprint == hashlib.sha256(
+        first.images.numpy().tobytes() + first.labels.numpy().tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- specs, lookup and the default subset
+
+
+def test_default_subset_is_100_per_class():
+    dataset = load_dataset()
+    assert dataset.images.shape == (1000, 1, 32, 32) and dataset.name == "default"
+    assert torch.bincount(dataset.labels).tolist() == [100] * 10
+    assert dataset.images.min() == -1 and dataset.images.max() == 1
+    assert load_dataset("default").fingerprint == dataset.fingerprint
+    assert torch.equal(load_dataset("default:30").images, dataset.images[:30])
+
+
+@needs_shared_data
+def test_default_subset_is_first_100_per_class_of_shared_fashion_mnist():
+    images = read_idx(SHARED_DATA / "fashion-mnist" / "train-images-idx3-ubyte.gz")
+    labels = read_idx(SHARED_DATA / "fashion-mnist" / "train-labels-idx1-ubyte.gz")
+    chosen = np.sort(np.concatenate([np.flatnonzero(labels == label)[:100] for label in range(10)]))
+    default = load_dataset()
+    assert torch.equal(default.images, preprocess(images[chosen]))
+    assert default.labels.tolist() == labels[chosen].tolist()
+
+
+@needs_shared_data
+def test_shared_data_loads_with_the_right_shapes(isolated_roots):
+    train = load_dataset("fashion-mnist:train:1000", SHARED_DATA)
+    assert train.images.shape == (1000, 1, 32, 32) and train.name == "fashion-mnist:train:1000"
+    assert -1 <= train.images.min() < 0 < train.images.max() <= 1 and train.num_classes == 10
+    assert load_dataset("fashion-mnist:test", SHARED_DATA).images.shape == (10000, 1, 32, 32)
+    digits = load_dataset("mnist", SHARED_DATA)
+    assert digits.images.shape == (10000, 1, 32, 32) and sorted(torch.unique(digits.labels).tolist()) == list(range(10))
+
+
+def test_lookup_order_data_dir_then_env(tmp_path, monkeypatch, isolated_roots):
+    write_mnist_like(tmp_path / "given" / "fashion-mnist", 3, label=1)
+    write_mnist_like(tmp_path / "env", 4, label=2)  # files directly in the root are accepted too
+    monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path / "env"))
+    assert load_dataset("fashion-mnist", tmp_path / "given").labels.tolist() == [1] * 3
+    assert load_dataset("fashion-mnist").labels.tolist() == [2] * 4
+    assert load_dataset("fashion-mnist", tmp_path / "nothing-here").labels.tolist() == [2] * 4
+
+
+def test_mnist_subset_layout_counts_as_train(tmp_path, isolated_roots):
+    write_mnist_like(tmp_path / "mnist-10k", 5, label=7, stem="mnist-10k")
+    assert load_dataset("mnist:train:2", tmp_path).labels.tolist() == [7, 7]
+    with pytest.raises(PatchdbError, match="not found"):
+        load_dataset("mnist:test", tmp_path)
+
+
+def test_named_cifar10_and_celeba_from_a_root(tmp_path, isolated_roots):
+    expected = write_cifar10(tmp_path / "cifar10" / "cifar-10-batches-py")
+    cifar = load_dataset("cifar10:test", tmp_path)
+    assert cifar.images.shape == (len(expected["test"][1]), 3, 32, 32)
+    assert cifar.labels.tolist() == expected["test"][1].tolist()
+    faces = tmp_path / "celeba" / "img_align_celeba"
+    faces.mkdir(parents=True)
+    for index in range(3):
+        Image.fromarray(random_uint8(np.random.default_rng(index), (40, 36, 3))).save(faces / f"{index:06d}.jpg")
+    celeba = load_dataset("celeba:2", tmp_path)
+    assert celeba.images.shape == (2, 3, 32, 32) and celeba.labels.tolist() == [0, 0]
+
+
+def test_file_spec_reads_idx_with_labels_beside_it_and_image_folders(tmp_path):
+    images = write_mnist_like(tmp_path, 6, label=4, stem="t10k")
+    dataset = load_dataset(f"file:{tmp_path / 't10k-images-idx3-ubyte.gz'}:5")
+    assert torch.equal(dataset.images, preprocess(images[:5])) and dataset.labels.tolist() == [4] * 5
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert load_dataset(f"file:{tmp_path / 't10k-images-idx3-ubyte.gz'}").labels is None
+    (tmp_path / "pics" / "a").mkdir(parents=True)
+    Image.fromarray(random_uint8(np.random.default_rng(9), (32, 32, 3))).save(tmp_path / "pics" / "a" / "x.png")
+    assert load_dataset(f"file:{tmp_path / 'pics'}").images.shape == (1, 3, 32, 32)
+
+
+def test_not_found_lists_every_place_and_how_to_get_it(tmp_path, monkeypatch, isolated_roots):
+    monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path / "env"))
+    with pytest.raises(PatchdbError) as error:
+        load_dataset("fashion-mnist", tmp_path / "given")
+    message = str(error.value)
+    for place in (tmp_path / "given" / "fashion-mnist", tmp_path / "env" / "fashion-mnist", tmp_path / "cache"):
+        assert str(place) in message
+    assert "apt-get install dataset-fashion-mnist" in message and "patchdb fetch-data fashion-mnist" in message
+    assert "--data-dir" in message and "PATCHDB_DATA" in message
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("imagenet", "unknown data set"),
+    ("fashion-mnist:train:0", "bad LIMIT"),
+    ("fashion-mnist:-3", "bad LIMIT"),
+    ("fashion-mnist:train:many", "bad LIMIT"),
+    ("fashion-mnist:validation", "bad split"),
+    ("fashion-mnist:train:5:6", "too many"),
+])
+def test_bad_specs_are_rejected(spec, problem):
+    with pytest.raises(PatchdbError, match=problem):
+        load_dataset(spec)
+
+
+def test_file_spec_errors_name_the_problem(tmp_path):
+    np.savez(tmp_path / "small.npz", images=np.zeros((3, 8, 8), dtype=np.uint8))
+    with pytest.raises(PatchdbError, match="holds only 3 images"):
+        load_dataset(f"file:{tmp_path / 'small.npz'}:4")
+    with pytest.raises(PatchdbError, match="bad LIMIT"):
+        load_dataset(f"file:{tmp_path / 'small.npz'}:x")
+    with pytest.raises(PatchdbError, match="missing.npz: file not found"):
+        load_dataset(f"file:{tmp_path / 'missing.npz'}:4")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(PatchdbError, match="notes.txt.*magic"):
+        load_dataset(f"file:{tmp_path / 'notes.txt'}")
+
+
+def test_with_label_and_indices_of_label(tmp_path):
+    np.savez(tmp_path / "l.npz", images=random_uint8(np.random.default_rng(10), (5, 32, 32)), labels=[0, 2, 0, 2, 2])
+    dataset = load_dataset(f"file:{tmp_path / 'l.npz'}")
+    assert dataset.num_classes == 3
+    assert dataset.indices_of_label(2).tolist() == [1, 3, 4]
+    twos = dataset.with_label(2)
+    assert twos.name == f"{dataset.name}:label=2" and torch.equal(twos.images, dataset.images[[1, 3, 4]])
+    assert twos.fingerprint != dataset.fingerprint
+    with pytest.raises(PatchdbError, match="no images of class 1"):
+        dataset.with_label(1)
+    np.savez(tmp_path / "u.npz", images=np.zeros((2, 32, 32), dtype=np.uint8))
+    with pytest.raises(PatchdbError, match="no labels"):
+        load_dataset(f"file:{tmp_path / 'u.npz'}").with_label(0)
+
+
+# ---------------------------------------------------------------- downloads (checksums only: no internet here)
+
+
+def test_checksum_hashes_the_payload_and_rejects_a_wrong_hash(tmp_path):
+    payload = b"patchdb payload " * 1000
+    (tmp_path / "raw").write_bytes(payload)
+    (tmp_path / "packed.gz").write_bytes(gzip.compress(payload, mtime=123))
+    right = hashlib.sha256(payload).hexdigest()
+    verify_sha256(tmp_path / "raw", right)
+    verify_sha256(tmp_path / "packed.gz", right.upper())
+    with pytest.raises(PatchdbError, match="checksum mismatch"):
+        verify_sha256(tmp_path / "packed.gz", hashlib.sha256(payload + b"!").hexdigest())
+
+
+@needs_shared_data
+def test_fashion_mnist_table_matches_the_shared_files():
+    for remote in SOURCES["fashion-mnist"]:
+        assert payload_sha256(SHARED_DATA / "fashion-mnist" / remote.name) == remote.payload_sha256
+
+
+def test_download_checks_before_renaming_into_place(tmp_path):
+    labels = np.array([1, 2, 3], dtype=np.uint8)
+    source = write_idx(tmp_path / "served.gz", labels)
+    right = payload_sha256(source)
+    folder = tmp_path / "data"
+    wrong = RemoteFile("labels.gz", (source.as_uri(),), "0" * 64, lambda path: None)
+    with pytest.raises(PatchdbError, match="checksum mismatch"):
+        download_file(wrong, folder, progress=False)
+    assert list(folder.iterdir()) == []
+    good = RemoteFile("labels.gz", ((tmp_path / "absent.gz").as_uri(), source.as_uri()), right, read_idx)
+    saved = download_file(good, folder, progress=False)
+    assert saved == folder / "labels.gz" and np.array_equal(read_idx(saved), labels)
+    assert [path.name for path in folder.iterdir()] == ["labels.gz"]
+
+
+def test_fetch_data_command_explains_celeba(tmp_path):
+    result = CliRunner().invoke(fetch_data, ["celeba", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # a message, not a traceback
+    assert "Google Drive" in result.output and str(tmp_path / "celeba" / "img_align_celeba") in result.output
