@@ -5,7 +5,8 @@ Loops over pixels and dictionary entries, with no tricks: each machine's score a
     M_t[phi](x) = -(1/beta) * sum_{k in dictionary(x)} W_k (phi(x) - sqrt(alpha_bar) k(0)),
     W_k = N(phi_Omega_x | sqrt(alpha_bar) k, beta I) / sum_k' N(phi_Omega_x | sqrt(alpha_bar) k', beta I).
 
-Dictionaries are written out independently of patchdb.patches, from the paper's words.
+Dictionaries are written out independently of patchdb.patches, from the paper's words. Only the
+noise schedule alpha_bar(t) is shared with the library (it is tested on its own).
 """
 
 import math
@@ -51,28 +52,62 @@ def dictionary_locations(machine: str, row: int, col: int, size: int, height: in
     return [(r, c) for r, c in everywhere if location_class(r, c, size, height, width) == mine]
 
 
-def gaussian_log_weights(query: np.ndarray, keys: list[np.ndarray], abar: float) -> np.ndarray:
-    logw = np.array([-np.sum((query - math.sqrt(abar) * k) ** 2) / (2 * (1 - abar)) for k in keys])
+def squared_distance(a: np.ndarray, b: np.ndarray) -> float:
+    difference = (a - b).ravel()
+    return float(difference @ difference)
+
+
+def posterior_weights(query: np.ndarray, keys: list[np.ndarray], abar: float) -> np.ndarray:
+    """Normalised weights N(query | sqrt(abar) k, (1 - abar) I) over the keys."""
+    logw = np.array([-squared_distance(query, math.sqrt(abar) * k) / (2 * (1 - abar)) for k in keys])
     logw -= logw.max()
     w = np.exp(logw)
     return w / w.sum()
 
 
-def patch_machine_score(machine: str, x: np.ndarray, t: float, train: np.ndarray, size: int) -> np.ndarray:
-    """Score (C, H, W) of LS / ELS / bbELS at one noisy image x (C, H, W) against train (N, C, H, W)."""
+def training_patches(train: np.ndarray, size: int, circular: bool) -> dict[tuple[int, int, int], np.ndarray]:
+    """Every training patch, by (training image, centre row, centre column)."""
+    _, _, height, width = train.shape
+    return {(n, r, c): patch(image, r, c, size, circular)
+            for n, image in enumerate(train) for r in range(height) for c in range(width)}
+
+
+def pixel_dictionary(machine: str, patches: dict, row: int, col: int, size: int, num_images: int,
+                     height: int, width: int) -> list[tuple[tuple[int, int, int], np.ndarray]]:
+    """[(source (image, row, col), patch)] of the dictionary of pixel (row, col)."""
+    return [((n, r, c), patches[(n, r, c)]) for n in range(num_images)
+            for r, c in dictionary_locations(machine, row, col, size, height, width)]
+
+
+def patch_machine_posterior(machine: str, x: np.ndarray, t: float, train: np.ndarray, size: int, patches: dict | None = None):
+    """LS / ELS / bbELS at one noisy image x (C, H, W) against train (N, C, H, W).
+
+    patches: training_patches(train, size, machine == 'els'), when already at hand.
+    Returns (mean (C, H, W) posterior mean of the centre pixels, weights) where weights[(row, col)]
+    is a list of (source, weight) over the pixel's dictionary.
+    """
     abar = schedule_alpha_bar(t)
     channels, height, width = x.shape
     circular = machine == "els"
-    score = np.zeros_like(x)
+    if patches is None:
+        patches = training_patches(train, size, circular)
+    mean = np.zeros_like(x)
+    weights = {}
     for row in range(height):
         for col in range(width):
             query = patch(x, row, col, size, circular)
-            keys = [patch(image, r, c, size, circular) for image in train
-                    for r, c in dictionary_locations(machine, row, col, size, height, width)]
-            weights = gaussian_log_weights(query, keys, abar)
-            centre = sum(w * k[:, size // 2, size // 2] for w, k in zip(weights, keys))
-            score[:, row, col] = -(x[:, row, col] - math.sqrt(abar) * centre) / (1 - abar)
-    return score
+            entries = pixel_dictionary(machine, patches, row, col, size, len(train), height, width)
+            w = posterior_weights(query, [k for _, k in entries], abar)
+            mean[:, row, col] = sum(wk * k[:, size // 2, size // 2] for wk, (_, k) in zip(w, entries))
+            weights[(row, col)] = [(source, wk) for (source, _), wk in zip(entries, w)]
+    return mean, weights
+
+
+def patch_machine_score(machine: str, x: np.ndarray, t: float, train: np.ndarray, size: int) -> np.ndarray:
+    """Score (C, H, W) of LS / ELS / bbELS at one noisy image x (C, H, W) against train (N, C, H, W)."""
+    abar = schedule_alpha_bar(t)
+    mean, _ = patch_machine_posterior(machine, x, t, train, size)
+    return -(x - math.sqrt(abar) * mean) / (1 - abar)
 
 
 def ideal_score(x: np.ndarray, t: float, train: np.ndarray, translations: bool = False) -> np.ndarray:
@@ -82,6 +117,19 @@ def ideal_score(x: np.ndarray, t: float, train: np.ndarray, translations: bool =
     if translations:
         height, width = x.shape[1:]
         images = [np.roll(image, (a, b), axis=(1, 2)) for image in train for a in range(height) for b in range(width)]
-    weights = gaussian_log_weights(x, images, abar)
+    weights = posterior_weights(x, images, abar)
     mean = sum(w * image for w, image in zip(weights, images))
     return -(x - math.sqrt(abar) * mean) / (1 - abar)
+
+
+def nearest_patch(machine: str, image: np.ndarray, patches: dict, size: int, row: int, col: int):
+    """(source (image, row, col), squared distance) of the L2-nearest dictionary patch to image's patch at (row, col).
+
+    patches: training_patches(train, size, machine == 'els').
+    """
+    channels, height, width = image.shape
+    num_images = 1 + max(n for n, _, _ in patches)
+    query = patch(image, row, col, size, machine == "els")
+    entries = pixel_dictionary(machine, patches, row, col, size, num_images, height, width)
+    distance, source = min((squared_distance(query, k), source) for source, k in entries)
+    return source, distance

@@ -1,0 +1,166 @@
+"""The shared engine: streaming softmax, duplicate merging, exact row deduplication, the logit floor."""
+
+import math
+
+import pytest
+import torch
+
+import patchdb.engine as engine
+from patchdb.engine import ExactBackend, PatchDictionary, SoftmaxAccumulator, unique_rows
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def direct_posterior(queries, keys, values, alpha_bar):
+    """Softmax over -||q - sqrt(alpha_bar) k||^2 / (2 beta), in float64, in one piece: (mean, argmax, max weight)."""
+    logits = -torch.cdist(queries.double(), math.sqrt(alpha_bar) * keys.double()).square() / (2 * (1 - alpha_bar))
+    weights = torch.softmax(logits, dim=1)
+    best_weight, best = weights.max(dim=1)
+    return weights @ values.double(), best, best_weight
+
+
+def accumulate(logits, values, sources, boundaries):
+    accumulator = SoftmaxAccumulator(logits.shape[0], values.shape[1], logits.dtype, logits.device)
+    for start, stop in zip(boundaries[:-1], boundaries[1:]):
+        accumulator.update(logits[:, start:stop].clone(), values[start:stop].__rmatmul__, sources[start:stop])
+    return accumulator.summary()
+
+
+@pytest.mark.parametrize("spread", [1.0, 300.0], ids=["soft", "beyond-the-floor"])
+def test_streaming_softmax_equals_a_direct_softmax(spread):
+    """Chunks in any order give the direct softmax mean, best source and weight; with a spread of
+    300 most log-weights fall below the floor (-80) and the answer must not move."""
+    generator = torch.Generator().manual_seed(0)
+    num_queries, num_entries = 7, 200
+    logits = spread * torch.randn(num_queries, num_entries, generator=generator, dtype=torch.float64)
+    logits[:, -1] += 2 * spread  # the dominant entries arrive in the last chunk: every earlier chunk is rescaled
+    values = torch.randn(num_entries, 3, generator=generator, dtype=torch.float64)
+    sources = torch.stack([torch.arange(num_entries), torch.arange(num_entries) % 5, torch.arange(num_entries) // 5], dim=1)
+    weights = torch.softmax(logits, dim=1)
+    best_weight, best = weights.max(dim=1)
+    for boundaries in ([0, num_entries], [0, 1, 50, 51, 130, num_entries], list(range(0, num_entries + 1, 25))):
+        summary = accumulate(logits, values, sources, boundaries)
+        torch.testing.assert_close(summary.mean, weights @ values, rtol=0, atol=1e-12)
+        assert torch.equal(summary.best_source, sources[best])
+        torch.testing.assert_close(summary.best_weight, best_weight, rtol=0, atol=1e-12)
+
+
+def test_exact_backend_over_many_chunks_equals_the_direct_posterior():
+    generator = torch.Generator().manual_seed(1)
+    keys = torch.randn(1000, 12, generator=generator, dtype=torch.float64)
+    values = keys[:, 4:5]
+    sources = torch.stack([torch.arange(1000), torch.zeros(1000, dtype=torch.int64), torch.zeros(1000, dtype=torch.int64)], dim=1)
+    queries = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    parts = [PatchDictionary.from_entries(keys[:600], values[:600], sources[:600]),
+             PatchDictionary.from_entries(keys[600:], values[600:], sources[600:])]
+    for alpha_bar in (0.001, 0.5, 0.999):
+        mean, best, best_weight = direct_posterior(queries, keys, values, alpha_bar)
+        for backend in (ExactBackend(), ExactBackend(chunk_bytes=1)):  # chunk_bytes=1: chunks of 256 entries
+            summary = backend.summarize(queries, parts, alpha_bar)
+            torch.testing.assert_close(summary.mean, mean, rtol=0, atol=1e-10)
+            assert torch.equal(summary.best_source[:, 0], best)
+            torch.testing.assert_close(summary.best_weight, best_weight, rtol=0, atol=1e-10)
+
+
+def duplicated_entries():
+    """Keys with many exact repeats (and a -0.0 twin of a 0.0 row), their centre values and sources."""
+    generator = torch.Generator().manual_seed(2)
+    distinct = torch.randint(-2, 3, (6, 9), generator=generator).to(torch.float64) / 2
+    distinct[0] = 0.0
+    index = torch.randint(0, 6, (300,), generator=generator)
+    keys = distinct[index].clone()
+    keys[index == 0] = -0.0
+    keys[0] = 0.0
+    sources = torch.stack([torch.arange(300), index, torch.zeros(300, dtype=torch.int64)], dim=1)
+    return keys, keys[:, 4:5], sources
+
+
+def test_merging_duplicates_gives_the_same_posterior():
+    keys, values, sources = duplicated_entries()
+    merged = PatchDictionary.from_entries(keys, values, sources, merge_duplicates=True)
+    unmerged = PatchDictionary.from_entries(keys, values, sources, merge_duplicates=False)
+    assert len(merged) == len(torch.unique(keys, dim=0)) < len(unmerged) == 300
+    queries = torch.randn(4, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for alpha_bar in (0.01, 0.5, 0.99):
+        a = ExactBackend().summarize(queries, [merged], alpha_bar)
+        b = ExactBackend().summarize(queries, [unmerged], alpha_bar)
+        torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-12)
+        mean, _, _ = direct_posterior(queries, keys, values, alpha_bar)
+        torch.testing.assert_close(a.mean, mean, rtol=0, atol=1e-12)
+        # the merged dominant entry is the distinct patch of largest total weight, at its first occurrence
+        logits = -torch.cdist(queries, math.sqrt(alpha_bar) * keys).square() / (2 * (1 - alpha_bar))
+        weights = torch.softmax(logits, dim=1)
+        totals = torch.stack([weights[:, (keys == key).all(dim=1)].sum(dim=1) for key in keys], dim=1)
+        best_total, best = totals.max(dim=1)
+        assert torch.equal(keys[a.best_source[:, 0]], keys[best])
+        torch.testing.assert_close(a.best_weight, best_total, rtol=0, atol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="with merge_duplicates=False the dominant entry is one copy (argmax of single "
+                   "weights, its own weight); merged it is the distinct patch of largest total weight: source and "
+                   "weight differ between the two modes when the dominant patch repeats")
+def test_dominant_entry_does_not_depend_on_merging():
+    keys, values, sources = duplicated_entries()
+    queries = torch.randn(4, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a = ExactBackend().summarize(queries, [PatchDictionary.from_entries(keys, values, sources, merge_duplicates=True)], 0.01)
+    b = ExactBackend().summarize(queries, [PatchDictionary.from_entries(keys, values, sources, merge_duplicates=False)], 0.01)
+    assert torch.equal(keys[a.best_source[:, 0]], keys[b.best_source[:, 0]])
+    torch.testing.assert_close(a.best_weight, b.best_weight, rtol=0, atol=1e-12)
+
+
+def naive_unique_rows(rows: torch.Tensor) -> tuple[list[int], list[int]]:
+    """First occurrences (in order) and counts, by Python equality of the rows' values (-0.0 == 0.0)."""
+    first, counts = {}, {}
+    for i, row in enumerate(rows.tolist()):
+        key = tuple(row)
+        first.setdefault(key, i)
+        counts[key] = counts.get(key, 0) + 1
+    return list(first.values()), [counts[key] for key in first]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unique_rows_is_exact_and_folds_negative_zero(dtype):
+    keys, _, _ = duplicated_entries()
+    keys = keys.to(dtype)
+    first, counts = unique_rows(keys)
+    expected_first, expected_counts = naive_unique_rows(keys)
+    assert first.tolist() == expected_first and counts.tolist() == expected_counts
+    assert torch.signbit(keys[(keys == 0).all(dim=1)]).any(), "the fixture lost its -0.0 rows"
+    assert len(expected_first) == 6
+
+
+@pytest.mark.parametrize("collision", ["all rows", "first column only"])
+def test_unique_rows_survives_hash_collisions(collision, monkeypatch):
+    """Force different rows to share a hash: they must still be kept apart."""
+    real_row_bits = engine._row_bits
+
+    def colliding_bits(rows):
+        bits = real_row_bits(rows)
+        if collision == "all rows":
+            return torch.zeros_like(bits)
+        bits[:, 1:] = 0
+        return bits
+
+    monkeypatch.setattr(engine, "_row_bits", colliding_bits)
+    keys, _, _ = duplicated_entries()
+    first, counts = unique_rows(keys)
+    expected_first, expected_counts = naive_unique_rows(keys)
+    assert first.tolist() == expected_first and counts.tolist() == expected_counts
+
+
+def test_logit_floor_does_not_change_the_posterior():
+    """Queries far from most keys at small t: nearly all log-weights are below the floor."""
+    generator = torch.Generator().manual_seed(4)
+    keys = torch.randn(2000, 9, generator=generator, dtype=torch.float64)
+    values = keys[:, 4:5]
+    sources = torch.zeros(2000, 3, dtype=torch.int64)
+    sources[:, 0] = torch.arange(2000)
+    queries = keys[:6] * 0.9 + 0.05 * torch.randn(6, 9, generator=generator, dtype=torch.float64)
+    alpha_bar = 0.99
+    summary = ExactBackend(chunk_bytes=1).summarize(queries * math.sqrt(alpha_bar), [PatchDictionary.from_entries(keys, values, sources)], alpha_bar)
+    mean, best, best_weight = direct_posterior(queries * math.sqrt(alpha_bar), keys, values, alpha_bar)
+    logits = -torch.cdist(queries.double(), keys).square() * alpha_bar / (2 * (1 - alpha_bar))
+    assert ((logits - logits.max(dim=1, keepdim=True).values) < engine.LOG_WEIGHT_FLOOR).double().mean() > 0.9
+    torch.testing.assert_close(summary.mean, mean, rtol=0, atol=1e-14)
+    assert torch.equal(summary.best_source[:, 0], best)
+    torch.testing.assert_close(summary.best_weight, best_weight, rtol=0, atol=1e-14)
