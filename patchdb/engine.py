@@ -20,11 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3
-"""Bytes that one machine may use for cached dictionaries plus one chunk of logits (default 2 GiB)."""
+DEFAULT_MEMORY_BUDGET = 4 * 1024**3
+"""Bytes that one machine may use for cached dictionaries plus one chunk of logits (default 4 GiB)."""
 
-LOGIT_CHUNK_BYTES = 64 * 1024**2
-"""Bytes of logits per chunk: large enough for efficient matrix products, small enough to stay in cache-friendly blocks."""
+LOGIT_CHUNK_BYTES = 2 * 1024**2
+"""Bytes of logits per chunk: small enough that the passes over a chunk stay in cache, large enough for efficient matrix products."""
+
+LOG_WEIGHT_FLOOR = -80.0
+"""Log-weights relative to the running maximum are floored here before exp (see SoftmaxAccumulator.update)."""
+
+NEGLIGIBLE_LOG_WEIGHT = -60.0
+"""A chunk whose every log-weight lies this far below a query's running maximum is skipped for that query."""
 
 
 @dataclass
@@ -58,16 +64,29 @@ class SoftmaxAccumulator:
         contract: maps unnormalised weights (Q, n) to their weighted sum of values (Q, V).
         sources: (n, 3) int64 provenance of the n entries.
         """
-        chunk_max, chunk_argmax = logits.max(dim=1)
-        improved = chunk_max > self.best_logit
-        self.best_logit = torch.where(improved, chunk_max, self.best_logit)
-        self.best_source = torch.where(improved[:, None], sources[chunk_argmax], self.best_source)
+        chunk_max = logits.amax(dim=1)
+        improved = torch.nonzero(chunk_max > self.best_logit).squeeze(1)
+        if improved.numel():  # argmax is slow on CPU: only where the best entry changes
+            self.best_logit[improved] = chunk_max[improved]
+            self.best_source[improved] = sources[logits[improved].argmax(dim=1)]
         new_max = torch.maximum(self.running_max, chunk_max)
-        rescale = torch.exp(self.running_max - new_max)
-        weights = logits.sub_(new_max[:, None]).exp_()
-        self.normaliser.mul_(rescale).add_(weights.sum(dim=1))
-        self.weighted_sum.mul_(rescale[:, None]).add_(contract(weights))
-        self.running_max = new_max
+        live = chunk_max > new_max + NEGLIGIBLE_LOG_WEIGHT
+        if not bool(live.all()):
+            # Rows for which every entry of this chunk weighs < e^-60 of the row's maximum keep their
+            # state: the mass skipped is below 1e-26 per entry (the engine's only truncation).
+            rows = torch.nonzero(live).squeeze(1)
+            self._fold_rows(rows, logits[rows], new_max[rows], contract)
+            return
+        self._fold_rows(slice(None), logits, new_max, contract)
+
+    def _fold_rows(self, rows, logits: torch.Tensor, new_max: torch.Tensor, contract) -> None:
+        rescale = torch.exp(self.running_max[rows] - new_max)
+        # exp of very negative numbers yields subnormals, which are ~15x slower on x86; entries
+        # below the floor weigh < 1e-34 of the dominant one, so flooring them changes nothing.
+        weights = logits.sub_(new_max[:, None]).clamp_(min=LOG_WEIGHT_FLOOR).exp_()
+        self.normaliser[rows] = self.normaliser[rows] * rescale + weights.sum(dim=1)
+        self.weighted_sum[rows] = self.weighted_sum[rows] * rescale[:, None] + contract(weights)
+        self.running_max[rows] = new_max
 
     def summary(self) -> PosteriorSummary:
         """The posterior mean, dominant entry and its weight for every query."""
@@ -149,18 +168,22 @@ class ExactBackend:
     def __init__(self, chunk_bytes: int = LOGIT_CHUNK_BYTES):
         self.chunk_bytes = chunk_bytes
 
-    def summarize(self, queries: torch.Tensor, parts: Iterable[PatchDictionary], alpha_bar: float) -> PosteriorSummary:
-        """Posterior summary for queries (Q, D) against the union of dictionary parts at noise level alpha_bar."""
+    def fold(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: PatchDictionary, alpha_bar: float) -> None:
+        """Fold every entry of dictionary into accumulator for queries (Q, D) at noise level alpha_bar."""
         signal = math.sqrt(alpha_bar)
         noise_variance = 1.0 - alpha_bar
+        for start, stop in chunk_ranges(len(dictionary), queries.shape[0], queries.element_size(), self.chunk_bytes):
+            bias = dictionary.log_multiplicity[start:stop] - (alpha_bar / (2 * noise_variance)) * dictionary.squared_norms[start:stop]
+            logits = torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal / noise_variance)
+            accumulator.update(logits, dictionary.values[start:stop].__rmatmul__, dictionary.sources[start:stop])
+
+    def summarize(self, queries: torch.Tensor, parts: Iterable[PatchDictionary], alpha_bar: float) -> PosteriorSummary:
+        """Posterior summary for queries (Q, D) against the union of dictionary parts."""
         accumulator = None
         for dictionary in parts:
             if accumulator is None:
                 accumulator = SoftmaxAccumulator(queries.shape[0], dictionary.values.shape[1], queries.dtype, queries.device)
-            for start, stop in chunk_ranges(len(dictionary), queries.shape[0], queries.element_size(), self.chunk_bytes):
-                bias = dictionary.log_multiplicity[start:stop] - (alpha_bar / (2 * noise_variance)) * dictionary.squared_norms[start:stop]
-                logits = torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal / noise_variance)
-                accumulator.update(logits, dictionary.values[start:stop].__rmatmul__, dictionary.sources[start:stop])
+            self.fold(accumulator, queries, dictionary, alpha_bar)
         if accumulator is None:
             raise ValueError("the dictionary is empty")
         return accumulator.summary()

@@ -23,7 +23,7 @@ import torch
 from patchdb.data import Dataset
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, LOGIT_CHUNK_BYTES, ExactBackend, PatchDictionary, SoftmaxAccumulator
 from patchdb.errors import PatchdbError
-from patchdb.patches import PATCH_MACHINES, centre_indices, dictionary_groups, extract_patches, padding_mode
+from patchdb.patches import PATCH_MACHINES, centre_indices, dictionary_groups, gather_patches, padding_mode, patch_windows
 from patchdb.schedule import alpha_bar
 
 MACHINES = ("is", "es", "ls", "els", "bbels")
@@ -159,9 +159,9 @@ class EquivariantMachine(Machine):
 
             def contract(weights, spectrum=chunk_spectrum, n=chunk.shape[0]):
                 # sum over n, d of w[n, d] * roll(image_n, d): a circular convolution per image
-                weight_spectrum = torch.fft.rfft2(weights.reshape(batch, n, height, width))
+                weight_spectrum = torch.fft.rfft2(weights.reshape(-1, n, height, width))
                 mixed = torch.einsum("bnhw,nchw->bchw", weight_spectrum, spectrum)
-                return torch.fft.irfft2(mixed, s=(height, width)).reshape(batch, -1)
+                return torch.fft.irfft2(mixed, s=(height, width)).reshape(weights.shape[0], -1)
 
             accumulator.update(logits.reshape(batch, -1), contract, sources)
         summary = accumulator.summary()
@@ -182,54 +182,65 @@ class PatchMachine(Machine):
         self.backend = backend or ExactBackend()
         self.merge_duplicates = merge_duplicates
         self._cache_key = None
-        self._cache: list[list[PatchDictionary]] = []
+        self._cache: list[PatchDictionary] = []
 
     def _posterior(self, x, alpha_bar, patch_size, images, label):
         if patch_size is None:
             raise PatchdbError(f"the {self.name} machine needs a patch size: give --scales")
         batch, channels, height, width = x.shape
+        groups = dictionary_groups(self.name, patch_size, height, width)
+        query_windows = patch_windows(x, patch_size, self.padding)
+        queries = [gather_patches(query_windows, group.query_pixels).flatten(0, 1) for group in groups]  # (B * Q, D) each
+        accumulators = [SoftmaxAccumulator(q.shape[0], channels, x.dtype, x.device) for q in queries]
+        for block in self._dictionary_blocks(images, label, patch_size, groups):
+            for accumulator, group_queries, dictionary in zip(accumulators, queries, block):
+                self.backend.fold(accumulator, group_queries, dictionary, alpha_bar)
         mean = torch.empty(batch, channels, height * width, dtype=x.dtype, device=x.device)
         source = torch.empty(batch, height * width, 3, dtype=torch.int64, device=x.device)
         weight = torch.empty(batch, height * width, dtype=x.dtype, device=x.device)
-        groups = dictionary_groups(self.name, patch_size, height, width)
-        for group, parts in zip(groups, self._dictionaries(images, label, patch_size, groups)):
-            queries = extract_patches(x, patch_size, self.padding, group.query_pixels)  # (B, Q, D)
-            num_queries = queries.shape[1]
-            summary = self.backend.summarize(queries.reshape(batch * num_queries, -1), parts, alpha_bar)
+        for group, accumulator in zip(groups, accumulators):
+            summary = accumulator.summary()
             pixels = group.query_pixels.to(x.device)
-            mean[:, :, pixels] = summary.mean.reshape(batch, num_queries, channels).transpose(1, 2)
-            source[:, pixels] = summary.best_source.reshape(batch, num_queries, 3)
-            weight[:, pixels] = summary.best_weight.reshape(batch, num_queries)
+            mean[:, :, pixels] = summary.mean.reshape(batch, -1, channels).transpose(1, 2)
+            source[:, pixels] = summary.best_source.reshape(batch, -1, 3)
+            weight[:, pixels] = summary.best_weight.reshape(batch, -1)
         return Posterior(mean.reshape(x.shape), source.reshape(batch, height, width, 3), weight.reshape(batch, height, width))
 
-    def _dictionaries(self, images, label, patch_size, groups):
-        """For each group, the dictionary's parts: all of it cached when it fits the memory budget,
-        else streamed from the training images a block at a time (re-extracted at every call)."""
+    def _dictionary_blocks(self, images, label, patch_size, groups):
+        """The groups' dictionaries, one list (a dictionary per group) per block of training images.
+
+        When all dictionaries of this scale fit in 3/4 of the memory budget they are built once and
+        cached as a single block (the sampler uses each scale for several consecutive steps);
+        otherwise they are re-extracted at every call from blocks of images that fit a quarter of it.
+        """
         key = (label, patch_size)
         if key == self._cache_key:
-            return self._cache
+            return [self._cache]
         entry_bytes = self.image_shape[0] * patch_size**2 * images.element_size() + 32
-        total_bytes = images.shape[0] * self.image_shape[1] * self.image_shape[2] * entry_bytes
-        if total_bytes <= self.memory_budget // 2:
-            self._cache_key, self._cache = None, []  # free the previous scale's dictionaries first
-            self._cache = [list(self._dictionary_blocks(images, patch_size, group, images.shape[0])) for group in groups]
+        image_bytes = self.image_shape[1] * self.image_shape[2] * entry_bytes
+        self._cache_key, self._cache = None, []  # free the previous scale's dictionaries first
+        if images.shape[0] * image_bytes <= self.memory_budget * 3 // 4:
+            self._cache = next(self._extract_blocks(images, patch_size, groups, images.shape[0]))
             self._cache_key = key
-            return self._cache
-        images_per_block = max(1, (self.memory_budget // 4) // (self.image_shape[1] * self.image_shape[2] * entry_bytes))
-        return [self._dictionary_blocks(images, patch_size, group, images_per_block) for group in groups]
+            return [self._cache]
+        return self._extract_blocks(images, patch_size, groups, max(1, self.memory_budget // 4 // image_bytes))
 
-    def _dictionary_blocks(self, images, patch_size, group, images_per_block):
-        """Dictionary parts of a group over blocks of images_per_block training images."""
+    def _extract_blocks(self, images, patch_size, groups, images_per_block):
+        """Yield, per block of images_per_block training images, a PatchDictionary per group."""
         centre = centre_indices(self.image_shape[0], patch_size).to(images.device)
-        key_pixels = group.key_pixels.to(images.device)
         width = self.image_shape[2]
         for start in range(0, images.shape[0], images_per_block):
             block = images[start:start + images_per_block]
-            keys = extract_patches(block, patch_size, self.padding, key_pixels).flatten(0, 1)
-            image_index = torch.arange(start, start + block.shape[0], device=images.device).repeat_interleave(key_pixels.shape[0])
-            pixel = key_pixels.repeat(block.shape[0])
-            sources = torch.stack([image_index, pixel // width, pixel % width], dim=1)
-            yield PatchDictionary.from_entries(keys, keys[:, centre], sources, self.merge_duplicates)
+            windows = patch_windows(block, patch_size, self.padding)
+            dictionaries = []
+            for group in groups:
+                key_pixels = group.key_pixels.to(images.device)
+                keys = gather_patches(windows, key_pixels).flatten(0, 1)
+                image_index = torch.arange(start, start + block.shape[0], device=images.device).repeat_interleave(key_pixels.shape[0])
+                pixel = key_pixels.repeat(block.shape[0])
+                sources = torch.stack([image_index, pixel // width, pixel % width], dim=1)
+                dictionaries.append(PatchDictionary.from_entries(keys, keys[:, centre], sources, self.merge_duplicates))
+            yield dictionaries
 
 
 def _pixel_grid(height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:

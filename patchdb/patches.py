@@ -89,8 +89,12 @@ def extract_patches(images: torch.Tensor, patch_size: int, padding: str, pixels:
     """Patches of images (N, C, H, W) centred at flat pixel indices pixels (M,): (N, M, C * P * P).
 
     padding: 'zeros' (pixels beyond the border read 0) or 'circular' (they wrap around).
-    Only the M requested patches are copied (a strided view selects them).
     """
+    return gather_patches(patch_windows(images, patch_size, padding), pixels)
+
+
+def patch_windows(images: torch.Tensor, patch_size: int, padding: str) -> torch.Tensor:
+    """Every patch of images (N, C, H, W) as a strided view (N, C, H, W, P, P); nothing is copied but the padding."""
     half = patch_size // 2
     height, width = images.shape[-2:]
     if padding == "circular":
@@ -99,7 +103,12 @@ def extract_patches(images: torch.Tensor, patch_size: int, padding: str, pixels:
         padded = F.pad(images, (half, half, half, half), mode="circular")
     else:
         padded = F.pad(images, (half, half, half, half))
-    windows = padded.unfold(2, patch_size, 1).unfold(3, patch_size, 1)  # (N, C, H, W, P, P), a view
-    pixels = pixels.to(images.device)
+    return padded.unfold(2, patch_size, 1).unfold(3, patch_size, 1)
+
+
+def gather_patches(windows: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Copy the patches centred at flat pixel indices pixels (M,) out of a patch_windows view: (N, M, D)."""
+    width = windows.shape[3]
+    pixels = pixels.to(windows.device)
     selected = windows[:, :, pixels // width, pixels % width]  # (N, C, M, P, P)
-    return selected.permute(0, 2, 1, 3, 4).reshape(images.shape[0], pixels.shape[0], -1)
+    return selected.permute(0, 2, 1, 3, 4).reshape(windows.shape[0], pixels.shape[0], -1)
