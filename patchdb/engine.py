@@ -57,18 +57,25 @@ class SoftmaxAccumulator:
         self.best_logit = torch.full((num_queries,), -math.inf, dtype=dtype, device=device)
         self.best_source = torch.zeros(num_queries, 3, dtype=torch.int64, device=device)
 
-    def update(self, logits: torch.Tensor, contract: Callable[[torch.Tensor], torch.Tensor], sources: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, contract: Callable[[torch.Tensor], torch.Tensor], sources: torch.Tensor,
+               log_multiplicity: torch.Tensor | None = None) -> None:
         """Fold in one chunk.
 
-        logits: (Q, n) logits of n dictionary entries; overwritten.
+        logits: (Q, n) logits of one copy of each of n dictionary entries; overwritten.
         contract: maps unnormalised weights (Q, n) to their weighted sum of values (Q, V).
         sources: (n, 3) int64 provenance of the n entries.
+        log_multiplicity: (n,) log of how many identical entries each one stands for, or None.
+        The dominant entry is the one copy of largest weight (the nearest patch), so it does not
+        depend on whether duplicates were merged.
         """
         chunk_max = logits.amax(dim=1)
         improved = torch.nonzero(chunk_max > self.best_logit).squeeze(1)
         if improved.numel():  # argmax is slow on CPU: only where the best entry changes
             self.best_logit[improved] = chunk_max[improved]
             self.best_source[improved] = sources[logits[improved].argmax(dim=1)]
+        if log_multiplicity is not None:
+            logits.add_(log_multiplicity)
+            chunk_max = chunk_max + log_multiplicity.max()  # an upper bound is as good a shift as the maximum
         new_max = torch.maximum(self.running_max, chunk_max)
         live = chunk_max > new_max + NEGLIGIBLE_LOG_WEIGHT
         if not bool(live.all()):
@@ -112,17 +119,20 @@ class PatchDictionary:
     squared_norms: torch.Tensor
     log_multiplicity: torch.Tensor
     sources: torch.Tensor
+    merged: bool = False
 
     @classmethod
     def from_entries(cls, keys: torch.Tensor, values: torch.Tensor, sources: torch.Tensor, merge_duplicates: bool = True):
         """Build a dictionary, merging identical keys (their multiplicity joins the logit, which is exact)."""
+        merged = False
         if merge_duplicates and keys.shape[0] > 1:
             first, counts = unique_rows(keys)
+            merged = first.shape[0] < keys.shape[0]
             keys, values, sources = keys[first], values[first], sources[first]
             log_multiplicity = counts.to(keys.dtype).log()
         else:
             log_multiplicity = torch.zeros(keys.shape[0], dtype=keys.dtype, device=keys.device)
-        return cls(keys, values, keys.square().sum(dim=1), log_multiplicity, sources)
+        return cls(keys, values, keys.square().sum(dim=1), log_multiplicity, sources, merged)
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -135,31 +145,31 @@ class PatchDictionary:
 def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the first occurrence of each distinct row of rows (K, D), in order, and their counts.
 
-    Rows are hashed (a random 64-bit linear hash of their bit patterns) and every merge is then
-    verified exactly, so a hash collision can never merge two different rows.
+    Rows are hashed by a random float64 projection; every merge is then verified exactly, and a
+    hash collision (two different rows with one hash) falls back to an exact sort of the rows.
+    Identical rows always hash alike, so nothing that should merge is left apart.
     """
-    bits = _row_bits(rows)
-    generator = torch.Generator().manual_seed(0x5EED)
-    coefficients = torch.randint(1, 2**62, (bits.shape[1],), generator=generator, dtype=torch.int64).to(rows.device) | 1
-    hashes = (bits * coefficients).sum(dim=1)
-    _, inverse, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
-    positions = torch.arange(rows.shape[0], device=rows.device)
-    first = torch.full((counts.shape[0],), rows.shape[0], dtype=torch.int64, device=rows.device)
-    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-    if not torch.equal(rows[first[inverse]], rows):
-        unique, inverse, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
-        first = torch.full((unique.shape[0],), rows.shape[0], dtype=torch.int64, device=rows.device)
-        first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    _, inverse, counts = torch.unique(_row_hashes(rows), return_inverse=True, return_counts=True)
+    first = _first_occurrences(inverse, counts.shape[0])
+    duplicates = torch.nonzero(first[inverse] != torch.arange(rows.shape[0], device=rows.device)).squeeze(1)
+    if not torch.equal(rows[first[inverse[duplicates]]] + 0.0, rows[duplicates] + 0.0):
+        _, inverse, counts = torch.unique(rows + 0.0, dim=0, return_inverse=True, return_counts=True)
+        first = _first_occurrences(inverse, counts.shape[0])
     order = torch.argsort(first)
     return first[order], counts[order]
 
 
-def _row_bits(rows: torch.Tensor) -> torch.Tensor:
-    """The rows' bit patterns as int64 (so that equal floats hash equally; -0.0 is folded into 0.0)."""
-    rows = rows + 0.0
-    if rows.dtype == torch.float64:
-        return rows.view(torch.int64)
-    return rows.to(torch.float32).view(torch.int32).to(torch.int64)
+def _row_hashes(rows: torch.Tensor) -> torch.Tensor:
+    """(K,) float64 projections of the rows on a fixed random direction (-0.0 counts as 0.0)."""
+    generator = torch.Generator().manual_seed(0x5EED)
+    direction = torch.rand(rows.shape[1], generator=generator, dtype=torch.float64).to(rows.device)
+    return (rows.to(torch.float64) + 0.0) @ direction
+
+
+def _first_occurrences(inverse: torch.Tensor, num_unique: int) -> torch.Tensor:
+    positions = torch.arange(inverse.shape[0], device=inverse.device)
+    first = torch.full((num_unique,), inverse.shape[0], dtype=torch.int64, device=inverse.device)
+    return first.scatter_reduce(0, inverse, positions, reduce="amin")
 
 
 class ExactBackend:
@@ -173,9 +183,10 @@ class ExactBackend:
         signal = math.sqrt(alpha_bar)
         noise_variance = 1.0 - alpha_bar
         for start, stop in chunk_ranges(len(dictionary), queries.shape[0], queries.element_size(), self.chunk_bytes):
-            bias = dictionary.log_multiplicity[start:stop] - (alpha_bar / (2 * noise_variance)) * dictionary.squared_norms[start:stop]
+            bias = (-alpha_bar / (2 * noise_variance)) * dictionary.squared_norms[start:stop]
             logits = torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal / noise_variance)
-            accumulator.update(logits, dictionary.values[start:stop].__rmatmul__, dictionary.sources[start:stop])
+            log_multiplicity = dictionary.log_multiplicity[start:stop] if dictionary.merged else None
+            accumulator.update(logits, dictionary.values[start:stop].__rmatmul__, dictionary.sources[start:stop], log_multiplicity)
 
     def summarize(self, queries: torch.Tensor, parts: Iterable[PatchDictionary], alpha_bar: float) -> PosteriorSummary:
         """Posterior summary for queries (Q, D) against the union of dictionary parts."""

@@ -104,6 +104,8 @@ class Machine:
             raise PatchdbError("the noisy batch contains NaN or infinite values")
         if not 0.0 < t <= 1.0:
             raise PatchdbError(f"time t must lie in (0, 1], got {t}")
+        if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0 or patch_size % 2 == 0):
+            raise PatchdbError(f"patch size {patch_size!r} is invalid: patch sizes must be positive odd integers (check --scales)")
         if labels is not None:
             if self.dataset.labels is None:
                 raise PatchdbError(f"labels were given but the data set {self.dataset.name} has none; sample unconditionally")
@@ -181,13 +183,16 @@ class PatchMachine(Machine):
         self.padding = padding_mode(name)
         self.backend = backend or ExactBackend()
         self.merge_duplicates = merge_duplicates
-        self._cache_key = None
-        self._cache: list[PatchDictionary] = []
+        self._cache_scale: int | None = None
+        self._cache: dict[int | None, list[PatchDictionary]] = {}  # by label, for the scale _cache_scale
 
     def _posterior(self, x, alpha_bar, patch_size, images, label):
         if patch_size is None:
             raise PatchdbError(f"the {self.name} machine needs a patch size: give --scales")
         batch, channels, height, width = x.shape
+        if self.padding == "circular" and patch_size > 2 * min(height, width) + 1:
+            raise PatchdbError(f"patch size {patch_size} wraps more than once around a {height}x{width} image; "
+                               f"circular patches can be at most {2 * min(height, width) + 1} wide")
         groups = dictionary_groups(self.name, patch_size, height, width)
         query_windows = patch_windows(x, patch_size, self.padding)
         queries = [gather_patches(query_windows, group.query_pixels).flatten(0, 1) for group in groups]  # (B * Q, D) each
@@ -209,20 +214,21 @@ class PatchMachine(Machine):
     def _dictionary_blocks(self, images, label, patch_size, groups):
         """The groups' dictionaries, one list (a dictionary per group) per block of training images.
 
-        When all dictionaries of this scale fit in 3/4 of the memory budget they are built once and
-        cached as a single block (the sampler uses each scale for several consecutive steps);
-        otherwise they are re-extracted at every call from blocks of images that fit a quarter of it.
+        While the dictionaries of this scale (for every label seen so far) fit in 3/4 of the memory
+        budget they are built once and cached as a single block (the sampler uses each scale for
+        several consecutive steps); otherwise they are re-extracted at every call from blocks of
+        images that fit a quarter of it.
         """
-        key = (label, patch_size)
-        if key == self._cache_key:
-            return [self._cache]
+        if self._cache_scale != patch_size:
+            self._cache_scale, self._cache = patch_size, {}  # free the previous scale's dictionaries first
+        if label in self._cache:
+            return [self._cache[label]]
         entry_bytes = self.image_shape[0] * patch_size**2 * images.element_size() + 32
         image_bytes = self.image_shape[1] * self.image_shape[2] * entry_bytes
-        self._cache_key, self._cache = None, []  # free the previous scale's dictionaries first
-        if images.shape[0] * image_bytes <= self.memory_budget * 3 // 4:
-            self._cache = next(self._extract_blocks(images, patch_size, groups, images.shape[0]))
-            self._cache_key = key
-            return [self._cache]
+        cached_images = sum(self._training_images(cached)[0].shape[0] for cached in self._cache)
+        if (cached_images + images.shape[0]) * image_bytes <= self.memory_budget * 3 // 4:
+            self._cache[label] = next(self._extract_blocks(images, patch_size, groups, images.shape[0]))
+            return [self._cache[label]]
         return self._extract_blocks(images, patch_size, groups, max(1, self.memory_budget // 4 // image_bytes))
 
     def _extract_blocks(self, images, patch_size, groups, images_per_block):

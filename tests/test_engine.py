@@ -87,18 +87,13 @@ def test_merging_duplicates_gives_the_same_posterior():
         torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-12)
         mean, _, _ = direct_posterior(queries, keys, values, alpha_bar)
         torch.testing.assert_close(a.mean, mean, rtol=0, atol=1e-12)
-        # the merged dominant entry is the distinct patch of largest total weight, at its first occurrence
+        # the dominant entry is the one copy of largest weight, at its first occurrence
         logits = -torch.cdist(queries, math.sqrt(alpha_bar) * keys).square() / (2 * (1 - alpha_bar))
-        weights = torch.softmax(logits, dim=1)
-        totals = torch.stack([weights[:, (keys == key).all(dim=1)].sum(dim=1) for key in keys], dim=1)
-        best_total, best = totals.max(dim=1)
+        best_weight, best = torch.softmax(logits, dim=1).max(dim=1)
         assert torch.equal(keys[a.best_source[:, 0]], keys[best])
-        torch.testing.assert_close(a.best_weight, best_total, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a.best_weight, best_weight, rtol=0, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="with merge_duplicates=False the dominant entry is one copy (argmax of single "
-                   "weights, its own weight); merged it is the distinct patch of largest total weight: source and "
-                   "weight differ between the two modes when the dominant patch repeats")
 def test_dominant_entry_does_not_depend_on_merging():
     keys, values, sources = duplicated_entries()
     queries = torch.randn(4, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -132,16 +127,14 @@ def test_unique_rows_is_exact_and_folds_negative_zero(dtype):
 @pytest.mark.parametrize("collision", ["all rows", "first column only"])
 def test_unique_rows_survives_hash_collisions(collision, monkeypatch):
     """Force different rows to share a hash: they must still be kept apart."""
-    real_row_bits = engine._row_bits
+    real_row_hashes = engine._row_hashes
 
-    def colliding_bits(rows):
-        bits = real_row_bits(rows)
+    def colliding_hashes(rows):
         if collision == "all rows":
-            return torch.zeros_like(bits)
-        bits[:, 1:] = 0
-        return bits
+            return torch.zeros(rows.shape[0], dtype=torch.float64)
+        return real_row_hashes(rows[:, :1])
 
-    monkeypatch.setattr(engine, "_row_bits", colliding_bits)
+    monkeypatch.setattr(engine, "_row_hashes", colliding_hashes)
     keys, _, _ = duplicated_entries()
     first, counts = unique_rows(keys)
     expected_first, expected_counts = naive_unique_rows(keys)
