@@ -1,0 +1,38 @@
+"""``patchdb calibrate``: fit a machine's locality-scale schedule to a trained network."""
+
+from pathlib import Path
+
+import click
+
+from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run, parse_candidates
+from patchdb.errors import PatchdbError
+from patchdb.machines import MACHINES
+
+
+@click.command("calibrate")
+@click.option("--model", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run folder of a trained network (from `patchdb train`).")
+@click.option("--machine", type=click.Choice(MACHINES), default="bbels", help="Machine whose scale is calibrated.")
+@click.option("--candidates", default="3,5,...,17", help="Candidate patch sizes: '3,5,7' or '3,5,...,17'.")
+@click.option("--samples", type=click.IntRange(min=1), default=10, help="Reverse trajectories (noise seeds) to follow.")
+@click.option("--metric", type=click.Choice(METRICS), default="cos", help="Score agreement: cosine similarity or L2 distance.")
+@click.option("--steps", "num_steps", type=click.IntRange(min=2), default=20, help="Sampling steps n.")
+@click.option("--seed", type=click.IntRange(min=0), default=DEFAULT_SEED,
+              help="Sample k's noise (and label) come from seed + k; the default stays clear of compare's seeds.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+@click.option("--device", default="cpu", help="torch device for the network and the machine: cpu or cuda.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              show_default="RUN_DIR/scales.json", help="Where scales.json goes (scales.png beside it).")
+def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, data_dir, device, out) -> None:
+    """Follow the network's reverse trajectories; per step keep the machine patch size whose score best matches it.
+
+    Entry i of the schedule is the patch size at t = i/n (what `--scales calibrated:RUN_DIR` reads).
+    """
+    try:
+        path, result = calibrate_run(run_dir, machine=machine, candidates=parse_candidates(candidates), samples=samples,
+                                     metric=metric, num_steps=num_steps, seed=seed, data_dir=data_dir, device=device,
+                                     out=out)
+    except PatchdbError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"scales {result['scales']} (entry i at t = i/{num_steps}) -> {path}")

@@ -1,0 +1,90 @@
+"""``patchdb compare``: seed-by-seed agreement of a trained network with the analytic machines."""
+
+import sys
+from pathlib import Path
+
+import click
+
+from patchdb.comparison import run_comparison
+from patchdb.data import load_dataset
+from patchdb.errors import PatchdbError
+from patchdb.machines import MACHINES
+from patchdb.networks import ARCHITECTURES, PADDINGS
+from patchdb.scales import SCALE_SPEC_HELP, parse_scales
+from patchdb.training import cached_run_dir, is_trained, read_config, train_cached
+from patchdb.calibration import calibrate_run
+
+
+@click.command("compare")
+@click.option("--model", required=True,
+              help="'resnet' or 'unet' (the project's cpu-preset network for --dataset, from the model cache) or a RUN_DIR.")
+@click.option("--dataset", "dataset_spec", default=None, show_default="the run's own data set",
+              help="Data set spec; picks the cached network for --model resnet|unet. The machines always use "
+                   "the network's own training images.")
+@click.option("--padding", type=click.Choice(PADDINGS), default="zeros", help="Padding of the cached network (resnet|unet).")
+@click.option("--conditional/--unconditional", default=None, show_default="the run's",
+              help="Class-conditional network (for resnet|unet; a RUN_DIR knows its own).")
+@click.option("--train", "train_missing", is_flag=True, help="Train a missing cached network with the cpu preset without asking.")
+@click.option("--machine", type=click.Choice(MACHINES), default="bbels", help="The machine compared with the network.")
+@click.option("--scales", "scale_spec", default=None, show_default="calibrated:RUN_DIR (calibrated first if missing)",
+              help=f"Scale schedule: {SCALE_SPEC_HELP}.")
+@click.option("--steps", "num_steps", type=click.IntRange(min=2), default=20, help="Sampling steps n.")
+@click.option("--num", type=click.IntRange(min=1), default=100, help="Number of seeds (samples).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Sample k uses noise (and label) from seed + k.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=10, help="Samples generated together.")
+@click.option("--single-step", is_flag=True, help="Also compare scores on the same noised held-out images at each t.")
+@click.option("--test-dataset", default=None, show_default="the data set's test split",
+              help="Held-out images for --single-step.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+@click.option("--device", default="cpu", help="torch device: cpu or cuda.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: compare.json, outputs.npz, scatter.png, pairs.png[, single_step.png].")
+def compare(model, dataset_spec, padding, conditional, train_missing, machine, scale_spec, num_steps, num, seed,
+            batch_size, single_step, test_dataset, data_dir, device, out_dir) -> None:
+    """Run the network and the machine (plus the IS machine and a Gaussian baseline) from the same seeds; report r, R^2, MSE."""
+    try:
+        run_dir = _resolve_model(model, dataset_spec, padding, conditional, train_missing, data_dir, device)
+        if scale_spec is None:
+            scale_spec = f"calibrated:{run_dir}"
+            if not (run_dir / "scales.json").is_file():
+                click.echo(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
+                calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device)
+        scales = parse_scales(scale_spec, num_steps)
+        report = run_comparison(run_dir, out_dir, machine=machine, scales=scales, scales_source=scale_spec,
+                                num_steps=num_steps, num=num, seed=seed, batch_size=batch_size,
+                                test_dataset=test_dataset, single_step=single_step, data_dir=data_dir, device=device)
+    except PatchdbError as error:
+        raise click.ClickException(str(error)) from None
+    summary = report["summary"]
+    for name, values in summary.items():
+        r = values["pearson_r"]
+        click.echo(f"{name:>9}: median r {r['median']:.3f} (quartiles {r['q1']:.3f}-{r['q3']:.3f}), "
+                   f"median R^2 {values['r_squared']['median']:.3f}, median MSE {values['mse']['median']:.4f}")
+    fraction = report.get(f"fraction_{machine}_beats_is")
+    if fraction is not None:
+        click.echo(f"{machine} beats IS on {100 * fraction:.0f}% of seeds -> {out_dir / 'compare.json'}")
+
+
+def _resolve_model(model, dataset_spec, padding, conditional, train_missing, data_dir, device) -> Path:
+    """The run folder named by --model: a cached network for resnet|unet (trained if allowed), else RUN_DIR."""
+    if model not in ARCHITECTURES:
+        run_dir = Path(model)
+        config = read_config(run_dir)
+        if dataset_spec is not None and dataset_spec != config["dataset"]["spec"]:
+            raise PatchdbError(f"{run_dir} was trained on {config['dataset']['spec']!r}, not {dataset_spec!r}; "
+                               "drop --dataset (the machines use the network's own training images)")
+        if conditional is not None and conditional != (config["network"]["num_classes"] > 0):
+            raise PatchdbError(f"{run_dir} holds an {'un' * conditional}conditional network; drop --conditional/--unconditional")
+        return run_dir
+    dataset = load_dataset(dataset_spec, data_dir)
+    run_dir = cached_run_dir(model, dataset, padding=padding, conditional=bool(conditional))
+    if not is_trained(run_dir):
+        ask = sys.stdin.isatty() and not train_missing
+        if not train_missing and not (ask and click.confirm(
+                f"no trained {model} for {dataset.name} in the cache ({run_dir}); train one now with the cpu preset "
+                "(about 20 minutes)?")):
+            raise PatchdbError(f"no trained {model} for {dataset.name} ({padding} padding) in {run_dir}: pass --train "
+                               "to train it with the cpu preset, or `patchdb train ... --out DIR` and --model DIR")
+        train_cached(model, dataset, dataset_spec, padding=padding, conditional=bool(conditional), device=device)
+    return run_dir

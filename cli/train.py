@@ -1,0 +1,42 @@
+"""``patchdb train``: train the paper's ResNet or UNet denoiser on a data set."""
+
+import dataclasses
+import time
+from pathlib import Path
+
+import click
+
+from patchdb.data import load_dataset
+from patchdb.errors import PatchdbError
+from patchdb.networks import ARCHITECTURES, PADDINGS
+from patchdb.training import PRESETS, preset_configs, train_network
+
+
+@click.command("train")
+@click.option("--model", "architecture", type=click.Choice(ARCHITECTURES), default="resnet", help="Network architecture.")
+@click.option("--dataset", "dataset_spec", default=None, show_default="the embedded default",
+              help="Data set spec NAME[:SPLIT][:LIMIT] or file:PATH.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+@click.option("--padding", type=click.Choice(PADDINGS), default="zeros", help="Padding of every 3x3 convolution.")
+@click.option("--conditional/--unconditional", default=False, help="Learn a class embedding (needs labels).")
+@click.option("--preset", type=click.Choice(tuple(PRESETS)), default="cpu",
+              help="cpu: narrow network, data subset, ~20 min on 2 cores; paper: the paper's setting (a GPU job).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, show_default="the preset's",
+              help="Number of passes over the training images.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the initial weights, shuffles, times and noise.")
+@click.option("--device", default="cpu", help="torch device: cpu or cuda.")
+@click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run folder: config.json, checkpoint.pt, loss.png. An unfinished run there is resumed.")
+def train(architecture, dataset_spec, data_dir, padding, conditional, preset, epochs, seed, device, run_dir) -> None:
+    """Train a noise-prediction network (noise MSE, AdamW, lr x 0.999965 per batch) into RUN_DIR."""
+    try:
+        dataset = load_dataset(dataset_spec, data_dir)
+        network_config, training_config = preset_configs(preset, architecture, dataset, padding=padding,
+                                                         conditional=conditional, epochs=epochs)
+        training_config = dataclasses.replace(training_config, seed=seed)
+        start = time.monotonic()
+        train_network(run_dir, dataset, dataset_spec, network_config, training_config, device=device)
+    except PatchdbError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"trained {architecture} in {time.monotonic() - start:.0f} s: {run_dir}")

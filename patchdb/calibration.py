@@ -1,0 +1,172 @@
+"""Calibrating a machine's locality scale to a trained network (the paper's appendix method).
+
+Index convention (the project's one convention, shared with ``patchdb.scales`` and the sampler):
+a scale schedule for an n-step sampler is a list of n odd patch sizes; **entry i is the patch size
+used at t = i/n**, i = 0..n-1. The machine loop evaluates i = n-1..1; the full loop's extra first
+step (t = 1, i = n) uses entry n-1; entry 0 (t = 0) is never evaluated.
+
+Calibration follows the network's own reverse trajectory (the full loop, t = 1, ..., 1/n). At
+every step i = n-1..1 it evaluates, at the same x_t, the machine's score for each candidate patch
+size and compares it with the network's score (cosine similarity, or L2 distance); each sample
+keeps its best candidate, and entry i is the median of the samples' best sizes (rounded to the
+nearest candidate, ties to the smaller). The t = 1 step only advances the trajectory (it would
+share entry n-1) and entry 0 is copied from entry 1. Unlike the authors' code, step i is stored
+at entry i, the entry the sampler reads at step i.
+"""
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from patchdb.errors import PatchdbError
+from patchdb.sampler import ScoreModel, sample_ddim
+from patchdb.schedule import full_steps
+
+METRICS = ("cos", "l2")
+CONVENTION = "entry i is the patch size at t = i/n"
+DEFAULT_CANDIDATES = [3, 5, 7, 9, 11, 13, 15, 17]
+DEFAULT_SEED = 1000
+"""Calibration noise seeds start here, clear of comparison seeds 0-999."""
+
+
+def score_similarity(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per-sample agreement (B,) of two score batches (B, C, H, W), higher is better:
+    cosine similarity for "cos", minus the L2 distance for "l2"."""
+    a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
+    if metric == "cos":
+        return torch.nn.functional.cosine_similarity(a, b, dim=1)
+    if metric == "l2":
+        return -torch.linalg.vector_norm(a - b, dim=1)
+    raise PatchdbError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+
+
+def median_candidate(sizes: list[int], candidates: list[int]) -> int:
+    """The median of sizes, rounded to the nearest candidate (ties to the smaller)."""
+    median = statistics.median(sizes)
+    return min(sorted(candidates), key=lambda candidate: abs(candidate - median))
+
+
+def parse_candidates(text: str) -> list[int]:
+    """'3,5,7' or an arithmetic range written '3,5,...,17' -> list of ints."""
+    items = [item.strip() for item in text.split(",")]
+    try:
+        if "..." in items:
+            if len(items) != 4 or items[2] != "...":
+                raise ValueError
+            first, second, last = int(items[0]), int(items[1]), int(items[3])
+            if second <= first or (last - first) % (second - first):
+                raise ValueError
+            return list(range(first, last + 1, second - first))
+        return [int(item) for item in items]
+    except ValueError:
+        raise PatchdbError(f"cannot read candidates {text!r}: write a comma list '3,5,7' or a range '3,5,...,17'") from None
+
+
+def check_candidates(candidates: list[int]) -> list[int]:
+    """Candidates as a sorted list of distinct positive odd sizes, or PatchdbError."""
+    if not candidates:
+        raise PatchdbError("give at least one candidate patch size, e.g. --candidates 3,5,...,17")
+    for size in candidates:
+        if not isinstance(size, int) or size <= 0 or size % 2 == 0:
+            raise PatchdbError(f"candidate patch size {size!r} is not a positive odd integer")
+    return sorted(set(candidates))
+
+
+def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tensor, labels: torch.Tensor | None,
+                     num_steps: int, candidates: list[int], metric: str = "cos",
+                     show_progress: bool = True) -> dict:
+    """Calibrate the machine's scale schedule to the network from noise (S, C, H, W) (+ labels (S,)).
+
+    Returns {"scales": n ints (the convention above), "per_sample": n lists of S best sizes
+    (entries 1..n-1 measured, entry 0 a copy of entry 1), "similarity": n lists of the
+    median similarity of each candidate, "samples": network outputs (S, C, H, W)}.
+    """
+    candidates = check_candidates(candidates)
+    if metric not in METRICS:
+        raise PatchdbError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    per_sample: list[list[int] | None] = [None] * num_steps
+    similarity: list[list[float] | None] = [None] * num_steps
+    bar = tqdm(total=(num_steps - 1) * len(candidates), desc="calibrating", unit="machine call",
+               disable=not show_progress)
+
+    def compare_step(state: dict) -> None:
+        i = state["i"]
+        if i >= num_steps:  # the t = 1 step: no entry of its own
+            return
+        columns = []
+        for size in candidates:
+            machine_score = machine(state["x"], state["t"], labels=labels, patch_size=size)
+            columns.append(score_similarity(machine_score, state["score"], metric))
+            bar.update(1)
+        agreement = torch.stack(columns, dim=1)  # (S, candidates)
+        per_sample[i] = [candidates[k] for k in agreement.argmax(dim=1).tolist()]
+        similarity[i] = agreement.median(dim=0).values.tolist()
+
+    samples = sample_ddim(network, noise, full_steps(num_steps), num_steps, labels=labels, callback=compare_step,
+                          disable=True)
+    bar.close()
+    per_sample[0], similarity[0] = per_sample[1], similarity[1]
+    scales = [median_candidate(sizes, candidates) for sizes in per_sample]
+    return {"scales": scales, "per_sample": per_sample, "similarity": similarity, "samples": samples}
+
+
+def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candidates: list[int] = DEFAULT_CANDIDATES,
+                  samples: int = 10, metric: str = "cos", num_steps: int = 20, seed: int = DEFAULT_SEED,
+                  data_dir=None, device: str = "cpu", out: str | os.PathLike | None = None) -> tuple[Path, dict]:
+    """Calibrate a machine over a run's own training images to the run's network; write scales.json
+    (default RUN_DIR/scales.json) and scales.png. Sample k's noise and label come from seed + k."""
+    from patchdb.comparison import seeded_inputs
+    from patchdb.machines import make_machine
+    from patchdb.training import load_network, load_training_data
+
+    network = load_network(run_dir, device)
+    dataset = load_training_data(run_dir, data_dir)
+    noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),
+                                  dataset.num_classes if network.config.conditional else None)
+    result = calibrate_scales(network, make_machine(machine, dataset, device=device), noise, labels, num_steps,
+                              candidates, metric)
+    path = write_scales(out or Path(run_dir) / "scales.json", result, machine=machine, metric=metric,
+                        candidates=candidates, model=run_dir, seed=seed)
+    return path, result
+
+
+def write_scales(path: str | os.PathLike, result: dict, *, machine: str, metric: str, candidates: list[int],
+                 model: str, seed: int) -> Path:
+    """Write the schedule as scales.json (readable by --scales FILE.json and calibrated:RUN_DIR)
+    and scales.png beside it; both atomically. Returns the JSON path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {
+        "scales": result["scales"], "num_steps": len(result["scales"]), "convention": CONVENTION,
+        "machine": machine, "metric": metric, "candidates": check_candidates(candidates),
+        "per_sample": result["per_sample"], "median_similarity": result["similarity"],
+        "model": str(model), "seed": seed, "num_samples": len(result["per_sample"][1]),
+    }
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(content, indent=1))
+    os.replace(temporary, path)
+    plot_scales(path.with_suffix(".png"), result["scales"], result["per_sample"])
+    return path
+
+
+def plot_scales(path: Path, scales: list[int], per_sample: list[list[int]]) -> None:
+    """scales.png: calibrated patch size against t, with each sample's best size as faint dots."""
+    from matplotlib.figure import Figure
+
+    n = len(scales)
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
+    for i in range(1, n):
+        jitter = torch.linspace(-0.15, 0.15, len(per_sample[i])) / n
+        axis.scatter([i / n + float(d) for d in jitter], per_sample[i], s=6, alpha=0.3, color="grey")
+    axis.step([i / n for i in range(1, n)], scales[1:], where="mid", marker="o", color="C0", label="median (schedule)")
+    axis.set(xlabel="t (entry i at t = i/n)", ylabel="patch size P", title="calibrated locality scale")
+    axis.legend()
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    os.replace(temporary, path)

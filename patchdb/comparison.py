@@ -1,0 +1,302 @@
+"""Seed-by-seed comparison of a trained network with analytic machines (the paper's Table 1, Fig. 10).
+
+Sample k of a comparison with seed S draws its noise (C, H, W), then (when conditional) its label,
+from its own generator ``torch.Generator().manual_seed(S + k)``, so any sample can be regenerated
+alone. The network runs its full loop (t = 1, ..., 1/n); the machines and the Gaussian baseline run
+the machines' loop (t = (n-1)/n, ..., 1/n) from the same noise and label.
+
+Statistics of a machine's image y_hat against the network's image y (both (C, H, W), per seed):
+- pearson_r: centre each image (subtract its mean), divide by its L2 norm, dot product: the
+  Pearson correlation of the pixels, the number the paper's code calls "r^2";
+- r_squared: the coefficient of determination 1 - sum (y - y_hat)^2 / sum (y - mean y)^2;
+- mse: mean (y - y_hat)^2.
+"""
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from patchdb.errors import PatchdbError
+from patchdb.sampler import ScoreModel, sample_ddim
+from patchdb.schedule import alpha_bar, beta, full_steps, machine_steps
+
+STATISTICS = ("pearson_r", "r_squared", "mse")
+
+
+def seeded_inputs(seed: int, count: int, image_shape: tuple[int, ...],
+                  num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Noise (count, C, H, W) float32 and, if num_classes, labels (count,) int64; sample k from seed + k."""
+    noise = torch.empty(count, *image_shape)
+    labels = torch.empty(count, dtype=torch.int64) if num_classes else None
+    for k in range(count):
+        generator = torch.Generator().manual_seed(seed + k)
+        noise[k] = torch.randn(image_shape, generator=generator)
+        if labels is not None:
+            labels[k] = int(torch.randint(num_classes, (1,), generator=generator))
+    return noise, labels
+
+
+def image_statistics(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """pearson_r, r_squared and mse (each (B,) float64) of predictions against targets, both (B, ...)."""
+    if prediction.shape != target.shape:
+        raise PatchdbError(f"cannot compare images of shapes {tuple(prediction.shape)} and {tuple(target.shape)}")
+    y_hat = prediction.reshape(prediction.shape[0], -1).double()
+    y = target.reshape(target.shape[0], -1).double()
+    y_hat_centred, y_centred = y_hat - y_hat.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    norms = torch.linalg.vector_norm(y_hat_centred, dim=1) * torch.linalg.vector_norm(y_centred, dim=1)
+    squared_error = (y - y_hat).square()
+    return {
+        "pearson_r": (y_hat_centred * y_centred).sum(1) / norms.clamp_min(1e-300),
+        "r_squared": 1.0 - squared_error.sum(1) / y_centred.square().sum(1).clamp_min(1e-300),
+        "mse": squared_error.mean(1),
+    }
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Median, quartiles (inclusive method), mean, min and max of a list of numbers."""
+    if len(values) < 2:
+        value = float(values[0])
+        return {"median": value, "q1": value, "q3": value, "mean": value, "min": value, "max": value}
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+
+
+def generate_images(model: ScoreModel, noise: torch.Tensor, labels: torch.Tensor | None, num_steps: int, *,
+                    full_loop: bool, scales: list[int] | None = None, batch_size: int = 10,
+                    bar: tqdm | None = None) -> torch.Tensor:
+    """The model's images (N, C, H, W) from noise (N, C, H, W), batch_size samples at a time."""
+    steps = full_steps(num_steps) if full_loop else machine_steps(num_steps)
+    outputs = []
+    for start in range(0, noise.shape[0], batch_size):
+        batch_labels = None if labels is None else labels[start:start + batch_size]
+        outputs.append(sample_ddim(model, noise[start:start + batch_size], steps, num_steps, scales=scales,
+                                   labels=batch_labels, disable=True).float())
+        if bar is not None:
+            bar.update(min(batch_size, noise.shape[0] - start))
+    return torch.cat(outputs)
+
+
+def compare_models(network: ScoreModel, models: dict[str, tuple[ScoreModel, list[int] | None]],
+                   noise: torch.Tensor, labels: torch.Tensor | None, num_steps: int, *,
+                   batch_size: int = 10, show_progress: bool = True) -> dict:
+    """Run the network (full loop) and each model (machine loop, its scale schedule) from the same
+    noise and labels. models: name -> (score model, scales or None). Returns {"images": name ->
+    (N, C, H, W) including "network", "seconds": name -> wall seconds, "statistics": name -> STATISTICS
+    -> (N,) of the model against the network}."""
+    images, seconds = {}, {}
+    runs = [("network", network, None, True)] + [(name, model, scales, False) for name, (model, scales) in models.items()]
+    for name, model, scales, full_loop in runs:
+        with tqdm(total=noise.shape[0], desc=f"sampling {name}", unit="sample", disable=not show_progress) as bar:
+            start = time.perf_counter()
+            images[name] = generate_images(model, noise, labels, num_steps, full_loop=full_loop, scales=scales,
+                                           batch_size=batch_size, bar=bar)
+            seconds[name] = time.perf_counter() - start
+    stats = {name: image_statistics(images[name], images["network"]) for name in models}
+    return {"images": images, "seconds": seconds, "statistics": stats}
+
+
+def comparison_summary(result: dict, machine: str, baseline: str = "is") -> dict:
+    """compare.json's statistics: per model and statistic the summary over seeds, and the fraction
+    of seeds where the machine's pearson_r beats the baseline's (ties count half)."""
+    stats = result["statistics"]
+    summary = {name: {key: summarize(values.tolist()) for key, values in per_model.items()}
+               for name, per_model in stats.items()}
+    fraction = None
+    if machine in stats and baseline in stats:
+        machine_r, baseline_r = stats[machine]["pearson_r"], stats[baseline]["pearson_r"]
+        fraction = float(((machine_r > baseline_r).double() + 0.5 * (machine_r == baseline_r).double()).mean())
+    return {"summary": summary, f"fraction_{machine}_beats_{baseline}": fraction}
+
+
+def single_step_agreement(network: ScoreModel, models: dict[str, tuple[ScoreModel, list[int] | None]],
+                          clean_images: torch.Tensor, labels: torch.Tensor | None, num_steps: int, seed: int, *,
+                          batch_size: int = 10, show_progress: bool = True) -> dict:
+    """At each t = i/n (i = n..1), give the network and each model the same x_t = sqrt(alpha_bar) x_0 +
+    sqrt(beta) eps of held-out clean images (N, C, H, W) and correlate their scores (pearson_r per
+    image). eps of image k is drawn from seed + k. Each model uses entry min(i, n-1) of its scales.
+    Returns {"t": [...], name: {"median": [...], "q1": [...], "q3": [...]}}."""
+    noise, _ = seeded_inputs(seed, clean_images.shape[0], tuple(clean_images.shape[1:]))
+    steps = full_steps(num_steps)
+    result = {"t": [i / num_steps for i in steps], **{name: {"median": [], "q1": [], "q3": []} for name in models}}
+    bar = tqdm(total=len(steps) * len(models), desc="single-step", unit="model step", disable=not show_progress)
+    for i in steps:
+        t = i / num_steps
+        x_t = alpha_bar(t) ** 0.5 * clean_images + beta(t) ** 0.5 * noise
+        per_model = {name: [] for name in models}
+        for start in range(0, x_t.shape[0], batch_size):
+            batch = x_t[start:start + batch_size]
+            batch_labels = None if labels is None else labels[start:start + batch_size]
+            network_score = network(batch, t, labels=batch_labels)
+            for name, (model, scales) in models.items():
+                patch_size = None if scales is None else scales[min(i, num_steps - 1)]
+                score = model(batch, t, labels=batch_labels, patch_size=patch_size)
+                per_model[name].extend(image_statistics(score, network_score)["pearson_r"].tolist())
+        for name, values in per_model.items():
+            described = summarize(values)
+            for key in ("median", "q1", "q3"):
+                result[name][key].append(described[key])
+            bar.update(1)
+    bar.close()
+    return result
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def save_arrays(path: Path, arrays: dict[str, torch.Tensor | None]) -> None:
+    """An .npz of the given tensors (None entries left out), written atomically."""
+    temporary = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(temporary, **{name: value.cpu().numpy() for name, value in arrays.items() if value is not None})
+    os.replace(temporary, path)
+
+
+def _save_figure(figure, path: Path) -> None:
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    figure.savefig(temporary, dpi=100)
+    os.replace(temporary, path)
+
+
+def plot_scatter(path: Path, machine_r: torch.Tensor, baseline_r: torch.Tensor, machine: str, baseline: str = "is") -> None:
+    """scatter.png: the machine's r against the baseline's r, one dot per seed (the paper's Fig. 10)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 5))
+    axis = figure.subplots()
+    axis.scatter(baseline_r.numpy(), machine_r.numpy(), s=12, alpha=0.7)
+    low = float(min(machine_r.min(), baseline_r.min(), 0.0))
+    axis.plot([low, 1], [low, 1], color="grey", lw=1, ls="--")
+    axis.set(xlabel=f"{baseline.upper()} r (vs network)", ylabel=f"{machine} r (vs network)",
+             title=f"median r: {machine} {machine_r.median():.3f}, {baseline.upper()} {baseline_r.median():.3f}",
+             xlim=(low, 1), ylim=(low, 1), aspect="equal")
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def plot_pairs(path: Path, machine_images: torch.Tensor, network_images: torch.Tensor, machine_r: torch.Tensor,
+               seeds: list[int], machine: str, per_group: int = 4) -> None:
+    """pairs.png: machine | network side by side for the best, median and worst seeds by r."""
+    from matplotlib.figure import Figure
+
+    order = torch.argsort(machine_r, descending=True).tolist()
+    middle = max(0, len(order) // 2 - per_group // 2)
+    chosen = list(dict.fromkeys(order[:per_group] + order[middle:middle + per_group] + order[-per_group:]))
+    figure = Figure(figsize=(4 * 1.1, 1.2 * len(chosen) / 2 + 0.5))
+    columns = 4
+    rows = (len(chosen) + 1) // 2
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for position, index in enumerate(chosen):
+        row, pair = divmod(position, 2)
+        for offset, (name, image) in enumerate(((machine, machine_images[index]), ("network", network_images[index]))):
+            axis = axes[row, 2 * pair + offset]
+            pixels = ((image.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+            axis.imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=1)
+            title = f"seed {seeds[index]} r={machine_r[index]:.2f}" if offset == 0 else name
+            axis.set_title(title, fontsize=6)
+    figure.suptitle(f"{machine} | network: best, median and worst seeds", fontsize=8)
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def plot_single_step(path: Path, agreement: dict) -> None:
+    """single_step.png: median (and quartile band) score correlation with the network against t."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
+    for name, values in agreement.items():
+        if name == "t":
+            continue
+        axis.plot(agreement["t"], values["median"], marker="o", ms=3, label=name)
+        axis.fill_between(agreement["t"], values["q1"], values["q3"], alpha=0.2)
+    axis.set(xlabel="t", ylabel="r of scores (vs network)", title="single-step agreement on held-out x_t")
+    axis.legend()
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+# ---------------------------------------------------------------- a whole comparison run
+
+
+def held_out_spec(training_spec: str | None, count: int) -> str:
+    """The test split of a named data set spec (NAME[:SPLIT][:LIMIT]), cut to count images."""
+    from patchdb.data import NAMED_DATASETS
+
+    name = (training_spec or "").split(":")[0].lower()
+    if name not in NAMED_DATASETS:
+        raise PatchdbError(f"no held-out split is known for the data set {training_spec or 'default'!r}: "
+                           "give --test-dataset SPEC for --single-step")
+    return f"{name}:test:{count}"
+
+
+def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, machine: str = "bbels",
+                   scales: list[int], scales_source: str, num_steps: int = 20, num: int = 100, seed: int = 0,
+                   batch_size: int = 10, test_dataset: str | None = None, single_step: bool = False,
+                   data_dir=None, device: str = "cpu", show_progress: bool = True) -> dict:
+    """Compare a run's network with the machine (at the given scale schedule), the IS machine and the
+    Gaussian baseline, all over the run's own training images, on num seeds; write to out_dir
+    compare.json, outputs.npz (noise, labels, each model's images), scatter.png, pairs.png and,
+    with single_step, single_step.png (held-out images from test_dataset or the data set's test split).
+    Returns the content of compare.json."""
+    import patchdb
+    from patchdb.data import load_dataset
+    from patchdb.gaussian import GaussianScore
+    from patchdb.machines import make_machine
+    from patchdb.training import load_network, load_training_data, read_config
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    network = load_network(run_dir, device)
+    dataset = load_training_data(run_dir, data_dir)
+    conditional = network.config.conditional
+    noise, labels = seeded_inputs(seed, num, tuple(dataset.images.shape[1:]), dataset.num_classes if conditional else None)
+    models = {
+        machine: (make_machine(machine, dataset, device=device), scales),
+        "is": (make_machine("is", dataset, device=device), None),
+        "gaussian": (GaussianScore(dataset), None),
+    }
+    if machine == "is":
+        del models["is"]
+    result = compare_models(network, models, noise, labels, num_steps, batch_size=batch_size, show_progress=show_progress)
+    stats = result["statistics"]
+    seeds = list(range(seed, seed + num))
+    report = {
+        "model": str(run_dir), "network": read_config(run_dir)["network"],
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_images": len(dataset)},
+        "machine": machine, "scales": scales, "scales_source": scales_source,
+        "scale_convention": "entry i is the patch size at t = i/n",
+        "num_steps": num_steps, "num": num, "seed": seed, "conditional": conditional,
+        "loops": {"network": "full (t = 1 ... 1/n)", "machines": "machine (t = (n-1)/n ... 1/n)"},
+        "seconds": result["seconds"],
+        **comparison_summary(result, machine),
+        "per_seed": [{"seed": s, "label": None if labels is None else int(labels[k]),
+                      **{key: {name: float(stats[name][key][k]) for name in stats} for key in STATISTICS}}
+                     for k, s in enumerate(seeds)],
+        "versions": {"patchdb": patchdb.__version__, "torch": torch.__version__},
+    }
+    save_arrays(out_dir / "outputs.npz", {"noise": noise, "labels": labels, **result["images"]})
+    if "is" in stats:
+        plot_scatter(out_dir / "scatter.png", stats[machine]["pearson_r"], stats["is"]["pearson_r"], machine)
+    plot_pairs(out_dir / "pairs.png", result["images"][machine], result["images"]["network"],
+               stats[machine]["pearson_r"], seeds, machine)
+    if single_step:
+        held_out = load_dataset(test_dataset or held_out_spec(read_config(run_dir)["dataset"]["spec"], num), data_dir)
+        held_out_labels = held_out.labels if conditional else None
+        if conditional and held_out_labels is None:
+            raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
+        agreement = single_step_agreement(network, models, held_out.images[:num], None if held_out_labels is None
+                                          else held_out_labels[:num], num_steps, seed, batch_size=batch_size,
+                                          show_progress=show_progress)
+        report["single_step"] = {"dataset": held_out.name, **agreement}
+        plot_single_step(out_dir / "single_step.png", agreement)
+    temporary = out_dir / ".compare.json.tmp"
+    temporary.write_text(json.dumps(report, indent=1))
+    os.replace(temporary, out_dir / "compare.json")
+    return report

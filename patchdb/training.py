@@ -1,0 +1,323 @@
+"""Training the paper's noise-prediction networks, with resumable checkpoints and the model cache.
+
+A run folder RUN_DIR holds
+- ``config.json``: the network config, the training config and the training data set (spec,
+  number of images used, fingerprint): everything needed to rebuild the network and its data;
+- ``checkpoint.pt``: a plain dict of tensors and numbers (loadable with ``torch.load(weights_only=True)``):
+  ``model`` (state dict), ``optimizer`` (state dict), ``batches_done``, ``batch_losses`` (float32);
+- ``loss.png``: the training loss against epochs.
+
+Every batch draws its time steps and noise from a generator seeded by (seed, batch number) and every
+epoch its shuffle from (seed, epoch), so a run resumed from any checkpoint continues exactly as an
+uninterrupted run would.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from patchdb.data import Dataset, load_dataset, make_dataset, user_cache_data_dir
+from patchdb.errors import PatchdbError
+from patchdb.networks import NetworkConfig, NetworkScore, build_network
+from patchdb.schedule import alpha_bar_tensor
+
+NUM_TRAINING_TIMES = 1000
+"""Training times are drawn uniformly from {0, 1/1000, ..., 999/1000}."""
+CHECKPOINT_SECONDS = 300.0
+"""A checkpoint is also written mid-epoch when this long has passed since the last one."""
+CACHE_ENV_VAR = "PATCHDB_CACHE"
+CONFIG_FILE, CHECKPOINT_FILE, LOSS_PLOT_FILE = "config.json", "checkpoint.pt", "loss.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation settings. learning_rate is multiplied by lr_decay after every batch;
+    max_images caps the training set at its first max_images images (None: all)."""
+
+    epochs: int = 300
+    batch_size: int = 128
+    learning_rate: float = 1e-4
+    lr_decay: float = 0.999965
+    weight_decay: float = 0.0
+    max_images: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise PatchdbError(f"epochs and batch size must be at least 1, got {self.epochs} and {self.batch_size}")
+        if self.learning_rate <= 0 or not 0 < self.lr_decay <= 1 or self.weight_decay < 0:
+            raise PatchdbError("the learning rate must be > 0, its decay in (0, 1] and the weight decay >= 0")
+        if self.max_images is not None and self.max_images < 1:
+            raise PatchdbError(f"max_images must be at least 1, got {self.max_images}")
+
+
+# The paper's setting, and the largest one that trains in about 20 minutes on a shared 2-core CPU
+# (measured: see README "Training presets"). The cpu preset keeps the architecture's shape (6 hidden
+# layers, so the ResNet's 17x17 receptive field; 3 UNet scales) and trades width, data and epochs.
+PRESETS = {
+    "paper": {
+        "resnet": dict(width=256, num_hidden_layers=6, embedding_dim=128),
+        "unet": dict(width=64, embedding_dim=128),
+        "training": dict(epochs=300, learning_rate=1e-4, max_images=None),
+    },
+    "cpu": {
+        "resnet": dict(width=32, num_hidden_layers=6, embedding_dim=64),
+        "unet": dict(width=16, embedding_dim=64),
+        "training": dict(epochs=40, learning_rate=1e-3, max_images=2000),
+    },
+}
+
+
+def preset_configs(preset: str, architecture: str, dataset: Dataset, *, padding: str = "zeros",
+                   conditional: bool = False, epochs: int | None = None) -> tuple[NetworkConfig, TrainingConfig]:
+    """Network and training configs of a preset for this architecture and data set."""
+    if preset not in PRESETS:
+        raise PatchdbError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    if conditional and dataset.labels is None:
+        raise PatchdbError(f"data set {dataset.name!r} has no labels: train without --conditional")
+    network = NetworkConfig(architecture=architecture, in_channels=dataset.images.shape[1], padding=padding,
+                            num_classes=dataset.num_classes if conditional else 0, **PRESETS[preset][architecture])
+    training = dict(PRESETS[preset]["training"])
+    if epochs is not None:
+        training["epochs"] = epochs
+    return network, TrainingConfig(**training)
+
+
+def training_subset(dataset: Dataset, max_images: int | None) -> Dataset:
+    """The first max_images images of the data set (the whole set if it is smaller or max_images is None)."""
+    if max_images is None or len(dataset) <= max_images:
+        return dataset
+    labels = None if dataset.labels is None else dataset.labels[:max_images]
+    return make_dataset(dataset.images[:max_images], labels, f"{dataset.name}:first{max_images}")
+
+
+def train_network(run_dir: str | os.PathLike, dataset: Dataset, dataset_spec: str | None,
+                  network_config: NetworkConfig, training_config: TrainingConfig, *,
+                  device: str = "cpu", show_progress: bool = True) -> NetworkScore:
+    """Train (or resume training) a network in run_dir and return it as a score model.
+
+    dataset is the full data set named by dataset_spec (recorded so that the run can be reloaded);
+    training uses its first training_config.max_images images. A run_dir with a checkpoint of the
+    same settings is resumed (a larger epoch count extends it); other settings raise PatchdbError.
+    """
+    run_dir = Path(run_dir)
+    device = _check_device(device)
+    data = training_subset(dataset, training_config.max_images)
+    if network_config.conditional and data.labels is None:
+        raise PatchdbError(f"data set {data.name!r} has no labels: train without --conditional")
+    config = {
+        "network": dataclasses.asdict(network_config),
+        "training": dataclasses.asdict(training_config),
+        "dataset": {"spec": dataset_spec, "name": data.name, "num_images": len(data), "fingerprint": data.fingerprint},
+    }
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, global generator left untouched
+        torch.manual_seed(training_config.seed)
+        network = build_network(network_config).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=training_config.learning_rate,
+                                  weight_decay=training_config.weight_decay)
+    batches_done, batch_losses = _resume(run_dir, config, network, optimizer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(run_dir / CONFIG_FILE, config)
+
+    batches_per_epoch = math.ceil(len(data) / training_config.batch_size)
+    total_batches = training_config.epochs * batches_per_epoch
+    if device.type == "cpu":
+        network = network.to(memory_format=torch.channels_last)  # faster CPU convolutions; same numbers
+    network.train()
+    images = data.images.to(device)
+    labels = data.labels.to(device) if network_config.conditional else None
+    last_save = time.monotonic()
+    bar = tqdm(total=total_batches, initial=batches_done, desc="training", unit="batch", disable=not show_progress)
+    while batches_done < total_batches:
+        epoch, position = divmod(batches_done, batches_per_epoch)
+        order = torch.randperm(len(data), generator=_generator(training_config.seed, "epoch", epoch))
+        batch_index = order[position * training_config.batch_size:(position + 1) * training_config.batch_size].to(device)
+        loss = _training_step(network, optimizer, images[batch_index], None if labels is None else labels[batch_index],
+                              training_config, batches_done, device)
+        batch_losses.append(loss)
+        batches_done += 1
+        bar.update(1)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
+        if batches_done % batches_per_epoch == 0 or batches_done == total_batches or \
+                time.monotonic() - last_save > CHECKPOINT_SECONDS:
+            save_checkpoint(run_dir, network, optimizer, batches_done, batch_losses)
+            last_save = time.monotonic()
+    bar.close()
+    plot_losses(run_dir / LOSS_PLOT_FILE, batch_losses, batches_per_epoch)
+    return NetworkScore(network.to(memory_format=torch.contiguous_format))
+
+
+def _training_step(network, optimizer, x0: torch.Tensor, labels: torch.Tensor | None,
+                   config: TrainingConfig, batch_number: int, device: torch.device) -> float:
+    """One AdamW step on the noise-prediction MSE for clean images x0 (B, C, H, W); returns the loss."""
+    generator = _generator(config.seed, "batch", batch_number)
+    times = torch.randint(NUM_TRAINING_TIMES, (x0.shape[0],), generator=generator).float() / NUM_TRAINING_TIMES
+    noise = torch.randn(x0.shape, generator=generator)
+    times, noise = times.to(device), noise.to(device)
+    alpha_bar = alpha_bar_tensor(times)[:, None, None, None]
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+    if device.type == "cpu":
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    for group in optimizer.param_groups:
+        group["lr"] = config.learning_rate * config.lr_decay ** batch_number
+    loss = torch.mean((network(x_t, times, labels) - noise) ** 2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _generator(seed: int, kind: str, index: int) -> torch.Generator:
+    """A CPU generator for one epoch's shuffle or one batch's times and noise."""
+    offset = {"epoch": 1, "batch": 2}[kind]
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) * 4 + offset)
+
+
+def _check_device(device: str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PatchdbError("--device cuda was asked for but torch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+def _resume(run_dir: Path, config: dict, network, optimizer) -> tuple[int, list[float]]:
+    """Load run_dir's checkpoint into network and optimizer if it is a run of the same settings."""
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    if not checkpoint_path.exists():
+        return 0, []
+    stored = read_config(run_dir)
+    comparable = lambda c: {**c, "training": {**c["training"], "epochs": None}}  # noqa: E731 - more epochs extend a run
+    if comparable(stored) != comparable(config):
+        raise PatchdbError(f"{run_dir} holds a run with other settings ({run_dir / CONFIG_FILE}); "
+                           "use a new --out folder, or the same settings to resume it")
+    checkpoint = _load_checkpoint(checkpoint_path)
+    network.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return int(checkpoint["batches_done"]), checkpoint["batch_losses"].tolist()
+
+
+def save_checkpoint(run_dir: Path, network, optimizer, batches_done: int, batch_losses: list[float]) -> None:
+    """Write run_dir/checkpoint.pt atomically (temporary name in the same folder, then os.replace)."""
+    state = {
+        "model": {name: tensor.contiguous() for name, tensor in network.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "batches_done": batches_done,
+        "batch_losses": torch.tensor(batch_losses, dtype=torch.float32),
+    }
+    temporary = run_dir / f".{CHECKPOINT_FILE}.tmp"
+    torch.save(state, temporary)
+    os.replace(temporary, run_dir / CHECKPOINT_FILE)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
+        raise PatchdbError(f"{path}: not a readable patchdb checkpoint ({type(error).__name__}: {error}); "
+                           "train again into a new --out folder") from None
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    """The config.json of a run folder."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise PatchdbError(f"{run_dir} is not a trained run: {path} is missing; train one with `patchdb train --out {run_dir}`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise PatchdbError(f"{path} is not valid JSON ({error}); train again into a new --out folder") from None
+
+
+def load_network(run_dir: str | os.PathLike, device: str = "cpu") -> NetworkScore:
+    """The trained network of a run folder as a score model (weights from its last checkpoint)."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    if not checkpoint_path.is_file():
+        raise PatchdbError(f"{run_dir} has no {CHECKPOINT_FILE} yet: finish training with `patchdb train --out {run_dir}`")
+    try:
+        network_config = NetworkConfig(**config["network"])
+    except (KeyError, TypeError) as error:
+        raise PatchdbError(f"{run_dir / CONFIG_FILE} has no valid network config ({error})") from None
+    network = build_network(network_config)
+    network.load_state_dict(_load_checkpoint(checkpoint_path)["model"])
+    return NetworkScore(network.to(_check_device(device)))
+
+
+def load_training_data(run_dir: str | os.PathLike, data_dir=None) -> Dataset:
+    """The exact images a run was trained on (its spec, cut to the images used; fingerprint checked)."""
+    record = read_config(run_dir)["dataset"]
+    data = training_subset(load_dataset(record["spec"], data_dir), record["num_images"])
+    if data.fingerprint != record["fingerprint"]:
+        raise PatchdbError(f"the data set {record['spec']!r} found here differs from the one {run_dir} was trained on "
+                           "(fingerprints differ); point --data-dir at the same files")
+    return data
+
+
+def is_trained(run_dir: str | os.PathLike) -> bool:
+    """Whether run_dir holds a finished run (all its configured batches done)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+        return False
+    config = read_config(run_dir)
+    batches_per_epoch = math.ceil(config["dataset"]["num_images"] / config["training"]["batch_size"])
+    done = int(_load_checkpoint(run_dir / CHECKPOINT_FILE)["batches_done"])
+    return done >= config["training"]["epochs"] * batches_per_epoch
+
+
+def model_cache_dir() -> Path:
+    """Where `--model resnet|unet` runs live: $PATCHDB_CACHE/models, else beside the data cache
+    ($XDG_CACHE_HOME/patchdb/models, by default ~/.cache/patchdb/models)."""
+    root = os.environ.get(CACHE_ENV_VAR)
+    return (Path(root) if root else user_cache_data_dir().parent) / "models"
+
+
+def cached_run_dir(architecture: str, dataset: Dataset, *, padding: str = "zeros", conditional: bool = False,
+                   preset: str = "cpu") -> Path:
+    """The cache folder of the project's network for this architecture, data set and setting."""
+    kind = "conditional" if conditional else "unconditional"
+    safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset.name)
+    return model_cache_dir() / f"{architecture}-{safe_name}-{dataset.fingerprint[:12]}-{padding}-{kind}-{preset}"
+
+
+def plot_losses(path: Path, batch_losses: list[float], batches_per_epoch: int) -> None:
+    """loss.png: per-batch loss and its per-epoch mean against epochs (written atomically)."""
+    from matplotlib.figure import Figure
+
+    losses = torch.tensor(batch_losses)
+    epochs = torch.arange(1, len(losses) + 1) / batches_per_epoch
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
+    axis.plot(epochs, losses, lw=0.5, alpha=0.4, label="batch")
+    full = len(losses) // batches_per_epoch
+    if full:
+        means = losses[:full * batches_per_epoch].reshape(full, batches_per_epoch).mean(1)
+        axis.plot(torch.arange(1, full + 1), means, marker="o", ms=3, label="epoch mean")
+    axis.set(xlabel="epoch", ylabel="noise-prediction MSE", yscale="log", title="training loss")
+    axis.legend()
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    os.replace(temporary, path)
+
+
+def _write_json_atomic(path: Path, content: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(content, indent=1))
+    os.replace(temporary, path)
+
+
+def train_cached(architecture: str, dataset: Dataset, dataset_spec: str | None, *, padding: str = "zeros",
+                 conditional: bool = False, device: str = "cpu", show_progress: bool = True) -> Path:
+    """Train (or finish training) the project's cpu-preset network for this setting in its cache folder."""
+    run_dir = cached_run_dir(architecture, dataset, padding=padding, conditional=conditional)
+    network_config, training_config = preset_configs("cpu", architecture, dataset, padding=padding, conditional=conditional)
+    train_network(run_dir, dataset, dataset_spec, network_config, training_config, device=device,
+                  show_progress=show_progress)
+    return run_dir
