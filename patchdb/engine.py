@@ -29,6 +29,9 @@ LOGIT_CHUNK_BYTES = 2 * 1024**2
 LOG_WEIGHT_FLOOR = -80.0
 """Log-weights relative to the running maximum are floored here before exp (see SoftmaxAccumulator.update)."""
 
+MERGE_WORTHWHILE = 0.9
+"""Duplicates are merged only when that leaves at most this fraction of the entries (else the copy costs more than it saves)."""
+
 NEGLIGIBLE_LOG_WEIGHT = -60.0
 """A chunk whose every log-weight lies this far below a query's running maximum is skipped for that query."""
 
@@ -124,15 +127,14 @@ class PatchDictionary:
     @classmethod
     def from_entries(cls, keys: torch.Tensor, values: torch.Tensor, sources: torch.Tensor, merge_duplicates: bool = True):
         """Build a dictionary, merging identical keys (their multiplicity joins the logit, which is exact)."""
+        log_multiplicity = torch.zeros(keys.shape[0], dtype=keys.dtype, device=keys.device)
         merged = False
         if merge_duplicates and keys.shape[0] > 1:
             first, counts = unique_rows(keys)
-            merged = first.shape[0] < keys.shape[0]
-            keys, values, sources = keys[first], values[first], sources[first]
-            log_multiplicity = counts.to(keys.dtype).log()
-        else:
-            log_multiplicity = torch.zeros(keys.shape[0], dtype=keys.dtype, device=keys.device)
-        return cls(keys, values, keys.square().sum(dim=1), log_multiplicity, sources, merged)
+            if first.shape[0] <= MERGE_WORTHWHILE * keys.shape[0]:
+                keys, values, sources = keys[first], values[first], sources[first]
+                log_multiplicity, merged = counts.to(keys.dtype).log(), True
+        return cls(keys, values, torch.linalg.vector_norm(keys, dim=1).square(), log_multiplicity, sources, merged)
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -143,27 +145,37 @@ class PatchDictionary:
 
 
 def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the first occurrence of each distinct row of rows (K, D), in order, and their counts.
+    """Indices of the first occurrence of each group of identical rows of rows (K, D), in order, and
+    the groups' sizes.
 
-    Rows are hashed by a random float64 projection; every merge is then verified exactly, and a
-    hash collision (two different rows with one hash) falls back to an exact sort of the rows.
-    Identical rows always hash alike, so nothing that should merge is left apart.
+    Rows are grouped by hash (_row_hashes) and every merge is verified exactly: a row that shares a
+    hash with a different row (a collision) is kept on its own, so no two different rows ever merge.
     """
-    _, inverse, counts = torch.unique(_row_hashes(rows), return_inverse=True, return_counts=True)
-    first = _first_occurrences(inverse, counts.shape[0])
-    duplicates = torch.nonzero(first[inverse] != torch.arange(rows.shape[0], device=rows.device)).squeeze(1)
-    if not torch.equal(rows[first[inverse[duplicates]]] + 0.0, rows[duplicates] + 0.0):
-        _, inverse, counts = torch.unique(rows + 0.0, dim=0, return_inverse=True, return_counts=True)
-        first = _first_occurrences(inverse, counts.shape[0])
+    _, group, counts = torch.unique(_row_hashes(rows), return_inverse=True, return_counts=True)
+    first = _first_occurrences(group, counts.shape[0])
+    duplicates = torch.nonzero(first[group] != torch.arange(rows.shape[0], device=rows.device)).squeeze(1)
+    collided = duplicates[(rows[duplicates] != rows[first[group[duplicates]]]).any(dim=1)]
+    if collided.numel():
+        group = group.clone()
+        group[collided] = counts.shape[0] + torch.arange(collided.shape[0], device=rows.device)
+        _, group, counts = torch.unique(group, return_inverse=True, return_counts=True)
+        first = _first_occurrences(group, counts.shape[0])
     order = torch.argsort(first)
     return first[order], counts[order]
 
 
 def _row_hashes(rows: torch.Tensor) -> torch.Tensor:
-    """(K,) float64 projections of the rows on a fixed random direction (-0.0 counts as 0.0)."""
+    """(K,) int64 hashes of the rows: the bits of their projections on two fixed random directions.
+
+    Identical rows project alike (-0.0 and 0.0 included), so they always share a hash.
+    """
     generator = torch.Generator().manual_seed(0x5EED)
-    direction = torch.rand(rows.shape[1], generator=generator, dtype=torch.float64).to(rows.device)
-    return (rows.to(torch.float64) + 0.0) @ direction
+    directions = torch.rand(rows.shape[1], 2, generator=generator, dtype=torch.float64).to(device=rows.device, dtype=rows.dtype)
+    projections = (rows @ directions) + 0.0  # (K, 2); + 0.0 folds -0.0 into 0.0
+    if projections.dtype == torch.float64:
+        return projections[:, 0].view(torch.int64) ^ (projections[:, 1].view(torch.int64) * 0x9E3779B1)
+    bits = projections.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return (bits[:, 0] << 32) | bits[:, 1]
 
 
 def _first_occurrences(inverse: torch.Tensor, num_unique: int) -> torch.Tensor:
