@@ -5,7 +5,6 @@ from pathlib import Path
 import click
 
 from patchdb.data import DATA_ENV_VAR
-from patchdb.errors import PatchdbError
 from patchdb.fetch import FETCHABLE, default_fetch_dir, fetch_dataset
 
 
@@ -24,8 +23,5 @@ def fetch_data(name: str, data_dir: Path, progress: bool) -> None:
 
     Needs the internet. celeba must be downloaded by hand: this prints how.
     """
-    try:
-        folder = fetch_dataset(name, data_dir, progress=progress)
-    except PatchdbError as error:
-        raise click.ClickException(str(error)) from None
+    folder = fetch_dataset(name, data_dir, progress=progress)
     click.echo(f"{name} is ready in {folder}; use it with --data-dir {data_dir} or {DATA_ENV_VAR}={data_dir}")

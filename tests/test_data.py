@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import patchdb.data as data
-from cli.data import fetch_data
+from cli.main import main
 from patchdb.data import (
     IMAGE_SIZE,
     load_dataset,
@@ -401,6 +401,6 @@ def test_download_checks_before_renaming_into_place(tmp_path):
 
 
 def test_fetch_data_command_explains_celeba(tmp_path):
-    result = CliRunner().invoke(fetch_data, ["celeba", "--data-dir", str(tmp_path)])
+    result = CliRunner().invoke(main, ["fetch-data", "celeba", "--data-dir", str(tmp_path)])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # a message, not a traceback
     assert "Google Drive" in result.output and str(tmp_path / "celeba" / "img_align_celeba") in result.output

@@ -1,0 +1,49 @@
+"""``patchdb sample``: draw images from an analytic machine, with their patch provenance."""
+
+from pathlib import Path
+
+import click
+
+from patchdb.engine import DEFAULT_MEMORY_BUDGET
+from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DEVICES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
+from patchdb.machines import MACHINES
+from patchdb.scales import SCALE_SPEC_HELP
+
+
+@click.command("sample")
+@click.option("--dataset", "dataset", default=None, show_default="the embedded default, 1,000 Fashion-MNIST images",
+              help="Training images: NAME[:SPLIT][:LIMIT] (mnist, fashion-mnist, cifar10, celeba) or file:PATH[:LIMIT].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+@click.option("--machine", type=click.Choice(MACHINES), default="bbels",
+              help="is: ideal, es: equivariant, ls: local, els: equivariant local, bbels: boundary-broken ELS.")
+@click.option("--scales", default=DEFAULT_SCALES, help=f"Patch size per step: {SCALE_SPEC_HELP}.")
+@click.option("--steps", type=click.IntRange(min=2), default=20, help="Sampling steps n (the schedule's length).")
+@click.option("--num", type=click.IntRange(min=1), default=None,
+              show_default=f"{DEFAULT_NUM}, or the N of --noise", help="Number of samples N.")
+@click.option("--seed", type=click.IntRange(min=0), default=0,
+              help="Sample k's noise (and --conditional label) come from seed + k: regenerate it alone with --seed S+k --num 1.")
+@click.option("--label", type=click.IntRange(min=0), default=None,
+              help="Class of every sample (only that class's training images are used).")
+@click.option("--conditional", is_flag=True, help="Draw one class per sample from its seed (excludes --label).")
+@click.option("--noise", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An (N, C, H, W) float .npy used as the starting noise instead of drawing it from --seed.")
+@click.option("--loop", type=click.Choice(tuple(LOOPS)), default="machine",
+              help="machine: t = (n-1)/n ... 1/n, as the authors ran the machines; full: t = 1 ... 1/n.")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", help="torch device.")
+@click.option("--dtype", type=click.Choice(tuple(DTYPES)), default="float32", help="Floating-point precision of the machine.")
+@click.option("--memory-budget", "memory_budget_gib", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_MEMORY_BUDGET / GIB, help="GiB the machine may use for dictionaries and logits.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: samples.npy, noise.npy, [labels.npy], provenance.npz, grid.png, provenance.png, run.json.")
+def sample(dataset, data_dir, machine, scales, steps, num, seed, label, conditional, noise, loop, device, dtype,
+           memory_budget_gib, out) -> None:
+    """Sample N images from an analytic score machine with the deterministic DDIM sampler into OUT."""
+    config = SampleConfig(
+        out=str(out), dataset=dataset, data_dir=None if data_dir is None else str(data_dir), machine=machine,
+        scales=scales, steps=steps, num=num, seed=seed, label=label, conditional=conditional,
+        noise=None if noise is None else str(noise), loop=loop, device=device, dtype=dtype,
+        memory_budget_gib=memory_budget_gib)
+    record = run_sample(config)
+    click.echo(f"{record['num_samples']} samples, {len(record['seconds_per_step'])} steps of {machine} on {record['data']['name']} "
+               f"({record['data']['num_images']} images) in {record['total_seconds']:.1f} s -> {out}")

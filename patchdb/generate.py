@@ -1,0 +1,297 @@
+"""The sample job: draw images from an analytic machine and write them with their provenance.
+
+Seeding follows EDM: sample k of a run with seed S has its own generator
+``torch.Generator().manual_seed(S + k)``, which draws its noise (C, H, W) and then, with
+``conditional``, its label; so sample k of a batch is regenerated alone by seed S + k, num 1.
+Noise is drawn in float32 on the CPU (the same on every device) and then cast.
+
+A run writes into its output folder (every file atomically: a temporary name, then os.replace):
+
+- samples.npy: (N, C, H, W) float32 in about [-1, 1];
+- noise.npy: (N, C, H, W) the starting noise, in the sampling dtype;
+- labels.npy: (N,) int64 class of each sample, with ``conditional`` or ``label`` only;
+- provenance.npz: ``source`` (N, H, W, 3) int64 (training image index, row, column) of the
+  training pixel that each output pixel's dominant dictionary entry placed there at the last step,
+  and ``weight`` (N, H, W) float32 posterior weight of that entry;
+- grid.png (the samples) and provenance.png (see patchdb.plots);
+- run.json: every argument, the schedule, the data set's name and fingerprint, package versions,
+  seconds per step and in total.
+"""
+
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import patchdb
+from patchdb.data import Dataset, load_dataset
+from patchdb.engine import DEFAULT_MEMORY_BUDGET
+from patchdb.errors import PatchdbError
+from patchdb.machines import MACHINES, Machine, Posterior, make_machine
+from patchdb.plots import image_grid_figure, provenance_figure
+from patchdb.sampler import sample_ddim
+from patchdb.scales import parse_scales
+from patchdb.schedule import alpha_bar, beta, full_steps, machine_steps
+
+DEFAULT_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
+LOOPS = {"machine": machine_steps, "full": full_steps}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEVICES = ("cpu", "cuda")
+GIB = 1024**3
+DEFAULT_NUM = 8
+"""Samples drawn when neither --num nor --noise says how many."""
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Every argument of a sample run (run.json records them all).
+
+    dataset: data set spec (None: the embedded default); noise: path of an (N, C, H, W) .npy used
+    instead of seeded noise; num: number of samples (None: the noise file's N, else 8);
+    memory_budget_gib: the machine's memory bound in GiB.
+    """
+
+    out: str
+    dataset: str | None = None
+    data_dir: str | None = None
+    machine: str = "bbels"
+    scales: str = DEFAULT_SCALES
+    steps: int = 20
+    num: int | None = None
+    seed: int = 0
+    label: int | None = None
+    conditional: bool = False
+    noise: str | None = None
+    loop: str = "machine"
+    device: str = "cpu"
+    dtype: str = "float32"
+    memory_budget_gib: float = DEFAULT_MEMORY_BUDGET / GIB
+
+
+
+@dataclass
+class Generation:
+    """The result of sampling a batch.
+
+    samples: (N, C, H, W) final images; provenance: the machine's posterior at the last step;
+    seconds_per_step: wall time of each model call, in sampler order.
+    """
+
+    samples: torch.Tensor
+    provenance: Posterior
+    seconds_per_step: list[float]
+
+
+def seeded_inputs(seed: int, count: int, image_shape: tuple[int, ...],
+                  classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Noise (count, C, H, W) float32 and, if classes (K,) is given, labels (count,) int64 drawn from it.
+
+    Sample k draws its noise, then its label (uniform over classes), from generator seed + k.
+    """
+    noise = torch.empty(count, *image_shape)
+    labels = None if classes is None else torch.empty(count, dtype=torch.int64)
+    for k in range(count):
+        generator = torch.Generator().manual_seed(seed + k)
+        noise[k] = torch.randn(image_shape, generator=generator)
+        if labels is not None:
+            labels[k] = classes[int(torch.randint(len(classes), (1,), generator=generator))]
+    return noise, labels
+
+
+class PosteriorRecorder:
+    """A score model around a machine that keeps the last posterior (the provenance) and times each call."""
+
+    def __init__(self, machine: Machine):
+        self.machine = machine
+        self.last: Posterior | None = None
+        self.seconds: list[float] = []
+
+    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None,
+                 patch_size: int | None = None) -> torch.Tensor:
+        """Score (B, C, H, W) of the machine at x (B, C, H, W), time t, like Machine.__call__."""
+        start = time.perf_counter()
+        self.last = self.machine.posterior(x, t, labels, patch_size)
+        score = (math.sqrt(alpha_bar(t)) * self.last.mean - x) / beta(t)
+        if score.device.type == "cuda":
+            torch.cuda.synchronize(score.device)
+        self.seconds.append(time.perf_counter() - start)
+        return score
+
+
+def generate(machine: Machine, noise: torch.Tensor, scales: list[int], num_steps: int,
+             labels: torch.Tensor | None = None, loop: str = "machine", progress: bool = True) -> Generation:
+    """Run the deterministic sampler from noise (N, C, H, W) (already on the machine's device and dtype).
+
+    scales: num_steps patch sizes (entry i at t = i/n); loop: 'machine' (t = (n-1)/n ... 1/n) or
+    'full' (t = 1 ... 1/n); labels: (N,) int64 for class-conditional sampling.
+    """
+    recorder = PosteriorRecorder(machine)
+    samples = sample_ddim(recorder, noise, LOOPS[loop](num_steps), num_steps, scales, labels=labels,
+                          disable=not progress)
+    return Generation(samples, recorder.last, recorder.seconds)
+
+
+def run_sample(config: SampleConfig, progress: bool = True) -> dict:
+    """The whole sample job: check the arguments, load data, sample, write config.out; returns run.json's content."""
+    start = time.perf_counter()
+    _check_config(config)
+    dataset = load_dataset(config.dataset, config.data_dir)
+    scales = parse_scales(config.scales, config.steps)
+    noise, labels = _inputs(config, dataset)
+    machine = make_machine(config.machine, dataset, dtype=DTYPES[config.dtype], device=config.device,
+                           memory_budget=int(config.memory_budget_gib * GIB))
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PatchdbError(f"cannot create the output folder {out} ({error.strerror}); choose another --out") from None
+    device_labels = None if labels is None else labels.to(config.device)
+    generation = generate(machine, noise.to(device=config.device, dtype=DTYPES[config.dtype]), scales, config.steps,
+                          device_labels, config.loop, progress)
+    _write_outputs(out, dataset, generation, noise.to(DTYPES[config.dtype]), labels)
+    record = {
+        "command": "sample",
+        "arguments": asdict(config),
+        "num_samples": noise.shape[0],
+        "scales": scales,
+        "steps": LOOPS[config.loop](config.steps),
+        "labels": None if labels is None else labels.tolist(),
+        "data": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_images": len(dataset),
+                 "image_shape": list(dataset.images.shape[1:])},
+        "versions": versions(),
+        "device": _device_name(config.device),
+        "seconds_per_step": generation.seconds_per_step,
+        "total_seconds": time.perf_counter() - start,
+    }
+    with _atomic_path(out / "run.json") as temporary:
+        temporary.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python, patchdb, torch, numpy and faiss (None when faiss is not installed)."""
+    faiss_version = None
+    for distribution in ("faiss-cpu", "faiss-gpu", "faiss"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            faiss_version = metadata.version(distribution)
+            break
+    return {"python": platform.python_version(), "patchdb": patchdb.__version__, "torch": torch.__version__,
+            "numpy": np.__version__, "faiss": faiss_version}
+
+
+def _check_config(config: SampleConfig) -> None:
+    if config.machine not in MACHINES:
+        raise PatchdbError(f"unknown machine {config.machine!r}; choose one of {', '.join(MACHINES)}")
+    if config.loop not in LOOPS:
+        raise PatchdbError(f"unknown loop {config.loop!r}; choose one of {', '.join(LOOPS)}")
+    if config.dtype not in DTYPES:
+        raise PatchdbError(f"unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if config.device not in DEVICES:
+        raise PatchdbError(f"unknown device {config.device!r}; choose one of {', '.join(DEVICES)}")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise PatchdbError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if config.label is not None and config.conditional:
+        raise PatchdbError("--label L and --conditional exclude each other: give one class for all samples, "
+                           "or draw one per sample")
+    if config.num is not None and config.num < 1:
+        raise PatchdbError(f"--num must be at least 1, got {config.num}")
+    if config.steps < 2:
+        raise PatchdbError(f"--steps must be at least 2, got {config.steps}")
+    if config.memory_budget_gib <= 0:
+        raise PatchdbError(f"--memory-budget must be positive, got {config.memory_budget_gib} GiB")
+
+
+def _inputs(config: SampleConfig, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Starting noise (N, C, H, W) float32 and labels (N,) int64 or None, as the config asks."""
+    image_shape = tuple(dataset.images.shape[1:])
+    if config.conditional and dataset.labels is None:
+        raise PatchdbError(f"--conditional needs class labels but the data set {dataset.name!r} has none; "
+                           "drop --conditional or use a labelled data set")
+    if config.label is not None:
+        dataset.indices_of_label(config.label)  # a clear error for unlabelled data or an absent class
+    classes = torch.unique(dataset.labels) if config.conditional else None
+    if config.noise is None:
+        noise, labels = seeded_inputs(config.seed, config.num or DEFAULT_NUM, image_shape, classes)
+    else:
+        noise = read_noise(Path(config.noise), image_shape)
+        if config.num is not None and config.num != noise.shape[0]:
+            raise PatchdbError(f"--num {config.num} disagrees with the {noise.shape[0]} noise arrays in {config.noise}; "
+                               "drop --num or give a matching noise file")
+        # the labels that --seed would draw alongside this many noise arrays
+        _, labels = seeded_inputs(config.seed, noise.shape[0], image_shape, classes)
+    if config.label is not None:
+        labels = torch.full((noise.shape[0],), config.label, dtype=torch.int64)
+    return noise, labels
+
+
+def read_noise(path: Path, image_shape: tuple[int, ...]) -> torch.Tensor:
+    """An (N, C, H, W) finite float array from a .npy file, checked against the images' (C, H, W)."""
+    if not path.is_file():
+        raise PatchdbError(f"noise file {path} does not exist; give an .npy file written by np.save "
+                           f"holding an (N, {', '.join(map(str, image_shape))}) float array")
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise PatchdbError(f"noise file {path} is not a readable .npy array ({error})") from None
+    if noise.ndim != 4 or tuple(noise.shape[1:]) != image_shape or noise.shape[0] == 0:
+        raise PatchdbError(f"noise file {path} holds an array of shape {noise.shape}; the data set needs "
+                           f"(N, {', '.join(map(str, image_shape))}) with N >= 1")
+    if not np.issubdtype(noise.dtype, np.floating):
+        raise PatchdbError(f"noise file {path} holds {noise.dtype} values; save a float32 or float64 array")
+    if not np.isfinite(noise).all():
+        raise PatchdbError(f"noise file {path} contains NaN or infinite values")
+    return torch.from_numpy(noise.astype(np.float64 if noise.dtype == np.float64 else np.float32))
+
+
+def _write_outputs(out: Path, dataset: Dataset, generation: Generation, noise: torch.Tensor,
+                   labels: torch.Tensor | None) -> None:
+    samples = generation.samples.float().cpu().numpy()
+    source = generation.provenance.source.cpu().numpy()
+    weight = generation.provenance.weight.float().cpu().numpy()
+    _save_npy(out / "samples.npy", samples)
+    _save_npy(out / "noise.npy", noise.cpu().numpy())
+    if labels is None:
+        (out / "labels.npy").unlink(missing_ok=True)  # a stale file from an earlier conditional run would mislead
+    else:
+        _save_npy(out / "labels.npy", labels.numpy())
+    with _atomic_path(out / "provenance.npz") as temporary:
+        with temporary.open("wb") as file:
+            np.savez(file, source=source, weight=weight)
+    titles = None if labels is None else [f"class {int(label)}" for label in labels]
+    for name, figure in (("grid.png", image_grid_figure(samples, titles)),
+                         ("provenance.png", provenance_figure(samples, source, dataset.images.numpy()))):
+        with _atomic_path(out / name) as temporary:
+            figure.savefig(temporary, format="png")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with _atomic_path(path) as temporary:
+        with temporary.open("wb") as file:
+            np.save(file, array)
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside path; on success it replaces path, on failure it is removed."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {sys.platform})"

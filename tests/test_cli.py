@@ -1,0 +1,157 @@
+"""The ``patchdb`` command line: ``patchdb sample`` end to end, and user errors shown as messages."""
+
+import json
+
+import click
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import PatchdbGroup, main
+from patchdb.errors import PatchdbError
+
+from conftest import quantised_images
+
+NUM_IMAGES = 12
+NUM_CLASSES = 3
+
+
+def write_npz(path, labelled: bool = True):
+    """NUM_IMAGES 32x32 uint8 images (32x32, so preprocessing does not resize), labels k mod NUM_CLASSES."""
+    images = ((quantised_images(0, NUM_IMAGES, 32)[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+    if labelled:
+        np.savez(path, images=images, labels=np.arange(NUM_IMAGES) % NUM_CLASSES)
+    else:
+        np.savez(path, images=images)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_specs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return {"labelled": f"file:{write_npz(folder / 'labelled.npz')}",
+            "unlabelled": f"file:{write_npz(folder / 'unlabelled.npz', labelled=False)}"}
+
+
+def sample(spec: str, out, *options: str):
+    """Invoke `patchdb sample` on spec with small settings (bbELS, 3x3 patches, 4 steps) plus options."""
+    arguments = ["sample", "--dataset", spec, "--machine", "bbels", "--scales", "3", "--steps", "4", "--out", str(out),
+                 *options]
+    return CliRunner().invoke(main, arguments)
+
+
+@pytest.fixture(scope="module")
+def batch(data_specs, tmp_path_factory):
+    """A conditional batch of 3 samples with seed 5."""
+    out = tmp_path_factory.mktemp("batch")
+    result = sample(data_specs["labelled"], out, "--num", "3", "--seed", "5", "--conditional")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_sample_writes_every_output_with_its_shape(batch, data_specs):
+    samples = np.load(batch / "samples.npy")
+    assert samples.shape == (3, 1, 32, 32) and samples.dtype == np.float32
+    assert np.isfinite(samples).all() and np.abs(samples).max() <= 1.0 + 1e-4
+    assert np.load(batch / "noise.npy").shape == (3, 1, 32, 32)
+    labels = np.load(batch / "labels.npy")
+    assert labels.shape == (3,) and labels.dtype == np.int64 and set(labels.tolist()) <= set(range(NUM_CLASSES))
+    with np.load(batch / "provenance.npz") as provenance:
+        source, weight = provenance["source"], provenance["weight"]
+    assert source.shape == (3, 32, 32, 3) and source.dtype == np.int64 and weight.shape == (3, 32, 32)
+    assert ((weight > 0) & (weight <= 1 + 1e-6)).all()
+    # conditional sampling: every pixel comes from a training image of the sample's class
+    assert (source[..., 0] % NUM_CLASSES == labels[:, None, None]).all()
+    assert ((source[..., 1:] >= 0) & (source[..., 1:] < 32)).all()
+    for picture in ("grid.png", "provenance.png"):
+        assert (batch / picture).read_bytes().startswith(b"\x89PNG")
+
+
+def test_run_json_records_arguments_data_versions_and_times(batch, data_specs):
+    record = json.loads((batch / "run.json").read_text())
+    arguments = record["arguments"]
+    assert arguments["dataset"] == data_specs["labelled"] and arguments["machine"] == "bbels"
+    assert arguments["seed"] == 5 and arguments["num"] == 3 and arguments["conditional"] is True
+    assert arguments["steps"] == 4 and arguments["scales"] == "3" and arguments["dtype"] == "float32"
+    assert record["scales"] == [3, 3, 3, 3] and record["steps"] == [3, 2, 1]
+    assert record["labels"] == np.load(batch / "labels.npy").tolist()
+    assert record["data"]["name"] == data_specs["labelled"] and len(record["data"]["fingerprint"]) == 64
+    assert record["data"]["num_images"] == NUM_IMAGES
+    assert set(record["versions"]) >= {"patchdb", "torch", "numpy", "faiss"}
+    assert len(record["seconds_per_step"]) == 3 and record["total_seconds"] >= sum(record["seconds_per_step"])
+
+
+def test_sample_k_regenerates_alone_from_seed_plus_k(batch, data_specs, tmp_path):
+    result = sample(data_specs["labelled"], tmp_path, "--num", "1", "--seed", "7", "--conditional")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.load(tmp_path / "noise.npy")[0], np.load(batch / "noise.npy")[2])
+    assert np.load(tmp_path / "labels.npy")[0] == np.load(batch / "labels.npy")[2]
+    np.testing.assert_allclose(np.load(tmp_path / "samples.npy")[0], np.load(batch / "samples.npy")[2], atol=1e-5)
+
+
+def test_noise_file_is_the_starting_noise(batch, data_specs, tmp_path):
+    # the batch's own noise with its seed gives the batch back; other noise gives other samples
+    same = sample(data_specs["labelled"], tmp_path / "same", "--noise", str(batch / "noise.npy"), "--seed", "5",
+                  "--conditional")
+    assert same.exit_code == 0, same.output
+    np.testing.assert_allclose(np.load(tmp_path / "same" / "samples.npy"), np.load(batch / "samples.npy"), atol=1e-5)
+    other_noise = np.flip(np.load(batch / "noise.npy")[:2], axis=-1).copy()
+    np.save(tmp_path / "other.npy", other_noise)
+    other = sample(data_specs["labelled"], tmp_path / "other", "--noise", str(tmp_path / "other.npy"), "--label", "1")
+    assert other.exit_code == 0, other.output
+    assert np.array_equal(np.load(tmp_path / "other" / "noise.npy"), other_noise)
+    assert np.load(tmp_path / "other" / "samples.npy").shape == (2, 1, 32, 32)
+    assert np.load(tmp_path / "other" / "labels.npy").tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("spec_key, options, message", [
+    ("labelled", ["--scales", "3,3,5"], "3 entries but the sampler has 4 steps"),
+    ("labelled", ["--scales", "4"], "positive odd"),
+    ("labelled", ["--scales", "paper:no-such-key"], "unknown paper scale preset"),
+    ("labelled", ["--label", "1", "--conditional"], "exclude each other"),
+    ("labelled", ["--label", "7"], "no images of class 7"),
+    ("unlabelled", ["--label", "1"], "has no labels"),
+    ("unlabelled", ["--conditional"], "needs class labels"),
+    ("labelled", ["--noise", "BAD_NOISE"], "shape"),
+    ("labelled", ["--noise", "BAD_NOISE", "--num", "3"], "shape"),
+    ("missing", [], "file not found"),
+])
+def test_bad_input_is_a_message_not_a_traceback(data_specs, tmp_path, spec_key, options, message):
+    np.save(tmp_path / "bad.npy", np.zeros((2, 1, 16, 16), np.float32))
+    options = [str(tmp_path / "bad.npy") if option == "BAD_NOISE" else option for option in options]
+    spec = data_specs.get(spec_key, f"file:{tmp_path / 'absent.npz'}")
+    result = sample(spec, tmp_path / "out", *options)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output and "Error:" in result.output
+    assert message in result.output
+    assert not (tmp_path / "out").exists()  # nothing is written for bad input
+
+
+def test_num_disagreeing_with_the_noise_file_is_refused(data_specs, tmp_path):
+    np.save(tmp_path / "noise.npy", np.zeros((2, 1, 32, 32), np.float32))
+    result = sample(data_specs["labelled"], tmp_path / "out", "--noise", str(tmp_path / "noise.npy"), "--num", "3")
+    assert result.exit_code == 1 and "--num 3 disagrees with the 2 noise arrays" in result.output
+
+
+def test_sample_help_shows_the_defaults():
+    result = CliRunner().invoke(main, ["sample", "--help"], terminal_width=400)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for default in ("default: bbels", "paper:fashion-mnist-resnet-zeros-conditional", "default: 20", "default: machine",
+                    "default: float32", "the embedded default"):
+        assert default in text
+
+
+def test_group_turns_any_patchdb_error_into_a_message():
+    @click.group(cls=PatchdbGroup)
+    def group():
+        pass
+
+    @group.command()
+    def fails():
+        raise PatchdbError("the problem; the fix")
+
+    result = CliRunner().invoke(group, ["fails"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output.strip() == "Error: the problem; the fix"
