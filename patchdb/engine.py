@@ -60,14 +60,16 @@ class SoftmaxAccumulator:
         self.best_logit = torch.full((num_queries,), -math.inf, dtype=dtype, device=device)
         self.best_source = torch.zeros(num_queries, 3, dtype=torch.int64, device=device)
 
-    def update(self, logits: torch.Tensor, contract: Callable[[torch.Tensor], torch.Tensor], sources: torch.Tensor,
-               log_multiplicity: torch.Tensor | None = None) -> None:
+    def update(self, logits: torch.Tensor, contract: Callable, sources: torch.Tensor,
+               log_multiplicity: torch.Tensor | None = None, row_groups: torch.Tensor | None = None) -> None:
         """Fold in one chunk.
 
         logits: (Q, n) logits of one copy of each of n dictionary entries; overwritten.
-        contract: maps unnormalised weights (Q, n) to their weighted sum of values (Q, V).
-        sources: (n, 3) int64 provenance of the n entries.
+        contract: contract(weights, rows) maps the unnormalised weights (R, n) of rows (an index
+            tensor, or slice(None) for all Q) to their weighted sums of values (R, V).
+        sources: (n, 3) int64 provenance of the n entries; with row_groups, (G, n, 3), one set per group.
         log_multiplicity: (n,) log of how many identical entries each one stands for, or None.
+        row_groups: (Q,) int64 group of each row, when rows of different groups share the chunk.
         The dominant entry is the one copy of largest weight (the nearest patch), so it does not
         depend on whether duplicates were merged.
         """
@@ -75,7 +77,8 @@ class SoftmaxAccumulator:
         improved = torch.nonzero(chunk_max > self.best_logit).squeeze(1)
         if improved.numel():  # argmax is slow on CPU: only where the best entry changes
             self.best_logit[improved] = chunk_max[improved]
-            self.best_source[improved] = sources[logits[improved].argmax(dim=1)]
+            entries = logits[improved].argmax(dim=1)
+            self.best_source[improved] = sources[entries] if row_groups is None else sources[row_groups[improved], entries]
         if log_multiplicity is not None:
             logits.add_(log_multiplicity)
             chunk_max = chunk_max + log_multiplicity.max()  # an upper bound is as good a shift as the maximum
@@ -95,7 +98,7 @@ class SoftmaxAccumulator:
         # below the floor weigh < 1e-34 of the dominant one, so flooring them changes nothing.
         weights = logits.sub_(new_max[:, None]).clamp_(min=LOG_WEIGHT_FLOOR).exp_()
         self.normaliser[rows] = self.normaliser[rows] * rescale + weights.sum(dim=1)
-        self.weighted_sum[rows] = self.weighted_sum[rows] * rescale[:, None] + contract(weights)
+        self.weighted_sum[rows] = self.weighted_sum[rows] * rescale[:, None] + contract(weights, rows)
         self.running_max[rows] = new_max
 
     def summary(self) -> PosteriorSummary:
@@ -108,6 +111,9 @@ class SoftmaxAccumulator:
 @dataclass
 class PatchDictionary:
     """The training entries one dictionary group compares against, ready for the engine.
+
+    Stacked form: G groups of one pixel each (LS, bbELS corners) share one dictionary object whose
+    tensors all have a leading group dimension G (keys (G, K, D), ...), never merged.
 
     keys: (K, D) entries (patches or images), in the machine's dtype and device.
     values: (K, V) what each entry contributes to the mean (its centre pixel, or the whole image).
@@ -134,10 +140,17 @@ class PatchDictionary:
             if first.shape[0] <= MERGE_WORTHWHILE * keys.shape[0]:
                 keys, values, sources = keys[first], values[first], sources[first]
                 log_multiplicity, merged = counts.to(keys.dtype).log(), True
-        return cls(keys, values, torch.linalg.vector_norm(keys, dim=1).square(), log_multiplicity, sources, merged)
+        return cls(keys, values, torch.linalg.vector_norm(keys, dim=-1).square(), log_multiplicity, sources, merged)
+
+    @classmethod
+    def stacked(cls, keys: torch.Tensor, values: torch.Tensor, sources: torch.Tensor):
+        """A stacked dictionary: keys (G, K, D), values (G, K, V), sources (G, K, 3)."""
+        zeros = torch.zeros(keys.shape[:2], dtype=keys.dtype, device=keys.device)
+        return cls(keys, values, torch.linalg.vector_norm(keys, dim=-1).square(), zeros, sources, False)
 
     def __len__(self) -> int:
-        return self.keys.shape[0]
+        """Number of entries (per group, for a stacked dictionary)."""
+        return self.keys.shape[-2]
 
     @property
     def nbytes(self) -> int:
@@ -191,21 +204,40 @@ class ExactBackend:
         self.chunk_bytes = chunk_bytes
 
     def fold(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: PatchDictionary, alpha_bar: float) -> None:
-        """Fold every entry of dictionary into accumulator for queries (Q, D) at noise level alpha_bar."""
+        """Fold every entry of dictionary into accumulator at noise level alpha_bar.
+
+        queries: (Q, D); for a stacked dictionary (G, B, D), accumulated as rows g * B + b.
+        """
         signal = math.sqrt(alpha_bar)
         noise_variance = 1.0 - alpha_bar
-        for start, stop in chunk_ranges(len(dictionary), queries.shape[0], queries.element_size(), self.chunk_bytes):
-            bias = (-alpha_bar / (2 * noise_variance)) * dictionary.squared_norms[start:stop]
-            logits = torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal / noise_variance)
+        stacked = dictionary.keys.ndim == 3
+        row_groups = torch.arange(queries.shape[0], device=queries.device).repeat_interleave(queries.shape[1]) if stacked else None
+        num_rows = row_groups.shape[0] if stacked else queries.shape[0]
+        for start, stop in chunk_ranges(len(dictionary), num_rows, queries.element_size(), self.chunk_bytes):
+            bias = (-alpha_bar / (2 * noise_variance)) * dictionary.squared_norms[..., start:stop]
+            values = dictionary.values[..., start:stop, :]
+            if stacked:
+                logits = torch.baddbmm(bias[:, None, :], queries, dictionary.keys[:, start:stop].transpose(1, 2),
+                                       alpha=signal / noise_variance).reshape(num_rows, -1)
+
+                def contract(weights, rows, values=values):
+                    if isinstance(rows, slice):
+                        return torch.bmm(weights.reshape(values.shape[0], -1, weights.shape[1]), values).reshape(weights.shape[0], -1)
+                    return torch.einsum("rn,rnv->rv", weights, values[row_groups[rows]])
+            else:
+                logits = torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal / noise_variance)
+
+                def contract(weights, rows, values=values):
+                    return weights @ values
             log_multiplicity = dictionary.log_multiplicity[start:stop] if dictionary.merged else None
-            accumulator.update(logits, dictionary.values[start:stop].__rmatmul__, dictionary.sources[start:stop], log_multiplicity)
+            accumulator.update(logits, contract, dictionary.sources[..., start:stop, :], log_multiplicity, row_groups)
 
     def summarize(self, queries: torch.Tensor, parts: Iterable[PatchDictionary], alpha_bar: float) -> PosteriorSummary:
         """Posterior summary for queries (Q, D) against the union of dictionary parts."""
         accumulator = None
         for dictionary in parts:
             if accumulator is None:
-                accumulator = SoftmaxAccumulator(queries.shape[0], dictionary.values.shape[1], queries.dtype, queries.device)
+                accumulator = SoftmaxAccumulator(queries.shape[0], dictionary.values.shape[-1], queries.dtype, queries.device)
             self.fold(accumulator, queries, dictionary, alpha_bar)
         if accumulator is None:
             raise ValueError("the dictionary is empty")

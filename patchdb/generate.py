@@ -20,7 +20,6 @@ A run writes into its output folder (every file atomically: a temporary name, th
 
 import contextlib
 import json
-import math
 import os
 import platform
 import sys
@@ -41,7 +40,7 @@ from patchdb.machines import MACHINES, Machine, Posterior, make_machine
 from patchdb.plots import image_grid_figure, provenance_figure
 from patchdb.sampler import sample_ddim
 from patchdb.scales import parse_scales
-from patchdb.schedule import alpha_bar, beta, full_steps, machine_steps
+from patchdb.schedule import full_steps, machine_steps
 
 DEFAULT_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
 LOOPS = {"machine": machine_steps, "full": full_steps}
@@ -121,7 +120,7 @@ class PosteriorRecorder:
         """Score (B, C, H, W) of the machine at x (B, C, H, W), time t, like Machine.__call__."""
         start = time.perf_counter()
         self.last = self.machine.posterior(x, t, labels, patch_size)
-        score = (math.sqrt(alpha_bar(t)) * self.last.mean - x) / beta(t)
+        score = self.last.score(x, t)
         if score.device.type == "cuda":
             torch.cuda.synchronize(score.device)
         self.seconds.append(time.perf_counter() - start)

@@ -43,6 +43,10 @@ class Posterior:
     source: torch.Tensor
     weight: torch.Tensor
 
+    def score(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The machine's score at x (B, C, H, W): (sqrt(alpha_bar) * mean - x) / beta."""
+        return (math.sqrt(alpha_bar(t)) * self.mean - x) / (1.0 - alpha_bar(t))
+
 
 class Machine:
     """Shared plumbing: input checks, per-label training subsets, score from posterior."""
@@ -60,8 +64,7 @@ class Machine:
 
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
         """Score (B, C, H, W) of the machine at noisy batch x (B, C, H, W) and time t in (0, 1]."""
-        mean = self.posterior(x, t, labels, patch_size).mean
-        return (math.sqrt(alpha_bar(t)) * mean - x) / (1.0 - alpha_bar(t))
+        return self.posterior(x, t, labels, patch_size).score(x, t)
 
     def posterior(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, patch_size: int | None = None) -> Posterior:
         """Posterior mean, dominant source and its weight for every pixel of x (B, C, H, W) at time t."""
@@ -159,7 +162,7 @@ class EquivariantMachine(Machine):
             sources = torch.stack([image_index.repeat_interleave(pixels), (shifts // width).repeat(chunk.shape[0]),
                                    (shifts % width).repeat(chunk.shape[0])], dim=1)
 
-            def contract(weights, spectrum=chunk_spectrum, n=chunk.shape[0]):
+            def contract(weights, rows, spectrum=chunk_spectrum, n=chunk.shape[0]):
                 # sum over n, d of w[n, d] * roll(image_n, d): a circular convolution per image
                 weight_spectrum = torch.fft.rfft2(weights.reshape(-1, n, height, width))
                 mixed = torch.einsum("bnhw,nchw->bchw", weight_spectrum, spectrum)
@@ -195,8 +198,8 @@ class PatchMachine(Machine):
                                f"circular patches can be at most {2 * min(height, width) + 1} wide")
         groups = dictionary_groups(self.name, patch_size, height, width)
         query_windows = patch_windows(x, patch_size, self.padding)
-        queries = [gather_patches(query_windows, group.query_pixels).flatten(0, 1) for group in groups]  # (B * Q, D) each
-        accumulators = [SoftmaxAccumulator(q.shape[0], channels, x.dtype, x.device) for q in queries]
+        queries = [_group_queries(query_windows, group) for group in groups]
+        accumulators = [SoftmaxAccumulator(batch * len(group.query_pixels), channels, x.dtype, x.device) for group in groups]
         for block in self._dictionary_blocks(images, label, patch_size, groups):
             for accumulator, group_queries, dictionary in zip(accumulators, queries, block):
                 self.backend.fold(accumulator, group_queries, dictionary, alpha_bar)
@@ -206,9 +209,12 @@ class PatchMachine(Machine):
         for group, accumulator in zip(groups, accumulators):
             summary = accumulator.summary()
             pixels = group.query_pixels.to(x.device)
-            mean[:, :, pixels] = summary.mean.reshape(batch, -1, channels).transpose(1, 2)
-            source[:, pixels] = summary.best_source.reshape(batch, -1, 3)
-            weight[:, pixels] = summary.best_weight.reshape(batch, -1)
+            # rows are (sample, pixel) pairs, or (pixel, sample) pairs in a same-location group
+            order = (len(pixels), batch) if group.same_location else (batch, len(pixels))
+            swap = (lambda t: t.transpose(0, 1)) if group.same_location else (lambda t: t)
+            mean[:, :, pixels] = swap(summary.mean.reshape(*order, channels)).transpose(1, 2)
+            source[:, pixels] = swap(summary.best_source.reshape(*order, 3))
+            weight[:, pixels] = swap(summary.best_weight.reshape(*order))
         return Posterior(mean.reshape(x.shape), source.reshape(batch, height, width, 3), weight.reshape(batch, height, width))
 
     def _dictionary_blocks(self, images, label, patch_size, groups):
@@ -241,12 +247,23 @@ class PatchMachine(Machine):
             dictionaries = []
             for group in groups:
                 key_pixels = group.key_pixels.to(images.device)
-                keys = gather_patches(windows, key_pixels).flatten(0, 1)
-                image_index = torch.arange(start, start + block.shape[0], device=images.device).repeat_interleave(key_pixels.shape[0])
-                pixel = key_pixels.repeat(block.shape[0])
-                sources = torch.stack([image_index, pixel // width, pixel % width], dim=1)
-                dictionaries.append(PatchDictionary.from_entries(keys, keys[:, centre], sources, self.merge_duplicates))
+                keys = gather_patches(windows, key_pixels)  # (n, K, D)
+                image_index = torch.arange(start, start + block.shape[0], device=images.device)[:, None].expand(-1, key_pixels.shape[0])
+                pixel = key_pixels[None, :].expand(block.shape[0], -1)
+                sources = torch.stack([image_index, pixel // width, pixel % width], dim=-1)  # (n, K, 3)
+                if group.same_location:
+                    keys, sources = keys.transpose(0, 1), sources.transpose(0, 1)  # one dictionary per pixel
+                    dictionaries.append(PatchDictionary.stacked(keys, keys[..., centre], sources))
+                else:
+                    keys, sources = keys.flatten(0, 1), sources.flatten(0, 1)
+                    dictionaries.append(PatchDictionary.from_entries(keys, keys[:, centre], sources, self.merge_duplicates))
             yield dictionaries
+
+
+def _group_queries(windows: torch.Tensor, group) -> torch.Tensor:
+    """A group's query patches from a patch_windows view of the batch: (B * Q, D), or (Q, B, D) same-location."""
+    patches = gather_patches(windows, group.query_pixels)  # (B, Q, D)
+    return patches.transpose(0, 1).contiguous() if group.same_location else patches.flatten(0, 1)
 
 
 def _pixel_grid(height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:

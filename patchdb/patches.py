@@ -6,9 +6,10 @@ D = C * P * P values. Its centre pixel sits at flat positions ``channel * P * P 
 
 A machine is a partition of the pixel grid into *dictionary groups*. Every pixel of a group uses
 the same dictionary: the training patches centred at the group's ``key_pixels``, from every
-training image. That one idea covers the patch machines:
+training image; or, in a *same-location* group, each pixel uses only the training patches centred
+at its own location. That one idea covers the patch machines:
 
-- LS (zero padding): every pixel is its own group; the dictionary holds patches at that location.
+- LS (zero padding): one same-location group of all pixels.
 - ELS (circular padding): one group of all pixels; the dictionary holds patches at every location.
 - boundary-broken ELS (zero padding): a pixel's boundary class is, per axis, "inside" or its
   distance to the border its patch crosses. Pixels whose patch is fully inside form one group
@@ -27,16 +28,25 @@ PATCH_MACHINES = ("ls", "els", "bbels")
 
 @dataclass(frozen=True)
 class DictionaryGroup:
-    """Pixels that share one patch dictionary.
+    """Pixels that share one patch dictionary (or, same_location, one rule for their dictionaries).
 
     query_pixels: (Q,) int64 flat indices r * W + c of the pixels whose score uses this dictionary.
-    key_pixels: (K,) int64 flat indices of the centres of the dictionary's patches in each training image.
-    boundary_class: a name for the dictionary, e.g. 'interior', 'top=2', 'top=0,left=1', 'pixel=(3,5)'.
+    key_pixels: (K,) int64 flat indices of the centres of the dictionary's patches in each training
+        image; for a same-location group, equal to query_pixels, and pixel query_pixels[i] uses only
+        the patches centred at key_pixels[i].
+    boundary_class: a name for the dictionary, e.g. 'interior', 'top=2', 'corners', 'same location'.
     """
 
     query_pixels: torch.Tensor
     key_pixels: torch.Tensor
     boundary_class: str
+    same_location: bool = False
+
+    def dictionary_of(self, pixel: int) -> torch.Tensor:
+        """Flat centres of the training patches in pixel's dictionary (pixel must be a query pixel)."""
+        if self.same_location:
+            return torch.tensor([pixel])
+        return self.key_pixels
 
 
 def padding_mode(machine: str) -> str:
@@ -52,22 +62,19 @@ def dictionary_groups(machine: str, patch_size: int, height: int, width: int) ->
     if machine == "els":
         return [DictionaryGroup(all_pixels, all_pixels, "all locations")]
     if machine == "ls" or patch_size >= min(height, width):
-        return [
-            DictionaryGroup(all_pixels[i : i + 1], all_pixels[i : i + 1], f"pixel=({i // width},{i % width})")
-            for i in range(height * width)
-        ]
+        return [DictionaryGroup(all_pixels, all_pixels, "same location", same_location=True)]
     half = patch_size // 2
-    groups = []
+    groups, corners = [], []
     for row_class, rows in _axis_classes(height, half, ("top", "bottom")):
         for col_class, cols in _axis_classes(width, half, ("left", "right")):
             pixels = (rows[:, None] * width + cols[None, :]).reshape(-1)
-            if row_class is None and col_class is None:
-                name = "interior"
-            elif row_class is not None and col_class is not None:
-                name = f"{row_class},{col_class}"
+            if row_class is not None and col_class is not None:
+                corners.append(pixels)
             else:
-                name = row_class or col_class
-            groups.append(DictionaryGroup(pixels, pixels, name))
+                groups.append(DictionaryGroup(pixels, pixels, row_class or col_class or "interior"))
+    if corners:
+        corner_pixels = torch.cat(corners)
+        groups.append(DictionaryGroup(corner_pixels, corner_pixels, "corners", same_location=True))
     return groups
 
 

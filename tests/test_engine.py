@@ -22,7 +22,7 @@ def direct_posterior(queries, keys, values, alpha_bar):
 def accumulate(logits, values, sources, boundaries):
     accumulator = SoftmaxAccumulator(logits.shape[0], values.shape[1], logits.dtype, logits.device)
     for start, stop in zip(boundaries[:-1], boundaries[1:]):
-        accumulator.update(logits[:, start:stop].clone(), values[start:stop].__rmatmul__, sources[start:stop])
+        accumulator.update(logits[:, start:stop].clone(), lambda weights, rows, v=values[start:stop]: weights @ v, sources[start:stop])
     return accumulator.summary()
 
 

@@ -87,10 +87,9 @@ def dictionaries_by_pixel(name: str, patch_size: int, side: int) -> dict[tuple[i
     """Each pixel's dictionary locations under patchdb.patches.dictionary_groups; checks that the groups partition the grid."""
     by_pixel = {}
     for group in dictionary_groups(name, patch_size, side, side):
-        keys = {(int(k) // side, int(k) % side) for k in group.key_pixels}
         for q in group.query_pixels.tolist():
             assert (q // side, q % side) not in by_pixel, f"pixel {(q // side, q % side)} is in two groups"
-            by_pixel[(q // side, q % side)] = keys
+            by_pixel[(q // side, q % side)] = {(int(k) // side, int(k) % side) for k in group.dictionary_of(q)}
     assert len(by_pixel) == side * side, "the groups do not cover the grid"
     return by_pixel
 
