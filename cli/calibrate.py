@@ -21,10 +21,12 @@ from patchdb.machines import MACHINES
               help="Sample k's noise (and label) come from seed + k; the default stays clear of compare's seeds.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+@click.option("--memory-gb", type=click.FloatRange(min=0.1), default=None, show_default="the machine's default (2)",
+              help="Memory bound of the machine's patch dictionaries and logits, in GiB.")
 @click.option("--device", default="cpu", help="torch device for the network and the machine: cpu or cuda.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               show_default="RUN_DIR/scales.json", help="Where scales.json goes (scales.png beside it).")
-def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, data_dir, device, out) -> None:
+def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, data_dir, memory_gb, device, out) -> None:
     """Follow the network's reverse trajectories; per step keep the machine patch size whose score best matches it.
 
     Entry i of the schedule is the patch size at t = i/n (what `--scales calibrated:RUN_DIR` reads).
@@ -32,7 +34,12 @@ def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, da
     try:
         path, result = calibrate_run(run_dir, machine=machine, candidates=parse_candidates(candidates), samples=samples,
                                      metric=metric, num_steps=num_steps, seed=seed, data_dir=data_dir, device=device,
-                                     out=out)
+                                     out=out, memory_budget=gib_to_bytes(memory_gb))
     except PatchdbError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"scales {result['scales']} (entry i at t = i/{num_steps}) -> {path}")
+
+
+def gib_to_bytes(gib: float | None) -> int | None:
+    """--memory-gb in bytes (None stays None)."""
+    return None if gib is None else int(gib * 1024**3)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from cli.calibrate import gib_to_bytes
+from patchdb.calibration import calibrate_run
 from patchdb.comparison import run_comparison
 from patchdb.data import load_dataset
 from patchdb.errors import PatchdbError
@@ -12,7 +14,6 @@ from patchdb.machines import MACHINES
 from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.scales import SCALE_SPEC_HELP, parse_scales
 from patchdb.training import cached_run_dir, is_trained, read_config, train_cached
-from patchdb.calibration import calibrate_run
 
 
 @click.command("compare")
@@ -37,11 +38,13 @@ from patchdb.calibration import calibrate_run
               help="Held-out images for --single-step.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+@click.option("--memory-gb", type=click.FloatRange(min=0.1), default=None, show_default="the machine's default (2)",
+              help="Memory bound of the machine's patch dictionaries and logits, in GiB.")
 @click.option("--device", default="cpu", help="torch device: cpu or cuda.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: compare.json, outputs.npz, scatter.png, pairs.png[, single_step.png].")
 def compare(model, dataset_spec, padding, conditional, train_missing, machine, scale_spec, num_steps, num, seed,
-            batch_size, single_step, test_dataset, data_dir, device, out_dir) -> None:
+            batch_size, single_step, test_dataset, data_dir, memory_gb, device, out_dir) -> None:
     """Run the network and the machine (plus the IS machine and a Gaussian baseline) from the same seeds; report r, R^2, MSE."""
     try:
         run_dir = _resolve_model(model, dataset_spec, padding, conditional, train_missing, data_dir, device)
@@ -49,11 +52,13 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
             scale_spec = f"calibrated:{run_dir}"
             if not (run_dir / "scales.json").is_file():
                 click.echo(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
-                calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device)
+                calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
+                              memory_budget=gib_to_bytes(memory_gb))
         scales = parse_scales(scale_spec, num_steps)
         report = run_comparison(run_dir, out_dir, machine=machine, scales=scales, scales_source=scale_spec,
                                 num_steps=num_steps, num=num, seed=seed, batch_size=batch_size,
-                                test_dataset=test_dataset, single_step=single_step, data_dir=data_dir, device=device)
+                                test_dataset=test_dataset, single_step=single_step, data_dir=data_dir, device=device,
+                                memory_budget=gib_to_bytes(memory_gb))
     except PatchdbError as error:
         raise click.ClickException(str(error)) from None
     summary = report["summary"]

@@ -88,37 +88,37 @@ def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tens
     candidates = check_candidates(candidates)
     if metric not in METRICS:
         raise PatchdbError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
-    per_sample: list[list[int] | None] = [None] * num_steps
-    similarity: list[list[float] | None] = [None] * num_steps
-    bar = tqdm(total=(num_steps - 1) * len(candidates), desc="calibrating", unit="machine call",
-               disable=not show_progress)
+    trajectory = []  # (i, t, x_t, network score) of steps i = n-1..1
 
-    def compare_step(state: dict) -> None:
-        i = state["i"]
-        if i >= num_steps:  # the t = 1 step: no entry of its own
-            return
-        columns = []
-        for size in candidates:
-            machine_score = machine(state["x"], state["t"], labels=labels, patch_size=size)
-            columns.append(score_similarity(machine_score, state["score"], metric))
-            bar.update(1)
-        agreement = torch.stack(columns, dim=1)  # (S, candidates)
-        per_sample[i] = [candidates[k] for k in agreement.argmax(dim=1).tolist()]
-        similarity[i] = agreement.median(dim=0).values.tolist()
+    def record_step(state: dict) -> None:
+        if state["i"] < num_steps:  # the t = 1 step has no entry of its own
+            trajectory.append((state["i"], state["t"], state["x"], state["score"]))
 
-    samples = sample_ddim(network, noise, full_steps(num_steps), num_steps, labels=labels, callback=compare_step,
+    samples = sample_ddim(network, noise, full_steps(num_steps), num_steps, labels=labels, callback=record_step,
                           disable=True)
-    bar.close()
-    per_sample[0], similarity[0] = per_sample[1], similarity[1]
+    # Candidates outermost: the machine builds each scale's patch dictionaries once for all steps.
+    agreement = torch.empty(num_steps, noise.shape[0], len(candidates), dtype=torch.float64)
+    with tqdm(total=len(trajectory) * len(candidates), desc="calibrating", unit="machine call",
+              disable=not show_progress) as bar:
+        for column, size in enumerate(candidates):
+            for i, t, x, network_score in trajectory:
+                machine_score = machine(x, t, labels=labels, patch_size=size)
+                agreement[i, :, column] = score_similarity(machine_score, network_score, metric)
+                bar.update(1)
+    agreement[0] = agreement[1]
+    per_sample = [[candidates[k] for k in step.argmax(dim=1).tolist()] for step in agreement]
+    similarity = [step.median(dim=0).values.tolist() for step in agreement]
     scales = [median_candidate(sizes, candidates) for sizes in per_sample]
     return {"scales": scales, "per_sample": per_sample, "similarity": similarity, "samples": samples}
 
 
 def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candidates: list[int] = DEFAULT_CANDIDATES,
                   samples: int = 10, metric: str = "cos", num_steps: int = 20, seed: int = DEFAULT_SEED,
-                  data_dir=None, device: str = "cpu", out: str | os.PathLike | None = None) -> tuple[Path, dict]:
+                  data_dir=None, device: str = "cpu", out: str | os.PathLike | None = None,
+                  memory_budget: int | None = None) -> tuple[Path, dict]:
     """Calibrate a machine over a run's own training images to the run's network; write scales.json
-    (default RUN_DIR/scales.json) and scales.png. Sample k's noise and label come from seed + k."""
+    (default RUN_DIR/scales.json) and scales.png. Sample k's noise and label come from seed + k.
+    memory_budget: the machine's memory bound in bytes (None: its default)."""
     from patchdb.comparison import seeded_inputs
     from patchdb.machines import make_machine
     from patchdb.training import load_network, load_training_data
@@ -127,7 +127,8 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     dataset = load_training_data(run_dir, data_dir)
     noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),
                                   dataset.num_classes if network.config.conditional else None)
-    result = calibrate_scales(network, make_machine(machine, dataset, device=device), noise, labels, num_steps,
+    options = {} if memory_budget is None else {"memory_budget": memory_budget}
+    result = calibrate_scales(network, make_machine(machine, dataset, device=device, **options), noise, labels, num_steps,
                               candidates, metric)
     path = write_scales(out or Path(run_dir) / "scales.json", result, machine=machine, metric=metric,
                         candidates=candidates, model=run_dir, seed=seed)

@@ -72,14 +72,16 @@ def generate_images(model: ScoreModel, noise: torch.Tensor, labels: torch.Tensor
                     bar: tqdm | None = None) -> torch.Tensor:
     """The model's images (N, C, H, W) from noise (N, C, H, W), batch_size samples at a time."""
     steps = full_steps(num_steps) if full_loop else machine_steps(num_steps)
-    outputs = []
+    # Samples of one label go together, so a machine builds each label's dictionaries once per batch.
+    order = torch.arange(noise.shape[0]) if labels is None else torch.sort(labels, stable=True).indices
+    outputs = torch.empty_like(noise)
     for start in range(0, noise.shape[0], batch_size):
-        batch_labels = None if labels is None else labels[start:start + batch_size]
-        outputs.append(sample_ddim(model, noise[start:start + batch_size], steps, num_steps, scales=scales,
-                                   labels=batch_labels, disable=True).float())
+        members = order[start:start + batch_size]
+        outputs[members] = sample_ddim(model, noise[members], steps, num_steps, scales=scales,
+                                       labels=None if labels is None else labels[members], disable=True).float()
         if bar is not None:
-            bar.update(min(batch_size, noise.shape[0] - start))
-    return torch.cat(outputs)
+            bar.update(len(members))
+    return outputs
 
 
 def compare_models(network: ScoreModel, models: dict[str, tuple[ScoreModel, list[int] | None]],
@@ -239,12 +241,13 @@ def held_out_spec(training_spec: str | None, count: int) -> str:
 def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, machine: str = "bbels",
                    scales: list[int], scales_source: str, num_steps: int = 20, num: int = 100, seed: int = 0,
                    batch_size: int = 10, test_dataset: str | None = None, single_step: bool = False,
-                   data_dir=None, device: str = "cpu", show_progress: bool = True) -> dict:
+                   data_dir=None, device: str = "cpu", memory_budget: int | None = None,
+                   show_progress: bool = True) -> dict:
     """Compare a run's network with the machine (at the given scale schedule), the IS machine and the
     Gaussian baseline, all over the run's own training images, on num seeds; write to out_dir
     compare.json, outputs.npz (noise, labels, each model's images), scatter.png, pairs.png and,
     with single_step, single_step.png (held-out images from test_dataset or the data set's test split).
-    Returns the content of compare.json."""
+    memory_budget: the machines' memory bound in bytes (None: their default). Returns the content of compare.json."""
     import patchdb
     from patchdb.data import load_dataset
     from patchdb.gaussian import GaussianScore
@@ -256,10 +259,16 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     network = load_network(run_dir, device)
     dataset = load_training_data(run_dir, data_dir)
     conditional = network.config.conditional
+    held_out = None
+    if single_step:  # found before the long sampling, so a missing test set fails fast
+        held_out = load_dataset(test_dataset or held_out_spec(read_config(run_dir)["dataset"]["spec"], num), data_dir)
+        if conditional and held_out.labels is None:
+            raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
     noise, labels = seeded_inputs(seed, num, tuple(dataset.images.shape[1:]), dataset.num_classes if conditional else None)
+    options = {"device": device} if memory_budget is None else {"device": device, "memory_budget": memory_budget}
     models = {
-        machine: (make_machine(machine, dataset, device=device), scales),
-        "is": (make_machine("is", dataset, device=device), None),
+        machine: (make_machine(machine, dataset, **options), scales),
+        "is": (make_machine("is", dataset, **options), None),
         "gaussian": (GaussianScore(dataset), None),
     }
     if machine == "is":
@@ -286,11 +295,8 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
         plot_scatter(out_dir / "scatter.png", stats[machine]["pearson_r"], stats["is"]["pearson_r"], machine)
     plot_pairs(out_dir / "pairs.png", result["images"][machine], result["images"]["network"],
                stats[machine]["pearson_r"], seeds, machine)
-    if single_step:
-        held_out = load_dataset(test_dataset or held_out_spec(read_config(run_dir)["dataset"]["spec"], num), data_dir)
+    if held_out is not None:
         held_out_labels = held_out.labels if conditional else None
-        if conditional and held_out_labels is None:
-            raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
         agreement = single_step_agreement(network, models, held_out.images[:num], None if held_out_labels is None
                                           else held_out_labels[:num], num_steps, seed, batch_size=batch_size,
                                           show_progress=show_progress)

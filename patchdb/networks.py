@@ -94,8 +94,9 @@ def embedding_projection(embedding_dim: int, channels: int) -> nn.Sequential:
 
 
 def _num_groups(channels: int) -> int:
-    """Largest group count <= 32 that divides the channels (GroupNorm's requirement)."""
-    return next(g for g in range(min(32, channels), 0, -1) if channels % g == 0)
+    """Largest group count <= 32 that divides the channels and leaves at least 4 channels per group
+    (on a (B, channels) embedding a one-channel group normalises to a constant and loses t and the label)."""
+    return next(g for g in range(max(1, min(32, channels // 4)), 0, -1) if channels % g == 0)
 
 
 def conv3x3(in_channels: int, out_channels: int, padding: str) -> nn.Conv2d:
@@ -129,7 +130,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted noise (B, C, H, W) for noisy images x (B, C, H, W) at times t (B,)."""
-        embedding = self.embedding(t, labels)
+        embedding = self.embedding(t, labels).to(x.dtype)
         h = self.up_projection(x)
         for layer, projection in zip(self.hidden_layers, self.embedding_projections):
             h = h + F.relu(layer(h + projection(embedding)[:, :, None, None]))
@@ -173,7 +174,7 @@ class UNet(nn.Module):
         """Predicted noise (B, C, H, W) for noisy images x (B, C, H, W) at times t (B,)."""
         if x.shape[-1] % 4 or x.shape[-2] % 4:
             raise PatchdbError(f"the UNet needs image sides divisible by 4, got {tuple(x.shape[-2:])}")
-        embedding = self.embedding(t, labels)
+        embedding = self.embedding(t, labels).to(x.dtype)
         skip1 = self.encoder1(x, embedding)
         skip2 = self.encoder2(F.max_pool2d(skip1, 2), embedding)
         h = self.bottleneck(F.max_pool2d(skip2, 2), embedding)

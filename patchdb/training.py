@@ -69,7 +69,7 @@ PRESETS = {
     "cpu": {
         "resnet": dict(width=32, num_hidden_layers=6, embedding_dim=64),
         "unet": dict(width=16, embedding_dim=64),
-        "training": dict(epochs=40, learning_rate=1e-3, max_images=2000),
+        "training": dict(epochs=80, learning_rate=1e-3, max_images=1000),
     },
 }
 

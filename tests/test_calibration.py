@@ -1,0 +1,83 @@
+"""Calibration: the index convention end to end (a 'network' that is a machine at a known schedule), parsing, files."""
+
+import json
+
+import pytest
+import torch
+
+from patchdb.calibration import (
+    calibrate_scales, check_candidates, median_candidate, parse_candidates, score_similarity, write_scales,
+)
+from patchdb.comparison import seeded_inputs
+from patchdb.errors import PatchdbError
+from patchdb.machines import make_machine
+from patchdb.scales import parse_scales
+from tests.conftest import tiny_dataset
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NUM_STEPS = 6
+KNOWN = [5, 5, 3, 7, 3, 5]  # entry i at t = i/6; entry 0 must come out as a copy of entry 1
+
+
+def machine_at_schedule(machine, schedule):
+    """A score model that is the machine at schedule[i] when called at t = i/n (the t = 1 step uses entry n-1)."""
+    def model(x, t, labels=None, patch_size=None):
+        return machine(x, t, labels=labels, patch_size=schedule[min(round(t * NUM_STEPS), NUM_STEPS - 1)])
+    return model
+
+
+@pytest.mark.parametrize("metric", ["cos", "l2"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_calibration_recovers_the_schedule_at_the_index_it_was_used(metric, conditional):
+    dataset = tiny_dataset(labelled=conditional, num_images=6, side=8, seed=4)
+    machine = make_machine("els", dataset, dtype=torch.float64)
+    noise, labels = seeded_inputs(7, 3, (1, 8, 8), dataset.num_classes if conditional else None)
+    result = calibrate_scales(machine_at_schedule(machine, KNOWN), machine, noise.double(), labels, NUM_STEPS,
+                              [3, 5, 7], metric, show_progress=False)
+    assert result["scales"][1:] == KNOWN[1:]
+    assert result["scales"][0] == KNOWN[1]
+    assert all(sizes == [KNOWN[i]] * 3 for i, sizes in enumerate(result["per_sample"]) if i > 0)
+
+
+def test_scales_file_is_read_back_by_every_scale_spec(tmp_path):
+    result = {"scales": KNOWN, "per_sample": [[s, s] for s in KNOWN], "similarity": [[1.0] * 3] * NUM_STEPS}
+    path = write_scales(tmp_path / "scales.json", result, machine="bbels", metric="cos", candidates=[3, 5, 7],
+                        model=tmp_path, seed=0)
+    content = json.loads(path.read_text())
+    assert content["convention"] == "entry i is the patch size at t = i/n" and content["num_steps"] == NUM_STEPS
+    assert parse_scales(f"calibrated:{tmp_path}", NUM_STEPS) == KNOWN
+    assert parse_scales(str(path), NUM_STEPS) == KNOWN
+    assert (tmp_path / "scales.png").stat().st_size > 0
+
+
+def test_median_candidate_rounds_to_a_candidate():
+    assert median_candidate([3, 3, 7, 7], [3, 5, 7]) == 5
+    assert median_candidate([3, 5], [3, 5, 7]) == 3  # median 4: tie goes to the smaller size
+    assert median_candidate([5, 7, 7], [3, 5, 7]) == 7
+
+
+def test_score_similarity_prefers_the_closer_score():
+    target = torch.randn(2, 1, 4, 4)
+    near, far = target + 0.01 * torch.randn_like(target), torch.randn_like(target)
+    for metric in ("cos", "l2"):
+        assert (score_similarity(near, target, metric) > score_similarity(far, target, metric)).all()
+    assert torch.allclose(score_similarity(3 * target, target, "cos"), torch.ones(2, dtype=torch.float64))
+
+
+def test_candidate_parsing():
+    assert parse_candidates("3,5,...,17") == [3, 5, 7, 9, 11, 13, 15, 17]
+    assert parse_candidates("7, 3,5") == [7, 3, 5]
+    for bad in ("3,5,...", "3,x", "3,5,...,16", "5,3,...,17"):
+        with pytest.raises(PatchdbError):
+            parse_candidates(bad)
+    for bad in ([], [4], [3, -1]):
+        with pytest.raises(PatchdbError):
+            check_candidates(bad)
+
+
+def test_unknown_metric_is_refused():
+    dataset = tiny_dataset(labelled=False)
+    machine = make_machine("els", dataset)
+    with pytest.raises(PatchdbError):
+        calibrate_scales(machine, machine, torch.randn(1, 1, 8, 8), None, 4, [3], metric="dot", show_progress=False)

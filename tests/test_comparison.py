@@ -1,0 +1,119 @@
+"""Comparison statistics on constructed pairs, seeded inputs, the Gaussian baseline, and a tiny whole run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from patchdb.comparison import (
+    comparison_summary, held_out_spec, image_statistics, run_comparison, seeded_inputs, summarize,
+)
+from patchdb.errors import PatchdbError
+from patchdb.gaussian import GaussianScore
+from patchdb.networks import NetworkConfig
+from patchdb.schedule import alpha_bar
+from patchdb.training import TrainingConfig, train_network
+from tests.conftest import quantised_images, tiny_dataset
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_pearson_r_r_squared_and_mse_on_constructed_pairs():
+    image = torch.randn(1, 1, 6, 6, dtype=torch.float64)
+    affine = image_statistics(2 * image + 1, image)
+    assert affine["pearson_r"].item() == pytest.approx(1.0)
+    assert affine["r_squared"].item() < 0.5  # a perfect correlation is not a perfect prediction
+    assert image_statistics(-image, image)["pearson_r"].item() == pytest.approx(-1.0)
+    same = image_statistics(image, image)
+    assert same["r_squared"].item() == pytest.approx(1.0) and same["mse"].item() == 0.0
+    prediction, target = torch.randn(3, 1, 5, 5), torch.randn(3, 1, 5, 5)
+    stats = image_statistics(prediction, target)
+    for k in range(3):
+        y_hat, y = prediction[k].flatten().double().numpy(), target[k].flatten().double().numpy()
+        assert stats["pearson_r"][k].item() == pytest.approx(np.corrcoef(y_hat, y)[0, 1])
+        assert stats["r_squared"][k].item() == pytest.approx(1 - ((y - y_hat) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+        assert stats["mse"][k].item() == pytest.approx(((y - y_hat) ** 2).mean())
+    with pytest.raises(PatchdbError):
+        image_statistics(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 5, 5))
+
+
+def test_summary_and_fraction_beating_the_baseline():
+    assert summarize([1, 2, 3, 4, 5]) == {"median": 3, "q1": 2, "q3": 4, "mean": 3, "min": 1, "max": 5}
+    stats = {"bbels": {"pearson_r": torch.tensor([0.9, 0.5, 0.7, 0.6])},
+             "is": {"pearson_r": torch.tensor([0.1, 0.6, 0.7, 0.2])}}
+    summary = comparison_summary({"statistics": stats}, "bbels")
+    assert summary["fraction_bbels_beats_is"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert summary["summary"]["bbels"]["pearson_r"]["median"] == pytest.approx(0.65)
+
+
+def test_each_sample_regenerates_alone_from_its_seed():
+    noise, labels = seeded_inputs(10, 4, (1, 8, 8), num_classes=10)
+    alone_noise, alone_labels = seeded_inputs(12, 1, (1, 8, 8), num_classes=10)
+    assert torch.equal(noise[2], alone_noise[0]) and labels[2] == alone_labels[0]
+    assert not torch.equal(noise[0], noise[1])
+    unlabelled_noise, none = seeded_inputs(10, 4, (1, 8, 8))
+    assert none is None and torch.equal(unlabelled_noise, noise)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_gaussian_score_equals_the_direct_float64_formula(conditional):
+    dataset = tiny_dataset(labelled=True, num_images=12, side=4, seed=3)
+    model = GaussianScore(dataset)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0]) if conditional else None
+    for t in (0.1, 0.5, 1.0):
+        score = model(x, t, labels)
+        signal = alpha_bar(t)
+        for k in range(3):
+            images = dataset.images if labels is None else dataset.images[dataset.labels == labels[k]]
+            flat = images.reshape(images.shape[0], -1).double()
+            mean = flat.mean(0)
+            covariance = (flat - mean).T @ (flat - mean) / flat.shape[0]
+            system = signal * covariance + (1 - signal) * torch.eye(16, dtype=torch.float64)
+            direct = -torch.linalg.solve(system, x[k].flatten() - math.sqrt(signal) * mean)
+            assert torch.allclose(score[k].flatten(), direct, atol=1e-9)
+
+
+def test_commands_report_bad_inputs_without_traceback(tmp_path):
+    from click.testing import CliRunner
+    from cli.main import main
+
+    runner = CliRunner()
+    for arguments in (["compare", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+                      ["calibrate", "--model", str(tmp_path / "missing")],
+                      ["calibrate", "--model", str(tmp_path), "--candidates", "3,4"],
+                      ["train", "--dataset", "file:" + str(tmp_path / "none.npz"), "--out", str(tmp_path / "run")]):
+        result = runner.invoke(main, arguments)
+        assert result.exit_code != 0 and "Error:" in result.output and result.exception is not None
+        assert not isinstance(result.exception, (AttributeError, KeyError, TypeError, ValueError)), result.exception
+
+
+def test_held_out_split_of_named_and_unknown_specs():
+    assert held_out_spec("fashion-mnist:train:1000", 50) == "fashion-mnist:test:50"
+    with pytest.raises(PatchdbError):
+        held_out_spec("file:/tmp/x.npz", 5)
+
+
+def test_tiny_comparison_run_writes_every_output(tmp_path):
+    images = quantised_images(5, 8, 32)
+    np.savez(tmp_path / "train.npz", images=images.numpy(), labels=np.array([0, 1] * 4))
+    spec = f"file:{tmp_path / 'train.npz'}"
+    from patchdb.data import load_dataset
+    dataset = load_dataset(spec)
+    network_config = NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16, num_classes=2)
+    train_network(tmp_path / "run", dataset, spec, network_config, TrainingConfig(epochs=1, batch_size=8),
+                  show_progress=False)
+    report = run_comparison(tmp_path / "run", tmp_path / "out", machine="bbels", scales=[3, 3, 5], scales_source="3,3,5",
+                            num_steps=3, num=3, seed=4, batch_size=2, show_progress=False)
+    assert set(report["summary"]) == {"bbels", "is", "gaussian"}
+    assert 0.0 <= report["fraction_bbels_beats_is"] <= 1.0
+    assert [entry["seed"] for entry in report["per_seed"]] == [4, 5, 6]
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["scales"] == [3, 3, 5]
+    outputs = np.load(tmp_path / "out" / "outputs.npz")
+    assert outputs["network"].shape == outputs["bbels"].shape == (3, 1, 32, 32)
+    regenerated, labels = seeded_inputs(5, 1, (1, 32, 32), 2)
+    assert np.array_equal(outputs["noise"][1], regenerated[0].numpy()) and outputs["labels"][1] == labels[0]
+    for name in ("scatter.png", "pairs.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0

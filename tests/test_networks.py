@@ -1,0 +1,167 @@
+"""Networks, their score adapter and training: receptive field, equivariance, eps -> score, loss, checkpoints."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from patchdb.errors import PatchdbError
+from patchdb.networks import NetworkConfig, NetworkScore, ResNet, UNet, build_network, sinusoidal_embedding
+from patchdb.schedule import beta
+from patchdb.training import (
+    TrainingConfig, load_network, preset_configs, read_config, train_network, training_subset,
+)
+from tests.conftest import tiny_dataset
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def small_config(**changes) -> NetworkConfig:
+    return NetworkConfig(**{"width": 8, "num_hidden_layers": 2, "embedding_dim": 16, **changes})
+
+
+def test_resnet_and_unet_map_images_to_same_shape():
+    x, t, labels = torch.randn(3, 1, 16, 16), torch.rand(3), torch.tensor([0, 2, 1])
+    for architecture in ("resnet", "unet"):
+        for num_classes in (0, 3):
+            network = build_network(small_config(architecture=architecture, num_classes=num_classes))
+            assert network(x, t, labels if num_classes else None).shape == x.shape
+
+
+def test_resnet_output_pixel_depends_only_on_its_receptive_field():
+    torch.manual_seed(0)
+    network = ResNet(small_config(num_hidden_layers=2)).double()
+    assert network.receptive_field == 9  # 4 convolutions of radius 1
+    x = torch.randn(1, 1, 21, 21, dtype=torch.float64, requires_grad=True)
+    network(x, torch.tensor([0.5]))[0, 0, 10, 10].backward()
+    depends = x.grad[0, 0] != 0
+    rows, cols = torch.nonzero(depends, as_tuple=True)
+    half = network.receptive_field // 2
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (10 - half, 10 + half, 10 - half, 10 + half)
+
+
+def test_paper_resnet_has_17x17_receptive_field():
+    assert ResNet(NetworkConfig(width=8, num_hidden_layers=6)).receptive_field == 17
+
+
+def test_circular_resnet_is_translation_equivariant():
+    torch.manual_seed(1)
+    network = ResNet(small_config(padding="circular")).double()
+    x, t = torch.randn(2, 1, 12, 12, dtype=torch.float64), torch.tensor([0.3, 0.8])
+    shifted = network(torch.roll(x, (3, -5), dims=(2, 3)), t)
+    assert torch.allclose(shifted, torch.roll(network(x, t), (3, -5), dims=(2, 3)), atol=1e-12)
+    zero_padded = ResNet(small_config()).double()
+    assert not torch.allclose(zero_padded(torch.roll(x, (3, -5), dims=(2, 3)), t),
+                              torch.roll(zero_padded(x, t), (3, -5), dims=(2, 3)), atol=1e-6)
+
+
+def test_time_embedding_separates_training_times():
+    embedding = sinusoidal_embedding(torch.tensor([0.0, 0.001, 0.5]), 32)
+    assert embedding.shape == (3, 32)
+    assert torch.linalg.vector_norm(embedding[0] - embedding[1]) > 0.1
+
+
+def test_network_score_is_minus_eps_over_sqrt_beta():
+    torch.manual_seed(2)
+    network = build_network(small_config(num_classes=3))
+    model = NetworkScore(network)
+    x, labels = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 2])
+    for t in (0.05, 0.5, 1.0):
+        eps = network(x.float(), torch.full((2,), t), labels)
+        score = model(x, t, labels, patch_size=5)
+        assert score.dtype == torch.float64
+        assert torch.allclose(score.float(), -eps / math.sqrt(beta(t)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call", [
+    lambda model, x: model(x, 0.0, torch.tensor([0])),  # t = 0 has no score
+    lambda model, x: model(x, 0.5, None),  # conditional network without labels
+    lambda model, x: model(torch.randn(1, 3, 8, 8), 0.5, torch.tensor([0])),  # wrong channels
+])
+def test_network_score_rejects_bad_calls(call):
+    with pytest.raises(PatchdbError):
+        call(NetworkScore(build_network(small_config(num_classes=2))), torch.randn(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("changes", [dict(architecture="vit"), dict(padding="reflect"), dict(width=0),
+                                     dict(embedding_dim=15)])
+def test_bad_network_configs_are_refused(changes):
+    with pytest.raises(PatchdbError):
+        small_config(**changes)
+
+
+def test_unet_refuses_sides_not_divisible_by_4():
+    with pytest.raises(PatchdbError):
+        UNet(small_config(architecture="unet"))(torch.randn(1, 1, 10, 10), torch.rand(1))
+
+
+def tiny_run_configs(epochs: int):
+    return small_config(num_classes=3), TrainingConfig(epochs=epochs, batch_size=8, learning_rate=3e-3, seed=5)
+
+
+def test_training_loss_decreases(tmp_path):
+    dataset = tiny_dataset(num_images=24, side=8)
+    network_config, training_config = tiny_run_configs(epochs=12)
+    train_network(tmp_path, dataset, None, network_config, training_config, show_progress=False)
+    losses = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["batch_losses"]
+    assert len(losses) == 36
+    assert losses[-6:].mean() < 0.7 * losses[:3].mean()
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    dataset = tiny_dataset(num_images=16, side=8)
+    network_config, two_epochs = tiny_run_configs(epochs=2)
+    _, one_epoch = tiny_run_configs(epochs=1)
+    straight = train_network(tmp_path / "a", dataset, None, network_config, two_epochs, show_progress=False)
+    train_network(tmp_path / "b", dataset, None, network_config, one_epoch, show_progress=False)
+    resumed = train_network(tmp_path / "b", dataset, None, network_config, two_epochs, show_progress=False)
+    reloaded = load_network(tmp_path / "b")
+    for name, tensor in straight.network.state_dict().items():
+        assert torch.equal(tensor, resumed.network.state_dict()[name]), name
+        assert torch.equal(tensor, reloaded.network.state_dict()[name]), name
+    assert reloaded.config == network_config
+    assert read_config(tmp_path / "b")["training"]["epochs"] == 2
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    dataset = tiny_dataset(num_images=8, side=8)
+    network_config, training_config = tiny_run_configs(epochs=1)
+    train_network(tmp_path, dataset, None, network_config, training_config, show_progress=False)
+    with pytest.raises(PatchdbError, match="other settings"):
+        train_network(tmp_path, dataset, None, small_config(num_classes=3, width=4), training_config, show_progress=False)
+
+
+def test_damaged_or_missing_runs_give_clear_errors(tmp_path):
+    with pytest.raises(PatchdbError, match="not a trained run"):
+        load_network(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"network": {"architecture": "resnet"}}))
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PatchdbError, match="not a readable"):
+        load_network(tmp_path)
+
+
+def test_presets_and_subset():
+    dataset = tiny_dataset(num_images=12, side=8)
+    network_config, training_config = preset_configs("paper", "resnet", dataset, conditional=True)
+    assert (network_config.width, network_config.num_hidden_layers, network_config.num_classes) == (256, 6, 3)
+    assert (training_config.epochs, training_config.learning_rate, training_config.batch_size) == (300, 1e-4, 128)
+    assert training_config.lr_decay == 0.999965 and training_config.weight_decay == 0.0
+    subset = training_subset(dataset, 5)
+    assert torch.equal(subset.images, dataset.images[:5]) and torch.equal(subset.labels, dataset.labels[:5])
+    with pytest.raises(PatchdbError):
+        preset_configs("laptop", "resnet", dataset)
+    with pytest.raises(PatchdbError):
+        preset_configs("cpu", "resnet", tiny_dataset(labelled=False), conditional=True)
+
+
+@pytest.mark.parametrize("architecture", ["resnet", "unet"])
+def test_output_depends_on_time_and_label(architecture):
+    torch.manual_seed(3)
+    network = build_network(small_config(architecture=architecture, num_classes=3))
+    x = torch.randn(1, 1, 8, 8).expand(2, -1, -1, -1)
+    by_time = network(x, torch.tensor([0.1, 0.9]), torch.tensor([0, 0]))
+    by_label = network(x, torch.tensor([0.5, 0.5]), torch.tensor([0, 2]))
+    assert not torch.allclose(by_time[0], by_time[1], atol=1e-4)
+    assert not torch.allclose(by_label[0], by_label[1], atol=1e-4)
