@@ -117,3 +117,23 @@ def test_tiny_comparison_run_writes_every_output(tmp_path):
     assert np.array_equal(outputs["noise"][1], regenerated[0].numpy()) and outputs["labels"][1] == labels[0]
     for name in ("scatter.png", "pairs.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_single_step_agreement_is_one_for_the_model_itself_and_uses_each_step_scale():
+    from patchdb.comparison import single_step_agreement
+    from patchdb.machines import make_machine
+
+    dataset = tiny_dataset(labelled=False, num_images=6, side=8, seed=2)
+    machine = make_machine("els", dataset, dtype=torch.float64)
+    scales = [3, 3, 5, 7]
+    used = []
+
+    def network(x, t, labels=None, patch_size=None):
+        used.append(round(t * 4))
+        return machine(x, t, labels, patch_size=scales[min(round(t * 4), 3)])
+
+    result = single_step_agreement(network, {"els": (machine, scales), "wrong": (machine, [7, 7, 7, 3])},
+                                   dataset.images[:3].double(), None, 4, seed=0, show_progress=False)
+    assert result["t"] == [1.0, 0.75, 0.5, 0.25] and used == [4, 3, 2, 1]
+    assert result["els"]["median"] == pytest.approx([1.0] * 4)
+    assert result["wrong"]["median"][1] < 0.999  # t = 3/4 used entry 3, where the schedules differ
