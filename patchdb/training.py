@@ -191,15 +191,18 @@ def _resume(run_dir: Path, config: dict, network, optimizer) -> tuple[int, list[
     checkpoint_path = run_dir / CHECKPOINT_FILE
     if not checkpoint_path.exists():
         return 0, []
-    stored = read_config(run_dir)
-    comparable = lambda c: {**c, "training": {**c["training"], "epochs": None}}  # noqa: E731 - more epochs extend a run
-    if comparable(stored) != comparable(config):
+    if _without_epochs(read_config(run_dir)) != _without_epochs(config):
         raise PatchdbError(f"{run_dir} holds a run with other settings ({run_dir / CONFIG_FILE}); "
                            "use a new --out folder, or the same settings to resume it")
     checkpoint = _load_checkpoint(checkpoint_path)
     network.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     return int(checkpoint["batches_done"]), checkpoint["batch_losses"].tolist()
+
+
+def _without_epochs(config: dict) -> dict:
+    """A run's config minus its epoch count (a larger count extends a run rather than starting another)."""
+    return {**config, "training": {**config["training"], "epochs": None}}
 
 
 def save_checkpoint(run_dir: Path, network, optimizer, batches_done: int, batch_losses: list[float]) -> None:
