@@ -29,6 +29,13 @@ LOGIT_CHUNK_BYTES = 2 * 1024**2
 LOG_WEIGHT_FLOOR = -80.0
 """Log-weights relative to the running maximum are floored here before exp (see SoftmaxAccumulator.update)."""
 
+MIN_BLOCKED_ENTRIES = 65536
+"""Only dictionaries at least this large are sorted into blocks for pruning."""
+
+BLOCK_PRUNING_MIN_ALPHA_BAR = 0.78
+"""Block pruning pays off from here on (t <= 0.3 on the cosine schedule); earlier the posteriors are
+too broad for the bounds to skip enough blocks to repay their cost (benchmarks/RESULTS.md)."""
+
 MERGE_WORTHWHILE = 0.9
 """Duplicates are merged only when that leaves at most this fraction of the entries (else the copy costs more than it saves)."""
 
@@ -61,36 +68,40 @@ class SoftmaxAccumulator:
         self.best_source = torch.zeros(num_queries, 3, dtype=torch.int64, device=device)
 
     def update(self, logits: torch.Tensor, contract: Callable, sources: torch.Tensor,
-               log_multiplicity: torch.Tensor | None = None, row_groups: torch.Tensor | None = None) -> None:
+               log_multiplicity: torch.Tensor | None = None, row_groups: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> None:
         """Fold in one chunk.
 
-        logits: (Q, n) logits of one copy of each of n dictionary entries; overwritten.
-        contract: contract(weights, rows) maps the unnormalised weights (R, n) of rows (an index
-            tensor, or slice(None) for all Q) to their weighted sums of values (R, V).
+        logits: (R, n) logits of one copy of each of n dictionary entries; overwritten.
+        contract: contract(weights, rows) maps the unnormalised weights (R', n) of accumulator rows
+            (an index tensor, or slice(None) for all) to their weighted sums of values (R', V).
         sources: (n, 3) int64 provenance of the n entries; with row_groups, (G, n, 3), one set per group.
-        log_multiplicity: (n,) log of how many identical entries each one stands for, or None.
-        row_groups: (Q,) int64 group of each row, when rows of different groups share the chunk.
+        log_multiplicity: log of how many identical entries each one stands for, (n,) or (R, n), or None.
+        row_groups: (Q,) int64 group of each accumulator row, when rows of different groups share the chunk.
+        rows: (R,) accumulator rows of the logits' rows; None when the logits cover all Q rows.
         The dominant entry is the one copy of largest weight (the nearest patch), so it does not
         depend on whether duplicates were merged.
         """
+        state_rows = slice(None) if rows is None else rows
         chunk_max = logits.amax(dim=1)
-        improved = torch.nonzero(chunk_max > self.best_logit).squeeze(1)
+        improved = torch.nonzero(chunk_max > self.best_logit[state_rows]).squeeze(1)
         if improved.numel():  # argmax is slow on CPU: only where the best entry changes
-            self.best_logit[improved] = chunk_max[improved]
+            target = improved if rows is None else rows[improved]
+            self.best_logit[target] = chunk_max[improved]
             entries = logits[improved].argmax(dim=1)
-            self.best_source[improved] = sources[entries] if row_groups is None else sources[row_groups[improved], entries]
+            self.best_source[target] = sources[entries] if row_groups is None else sources[row_groups[target], entries]
         if log_multiplicity is not None:
             logits.add_(log_multiplicity)
             chunk_max = chunk_max + log_multiplicity.max()  # an upper bound is as good a shift as the maximum
-        new_max = torch.maximum(self.running_max, chunk_max)
+        new_max = torch.maximum(self.running_max[state_rows], chunk_max)
         live = chunk_max > new_max + NEGLIGIBLE_LOG_WEIGHT
         if not bool(live.all()):
             # Rows for which every entry of this chunk weighs < e^-60 of the row's maximum keep their
             # state: the mass skipped is below 1e-26 per entry (the engine's only truncation).
-            rows = torch.nonzero(live).squeeze(1)
-            self._fold_rows(rows, logits[rows], new_max[rows], contract)
+            kept = torch.nonzero(live).squeeze(1)
+            self._fold_rows(kept if rows is None else rows[kept], logits[kept], new_max[kept], contract)
             return
-        self._fold_rows(slice(None), logits, new_max, contract)
+        self._fold_rows(state_rows, logits, new_max, contract)
 
     def _fold_rows(self, rows, logits: torch.Tensor, new_max: torch.Tensor, contract) -> None:
         rescale = torch.exp(self.running_max[rows] - new_max)
@@ -106,6 +117,32 @@ class SoftmaxAccumulator:
         mean = self.weighted_sum / self.normaliser[:, None]
         best_weight = torch.exp(self.best_logit - self.running_max) / self.normaliser
         return PosteriorSummary(mean, self.best_source, best_weight)
+
+
+@dataclass
+class EntryBlocks:
+    """Consecutive runs of block_size dictionary entries and the box each spans along a few directions.
+
+    directions: (D, r) orthonormal. low, high: (num_blocks, r) extreme projections of the block's keys.
+    log_multiplicity: (num_blocks,) the largest log multiplicity in each block.
+    Since projecting on orthonormal directions never lengthens a vector, ||q - s k||^2 is at least
+    the squared distance from q's projection to the block's box scaled by s: an upper bound on the
+    logit of every entry of the block, computed without touching the entries.
+    """
+
+    block_size: int
+    directions: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    log_multiplicity: torch.Tensor
+
+    def logit_bounds(self, queries: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+        """(Q, num_blocks) upper bounds on (s <q, k> - s^2 ||k||^2 / 2) / beta + log m over each block."""
+        signal = math.sqrt(alpha_bar)
+        projections = (queries @ self.directions)[:, None, :]  # (Q, 1, r)
+        gaps = (signal * self.low - projections).clamp_min(0) + (projections - signal * self.high).clamp_min(0)
+        squared_norms = queries.square().sum(dim=1, keepdim=True)
+        return (squared_norms - gaps.square().sum(dim=-1)) / (2 * (1 - alpha_bar)) + self.log_multiplicity
 
 
 @dataclass
@@ -129,6 +166,7 @@ class PatchDictionary:
     log_multiplicity: torch.Tensor
     sources: torch.Tensor
     merged: bool = False
+    blocks: "EntryBlocks | None" = None
 
     @classmethod
     def from_entries(cls, keys: torch.Tensor, values: torch.Tensor, sources: torch.Tensor, merge_duplicates: bool = True):
@@ -147,6 +185,41 @@ class PatchDictionary:
         """A stacked dictionary: keys (G, K, D), values (G, K, V), sources (G, K, 3)."""
         zeros = torch.zeros(keys.shape[:2], dtype=keys.dtype, device=keys.device)
         return cls(keys, values, torch.linalg.vector_norm(keys, dim=-1).square(), zeros, sources, False)
+
+    def sort_into_blocks(self, block_size: int = 1024, num_directions: int = 2) -> None:
+        """Reorder the entries (in place, once) into blocks that are compact along the keys' top
+        principal directions, and record each block's bounding box (see EntryBlocks). The posterior
+        does not depend on the order; among identical copies, another one may become the reported source."""
+        if self.blocks is not None:
+            return
+        count = len(self)
+        generator = torch.Generator().manual_seed(0)
+        sample = self.keys[torch.randperm(count, generator=generator)[:65536].to(self.keys.device)].double()
+        centred = sample - sample.mean(dim=0)
+        _, eigenvectors = torch.linalg.eigh(centred.T @ centred)
+        directions = eigenvectors[:, -num_directions:].flip(1).to(self.keys.dtype)  # (D, r), largest first
+        projections = self.keys @ directions
+        # slabs along the first direction, sorted along the second within each slab: blocks are near-square cells
+        num_slabs = max(1, math.isqrt(math.ceil(count / block_size)))
+        rank = torch.empty(count, dtype=torch.int64, device=self.keys.device)
+        rank[torch.argsort(projections[:, 0])] = torch.arange(count, device=self.keys.device)
+        slab = rank * num_slabs // count
+        order = torch.argsort(projections[:, 1])
+        order = order[torch.argsort(slab[order], stable=True)]
+        projections = projections[order]
+        block = torch.arange(count, device=self.keys.device) // block_size
+        num_blocks = int(block[-1]) + 1
+        low = torch.full((num_blocks, num_directions), math.inf, dtype=projections.dtype, device=projections.device)
+        high = torch.full_like(low, -math.inf)
+        index = block[:, None].expand(-1, num_directions)
+        low = low.scatter_reduce(0, index, projections, reduce="amin")
+        high = high.scatter_reduce(0, index, projections, reduce="amax")
+        log_multiplicity = self.log_multiplicity[order]
+        block_log_multiplicity = torch.zeros(num_blocks, dtype=projections.dtype, device=projections.device)
+        block_log_multiplicity = block_log_multiplicity.scatter_reduce(0, block, log_multiplicity, reduce="amax", include_self=False)
+        self.keys, self.values, self.squared_norms = self.keys[order], self.values[order], self.squared_norms[order]
+        self.log_multiplicity, self.sources = log_multiplicity, self.sources[order]
+        self.blocks = EntryBlocks(block_size, directions, low, high, block_log_multiplicity)
 
     def __len__(self) -> int:
         """Number of entries (per group, for a stacked dictionary)."""
@@ -198,39 +271,84 @@ def _first_occurrences(inverse: torch.Tensor, num_unique: int) -> torch.Tensor:
 
 
 class ExactBackend:
-    """Scan every dictionary entry: logits by matrix products, chunk by chunk, into a streaming softmax."""
+    """Scan every dictionary entry: logits by matrix products, chunk by chunk, into a streaming softmax.
 
-    def __init__(self, chunk_bytes: int = LOGIT_CHUNK_BYTES):
+    With block pruning, a large dictionary at low noise (alpha_bar >= BLOCK_PRUNING_MIN_ALPHA_BAR) is
+    sorted into bounded blocks once, and each query skips the blocks whose bound proves them
+    negligible (below e^-60 of its running maximum): the same posterior, computed faster late in
+    sampling, where each pixel's posterior is concentrated on few patches.
+    """
+
+    def __init__(self, chunk_bytes: int = LOGIT_CHUNK_BYTES, block_pruning: bool = True):
         self.chunk_bytes = chunk_bytes
+        self.block_pruning = block_pruning
 
     def fold(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: PatchDictionary, alpha_bar: float) -> None:
         """Fold every entry of dictionary into accumulator at noise level alpha_bar.
 
         queries: (Q, D); for a stacked dictionary (G, B, D), accumulated as rows g * B + b.
+        A dictionary with blocks skips, per query, whole blocks that the bound proves negligible.
         """
-        signal = math.sqrt(alpha_bar)
-        noise_variance = 1.0 - alpha_bar
+        if (self.block_pruning and dictionary.keys.ndim == 2 and len(dictionary) >= MIN_BLOCKED_ENTRIES
+                and alpha_bar >= BLOCK_PRUNING_MIN_ALPHA_BAR):
+            dictionary.sort_into_blocks()
+            self._fold_blocked(accumulator, queries, dictionary, alpha_bar)
+            return
         stacked = dictionary.keys.ndim == 3
         row_groups = torch.arange(queries.shape[0], device=queries.device).repeat_interleave(queries.shape[1]) if stacked else None
         num_rows = row_groups.shape[0] if stacked else queries.shape[0]
         for start, stop in chunk_ranges(len(dictionary), num_rows, queries.element_size(), self.chunk_bytes):
-            bias = (-alpha_bar / (2 * noise_variance)) * dictionary.squared_norms[..., start:stop]
-            values = dictionary.values[..., start:stop, :]
             if stacked:
-                logits = torch.baddbmm(bias[:, None, :], queries, dictionary.keys[:, start:stop].transpose(1, 2),
-                                       alpha=signal / noise_variance).reshape(num_rows, -1)
+                logits = _logits(queries, dictionary, start, stop, alpha_bar).reshape(num_rows, -1)
+                values = dictionary.values[:, start:stop]
 
                 def contract(weights, rows, values=values):
                     if isinstance(rows, slice):
                         return torch.bmm(weights.reshape(values.shape[0], -1, weights.shape[1]), values).reshape(weights.shape[0], -1)
                     return torch.einsum("rn,rnv->rv", weights, values[row_groups[rows]])
             else:
-                logits = torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal / noise_variance)
-
-                def contract(weights, rows, values=values):
-                    return weights @ values
+                logits = _logits(queries, dictionary, start, stop, alpha_bar)
+                contract = _plain_contract(dictionary.values[start:stop])
             log_multiplicity = dictionary.log_multiplicity[start:stop] if dictionary.merged else None
             accumulator.update(logits, contract, dictionary.sources[..., start:stop, :], log_multiplicity, row_groups)
+
+    def _fold_blocked(self, accumulator, queries, dictionary, alpha_bar) -> None:
+        """Seed every query with its most promising block, then scan the rest in chunks, computing
+        a chunk only for the queries whose bound says it may hold a non-negligible entry."""
+        blocks = dictionary.blocks
+        bounds = blocks.logit_bounds(queries, alpha_bar)  # (Q, num_blocks)
+        num_entries, block_size = len(dictionary), blocks.block_size
+        seed_block = bounds.argmax(dim=1)
+        seed_entries = seed_block[:, None] * block_size + torch.arange(block_size, device=queries.device)
+        beyond_end = seed_entries >= num_entries  # the last block may be short
+        seed_entries = seed_entries.clamp_max(num_entries - 1)
+        signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
+        seed_keys = dictionary.keys[seed_entries]  # (Q, block, D)
+        seed_logits = (signal * torch.bmm(seed_keys, queries[:, :, None]).squeeze(2)
+                       - (alpha_bar / 2) * dictionary.squared_norms[seed_entries]) / noise_variance
+        seed_logits[beyond_end] = -math.inf  # weight e^-80 relative after the floor: nothing
+        seed_values = dictionary.values[seed_entries]
+        accumulator.update(seed_logits, lambda weights, rows: torch.einsum("rn,rnv->rv", weights, seed_values[rows]),
+                           dictionary.sources[seed_entries], dictionary.log_multiplicity[seed_entries] if dictionary.merged else None,
+                           row_groups=torch.arange(queries.shape[0], device=queries.device))
+        step_blocks = max(1, next(chunk_ranges(num_entries, queries.shape[0], queries.element_size(), self.chunk_bytes))[1] // block_size)
+        for first_block in range(0, bounds.shape[1], step_blocks):
+            last_block = min(first_block + step_blocks, bounds.shape[1])
+            start, stop = first_block * block_size, min(last_block * block_size, num_entries)
+            needed = bounds[:, first_block:last_block].amax(dim=1) > accumulator.running_max + NEGLIGIBLE_LOG_WEIGHT
+            rows = torch.nonzero(needed).squeeze(1)
+            if not rows.numel():
+                continue
+            all_rows = rows.numel() == queries.shape[0]
+            logits = _logits(queries if all_rows else queries[rows], dictionary, start, stop, alpha_bar)
+            # entries of a row's seed block were counted already (masked: weight e^-80 relative, nothing)
+            seeded = torch.nonzero((seed_block[rows] >= first_block) & (seed_block[rows] < last_block)).squeeze(1)
+            if seeded.numel():
+                columns = (seed_block[rows[seeded]] - first_block)[:, None] * block_size + torch.arange(block_size, device=queries.device)
+                logits[seeded[:, None], columns.clamp_max(stop - start - 1)] = -math.inf
+            log_multiplicity = dictionary.log_multiplicity[start:stop] if dictionary.merged else None
+            accumulator.update(logits, _plain_contract(dictionary.values[start:stop]), dictionary.sources[start:stop],
+                               log_multiplicity, rows=None if all_rows else rows)
 
     def summarize(self, queries: torch.Tensor, parts: Iterable[PatchDictionary], alpha_bar: float) -> PosteriorSummary:
         """Posterior summary for queries (Q, D) against the union of dictionary parts."""
@@ -242,6 +360,19 @@ class ExactBackend:
         if accumulator is None:
             raise ValueError("the dictionary is empty")
         return accumulator.summary()
+
+
+def _logits(queries: torch.Tensor, dictionary: PatchDictionary, start: int, stop: int, alpha_bar: float) -> torch.Tensor:
+    """Logits (Q, n) of one copy of entries start..stop (or (G, B, n) for a stacked dictionary), up to a per-query constant."""
+    signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
+    bias = (-alpha_bar / (2 * noise_variance)) * dictionary.squared_norms[..., start:stop]
+    if dictionary.keys.ndim == 3:
+        return torch.baddbmm(bias[:, None, :], queries, dictionary.keys[:, start:stop].transpose(1, 2), alpha=signal / noise_variance)
+    return torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal / noise_variance)
+
+
+def _plain_contract(values: torch.Tensor) -> Callable:
+    return lambda weights, rows: weights @ values
 
 
 def chunk_ranges(num_entries: int, num_queries: int, itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:

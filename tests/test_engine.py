@@ -163,3 +163,36 @@ def test_logit_floor_does_not_change_the_posterior():
     torch.testing.assert_close(summary.mean, mean, rtol=0, atol=1e-14)
     assert torch.equal(summary.best_source[:, 0], best)
     torch.testing.assert_close(summary.best_weight, best_weight, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("alpha_bar", [0.3, 0.9, 0.999])
+def test_block_pruning_gives_the_dense_posterior_and_skips_work(alpha_bar, monkeypatch):
+    """Sorted, bounded blocks (EntryBlocks) must not change the posterior; at low noise they must skip entries."""
+    generator = torch.Generator().manual_seed(7)
+    # clusters spread along two directions, as patches spread mostly along their top principal components
+    centres = torch.randn(40, 2, generator=generator, dtype=torch.float64) @ torch.randn(2, 9, generator=generator, dtype=torch.float64) * 3
+    keys = (centres[torch.randint(40, (6000,), generator=generator)] + 0.1 * torch.randn(6000, 9, generator=generator, dtype=torch.float64))
+    keys[:500] = keys[500:1000]  # duplicates, merged with multiplicities
+    values = keys[:, 4:5]
+    sources = torch.stack([torch.arange(6000), torch.zeros(6000, dtype=torch.int64), torch.zeros(6000, dtype=torch.int64)], dim=1)
+    queries = math.sqrt(alpha_bar) * keys[torch.randint(6000, (50,), generator=generator)] + math.sqrt(1 - alpha_bar) * torch.randn(50, 9, generator=generator, dtype=torch.float64)
+    dense = ExactBackend(block_pruning=False).summarize(queries, [PatchDictionary.from_entries(keys, values, sources)], alpha_bar)
+
+    computed = []
+    real_logits = engine._logits
+
+    def counting_logits(q, dictionary, start, stop, abar):
+        computed.append(q.shape[0] * (stop - start))
+        return real_logits(q, dictionary, start, stop, abar)
+
+    monkeypatch.setattr(engine, "_logits", counting_logits)
+    monkeypatch.setattr(engine, "MIN_BLOCKED_ENTRIES", 1000)
+    monkeypatch.setattr(engine, "BLOCK_PRUNING_MIN_ALPHA_BAR", 0.0)
+    dictionary = PatchDictionary.from_entries(keys, values, sources)
+    pruned = ExactBackend(chunk_bytes=4096).summarize(queries, [dictionary], alpha_bar)
+    assert dictionary.blocks is not None
+    torch.testing.assert_close(pruned.mean, dense.mean, rtol=0, atol=1e-10)
+    torch.testing.assert_close(pruned.best_weight, dense.best_weight, rtol=0, atol=1e-10)
+    assert torch.equal(keys[pruned.best_source[:, 0]], keys[dense.best_source[:, 0]])
+    if alpha_bar == 0.999:
+        assert sum(computed) < 0.5 * len(dictionary) * queries.shape[0], "the bounds skipped too little at low noise"

@@ -1,0 +1,99 @@
+"""Time the exact engine on the issue's workload: boundary-broken ELS, Fashion-MNIST training images,
+unconditional, the paper's Fashion-MNIST ResNet scales, 20 steps, seed 0, on the CPU.
+
+One configuration:
+    python benchmarks/bench_exact.py run --images 1000 --batch 1
+The issue's suite (each configuration in its own process, so that peak memory is its own):
+    python benchmarks/bench_exact.py suite --images 1000,6000,60000 --batch 1 --extra-batch 16 --out benchmarks/results/exact.json
+
+Prints seconds (total and per step) and the process's peak resident memory.
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from patchdb.data import load_dataset  # noqa: E402
+from patchdb.machines import make_machine  # noqa: E402
+from patchdb.sampler import sample_ddim  # noqa: E402
+from patchdb.scales import parse_scales  # noqa: E402
+from patchdb.schedule import machine_steps  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+PAPER_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
+
+
+@click.group()
+def main() -> None:
+    """Benchmarks of the exact backend."""
+
+
+@main.command()
+@click.option("--images", type=click.IntRange(1), default=1000, show_default=True, help="First N Fashion-MNIST training images.")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Samples drawn together.")
+@click.option("--machine", default="bbels", show_default=True)
+@click.option("--scales", default=PAPER_SCALES, show_default=True)
+@click.option("--steps", type=click.IntRange(2), default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
+def run(images, batch, machine, scales, steps, seed, data_dir) -> None:
+    """Sample once and print one JSON line with the timings and peak memory."""
+    dataset = load_dataset(f"fashion-mnist:train:{images}", data_dir)
+    scale_list = parse_scales(scales, steps)
+    noise = torch.randn(batch, *dataset.images.shape[1:], generator=torch.Generator().manual_seed(seed))
+    step_seconds = []
+    last = [time.perf_counter()]
+
+    def record(_info):
+        now = time.perf_counter()
+        step_seconds.append(now - last[0])
+        last[0] = now
+
+    score_model = make_machine(machine, dataset)
+    start = time.perf_counter()
+    last[0] = start
+    sample_ddim(score_model, noise, machine_steps(steps), steps, scale_list, callback=record, disable=True)
+    total = time.perf_counter() - start
+    print(json.dumps({
+        "images": images, "batch": batch, "machine": machine, "scales": scales, "steps": steps, "seed": seed,
+        "seconds": round(total, 2), "seconds_per_sample": round(total / batch, 2),
+        "step_seconds": [round(s, 2) for s in step_seconds],
+        "peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "threads": torch.get_num_threads(),
+    }))
+
+
+@main.command()
+@click.option("--images", default="1000,6000,60000", show_default=True, help="Comma list of training-set sizes.")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--extra-batch", type=click.IntRange(1), default=16, show_default=True, help="Also time this batch size on the smallest set.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write all results to this JSON file.")
+def suite(images, batch, extra_batch, out) -> None:
+    """Run each configuration in its own process and print a markdown table."""
+    sizes = [int(item) for item in images.split(",")]
+    configs = [(size, batch) for size in sizes] + [(min(sizes), extra_batch)]
+    results = []
+    for size, batch_size in configs:
+        command = [sys.executable, __file__, "run", "--images", str(size), "--batch", str(batch_size)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    print("\n| images | batch | seconds | seconds per sample | peak memory (GiB) |\n| --- | --- | --- | --- | --- |")
+    for result in results:
+        print(f"| {result['images']} | {result['batch']} | {result['seconds']} | {result['seconds_per_sample']} | {result['peak_memory_gib']} |")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
