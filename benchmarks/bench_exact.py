@@ -2,8 +2,9 @@
 unconditional, the paper's Fashion-MNIST ResNet scales, 20 steps, seed 0, on the CPU.
 
 One configuration:
-    python benchmarks/bench_exact.py run --images 1000 --batch 1
-The issue's suite (each configuration in its own process, so that peak memory is its own):
+    python benchmarks/bench_exact.py run --images 1000 --batch 1 [--no-block-pruning]
+The issue's suite (each configuration in its own process, so that peak memory is its own; the
+smallest set is also run without block pruning, for the ratio):
     python benchmarks/bench_exact.py suite --images 1000,6000,60000 --batch 1 --extra-batch 16 --out benchmarks/results/exact.json
 
 Prints seconds (total and per step) and the process's peak resident memory.
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from patchdb.data import load_dataset  # noqa: E402
+from patchdb.engine import ExactBackend  # noqa: E402
 from patchdb.machines import make_machine  # noqa: E402
 from patchdb.sampler import sample_ddim  # noqa: E402
 from patchdb.scales import parse_scales  # noqa: E402
@@ -45,8 +47,13 @@ def main() -> None:
 @click.option("--steps", type=click.IntRange(2), default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
-def run(images, batch, machine, scales, steps, seed, data_dir) -> None:
+@click.option("--block-pruning/--no-block-pruning", default=True, show_default=True, help="The exact backend's block pruning.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="torch threads; 0 keeps torch's default. On a shared machine 1 thread gives steadier figures.")
+def run(images, batch, machine, scales, steps, seed, data_dir, block_pruning, threads) -> None:
     """Sample once and print one JSON line with the timings and peak memory."""
+    if threads:
+        torch.set_num_threads(threads)
     dataset = load_dataset(f"fashion-mnist:train:{images}", data_dir)
     scale_list = parse_scales(scales, steps)
     noise = torch.randn(batch, *dataset.images.shape[1:], generator=torch.Generator().manual_seed(seed))
@@ -58,13 +65,13 @@ def run(images, batch, machine, scales, steps, seed, data_dir) -> None:
         step_seconds.append(now - last[0])
         last[0] = now
 
-    score_model = make_machine(machine, dataset)
+    score_model = make_machine(machine, dataset, backend=ExactBackend(block_pruning=block_pruning))
     start = time.perf_counter()
     last[0] = start
     sample_ddim(score_model, noise, machine_steps(steps), steps, scale_list, callback=record, disable=True)
     total = time.perf_counter() - start
     print(json.dumps({
-        "images": images, "batch": batch, "machine": machine, "scales": scales, "steps": steps, "seed": seed,
+        "images": images, "batch": batch, "block_pruning": block_pruning, "machine": machine, "scales": scales, "steps": steps, "seed": seed,
         "seconds": round(total, 2), "seconds_per_sample": round(total / batch, 2),
         "step_seconds": [round(s, 2) for s in step_seconds],
         "peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
@@ -76,20 +83,23 @@ def run(images, batch, machine, scales, steps, seed, data_dir) -> None:
 @click.option("--images", default="1000,6000,60000", show_default=True, help="Comma list of training-set sizes.")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--extra-batch", type=click.IntRange(1), default=16, show_default=True, help="Also time this batch size on the smallest set.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="Passed to each run.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write all results to this JSON file.")
-def suite(images, batch, extra_batch, out) -> None:
+def suite(images, batch, extra_batch, threads, out) -> None:
     """Run each configuration in its own process and print a markdown table."""
     sizes = [int(item) for item in images.split(",")]
-    configs = [(size, batch) for size in sizes] + [(min(sizes), extra_batch)]
+    configs = [(min(sizes), batch, False)] + [(size, batch, True) for size in sizes] + [(min(sizes), extra_batch, True)]
     results = []
-    for size, batch_size in configs:
-        command = [sys.executable, __file__, "run", "--images", str(size), "--batch", str(batch_size)]
+    for size, batch_size, pruning in configs:
+        command = [sys.executable, __file__, "run", "--images", str(size), "--batch", str(batch_size),
+                   "--block-pruning" if pruning else "--no-block-pruning", "--threads", str(threads)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-    print("\n| images | batch | seconds | seconds per sample | peak memory (GiB) |\n| --- | --- | --- | --- | --- |")
+    print("\n| images | batch | block pruning | seconds | seconds per sample | peak memory (GiB) |\n| --- | --- | --- | --- | --- | --- |")
     for result in results:
-        print(f"| {result['images']} | {result['batch']} | {result['seconds']} | {result['seconds_per_sample']} | {result['peak_memory_gib']} |")
+        print(f"| {result['images']} | {result['batch']} | {result['block_pruning']} | {result['seconds']} | "
+              f"{result['seconds_per_sample']} | {result['peak_memory_gib']} |")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
