@@ -7,9 +7,8 @@ VENV_PYTHON := $(VENV)/bin/python
 # Written when the set-up has finished; it is redone when the package's metadata changes.
 STAMP := $(VENV)/.patchdb-installed
 
-# Four samples, one class each (so each sees only its class's 100 training images): bbELS is exact
-# and on this 2-core machine it takes about 2 minutes per sample today; the engine is being made
-# faster, which should bring the demo to about a minute. Raise --num for a fuller grid.
+# Four samples, one class each (so each sees only its class's 100 training images): bbELS is exact,
+# and on a busy 2-core machine the four took about 10 minutes. Raise --num for a fuller grid.
 DEMO_OPTIONS := --num 4 --conditional --seed 0
 DEMO_OUT := out/demo
 
