@@ -11,7 +11,8 @@ the softmax-weighted mean of the entries' values (the centre pixel of a patch, o
 the entry with the largest weight and that weight. It never holds more than one chunk of logits:
 a streaming log-sum-exp keeps a running maximum, normaliser and weighted sum per query.
 
-Backends: ``ExactBackend`` scans the whole dictionary with large matrix products.
+Backends: ``ExactBackend`` computes every entry's logit with large matrix products, except the
+entries that a bound proves negligible (below e^-60 of a query's maximum: see EntryBlocks).
 """
 
 import math
