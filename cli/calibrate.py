@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 
+from cli.options import machine_data_options
 from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run, parse_candidates
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES
@@ -19,10 +20,7 @@ from patchdb.machines import MACHINES
 @click.option("--steps", "num_steps", type=click.IntRange(min=2), default=20, help="Sampling steps n.")
 @click.option("--seed", type=click.IntRange(min=0), default=DEFAULT_SEED,
               help="Sample k's noise (and label) come from seed + k; the default stays clear of compare's seeds.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
-@click.option("--memory-gb", type=click.FloatRange(min=0.1), default=None, show_default="the machine's default (2)",
-              help="Memory bound of the machine's patch dictionaries and logits, in GiB.")
+@machine_data_options
 @click.option("--device", default="cpu", help="torch device for the network and the machine: cpu or cuda.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               show_default="RUN_DIR/scales.json", help="Where scales.json goes (scales.png beside it).")

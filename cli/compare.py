@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from cli.calibrate import gib_to_bytes
+from cli.options import machine_data_options
 from patchdb.calibration import calibrate_run
 from patchdb.comparison import run_comparison
 from patchdb.data import load_dataset
@@ -36,10 +37,7 @@ from patchdb.training import cached_run_dir, is_trained, read_config, train_cach
 @click.option("--single-step", is_flag=True, help="Also compare scores on the same noised held-out images at each t.")
 @click.option("--test-dataset", default=None, show_default="the data set's test split",
               help="Held-out images for --single-step.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
-@click.option("--memory-gb", type=click.FloatRange(min=0.1), default=None, show_default="the machine's default (2)",
-              help="Memory bound of the machine's patch dictionaries and logits, in GiB.")
+@machine_data_options
 @click.option("--device", default="cpu", help="torch device: cpu or cuda.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: compare.json, outputs.npz, scatter.png, pairs.png[, single_step.png].")

@@ -1,0 +1,16 @@
+"""Click options shared by the commands that build machines from a data set."""
+
+from pathlib import Path
+
+import click
+
+from patchdb.engine import DEFAULT_MEMORY_BUDGET
+
+
+def machine_data_options(command):
+    """--data-dir (root of named data sets) and --memory-gb (the machines' memory budget)."""
+    command = click.option("--memory-gb", type=click.FloatRange(min=0.1), default=None,
+                           show_default=f"the machine's default ({DEFAULT_MEMORY_BUDGET / 1024**3:g})",
+                           help="Memory bound of the machine's patch dictionaries and logits, in GiB.")(command)
+    return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")(command)
