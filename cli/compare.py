@@ -44,21 +44,18 @@ from patchdb.training import cached_run_dir, is_trained, read_config, train_cach
 def compare(model, dataset_spec, padding, conditional, train_missing, machine, scale_spec, num_steps, num, seed,
             batch_size, single_step, test_dataset, data_dir, memory_gb, device, out_dir) -> None:
     """Run the network and the machine (plus the IS machine and a Gaussian baseline) from the same seeds; report r, R^2, MSE."""
-    try:
-        run_dir = _resolve_model(model, dataset_spec, padding, conditional, train_missing, data_dir, device)
-        if scale_spec is None:
-            scale_spec = f"calibrated:{run_dir}"
-            if not (run_dir / "scales.json").is_file():
-                click.echo(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
-                calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
-                              memory_budget=gib_to_bytes(memory_gb))
-        scales = parse_scales(scale_spec, num_steps)
-        report = run_comparison(run_dir, out_dir, machine=machine, scales=scales, scales_source=scale_spec,
-                                num_steps=num_steps, num=num, seed=seed, batch_size=batch_size,
-                                test_dataset=test_dataset, single_step=single_step, data_dir=data_dir, device=device,
-                                memory_budget=gib_to_bytes(memory_gb))
-    except PatchdbError as error:
-        raise click.ClickException(str(error)) from None
+    run_dir = _resolve_model(model, dataset_spec, padding, conditional, train_missing, data_dir, device)
+    if scale_spec is None:
+        scale_spec = f"calibrated:{run_dir}"
+        if not (run_dir / "scales.json").is_file():
+            click.echo(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
+            calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
+                          memory_budget=gib_to_bytes(memory_gb))
+    scales = parse_scales(scale_spec, num_steps)
+    report = run_comparison(run_dir, out_dir, machine=machine, scales=scales, scales_source=scale_spec,
+                            num_steps=num_steps, num=num, seed=seed, batch_size=batch_size,
+                            test_dataset=test_dataset, single_step=single_step, data_dir=data_dir, device=device,
+                            memory_budget=gib_to_bytes(memory_gb))
     summary = report["summary"]
     for name, values in summary.items():
         r = values["pearson_r"]

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from patchdb.data import load_dataset
-from patchdb.errors import PatchdbError
 from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.training import PRESETS, preset_configs, train_network
 
@@ -30,13 +29,10 @@ from patchdb.training import PRESETS, preset_configs, train_network
               help="Run folder: config.json, checkpoint.pt, loss.png. An unfinished run there is resumed.")
 def train(architecture, dataset_spec, data_dir, padding, conditional, preset, epochs, seed, device, run_dir) -> None:
     """Train a noise-prediction network (noise MSE, AdamW, lr x 0.999965 per batch) into RUN_DIR."""
-    try:
-        dataset = load_dataset(dataset_spec, data_dir)
-        network_config, training_config = preset_configs(preset, architecture, dataset, padding=padding,
-                                                         conditional=conditional, epochs=epochs)
-        training_config = dataclasses.replace(training_config, seed=seed)
-        start = time.monotonic()
-        train_network(run_dir, dataset, dataset_spec, network_config, training_config, device=device)
-    except PatchdbError as error:
-        raise click.ClickException(str(error)) from None
+    dataset = load_dataset(dataset_spec, data_dir)
+    network_config, training_config = preset_configs(preset, architecture, dataset, padding=padding,
+                                                     conditional=conditional, epochs=epochs)
+    training_config = dataclasses.replace(training_config, seed=seed)
+    start = time.monotonic()
+    train_network(run_dir, dataset, dataset_spec, network_config, training_config, device=device)
     click.echo(f"trained {architecture} in {time.monotonic() - start:.0f} s: {run_dir}")

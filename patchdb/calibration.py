@@ -119,7 +119,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     """Calibrate a machine over a run's own training images to the run's network; write scales.json
     (default RUN_DIR/scales.json) and scales.png. Sample k's noise and label come from seed + k.
     memory_budget: the machine's memory bound in bytes (None: its default)."""
-    from patchdb.comparison import seeded_inputs
+    from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine
     from patchdb.training import load_network, load_training_data
 

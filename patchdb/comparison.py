@@ -23,23 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from patchdb.errors import PatchdbError
+from patchdb.generate import seeded_inputs
 from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import alpha_bar, beta, full_steps, machine_steps
 
 STATISTICS = ("pearson_r", "r_squared", "mse")
-
-
-def seeded_inputs(seed: int, count: int, image_shape: tuple[int, ...],
-                  num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Noise (count, C, H, W) float32 and, if num_classes, labels (count,) int64; sample k from seed + k."""
-    noise = torch.empty(count, *image_shape)
-    labels = torch.empty(count, dtype=torch.int64) if num_classes else None
-    for k in range(count):
-        generator = torch.Generator().manual_seed(seed + k)
-        noise[k] = torch.randn(image_shape, generator=generator)
-        if labels is not None:
-            labels[k] = int(torch.randint(num_classes, (1,), generator=generator))
-    return noise, labels
 
 
 def image_statistics(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:

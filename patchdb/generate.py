@@ -92,11 +92,14 @@ class Generation:
 
 
 def seeded_inputs(seed: int, count: int, image_shape: tuple[int, ...],
-                  classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Noise (count, C, H, W) float32 and, if classes (K,) is given, labels (count,) int64 drawn from it.
+                  classes: torch.Tensor | int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Noise (count, C, H, W) float32 and, if classes is given, labels (count,) int64 drawn from it.
 
-    Sample k draws its noise, then its label (uniform over classes), from generator seed + k.
+    classes: the labels to draw from, (K,), or an int K for 0..K-1. Sample k draws its noise, then
+    its label (uniform over classes), from generator seed + k, so it can be regenerated alone.
     """
+    if isinstance(classes, int):
+        classes = torch.arange(classes)
     noise = torch.empty(count, *image_shape)
     labels = None if classes is None else torch.empty(count, dtype=torch.int64)
     for k in range(count):

@@ -49,8 +49,8 @@ def test_summary_and_fraction_beating_the_baseline():
 
 
 def test_each_sample_regenerates_alone_from_its_seed():
-    noise, labels = seeded_inputs(10, 4, (1, 8, 8), num_classes=10)
-    alone_noise, alone_labels = seeded_inputs(12, 1, (1, 8, 8), num_classes=10)
+    noise, labels = seeded_inputs(10, 4, (1, 8, 8), 10)
+    alone_noise, alone_labels = seeded_inputs(12, 1, (1, 8, 8), 10)
     assert torch.equal(noise[2], alone_noise[0]) and labels[2] == alone_labels[0]
     assert not torch.equal(noise[0], noise[1])
     unlabelled_noise, none = seeded_inputs(10, 4, (1, 8, 8))
