@@ -8,6 +8,7 @@ from cli.sample import sample
 from cli.train import train
 from cli.calibrate import calibrate
 from cli.compare import compare
+from cli.index import build_index, info
 
 
 class PatchdbGroup(click.Group):
@@ -31,3 +32,5 @@ main.add_command(fetch_data)
 main.add_command(train)
 main.add_command(calibrate)
 main.add_command(compare)
+main.add_command(build_index)
+main.add_command(info)

@@ -15,7 +15,10 @@ A run writes into its output folder (every file atomically: a temporary name, th
   and ``weight`` (N, H, W) float32 posterior weight of that entry;
 - grid.png (the samples) and provenance.png (see patchdb.plots);
 - run.json: every argument, the schedule, the data set's name and fingerprint, package versions,
-  seconds per step and in total.
+  seconds per step and in total; with an index, per step the fraction of pixels per path, the
+  entries scored per pixel and the seconds spent searching, re-scoring and estimating;
+- paths.npy: with an index, (steps, N, H, W) uint8 path code of every pixel at every step
+  (patchdb.topk.PATHS: 0 exact, 1 certified, 2 estimated, 3 truncated).
 """
 
 import contextlib
@@ -37,10 +40,13 @@ from patchdb.data import Dataset, load_dataset
 from patchdb.engine import DEFAULT_MEMORY_BUDGET
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES, Machine, Posterior, make_machine
+from patchdb.patches import PATCH_MACHINES
 from patchdb.plots import image_grid_figure, provenance_figure
 from patchdb.sampler import sample_ddim
 from patchdb.scales import parse_scales
 from patchdb.schedule import full_steps, machine_steps
+from patchdb.store import PatchStore
+from patchdb.topk import DEFAULT_ESTIMATE_SAMPLES, DEFAULT_TOL, DEFAULT_TOPK, TopKBackend
 
 DEFAULT_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
 LOOPS = {"machine": machine_steps, "full": full_steps}
@@ -57,7 +63,9 @@ class SampleConfig:
 
     dataset: data set spec (None: the embedded default); noise: path of an (N, C, H, W) .npy used
     instead of seeded noise; num: number of samples (None: the noise file's N, else 8);
-    memory_budget_gib: the machine's memory bound in GiB.
+    memory_budget_gib: the machine's memory bound in GiB; index: a patch store (patchdb build-index)
+    whose dictionaries the top-k backend uses, with topk, tol, fallback and estimate_samples (see
+    patchdb.topk.TopKBackend); None: the exact backend.
     """
 
     out: str
@@ -75,6 +83,11 @@ class SampleConfig:
     device: str = "cpu"
     dtype: str = "float32"
     memory_budget_gib: float = DEFAULT_MEMORY_BUDGET / GIB
+    index: str | None = None
+    topk: int = DEFAULT_TOPK
+    tol: float = DEFAULT_TOL
+    fallback: str = "auto"
+    estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES
 
 
 
@@ -83,12 +96,16 @@ class Generation:
     """The result of sampling a batch.
 
     samples: (N, C, H, W) final images; provenance: the machine's posterior at the last step;
-    seconds_per_step: wall time of each model call, in sampler order.
+    seconds_per_step: wall time of each model call, in sampler order; backend_reports: what the
+    machine's backend measured at each call (Machine.take_report); paths: each call's (N, H, W)
+    uint8 path codes (patchdb.topk.PATHS), or None for backends that do not choose per pixel.
     """
 
     samples: torch.Tensor
     provenance: Posterior
     seconds_per_step: list[float]
+    backend_reports: list[dict | None]
+    paths: list[torch.Tensor | None]
 
 
 def seeded_inputs(seed: int, count: int, image_shape: tuple[int, ...],
@@ -117,6 +134,8 @@ class PosteriorRecorder:
         self.machine = machine
         self.last: Posterior | None = None
         self.seconds: list[float] = []
+        self.reports: list[dict | None] = []
+        self.paths: list[torch.Tensor | None] = []
 
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None,
                  patch_size: int | None = None) -> torch.Tensor:
@@ -127,6 +146,8 @@ class PosteriorRecorder:
         if score.device.type == "cuda":
             torch.cuda.synchronize(score.device)
         self.seconds.append(time.perf_counter() - start)
+        self.reports.append(self.machine.take_report())
+        self.paths.append(None if self.last.path is None else self.last.path.cpu())
         return score
 
 
@@ -140,7 +161,7 @@ def generate(machine: Machine, noise: torch.Tensor, scales: list[int], num_steps
     recorder = PosteriorRecorder(machine)
     samples = sample_ddim(recorder, noise, LOOPS[loop](num_steps), num_steps, scales, labels=labels,
                           disable=not progress)
-    return Generation(samples, recorder.last, recorder.seconds)
+    return Generation(samples, recorder.last, recorder.seconds, recorder.reports, recorder.paths)
 
 
 def run_sample(config: SampleConfig, progress: bool = True) -> dict:
@@ -151,7 +172,7 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     scales = parse_scales(config.scales, config.steps)
     noise, labels = _inputs(config, dataset)
     machine = make_machine(config.machine, dataset, dtype=DTYPES[config.dtype], device=config.device,
-                           memory_budget=int(config.memory_budget_gib * GIB))
+                           memory_budget=int(config.memory_budget_gib * GIB), **_index_options(config, dataset, scales, labels))
     out = Path(config.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -175,9 +196,35 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
         "seconds_per_step": generation.seconds_per_step,
         "total_seconds": time.perf_counter() - start,
     }
+    if config.index is not None:
+        record["index_steps"] = _index_steps(generation, LOOPS[config.loop](config.steps), scales, config.steps)
     with _atomic_path(out / "run.json") as temporary:
         temporary.write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _index_options(config: SampleConfig, dataset: Dataset, scales: list[int], labels: torch.Tensor | None) -> dict:
+    """make_machine's store and backend options for a run with --index (none without)."""
+    if config.index is None:
+        return {}
+    if config.machine not in PATCH_MACHINES:
+        raise PatchdbError(f"--index serves the patch machines ({', '.join(PATCH_MACHINES)}), not {config.machine}; drop --index")
+    store = PatchStore(config.index)
+    used = sorted({scales[min(i, config.steps - 1)] for i in LOOPS[config.loop](config.steps)})
+    store.check_run(dataset, config.machine, used, labels is not None, labels)
+    backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, seed=config.seed)
+    return {"store": store, "backend": backend}
+
+
+def _index_steps(generation: Generation, steps: list[int], scales: list[int], num_steps: int) -> list[dict]:
+    """Per model call of an indexed run: t, patch size, fraction of pixels per path, entries scored per pixel, seconds split."""
+    records = []
+    for i, report in zip(steps, generation.backend_reports):
+        queries = max(1, report["queries"])
+        records.append({"t": i / num_steps, "patch_size": scales[min(i, num_steps - 1)],
+                        "fraction_of_pixels": {path: count / queries for path, count in report["paths"].items()},
+                        "entries_scored_per_pixel": report["entries_scored"] / queries, "seconds": report["seconds"]})
+    return records
 
 
 def versions() -> dict[str, str | None]:
@@ -269,6 +316,11 @@ def _write_outputs(out: Path, dataset: Dataset, generation: Generation, noise: t
     with _atomic_path(out / "provenance.npz") as temporary:
         with temporary.open("wb") as file:
             np.savez(file, source=source, weight=weight)
+    if any(path is not None for path in generation.paths):
+        # path codes of every pixel at every step (patchdb.topk.PATHS), in sampler order
+        _save_npy(out / "paths.npy", torch.stack(generation.paths).numpy())
+    else:
+        (out / "paths.npy").unlink(missing_ok=True)
     titles = None if labels is None else [f"class {int(label)}" for label in labels]
     for name, figure in (("grid.png", image_grid_figure(samples, titles)),
                          ("provenance.png", provenance_figure(samples, source, dataset.images.numpy()))):

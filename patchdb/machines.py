@@ -25,6 +25,7 @@ from patchdb.engine import DEFAULT_MEMORY_BUDGET, LOGIT_CHUNK_BYTES, ExactBacken
 from patchdb.errors import PatchdbError
 from patchdb.patches import PATCH_MACHINES, centre_indices, dictionary_groups, gather_patches, padding_mode, patch_windows
 from patchdb.schedule import alpha_bar
+from patchdb.store import PatchStore
 
 MACHINES = ("is", "es", "ls", "els", "bbels")
 
@@ -37,11 +38,14 @@ class Posterior:
     source: (B, H, W, 3) int64 (training image index in the full data set, row, column) of the pixel
         in the training set that the dominant dictionary entry places at this pixel.
     weight: (B, H, W) posterior weight of that dominant entry.
+    path: (B, H, W) uint8 code (patchdb.topk.PATHS) of how each pixel's posterior was computed, for
+        backends that choose per pixel; None otherwise.
     """
 
     mean: torch.Tensor
     source: torch.Tensor
     weight: torch.Tensor
+    path: torch.Tensor | None = None
 
     def score(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """The machine's score at x (B, C, H, W): (sqrt(alpha_bar) * mean - x) / beta."""
@@ -75,6 +79,7 @@ class Machine:
         mean = torch.empty_like(x)
         source = torch.empty(batch, height, width, 3, dtype=torch.int64, device=self.device)
         weight = torch.empty(batch, height, width, dtype=self.dtype, device=self.device)
+        path = None
         if labels is None:
             groups = [(None, torch.arange(batch, device=self.device))]
         else:
@@ -86,11 +91,19 @@ class Machine:
             mean[members] = part.mean
             source[members] = torch.cat([global_index[part.source[..., :1]], part.source[..., 1:]], dim=-1)
             weight[members] = part.weight
-        return Posterior(mean, source, weight)
+            if part.path is not None:
+                if path is None:
+                    path = torch.zeros(batch, height, width, dtype=torch.uint8, device=self.device)
+                path[members] = part.path
+        return Posterior(mean, source, weight, path)
 
     def _posterior(self, x: torch.Tensor, alpha_bar: float, patch_size: int | None, images: torch.Tensor, label) -> Posterior:
         """The machine's posterior for x against training images (source indices local to images)."""
         raise NotImplementedError
+
+    def take_report(self) -> dict | None:
+        """What the machine's backend measured since the last call (paths taken, time split), or None."""
+        return None
 
     def _training_images(self, label: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Training images (M, C, H, W) a sample of this label may use, and their indices in the full set."""
@@ -180,12 +193,16 @@ class EquivariantMachine(Machine):
 class PatchMachine(Machine):
     """LS, ELS and boundary-broken ELS: each pixel's posterior over its group's patch dictionary."""
 
-    def __init__(self, name: str, dataset: Dataset, *, backend=None, merge_duplicates: bool = True, **options):
+    def __init__(self, name: str, dataset: Dataset, *, backend=None, merge_duplicates: bool = True, store: PatchStore | None = None,
+                 **options):
         super().__init__(dataset, **options)
         self.name = name
         self.padding = padding_mode(name)
         self.backend = backend or ExactBackend()
         self.merge_duplicates = merge_duplicates
+        self.store = store
+        if store is not None:
+            store.check_run(dataset, name)
         self._cache_scale: int | None = None
         self._cache: dict[int | None, list[PatchDictionary]] = {}  # by label, for the scale _cache_scale
 
@@ -200,13 +217,17 @@ class PatchMachine(Machine):
         query_windows = patch_windows(x, patch_size, self.padding)
         queries = [_group_queries(query_windows, group) for group in groups]
         accumulators = [SoftmaxAccumulator(batch * len(group.query_pixels), channels, x.dtype, x.device) for group in groups]
+        paths = [None] * len(groups)
         for block in self._dictionary_blocks(images, label, patch_size, groups):
-            for accumulator, group_queries, dictionary in zip(accumulators, queries, block):
-                self.backend.fold(accumulator, group_queries, dictionary, alpha_bar)
+            for index, (accumulator, group_queries, dictionary) in enumerate(zip(accumulators, queries, block)):
+                path = self.backend.fold(accumulator, group_queries, dictionary, alpha_bar)
+                if path is not None:
+                    paths[index] = path if paths[index] is None else torch.maximum(paths[index], path)
         mean = torch.empty(batch, channels, height * width, dtype=x.dtype, device=x.device)
         source = torch.empty(batch, height * width, 3, dtype=torch.int64, device=x.device)
         weight = torch.empty(batch, height * width, dtype=x.dtype, device=x.device)
-        for group, accumulator in zip(groups, accumulators):
+        path = None if all(group_path is None for group_path in paths) else torch.zeros(batch, height * width, dtype=torch.uint8, device=x.device)
+        for group, accumulator, group_path in zip(groups, accumulators, paths):
             summary = accumulator.summary()
             pixels = group.query_pixels.to(x.device)
             # rows are (sample, pixel) pairs, or (pixel, sample) pairs in a same-location group
@@ -215,7 +236,14 @@ class PatchMachine(Machine):
             mean[:, :, pixels] = swap(summary.mean.reshape(*order, channels)).transpose(1, 2)
             source[:, pixels] = swap(summary.best_source.reshape(*order, 3))
             weight[:, pixels] = swap(summary.best_weight.reshape(*order))
-        return Posterior(mean.reshape(x.shape), source.reshape(batch, height, width, 3), weight.reshape(batch, height, width))
+            if group_path is not None:
+                path[:, pixels] = swap(group_path.reshape(*order))
+        return Posterior(mean.reshape(x.shape), source.reshape(batch, height, width, 3), weight.reshape(batch, height, width),
+                         None if path is None else path.reshape(batch, height, width))
+
+    def take_report(self) -> dict | None:
+        take = getattr(self.backend, "take_report", None)
+        return None if take is None else take()
 
     def _dictionary_blocks(self, images, label, patch_size, groups):
         """The groups' dictionaries, one list (a dictionary per group) per block of training images.
@@ -229,6 +257,9 @@ class PatchMachine(Machine):
             self._cache_scale, self._cache = patch_size, {}  # free the previous scale's dictionaries first
         if label in self._cache:
             return [self._cache[label]]
+        if self.store is not None:
+            self._cache[label] = self._stored_dictionaries(images, label, patch_size, groups)
+            return [self._cache[label]]
         entry_bytes = self.image_shape[0] * patch_size**2 * images.element_size() + 32
         image_bytes = self.image_shape[1] * self.image_shape[2] * entry_bytes
         cached_images = sum(self._training_images(cached)[0].shape[0] for cached in self._cache)
@@ -236,6 +267,18 @@ class PatchMachine(Machine):
             self._cache[label] = next(self._extract_blocks(images, patch_size, groups, images.shape[0]))
             return [self._cache[label]]
         return self._extract_blocks(images, patch_size, groups, max(1, self.memory_budget // 4 // image_bytes))
+
+    def _stored_dictionaries(self, images, label, patch_size, groups):
+        """The groups' dictionaries from the store; same-location groups (not stored) are extracted."""
+        self.store.check_run(self.dataset, self.name, [patch_size], label is not None, None if label is None else torch.tensor([label]))
+        stored = self.store.dictionaries(patch_size, label, groups, images)
+        nbytes = sum(dictionary.nbytes for dictionary in stored if dictionary is not None)
+        if nbytes > self.memory_budget:
+            raise PatchdbError(f"the stored dictionaries of patch size {patch_size} take {nbytes / 1024**3:.1f} GiB, more than "
+                               f"the memory budget of {self.memory_budget / 1024**3:.1f} GiB; raise the budget (--memory-budget)")
+        local = [group for group in groups if group.same_location]
+        extracted = iter(next(self._extract_blocks(images, patch_size, local, images.shape[0])) if local else [])
+        return [next(extracted) if dictionary is None else dictionary for dictionary in stored]
 
     def _extract_blocks(self, images, patch_size, groups, images_per_block):
         """Yield, per block of images_per_block training images, a PatchDictionary per group."""

@@ -119,3 +119,9 @@ def gather_patches(windows: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     pixels = pixels.to(windows.device)
     selected = windows[:, :, pixels // width, pixels % width]  # (N, C, M, P, P)
     return selected.permute(0, 2, 1, 3, 4).reshape(windows.shape[0], pixels.shape[0], -1)
+
+
+def gather_sources(windows: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """Copy the patches at sources (n, 3) int64 (image, centre row, centre column) out of a patch_windows view: (n, D)."""
+    size = windows.shape[1] * windows.shape[-2] * windows.shape[-1]
+    return windows[sources[:, 0], :, sources[:, 1], sources[:, 2]].reshape(sources.shape[0], size)

@@ -71,3 +71,22 @@ def check_scales(sizes: list, num_steps: int, source: str = "scales") -> list[in
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 2 == 0:
             raise PatchdbError(f"{source}: entry {index} is {size!r}; patch sizes must be positive odd integers")
     return list(sizes)
+
+
+def parse_patch_sizes(spec: str) -> list[int]:
+    """The distinct patch sizes, ascending, of a comma-separated list ('3,5,7') or of a paper:KEY schedule."""
+    spec = str(spec).strip()
+    if spec.startswith("paper:"):
+        key = spec.removeprefix("paper:")
+        if key not in paper_scales():
+            raise PatchdbError(f"unknown paper scale preset {key!r}; choose one of: {', '.join(sorted(paper_scales()))}")
+        sizes = paper_scales()[key]
+    else:
+        try:
+            sizes = [int(item) for item in spec.split(",")]
+        except ValueError:
+            raise PatchdbError(f"cannot read the patch sizes {spec!r}: give odd sizes like 3,5,7 or paper:KEY") from None
+    bad = sorted({size for size in sizes if size <= 0 or size % 2 == 0})
+    if bad:
+        raise PatchdbError(f"patch sizes {bad} in {spec!r} are invalid: patch sizes are positive odd integers")
+    return sorted(set(sizes))

@@ -155,3 +155,29 @@ def test_group_turns_any_patchdb_error_into_a_message():
     result = CliRunner().invoke(group, ["fails"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert result.output.strip() == "Error: the problem; the fix"
+
+
+def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
+    store = tmp_path / "store"
+    built = CliRunner().invoke(main, ["build-index", "--dataset", data_specs["labelled"], "--scales", "3", "--conditional",
+                                      "--cluster-size", "16", "--min-indexed-entries", "256", "--out", str(store)])
+    assert built.exit_code == 0, built.output
+    shown = CliRunner().invoke(main, ["info", str(store)])
+    assert shown.exit_code == 0 and "class-conditional, labels 0, 1, 2" in shown.output
+    assert "P=3: " in shown.output and " 0 clusters" not in shown.output
+    # tol 0 and room for every entry: the indexed run draws the exact run's samples
+    out = tmp_path / "indexed"
+    result = sample(data_specs["labelled"], out, "--num", "3", "--seed", "5", "--conditional", "--index", str(store),
+                    "--topk", "1000000", "--tol", "0")
+    assert result.exit_code == 0, result.output
+    assert np.allclose(np.load(out / "samples.npy"), np.load(batch / "samples.npy"), atol=1e-4)
+    record = json.loads((out / "run.json").read_text())
+    assert record["arguments"]["index"] == str(store) and len(record["index_steps"]) == 3
+    for step in record["index_steps"]:
+        assert abs(sum(step["fraction_of_pixels"].values()) - 1) < 1e-9 and set(step["seconds"]) == {"search", "rescore", "estimate"}
+    assert np.load(out / "paths.npy").shape == (3, 3, 32, 32)
+    # a store built for other data or another machine is refused with the reason
+    mismatched = sample(data_specs["unlabelled"], tmp_path / "refused", "--index", str(store))
+    assert mismatched.exit_code == 1 and "fingerprint" in mismatched.output and "Traceback" not in mismatched.output
+    wrong_machine = sample(data_specs["labelled"], tmp_path / "refused", "--conditional", "--machine", "is", "--index", str(store))
+    assert wrong_machine.exit_code == 1 and "--index serves the patch machines" in wrong_machine.output

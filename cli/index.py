@@ -1,0 +1,83 @@
+"""``patchdb build-index`` and ``patchdb info``: build a patch store and describe one."""
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from patchdb.build import build_store
+from patchdb.data import load_dataset
+from patchdb.index import CLUSTER_SIZE, MIN_INDEXED_ENTRIES
+from patchdb.patches import PATCH_MACHINES
+from patchdb.scales import parse_patch_sizes
+from patchdb.store import PatchStore
+
+
+@click.command("build-index")
+@click.option("--dataset", default=None, show_default="the embedded default, 1,000 Fashion-MNIST images",
+              help="Training images: NAME[:SPLIT][:LIMIT] or file:PATH[:LIMIT].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+@click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels", help="The patch machine whose dictionaries to index.")
+@click.option("--scales", default="3,5,7,9,11,13,15,17", help="Patch sizes to index: odd sizes 3,5,... or paper:KEY (its sizes).")
+@click.option("--conditional", is_flag=True, help="One set of dictionaries per class (for class-conditional sampling).")
+@click.option("--labels", default=None, help="With --conditional: only these classes, comma-separated (default: all).")
+@click.option("--cluster-size", type=click.IntRange(min=1), default=CLUSTER_SIZE,
+              help="Dictionary entries per k-means cluster of the inverted file.")
+@click.option("--min-indexed-entries", type=click.IntRange(min=1), default=MIN_INDEXED_ENTRIES,
+              help="Dictionaries with fewer distinct patches are not clustered (the exact backend scans them).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Store folder (store.h5, scale-PP.h5); an interrupted build resumes into it.")
+def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster_size, min_indexed_entries, out) -> None:
+    """Index a machine's patch dictionaries at every scale (HDF5 store + FAISS k-means clusters) into OUT."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("patchdb").setLevel(logging.INFO)
+    data = load_dataset(dataset, data_dir)
+    if labels is not None and not conditional:
+        raise click.UsageError("--labels selects classes of a --conditional store; add --conditional")
+    store = build_store(data, machine, parse_patch_sizes(scales), out, conditional=conditional,
+                        labels=None if labels is None else _int_list(labels, "--labels"), cluster_size=cluster_size,
+                        min_indexed_entries=min_indexed_entries)
+    click.echo(_summary(store.describe()))
+
+
+@click.command("info")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def info(store, as_json) -> None:
+    """Print a patch store's settings and sizes."""
+    description = PatchStore(store).describe()
+    click.echo(json.dumps(description, indent=2) if as_json else _summary(description))
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
+
+
+def _summary(description: dict) -> str:
+    settings = description["settings"]
+    lines = [f"store {description['path']}",
+             f"  data: {settings['dataset']}, {settings['num_images']} images of shape {settings['image_shape']}, "
+             f"fingerprint {settings['fingerprint'][:16]}",
+             f"  preprocessing: {settings['preprocessing']}",
+             f"  machine: {settings['machine']} ({settings['padding']} padding), "
+             + (f"class-conditional, labels {', '.join(map(str, settings['labels']))}" if settings["labels"] is not None
+                else "unconditional"),
+             f"  index: k-means clusters of about {settings['cluster_size']} entries (FAISS) for dictionaries of at least "
+             f"{settings['min_indexed_entries']} distinct patches, duplicates "
+             + ("merged" if settings["merge_duplicates"] else "kept"),
+             f"  patchdb {settings['patchdb_version']}, store format {settings['format_version']}",
+             f"  images: {description['store_bytes'] / 1024**2:.1f} MiB"]
+    total = description["store_bytes"]
+    for size, scale in description["scales"].items():
+        total += scale["bytes"]
+        dictionaries = scale["dictionaries"].values()
+        lines.append(f"  P={size}: {scale['bytes'] / 1024**2:.1f} MiB, {len(dictionaries)} dictionaries, "
+                     f"{sum(d['patches'] for d in dictionaries)} patches, {sum(d['entries'] for d in dictionaries)} distinct, "
+                     f"{sum(d['clusters'] for d in dictionaries)} clusters")
+    lines.append(f"  total: {total / 1024**2:.1f} MiB")
+    return "\n".join(lines)

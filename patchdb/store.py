@@ -1,0 +1,239 @@
+"""The patch store: a machine's indexed patch dictionaries on disk (HDF5), built by ``patchdb build-index``.
+
+A store is a folder:
+
+- ``store.h5``: metadata (attributes, see StoreSettings and BUILD_ATTRIBUTES) and the preprocessed
+  training images (N, C, H, W) float32 (plus labels), from which every patch is gathered again at
+  load time: storing patches would cost C * P * P floats per entry, tens of GB at 60,000 images.
+- ``scale-PP.h5`` for each patch size P: one HDF5 group per dictionary, ``label-L/<boundary class>``
+  (``label-all`` unconditionally), holding
+    ``sources`` (n, 3) int32: training image (index within the label's images), centre row, column
+        of each distinct patch (its first occurrence), sorted by cluster;
+    ``multiplicity`` (n,) int32: how many identical patches each one stands for;
+    and, for dictionaries of at least min_indexed_entries distinct patches, the inverted file:
+    ``offsets`` (C + 1,) int64, ``centroids`` (C, D) float32, ``radii`` (C,) float32 and
+    ``coarse_quantizer`` (bytes): the FAISS IndexFlatL2 over the centroids (faiss.deserialize_index).
+  Same-location dictionaries (LS, bbELS corners: one patch per training image) are not stored.
+
+Every file is written under a temporary name and renamed when complete, so a part that exists is
+whole; an interrupted build resumes from the scales already written.
+"""
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+import patchdb
+from patchdb.data import Dataset
+from patchdb.engine import PatchDictionary
+from patchdb.errors import PatchdbError
+from patchdb.index import ClusteredDictionary, EntryClusters, cluster_log_mass
+from patchdb.patches import DictionaryGroup, centre_indices, gather_sources, patch_windows
+
+FORMAT_VERSION = 1
+STORE_FILE = "store.h5"
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """What a store was built from and for; a run must match all of it (see check_run).
+
+    labels: the classes with their own dictionaries (conditional), or None (one unconditional set).
+    """
+
+    fingerprint: str
+    dataset: str
+    num_images: int
+    image_shape: tuple[int, ...]
+    machine: str
+    padding: str
+    scales: tuple[int, ...]
+    labels: tuple[int, ...] | None
+    cluster_size: int
+    min_indexed_entries: int
+    merge_duplicates: bool
+    preprocessing: str = "resized to 32x32 (bilinear), scaled to [-1, 1]"
+    format_version: int = FORMAT_VERSION
+    patchdb_version: str = patchdb.__version__
+
+    @property
+    def conditional(self) -> bool:
+        return self.labels is not None
+
+
+def scale_file(store: Path, patch_size: int) -> Path:
+    return Path(store) / f"scale-{patch_size:02d}.h5"
+
+
+def dictionary_key(label: int | None, group: DictionaryGroup) -> str:
+    """HDF5 path of a dictionary inside its scale file."""
+    return f"label-{'all' if label is None else label}/{group.boundary_class}"
+
+
+@contextlib.contextmanager
+def atomic_h5(path: Path) -> Iterator[h5py.File]:
+    """An HDF5 file open for writing under a temporary name, renamed to path only when the block succeeds."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(temporary, "w") as file:
+            yield file
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_settings(store: Path, settings: StoreSettings, dataset: Dataset) -> None:
+    """Write store.h5: the settings as attributes, and the preprocessed images and labels."""
+    with atomic_h5(Path(store) / STORE_FILE) as file:
+        file.attrs["settings"] = json.dumps(asdict(settings))
+        file.create_dataset("images", data=dataset.images.numpy())
+        if dataset.labels is not None:
+            file.create_dataset("labels", data=dataset.labels.numpy())
+
+
+def read_settings(store: Path) -> StoreSettings:
+    """The settings of the store at store; a clear error when it is absent, partial or corrupt."""
+    path = Path(store) / STORE_FILE
+    if not path.is_file():
+        raise PatchdbError(f"{store} is not a patch store (no {STORE_FILE}); build one with `patchdb build-index --out {store}`")
+    try:
+        with h5py.File(path, "r") as file:
+            raw = json.loads(file.attrs["settings"])
+    except (OSError, KeyError, ValueError) as error:
+        raise PatchdbError(f"{path} is corrupt or not a patchdb store ({error}); delete {store} and build it again") from None
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise PatchdbError(f"{store} has store format {raw.get('format_version')}, this patchdb reads format "
+                           f"{FORMAT_VERSION}; rebuild it with `patchdb build-index`")
+    raw["image_shape"], raw["scales"] = tuple(raw["image_shape"]), tuple(raw["scales"])
+    raw["labels"] = None if raw["labels"] is None else tuple(raw["labels"])
+    return StoreSettings(**raw)
+
+
+@dataclass
+class StoredDictionary:
+    """One dictionary as the store keeps it.
+
+    sources: (n, 3) int64 (image index within the label's images, centre row, centre column) of each
+    distinct patch, in cluster order; multiplicity: (n,) int64; num_patches: patches before merging;
+    clusters and coarse_quantizer (a serialized FAISS index over the centroids): None when not indexed.
+    """
+
+    sources: torch.Tensor
+    multiplicity: torch.Tensor
+    num_patches: int
+    clusters: EntryClusters | None = None
+    coarse_quantizer: np.ndarray | None = None
+
+
+def write_scale(store: Path, patch_size: int, dictionaries: dict[str, StoredDictionary]) -> None:
+    """Write scale-PP.h5 with every dictionary of one patch size (HDF5 key -> dictionary)."""
+    with atomic_h5(scale_file(store, patch_size)) as file:
+        file.attrs["patch_size"] = patch_size
+        for key, stored in dictionaries.items():
+            group = file.create_group(key)
+            group.attrs["num_patches"] = stored.num_patches
+            group.create_dataset("sources", data=stored.sources.to(torch.int32).numpy())
+            group.create_dataset("multiplicity", data=stored.multiplicity.to(torch.int32).numpy())
+            if stored.clusters is not None:
+                group.create_dataset("offsets", data=stored.clusters.offsets.numpy())
+                group.create_dataset("centroids", data=stored.clusters.centroids.float().numpy())
+                group.create_dataset("radii", data=stored.clusters.radii.float().numpy())
+                group.create_dataset("coarse_quantizer", data=stored.coarse_quantizer)
+
+
+class PatchStore:
+    """A built store, opened for sampling: checks runs against its settings and loads dictionaries."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.settings = read_settings(self.path)
+        missing = [size for size in self.settings.scales if not scale_file(self.path, size).is_file()]
+        if missing:
+            raise PatchdbError(f"the store {self.path} is incomplete: patch sizes {missing} were never written (the build "
+                               f"was interrupted); rerun the same `patchdb build-index` command to resume it")
+
+    def check_run(self, dataset: Dataset, machine: str, scales: list[int] | None = None, conditional: bool | None = None,
+                  labels: torch.Tensor | None = None) -> None:
+        """Refuse a run whose data, machine, scales or conditioning differ from the store's, saying which.
+
+        scales: the run's patch sizes; conditional: whether it is class-conditional; labels: its
+        labels (N,) when conditional. None leaves that part unchecked.
+        """
+        settings, problems = self.settings, []
+        if dataset.fingerprint != settings.fingerprint:
+            problems.append(f"its data fingerprint is {settings.fingerprint[:12]} ({settings.dataset}, {settings.num_images} "
+                            f"images) but this run's data ({dataset.name}, {len(dataset)} images) has {dataset.fingerprint[:12]}")
+        if machine != settings.machine:
+            problems.append(f"it was built for the {settings.machine} machine, not {machine}")
+        missing = sorted(set(scales or ()) - set(settings.scales))
+        if missing:
+            problems.append(f"it has no dictionaries for patch sizes {missing} (it holds {list(settings.scales)})")
+        if conditional is not None and conditional != settings.conditional:
+            problems.append(f"it holds {'class-conditional' if settings.conditional else 'unconditional'} dictionaries but "
+                            f"this run is {'class-conditional' if conditional else 'unconditional'}")
+        elif conditional and labels is not None:
+            absent = sorted(set(labels.tolist()) - set(settings.labels))
+            if absent:
+                problems.append(f"it has no dictionaries for labels {absent}")
+        if problems:
+            raise PatchdbError(f"the store {self.path} does not match this run: " + "; ".join(problems)
+                               + ". Build a matching store with `patchdb build-index`.")
+
+    def dictionaries(self, patch_size: int, label: int | None, groups: list[DictionaryGroup], images: torch.Tensor
+                     ) -> list[ClusteredDictionary | PatchDictionary | None]:
+        """The stored dictionary of every group at patch_size (None for same-location groups, which are not stored).
+
+        images: (M, C, H, W) the label's training images in the machine's dtype and device; each
+        patch is gathered from them by its source.
+        """
+        windows = patch_windows(images, patch_size, self.settings.padding)  # (M, C, H, W, P, P)
+        centre = centre_indices(images.shape[1], patch_size).to(images.device)
+        loaded = []
+        try:
+            with h5py.File(scale_file(self.path, patch_size), "r") as file:
+                for group in groups:
+                    loaded.append(None if group.same_location else
+                                  _read_dictionary(file[dictionary_key(label, group)], windows, centre))
+        except (OSError, KeyError) as error:
+            raise PatchdbError(f"{scale_file(self.path, patch_size)} is corrupt or lacks a dictionary ({error}); "
+                               f"delete it and rerun `patchdb build-index` to rebuild that scale") from None
+        return loaded
+
+    def describe(self) -> dict:
+        """Settings, and per scale the file size and each dictionary's patches, distinct entries and clusters."""
+        scales = {}
+        for size in self.settings.scales:
+            path = scale_file(self.path, size)
+            dictionaries = {}
+            with h5py.File(path, "r") as file:
+                def visit(name, node, dictionaries=dictionaries):
+                    if isinstance(node, h5py.Group) and "sources" in node:
+                        dictionaries[name] = {"patches": int(node.attrs["num_patches"]), "entries": node["sources"].shape[0],
+                                              "clusters": node["radii"].shape[0] if "radii" in node else 0}
+                file.visititems(visit)
+            scales[size] = {"bytes": path.stat().st_size, "dictionaries": dictionaries}
+        return {"path": str(self.path), "settings": asdict(self.settings),
+                "store_bytes": (self.path / STORE_FILE).stat().st_size, "scales": scales}
+
+
+def _read_dictionary(node: h5py.Group, windows: torch.Tensor, centre: torch.Tensor) -> ClusteredDictionary | PatchDictionary:
+    device, dtype = windows.device, windows.dtype
+    sources = torch.from_numpy(node["sources"][...].astype(np.int64)).to(device)
+    keys = gather_sources(windows, sources)
+    log_multiplicity = torch.from_numpy(node["multiplicity"][...]).to(device=device, dtype=dtype).log()
+    entries = PatchDictionary(keys, keys[:, centre], keys.square().sum(dim=1), log_multiplicity, sources,
+                              merged=bool((log_multiplicity > 0).any()))
+    if "offsets" not in node:
+        return entries
+    offsets = torch.from_numpy(node["offsets"][...]).to(device)
+    clusters = EntryClusters(offsets, torch.from_numpy(node["centroids"][...]).to(device=device, dtype=dtype),
+                             torch.from_numpy(node["radii"][...]).to(device=device, dtype=dtype),
+                             cluster_log_mass(offsets, log_multiplicity))
+    return ClusteredDictionary(entries, clusters)

@@ -1,0 +1,230 @@
+"""The top-k backend: a certified truncated softmax over an indexed dictionary, with a fallback per query.
+
+For a query q (a pixel's noisy patch) and a clustered dictionary (patchdb.index), every cluster c
+has an upper bound b_c on its members' logits (triangle inequality) and so a bound
+M_c = b_c + log(summed multiplicities) on its share of the posterior's normaliser. The backend
+
+1. orders the clusters by the distance from q / sqrt(alpha_bar) to their centroids, as an IVF
+   search probes them, and scores exactly each query's first cluster, which gives a lower bound Z
+   on the query's normaliser;
+2. takes the shortest prefix of that order whose complement's mass bound
+   logsumexp(M_c over the rest) is at most tol * Z: if that prefix holds at most ``topk`` entries,
+   the query is *certified*: its prefix is scored exactly and the neglected posterior mass is
+   provably below tol, so its posterior mean is off by at most tol times the spread of the values;
+3. otherwise (a broad posterior) falls back, as ``fallback`` says:
+   - 'exact': every cluster that is not provably negligible (the exact backend's e^-60 rule);
+   - 'none': the best clusters up to ``topk`` entries only, a plain truncated softmax (*truncated*);
+   - 'estimate': those best clusters exactly, plus a uniform random sample of the remaining
+     patches reweighted by (patches left) / (sampled patches left): an unbiased estimate of the
+     tail's share of the normaliser and of the weighted sum (*estimated*);
+   - 'auto': the estimate where its relative standard error is at most ``estimate_error``, else exact.
+
+Scoring is by the engine's matrix products, on runs of consecutive clusters (clusters with nearby
+numbers lie near each other), masking for each query the clusters it does not visit.
+"""
+
+import math
+import time
+from collections import Counter
+
+import torch
+
+from patchdb.engine import LOGIT_CHUNK_BYTES, NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits
+from patchdb.errors import PatchdbError
+from patchdb.index import ClusteredDictionary, EntryClusters
+
+PATHS = ("exact", "certified", "estimated", "truncated")
+"""Path codes: the path a query took is PATHS[code]."""
+FALLBACKS = ("auto", "exact", "estimate", "none")
+
+DEFAULT_TOPK = 16384
+DEFAULT_TOL = 1e-3
+DEFAULT_ESTIMATE_SAMPLES = 4096
+DEFAULT_ESTIMATE_ERROR = 0.02
+
+RUN_ENTRIES = 2048
+"""Consecutive clusters are scored together in runs of about this many entries (and the rows in
+blocks that keep each run's logits within the engine's LOGIT_CHUNK_BYTES)."""
+
+
+class TopKBackend:
+    """Certified truncated softmax over ClusteredDictionary parts; other parts go to the exact backend.
+
+    topk: most entries a query may score exactly and still count as certified (or truncated);
+    tol: the certified bound on the neglected posterior mass; fallback: one of FALLBACKS;
+    estimate_samples: entries in the estimator's uniform sample; estimate_error: the largest relative
+    standard error of the estimated normaliser that 'auto' accepts; seed: the sampler's generator.
+    """
+
+    def __init__(self, topk: int = DEFAULT_TOPK, tol: float = DEFAULT_TOL, fallback: str = "auto",
+                 estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES, estimate_error: float = DEFAULT_ESTIMATE_ERROR,
+                 seed: int = 0, exact: ExactBackend | None = None):
+        if topk < 1:
+            raise PatchdbError(f"--topk must be at least 1, got {topk}")
+        if not 0.0 <= tol < 1.0:
+            raise PatchdbError(f"--tol must lie in [0, 1), got {tol}")
+        if fallback not in FALLBACKS:
+            raise PatchdbError(f"unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}")
+        if estimate_samples < 1 or estimate_error <= 0:
+            raise PatchdbError("the estimator needs at least one sample and a positive error bound")
+        self.topk, self.tol, self.fallback = topk, tol, fallback
+        self.estimate_samples, self.estimate_error = estimate_samples, estimate_error
+        self.generator = torch.Generator().manual_seed(seed)
+        self.exact = exact or ExactBackend()
+        self._report = _new_report()
+
+    def fold(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary, alpha_bar: float) -> torch.Tensor:
+        """Fold dictionary into accumulator for queries (Q, D); returns each query's path code (Q,) uint8."""
+        if not isinstance(dictionary, ClusteredDictionary):
+            start = time.perf_counter()
+            self.exact.fold(accumulator, queries, dictionary, alpha_bar)
+            self._report["seconds"]["rescore"] += time.perf_counter() - start
+            num_rows = queries.shape[0] * (queries.shape[1] if queries.ndim == 3 else 1)
+            self._count(torch.zeros(num_rows, dtype=torch.uint8), num_rows * len(dictionary))
+            return torch.zeros(num_rows, dtype=torch.uint8, device=queries.device)
+        entries, clusters = dictionary.entries, dictionary.clusters
+        seconds = self._report["seconds"]
+        start = time.perf_counter()
+        centroid_distances, mass_bounds = clusters.search(queries, alpha_bar)  # (Q, C) each
+        order = centroid_distances.argsort(dim=1)  # nearest centroid first, as an IVF search probes
+        positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[q, c]: position of cluster c in q's order
+        tail = mass_bounds.gather(1, order).flip(1).logcumsumexp(dim=1).flip(1)  # tail[:, j]: bound on the mass of ranks >= j
+        prefix_entries = clusters.sizes[order].cumsum(dim=1)  # (Q, C) entries in ranks 0..j
+        seconds["search"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        scored = self._score(accumulator, queries, entries, clusters, rank == 0, alpha_bar)
+        seconds["rescore"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        log_normaliser = accumulator.running_max + accumulator.normaliser.log()  # only grows: a lower bound
+        needed = (tail > (math.log(self.tol) if self.tol > 0 else -math.inf) + log_normaliser[:, None]).sum(dim=1).clamp_min(1)
+        certified = prefix_entries.gather(1, (needed - 1)[:, None])[:, 0] <= self.topk
+        affordable = (prefix_entries <= self.topk).sum(dim=1).clamp_min(1)
+        path = torch.where(certified, PATHS.index("certified"), PATHS.index(_UNCERTIFIED_PATH[self.fallback])).to(torch.uint8)
+        head = torch.where(certified, needed, affordable)
+        if self.fallback == "exact":
+            head = torch.where(certified, needed, clusters.sizes.shape[0])
+        seconds["search"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        scored += self._score(accumulator, queries, entries, clusters, (rank >= 1) & (rank < head[:, None]), alpha_bar,
+                              negligible_below=accumulator.running_max if self.fallback == "exact" else None,
+                              mass_bounds=mass_bounds)
+        seconds["rescore"] += time.perf_counter() - start
+        if self.fallback in ("estimate", "auto"):
+            uncertified = torch.nonzero(~certified).squeeze(1)
+            if uncertified.numel():
+                start = time.perf_counter()
+                rejected, sampled = self._estimate(accumulator, queries, entries, clusters, rank, head, uncertified, alpha_bar)
+                scored += sampled
+                seconds["estimate"] += time.perf_counter() - start
+                if rejected.numel():
+                    start = time.perf_counter()
+                    tail_visit = torch.zeros_like(rank, dtype=torch.bool)
+                    tail_visit[rejected] = rank[rejected] >= head[rejected, None]
+                    scored += self._score(accumulator, queries, entries, clusters, tail_visit, alpha_bar,
+                                          negligible_below=accumulator.running_max, mass_bounds=mass_bounds)
+                    path[rejected] = PATHS.index("exact")
+                    seconds["rescore"] += time.perf_counter() - start
+        self._count(path.cpu(), scored)
+        return path
+
+    def take_report(self) -> dict:
+        """Counts since the last call: queries per path, entries scored, seconds in search / rescore / estimate."""
+        report, self._report = self._report, _new_report()
+        report["paths"] = {PATHS[code]: count for code, count in sorted(report["paths"].items())}
+        return report
+
+    def _count(self, path: torch.Tensor, scored: int) -> None:
+        self._report["paths"].update(Counter(path.tolist()))
+        self._report["queries"] += path.numel()
+        self._report["entries_scored"] += int(scored)
+
+    def _score(self, accumulator, queries, entries: PatchDictionary, clusters: EntryClusters, visit: torch.Tensor,
+               alpha_bar: float, negligible_below: torch.Tensor | None = None, mass_bounds: torch.Tensor | None = None) -> int:
+        """Score exactly, for each query, the entries of the clusters visit (Q, C) marks; returns the entries scored.
+
+        With negligible_below (Q,), clusters whose mass bound lies below it + NEGLIGIBLE_LOG_WEIGHT are skipped.
+        """
+        if negligible_below is not None:
+            visit = visit & (mass_bounds > (negligible_below + NEGLIGIBLE_LOG_WEIGHT)[:, None])
+        offsets, scored = clusters.offsets.tolist(), 0
+        for first, last in _cluster_runs(clusters.sizes, RUN_ENTRIES):
+            rows = torch.nonzero(visit[:, first:last].any(dim=1)).squeeze(1)
+            if not rows.numel():
+                continue
+            start, stop = offsets[first], offsets[last]
+            values, sizes, member = entries.values[start:stop], clusters.sizes[first:last], None
+            log_multiplicity = entries.log_multiplicity[start:stop] if entries.merged else None
+            for block in rows.split(max(1, LOGIT_CHUNK_BYTES // ((stop - start) * queries.element_size()))):
+                block_visit = visit[block, first:last]
+                logits = _logits(queries[block], entries, start, stop, alpha_bar)
+                if not bool(block_visit.all()):
+                    if member is None:
+                        member = torch.repeat_interleave(torch.arange(last - first, device=block.device), sizes)
+                    logits.masked_fill_(~block_visit[:, member], -math.inf)
+                scored += int((block_visit.to(torch.int64) @ sizes).sum())
+                accumulator.update(logits, lambda weights, _, values=values: weights @ values, entries.sources[start:stop],
+                                   log_multiplicity, rows=block)
+        return scored
+
+    def _estimate(self, accumulator, queries, entries: PatchDictionary, clusters: EntryClusters, rank, head,
+                  rows: torch.Tensor, alpha_bar: float) -> tuple[torch.Tensor, int]:
+        """Fold an estimate of the unvisited clusters (rank >= head) of rows into the accumulator.
+
+        One sample of the dictionary's patches, uniform over all patches (so an entry is drawn in
+        proportion to its multiplicity, with replacement), is shared by all rows; for each row, the
+        draws that fall in its unvisited clusters are a uniform sample of their patches, and each
+        stands for (patches in them) / (draws in them) patches. Returns the rows whose estimate was
+        rejected ('auto' only; they still need their tail scored) and the entries scored.
+        """
+        multiplicity = entries.log_multiplicity.double().exp()
+        draws = torch.multinomial(multiplicity.cpu(), self.estimate_samples, replacement=True, generator=self.generator)
+        draws = draws.sort().values.to(rows.device)
+        draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
+        in_tail = rank[rows][:, draw_cluster] >= head[rows, None]  # (R, m)
+        drawn = in_tail.sum(dim=1)
+        tail_patches = ((rank[rows] >= head[rows, None]) * clusters.log_mass.double().exp()).sum(dim=1)
+        sample = PatchDictionary(entries.keys[draws], entries.values[draws], entries.squared_norms[draws],
+                                 torch.zeros(len(draws), dtype=entries.keys.dtype, device=rows.device), entries.sources[draws])
+        logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar).masked_fill_(~in_tail, -math.inf)
+        # the relative standard error of the estimated normaliser
+        shift = torch.maximum(accumulator.running_max[rows], logits.amax(dim=1)).double()
+        weights = (logits.double() - shift[:, None]).exp()
+        count = drawn.clamp_min(1).double()
+        mean = weights.sum(dim=1) / count
+        variance = ((weights - mean[:, None]).square() * in_tail).sum(dim=1) / (count - 1).clamp_min(1)
+        known = accumulator.normaliser[rows].double() * (accumulator.running_max[rows].double() - shift).exp()
+        relative_error = tail_patches * (variance / count).sqrt() / (known + tail_patches * mean)
+        accept = drawn > 0
+        if self.fallback == "auto":
+            accept &= relative_error <= self.estimate_error
+        kept = torch.nonzero(accept).squeeze(1)
+        if kept.numel():
+            log_multiplicity = (tail_patches[kept] / drawn[kept]).log().to(logits.dtype)[:, None].expand(-1, len(draws))
+            accumulator.update(logits[kept], lambda weights, _: weights @ sample.values, sample.sources,
+                               log_multiplicity.contiguous(), rows=rows[kept])
+        return rows[~accept], rows.numel() * len(draws)
+
+
+_UNCERTIFIED_PATH = {"auto": "estimated", "exact": "exact", "estimate": "estimated", "none": "truncated"}
+
+
+def _new_report() -> dict:
+    return {"paths": Counter(), "queries": 0, "entries_scored": 0,
+            "seconds": {"search": 0.0, "rescore": 0.0, "estimate": 0.0}}
+
+
+def _cluster_runs(sizes: torch.Tensor, run_entries: int) -> list[tuple[int, int]]:
+    """(first, last) ranges of consecutive clusters holding about run_entries entries each (at least one cluster)."""
+    runs, first, total = [], 0, 0
+    for cluster, size in enumerate(sizes.tolist()):
+        total += size
+        if total >= run_entries:
+            runs.append((first, cluster + 1))
+            first, total = cluster + 1, 0
+    if first < len(sizes):
+        runs.append((first, len(sizes)))
+    return runs

@@ -1,0 +1,180 @@
+"""The index backend: cluster bounds, the certified top-k softmax and its fallbacks, duplicate merging in blocks."""
+
+import math
+
+import pytest
+import torch
+
+import patchdb.index
+from patchdb.engine import ExactBackend, PatchDictionary, SoftmaxAccumulator, unique_rows
+from patchdb.index import clustered, distinct_entries
+from patchdb.topk import PATHS, TopKBackend
+
+from conftest import quantised_images
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def patch_dictionary(num_images: int = 40, patch_size: int = 3, seed: int = 0) -> PatchDictionary:
+    """Every 3x3 patch of quantised 12x12 images, duplicates merged, float64 (about 2,000 distinct entries).
+
+    The images are random rectangles of pixels from a few grey levels, so that patches gather in
+    clusters (as real ones do) as well as repeat.
+    """
+    images = quantised_images(seed, num_images, 12).double()
+    images = torch.where(images > -1, (images * 2).round() / 2, images)  # grey levels -1, -0.5, 0, 0.5, 1
+    generator = torch.Generator().manual_seed(seed)
+    images = images + 0.02 * torch.rand(images.shape, generator=generator, dtype=torch.float64) * (images > -1)
+    patches = torch.nn.functional.unfold(images, patch_size, padding=patch_size // 2)  # (N, D, H*W)
+    keys = patches.transpose(1, 2).reshape(-1, patch_size**2)
+    index = torch.arange(len(keys))
+    sources = torch.stack([index // 144, (index % 144) // 12, index % 12], 1)
+    return PatchDictionary.from_entries(keys, keys[:, 4:5], sources)
+
+
+def noisy_queries(dictionary: PatchDictionary, alpha_bar: float, count: int = 64, seed: int = 1) -> torch.Tensor:
+    """Forward-noised copies of random dictionary keys (Q, D), float64."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(dictionary), (count,), generator=generator)
+    noise = torch.randn(count, dictionary.keys.shape[1], generator=generator, dtype=torch.float64)
+    return math.sqrt(alpha_bar) * dictionary.keys[picks] + math.sqrt(1 - alpha_bar) * noise
+
+
+def exact_mean(queries, dictionary, alpha_bar) -> torch.Tensor:
+    return ExactBackend().summarize(queries, [dictionary], alpha_bar).mean
+
+
+def topk_fold(backend: TopKBackend, queries, dictionary, alpha_bar):
+    accumulator = SoftmaxAccumulator(queries.shape[0], dictionary.entries.values.shape[1], queries.dtype, queries.device)
+    path = backend.fold(accumulator, queries, dictionary, alpha_bar)
+    return accumulator.summary().mean, path
+
+
+@pytest.fixture(scope="module")
+def dictionary():
+    return patch_dictionary()
+
+
+@pytest.fixture(scope="module")
+def indexed(dictionary):
+    return clustered(dictionary, cluster_size=32)
+
+
+@pytest.mark.parametrize("alpha_bar", [0.3, 0.9, 0.99])
+def test_cluster_mass_bounds_hold_for_every_cluster(indexed, alpha_bar):
+    queries = noisy_queries(indexed.entries, alpha_bar)
+    entries, clusters = indexed.entries, indexed.clusters
+    _, mass_bounds = clusters.search(queries, alpha_bar)
+    signal, noise_variance = math.sqrt(alpha_bar), 1 - alpha_bar
+    logits = (signal * queries @ entries.keys.T - alpha_bar / 2 * entries.squared_norms) / noise_variance + entries.log_multiplicity
+    member = torch.repeat_interleave(torch.arange(len(clusters)), clusters.sizes)
+    true_mass = torch.full((queries.shape[0], len(clusters)), -math.inf, dtype=torch.float64)
+    for cluster in range(len(clusters)):
+        true_mass[:, cluster] = logits[:, member == cluster].logsumexp(dim=1)
+    assert (mass_bounds >= true_mass - 1e-9).all()
+    assert len(clusters) > 20  # the bounds were tested on many clusters
+
+
+def test_clustering_keeps_every_entry_once(dictionary, indexed):
+    assert torch.equal(indexed.clusters.offsets[-1], torch.tensor(len(dictionary)))
+    assert sorted(map(tuple, indexed.entries.sources.tolist())) == sorted(map(tuple, dictionary.sources.tolist()))
+    assert torch.allclose(indexed.clusters.log_mass.exp().sum(), dictionary.log_multiplicity.exp().sum())
+
+
+@pytest.mark.parametrize("fallback", ["exact", "auto", "estimate", "none"])
+def test_topk_with_zero_tolerance_and_room_for_everything_is_exact(dictionary, indexed, fallback):
+    alpha_bar = 0.6
+    queries = noisy_queries(dictionary, alpha_bar)
+    mean, path = topk_fold(TopKBackend(topk=len(dictionary), tol=0.0, fallback=fallback), queries, indexed, alpha_bar)
+    assert (path == PATHS.index("certified")).all()
+    assert torch.allclose(mean, exact_mean(queries, dictionary, alpha_bar), atol=1e-10)
+
+
+@pytest.mark.parametrize("alpha_bar, tol", [(0.98, 1e-1), (0.99, 1e-2), (0.995, 1e-3), (0.999, 1e-4)])
+def test_certified_pixels_are_within_tol_times_the_spread(dictionary, indexed, alpha_bar, tol):
+    queries = noisy_queries(dictionary, alpha_bar, count=128)
+    backend = TopKBackend(topk=len(dictionary) // 4, tol=tol, fallback="none")
+    mean, path = topk_fold(backend, queries, indexed, alpha_bar)
+    certified = path == PATHS.index("certified")
+    assert 0 < int(certified.sum()) < len(path)  # both certified and uncertified pixels occur
+    spread = dictionary.values.max() - dictionary.values.min()
+    error = (mean - exact_mean(queries, dictionary, alpha_bar)).abs()[certified]
+    assert error.max() <= tol * spread
+    report = backend.take_report()
+    assert report["paths"]["certified"] == int(certified.sum())
+    assert report["entries_scored"] < len(path) * len(dictionary)  # the certificate saved work
+
+
+def test_estimated_normaliser_is_unbiased(dictionary, indexed):
+    alpha_bar = 0.5
+    queries = noisy_queries(dictionary, alpha_bar, count=16)
+    signal, noise_variance = math.sqrt(alpha_bar), 1 - alpha_bar
+    logits = (signal * queries @ dictionary.keys.T - alpha_bar / 2 * dictionary.squared_norms) / noise_variance
+    exact_log_normaliser = (logits + dictionary.log_multiplicity).logsumexp(dim=1)
+    ratios = []
+    for seed in range(200):
+        accumulator = SoftmaxAccumulator(queries.shape[0], 1, queries.dtype, queries.device)
+        path = TopKBackend(topk=64, tol=1e-6, fallback="estimate", estimate_samples=256, seed=seed).fold(
+            accumulator, queries, indexed, alpha_bar)
+        assert (path == PATHS.index("estimated")).all()
+        ratios.append(accumulator.normaliser * (accumulator.running_max - exact_log_normaliser).exp())
+    ratios = torch.stack(ratios)  # (seeds, Q): estimated / exact normaliser
+    standard_error = ratios.std(dim=0) / math.sqrt(len(ratios))
+    assert ((ratios.mean(dim=0) - 1).abs() <= 4 * standard_error + 1e-12).all()
+    assert (ratios.std(dim=0) > 0).any()  # the estimate did vary: the test would see a bias
+
+
+def test_estimator_is_close_and_auto_falls_back_to_exact(dictionary, indexed):
+    alpha_bar = 0.3  # broad posteriors: nothing certified with 64 entries
+    queries = noisy_queries(dictionary, alpha_bar)
+    exact = exact_mean(queries, dictionary, alpha_bar)
+    estimated, path = topk_fold(TopKBackend(topk=64, tol=1e-6, fallback="estimate", estimate_samples=512), queries, indexed, alpha_bar)
+    assert (path == PATHS.index("estimated")).all()
+    assert (estimated - exact).abs().median() < 0.05
+    strict, path = topk_fold(TopKBackend(topk=64, tol=1e-6, fallback="auto", estimate_samples=512, estimate_error=1e-4),
+                             queries, indexed, alpha_bar)
+    assert (path == PATHS.index("exact")).all()  # no estimate is that precise: all went exact
+    assert torch.allclose(strict, exact, atol=1e-10)
+    exact_fallback, path = topk_fold(TopKBackend(topk=64, tol=1e-6, fallback="exact"), queries, indexed, alpha_bar)
+    assert (path == PATHS.index("exact")).all() and torch.allclose(exact_fallback, exact, atol=1e-10)
+
+
+def test_truncated_softmax_scores_at_most_topk_entries_per_pixel(dictionary, indexed):
+    alpha_bar = 0.3
+    queries = noisy_queries(dictionary, alpha_bar)
+    backend = TopKBackend(topk=100, tol=1e-6, fallback="none")
+    _, path = topk_fold(backend, queries, indexed, alpha_bar)
+    assert (path == PATHS.index("truncated")).all()
+    largest_cluster = int(indexed.clusters.sizes.max())
+    assert backend.take_report()["entries_scored"] <= len(path) * (100 + largest_cluster)
+
+
+def test_unclustered_dictionaries_go_to_the_exact_backend(dictionary):
+    queries = noisy_queries(dictionary, 0.7)
+    accumulator = SoftmaxAccumulator(queries.shape[0], 1, queries.dtype, queries.device)
+    path = TopKBackend().fold(accumulator, queries, dictionary, 0.7)
+    assert (path == PATHS.index("exact")).all()
+    assert torch.allclose(accumulator.summary().mean, exact_mean(queries, dictionary, 0.7))
+
+
+def test_bad_backend_settings_are_refused():
+    from patchdb.errors import PatchdbError
+    for options in ({"topk": 0}, {"tol": 1.0}, {"fallback": "sometimes"}):
+        with pytest.raises(PatchdbError):
+            TopKBackend(**options)
+
+
+def test_distinct_entries_in_blocks_equals_unique_rows():
+    keys = torch.randint(0, 3, (5000, 4)).float()
+    first, counts = distinct_entries(lambda rows: keys[rows], len(keys), block_rows=333)
+    expected_first, expected_counts = unique_rows(keys)
+    assert torch.equal(first, expected_first) and torch.equal(counts, expected_counts)
+
+
+def test_distinct_entries_never_merges_different_keys(monkeypatch):
+    """Every key hashes alike: only the exact comparison keeps different keys apart."""
+    monkeypatch.setattr(patchdb.index, "row_hashes", lambda rows: torch.zeros(rows.shape[0], dtype=torch.int64))
+    keys = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [-0.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    first, counts = distinct_entries(lambda rows: keys[rows], len(keys), block_rows=2)
+    # rows that collide with a different row are kept on their own (never merged wrongly)
+    assert first.tolist() == [0, 2, 3, 4, 5] and counts.tolist() == [2, 1, 1, 1, 1]

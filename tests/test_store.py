@@ -1,0 +1,121 @@
+"""The patch store: build, load, resume, refuse mismatched runs and corrupt files; indexed machines equal exact ones."""
+
+import h5py
+import pytest
+import torch
+
+import patchdb.build
+from patchdb.build import build_store
+from patchdb.errors import PatchdbError
+from patchdb.machines import make_machine
+from patchdb.store import STORE_FILE, PatchStore, scale_file
+from patchdb.topk import PATHS, TopKBackend
+
+from conftest import noisy_batch, tiny_dataset
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SCALES = [3, 5]
+
+
+def build(dataset, out, machine="bbels", scales=SCALES, **options):
+    return build_store(dataset, machine, scales, out, cluster_size=16, min_indexed_entries=64, progress=False, **options)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return tiny_dataset(labelled=True, num_images=24, side=10)
+
+
+@pytest.fixture(scope="module")
+def store(dataset, tmp_path_factory):
+    return build(dataset, tmp_path_factory.mktemp("store") / "bbels")
+
+
+@pytest.mark.parametrize("machine", ["bbels", "els", "ls"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_indexed_machine_with_zero_tolerance_equals_the_exact_machine(dataset, tmp_path, machine, conditional):
+    store = build(dataset, tmp_path / machine, machine=machine, conditional=conditional)
+    labels = torch.tensor([0, 2]) if conditional else None
+    indexed = make_machine(machine, dataset, dtype=torch.float64, store=store,
+                           backend=TopKBackend(topk=10**6, tol=0.0, fallback="none"))
+    exact = make_machine(machine, dataset, dtype=torch.float64)
+    for patch_size, t in ((3, 0.2), (5, 0.6)):
+        x = noisy_batch(dataset, t, seed=patch_size)
+        expected, got = exact.posterior(x, t, labels, patch_size), indexed.posterior(x, t, labels, patch_size)
+        assert torch.allclose(got.mean, expected.mean, atol=1e-10)
+        assert torch.equal(got.source[..., 0] >= 0, torch.ones_like(got.source[..., 0], dtype=torch.bool))
+        if machine != "ls":  # LS has only same-location dictionaries: nothing indexed, no paths
+            assert got.path is not None and set(got.path.unique().tolist()) <= {PATHS.index("exact"), PATHS.index("certified")}
+    if machine != "ls":
+        assert indexed.take_report()["paths"].get("certified", 0) > 0
+
+
+def test_store_keeps_every_patch_with_its_multiplicity(dataset, store):
+    description = store.describe()
+    for size in SCALES:
+        dictionaries = description["scales"][size]["dictionaries"]
+        interior = dictionaries["label-all/interior"]
+        assert interior["patches"] == len(dataset) * (10 - size + 1) ** 2
+        assert interior["entries"] < interior["patches"] or size > 3  # 3x3: the black background merged
+        assert interior["clusters"] > 1
+        with h5py.File(scale_file(store.path, size), "r") as file:
+            assert int(file["label-all/interior/multiplicity"][...].sum()) == interior["patches"]
+
+
+def test_interrupted_build_leaves_no_partial_scale_and_resumes(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "store"
+    real = patchdb.build._build_scale
+
+    def fail_on_second_scale(dataset, settings, patch_size, out):
+        if patch_size == SCALES[1]:
+            raise KeyboardInterrupt
+        real(dataset, settings, patch_size, out)
+
+    monkeypatch.setattr(patchdb.build, "_build_scale", fail_on_second_scale)
+    with pytest.raises(KeyboardInterrupt):
+        build(dataset, out)
+    assert scale_file(out, SCALES[0]).is_file() and not scale_file(out, SCALES[1]).exists()
+    assert [path.name for path in out.iterdir() if path.name.startswith(".")] == []  # no temporary left behind
+    with pytest.raises(PatchdbError, match="incomplete.*resume"):
+        PatchStore(out)
+    first_scale_written = scale_file(out, SCALES[0]).stat().st_mtime_ns
+    monkeypatch.setattr(patchdb.build, "_build_scale", real)
+    resumed = build(dataset, out)
+    assert scale_file(out, SCALES[0]).stat().st_mtime_ns == first_scale_written  # kept, not rebuilt
+    assert sorted(resumed.describe()["scales"]) == SCALES
+
+
+def test_build_refuses_to_mix_settings_in_one_folder(dataset, store):
+    with pytest.raises(PatchdbError, match="cluster_size"):
+        build_store(dataset, "bbels", SCALES, store.path, cluster_size=99, min_indexed_entries=64, progress=False)
+
+
+def test_runs_that_do_not_match_the_store_are_refused_saying_why(dataset, store):
+    other_data = tiny_dataset(labelled=True, num_images=24, side=10, seed=5)
+    with pytest.raises(PatchdbError, match="fingerprint"):
+        store.check_run(other_data, "bbels")
+    with pytest.raises(PatchdbError, match="built for the bbels machine, not els"):
+        store.check_run(dataset, "els")
+    with pytest.raises(PatchdbError, match=r"no dictionaries for patch sizes \[7\]"):
+        store.check_run(dataset, "bbels", [3, 7])
+    with pytest.raises(PatchdbError, match="unconditional dictionaries but this run is class-conditional"):
+        store.check_run(dataset, "bbels", [3], conditional=True, labels=torch.tensor([0]))
+    machine = make_machine("bbels", dataset, store=store, backend=TopKBackend())
+    with pytest.raises(PatchdbError, match="patch sizes"):
+        machine.posterior(noisy_batch(dataset, 0.5, seed=0).float(), 0.5, None, 7)
+
+
+def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
+    with pytest.raises(PatchdbError, match="not a patch store"):
+        PatchStore(tmp_path / "nothing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / STORE_FILE).write_bytes(b"not hdf5")
+    with pytest.raises(PatchdbError, match="corrupt"):
+        PatchStore(broken)
+    copy = build(dataset, tmp_path / "copy")
+    scale_file(copy.path, 3).write_bytes(b"garbage")
+    machine = make_machine("bbels", dataset, store=PatchStore(copy.path), backend=TopKBackend())
+    with pytest.raises(PatchdbError, match="corrupt"):
+        machine.posterior(noisy_batch(dataset, 0.5, seed=0).float(), 0.5, None, 3)
