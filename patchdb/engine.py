@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+LN_2 = math.log(2.0)
+LOG2_E = 1.0 / LN_2
+
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3
 """Bytes that one machine may use for cached dictionaries plus one chunk of logits (default 4 GiB)."""
 
@@ -59,18 +62,48 @@ class PosteriorSummary:
 
 
 class SoftmaxAccumulator:
-    """Streaming softmax-weighted mean over chunks of logits (an online log-sum-exp)."""
+    """Streaming softmax-weighted mean over chunks of logits (an online log-sum-exp).
+
+    The state is kept in bits (log2 units), so that the weights come from exp2, several times
+    faster than exp on CPUs. running_max, normaliser, weighted_sum and best_logit read it in nats:
+    normaliser = sum_k exp(logit_k - running_max), and likewise weighted_sum.
+    """
 
     def __init__(self, num_queries: int, value_dim: int, dtype: torch.dtype, device: torch.device):
-        self.running_max = torch.full((num_queries,), -math.inf, dtype=dtype, device=device)
-        self.normaliser = torch.zeros(num_queries, dtype=dtype, device=device)
-        self.weighted_sum = torch.zeros(num_queries, value_dim, dtype=dtype, device=device)
-        self.best_logit = torch.full((num_queries,), -math.inf, dtype=dtype, device=device)
+        self._max_bits = torch.full((num_queries,), -math.inf, dtype=dtype, device=device)
+        self._normaliser = torch.zeros(num_queries, dtype=dtype, device=device)  # relative to 2^_max_bits
+        self._weighted_sum = torch.zeros(num_queries, value_dim, dtype=dtype, device=device)
+        self._best_bits = torch.full((num_queries,), -math.inf, dtype=dtype, device=device)
         self.best_source = torch.zeros(num_queries, 3, dtype=torch.int64, device=device)
+
+    @property
+    def running_max(self) -> torch.Tensor:
+        """(Q,) the shift of normaliser and weighted_sum, in nats (at least every logit seen so far, up to rounding)."""
+        return self._max_bits * LN_2
+
+    @property
+    def normaliser(self) -> torch.Tensor:
+        """(Q,) sum over the entries seen of exp(logit - running_max)."""
+        return self._normaliser * self._nats_correction()
+
+    @property
+    def weighted_sum(self) -> torch.Tensor:
+        """(Q, V) sum over the entries seen of exp(logit - running_max) * value."""
+        return self._weighted_sum * self._nats_correction()[:, None]
+
+    @property
+    def best_logit(self) -> torch.Tensor:
+        """(Q,) the largest logit seen (one copy, without its multiplicity), in nats."""
+        return self._best_bits * LN_2
+
+    def _nats_correction(self) -> torch.Tensor:
+        """2^_max_bits / e^running_max: running_max rounds _max_bits * ln 2; computed in float64."""
+        exact = self._max_bits.double() * LN_2
+        return torch.exp(exact - self.running_max.double()).nan_to_num_(1.0).to(self._max_bits.dtype)
 
     def update(self, logits: torch.Tensor, contract: Callable, sources: torch.Tensor,
                log_multiplicity: torch.Tensor | None = None, row_groups: torch.Tensor | None = None,
-               rows: torch.Tensor | None = None) -> None:
+               rows: torch.Tensor | None = None, bits: bool = False) -> None:
         """Fold in one chunk.
 
         logits: (R, n) logits of one copy of each of n dictionary entries; overwritten.
@@ -80,22 +113,27 @@ class SoftmaxAccumulator:
         log_multiplicity: log of how many identical entries each one stands for, (n,) or (R, n), or None.
         row_groups: (Q,) int64 group of each accumulator row, when rows of different groups share the chunk.
         rows: (R,) accumulator rows of the logits' rows; None when the logits cover all Q rows.
+        bits: the logits are in bits (nats times log2(e), as _logits(..., bits=True) computes them
+            at no cost); nats otherwise, which costs one more pass over the chunk.
         The dominant entry is the one copy of largest weight (the nearest patch), so it does not
         depend on whether duplicates were merged.
         """
+        if not bits:
+            logits.mul_(LOG2_E)
         state_rows = slice(None) if rows is None else rows
         chunk_max = logits.amax(dim=1)
-        improved = torch.nonzero(chunk_max > self.best_logit[state_rows]).squeeze(1)
+        improved = torch.nonzero(chunk_max > self._best_bits[state_rows]).squeeze(1)
         if improved.numel():  # argmax is slow on CPU: only where the best entry changes
             target = improved if rows is None else rows[improved]
-            self.best_logit[target] = chunk_max[improved]
+            self._best_bits[target] = chunk_max[improved]
             entries = logits[improved].argmax(dim=1)
             self.best_source[target] = sources[entries] if row_groups is None else sources[row_groups[target], entries]
         if log_multiplicity is not None:
+            log_multiplicity = log_multiplicity * LOG2_E
             logits.add_(log_multiplicity)
             chunk_max = chunk_max + log_multiplicity.max()  # an upper bound is as good a shift as the maximum
-        new_max = torch.maximum(self.running_max[state_rows], chunk_max)
-        live = chunk_max > new_max + NEGLIGIBLE_LOG_WEIGHT
+        new_max = torch.maximum(self._max_bits[state_rows], chunk_max)
+        live = chunk_max > new_max + NEGLIGIBLE_LOG_WEIGHT * LOG2_E
         if not bool(live.all()):
             # Rows for which every entry of this chunk weighs < e^-60 of the row's maximum keep their
             # state: the mass skipped is below 1e-26 per entry (the engine's only truncation).
@@ -105,18 +143,19 @@ class SoftmaxAccumulator:
         self._fold_rows(state_rows, logits, new_max, contract)
 
     def _fold_rows(self, rows, logits: torch.Tensor, new_max: torch.Tensor, contract) -> None:
-        rescale = torch.exp(self.running_max[rows] - new_max)
-        # exp of very negative numbers yields subnormals, which are ~15x slower on x86; entries
-        # below the floor weigh < 1e-34 of the dominant one, so flooring them changes nothing.
-        weights = logits.sub_(new_max[:, None]).clamp_(min=LOG_WEIGHT_FLOOR).exp_()
-        self.normaliser[rows] = self.normaliser[rows] * rescale + weights.sum(dim=1)
-        self.weighted_sum[rows] = self.weighted_sum[rows] * rescale[:, None] + contract(weights, rows)
-        self.running_max[rows] = new_max
+        """Fold logits (R, n), in bits and overwritten, into rows, whose new maximum is new_max (R,)."""
+        rescale = torch.exp2(self._max_bits[rows] - new_max)
+        # exp2 of very negative numbers yields subnormals, which are slow on x86; entries below the
+        # floor weigh < 1e-34 of the dominant one, so flooring them changes nothing.
+        weights = logits.sub_(new_max[:, None]).clamp_(min=LOG_WEIGHT_FLOOR * LOG2_E).exp2_()
+        self._normaliser[rows] = self._normaliser[rows] * rescale + weights.sum(dim=1)
+        self._weighted_sum[rows] = self._weighted_sum[rows] * rescale[:, None] + contract(weights, rows)
+        self._max_bits[rows] = new_max
 
     def summary(self) -> PosteriorSummary:
         """The posterior mean, dominant entry and its weight for every query."""
-        mean = self.weighted_sum / self.normaliser[:, None]
-        best_weight = torch.exp(self.best_logit - self.running_max) / self.normaliser
+        mean = self._weighted_sum / self._normaliser[:, None]
+        best_weight = torch.exp2(self._best_bits - self._max_bits) / self._normaliser
         return PosteriorSummary(mean, self.best_source, best_weight)
 
 
@@ -300,7 +339,7 @@ class ExactBackend:
         num_rows = row_groups.shape[0] if stacked else queries.shape[0]
         for start, stop in chunk_ranges(len(dictionary), num_rows, queries.element_size(), self.chunk_bytes):
             if stacked:
-                logits = _logits(queries, dictionary, start, stop, alpha_bar).reshape(num_rows, -1)
+                logits = _logits(queries, dictionary, start, stop, alpha_bar, bits=True).reshape(num_rows, -1)
                 values = dictionary.values[:, start:stop]
 
                 def contract(weights, rows, values=values):
@@ -308,10 +347,10 @@ class ExactBackend:
                         return torch.bmm(weights.reshape(values.shape[0], -1, weights.shape[1]), values).reshape(weights.shape[0], -1)
                     return torch.einsum("rn,rnv->rv", weights, values[row_groups[rows]])
             else:
-                logits = _logits(queries, dictionary, start, stop, alpha_bar)
+                logits = _logits(queries, dictionary, start, stop, alpha_bar, bits=True)
                 contract = _plain_contract(dictionary.values[start:stop])
             log_multiplicity = dictionary.log_multiplicity[start:stop] if dictionary.merged else None
-            accumulator.update(logits, contract, dictionary.sources[..., start:stop, :], log_multiplicity, row_groups)
+            accumulator.update(logits, contract, dictionary.sources[..., start:stop, :], log_multiplicity, row_groups, bits=True)
 
     def _fold_blocked(self, accumulator, queries, dictionary, alpha_bar) -> None:
         """Seed every query with its most promising block, then scan the rest in chunks, computing
@@ -326,12 +365,12 @@ class ExactBackend:
         signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
         seed_keys = dictionary.keys[seed_entries]  # (Q, block, D)
         seed_logits = (signal * torch.bmm(seed_keys, queries[:, :, None]).squeeze(2)
-                       - (alpha_bar / 2) * dictionary.squared_norms[seed_entries]) / noise_variance
+                       - (alpha_bar / 2) * dictionary.squared_norms[seed_entries]) * (LOG2_E / noise_variance)
         seed_logits[beyond_end] = -math.inf  # weight e^-80 relative after the floor: nothing
         seed_values = dictionary.values[seed_entries]
         accumulator.update(seed_logits, lambda weights, rows: torch.einsum("rn,rnv->rv", weights, seed_values[rows]),
                            dictionary.sources[seed_entries], dictionary.log_multiplicity[seed_entries] if dictionary.merged else None,
-                           row_groups=torch.arange(queries.shape[0], device=queries.device))
+                           row_groups=torch.arange(queries.shape[0], device=queries.device), bits=True)
         step_blocks = max(1, next(chunk_ranges(num_entries, queries.shape[0], queries.element_size(), self.chunk_bytes))[1] // block_size)
         for first_block in range(0, bounds.shape[1], step_blocks):
             last_block = min(first_block + step_blocks, bounds.shape[1])
@@ -341,7 +380,7 @@ class ExactBackend:
             if not rows.numel():
                 continue
             all_rows = rows.numel() == queries.shape[0]
-            logits = _logits(queries if all_rows else queries[rows], dictionary, start, stop, alpha_bar)
+            logits = _logits(queries if all_rows else queries[rows], dictionary, start, stop, alpha_bar, bits=True)
             # entries of a row's seed block were counted already (masked: weight e^-80 relative, nothing)
             seeded = torch.nonzero((seed_block[rows] >= first_block) & (seed_block[rows] < last_block)).squeeze(1)
             if seeded.numel():
@@ -349,7 +388,7 @@ class ExactBackend:
                 logits[seeded[:, None], columns.clamp_max(stop - start - 1)] = -math.inf
             log_multiplicity = dictionary.log_multiplicity[start:stop] if dictionary.merged else None
             accumulator.update(logits, _plain_contract(dictionary.values[start:stop]), dictionary.sources[start:stop],
-                               log_multiplicity, rows=None if all_rows else rows)
+                               log_multiplicity, rows=None if all_rows else rows, bits=True)
 
     def summarize(self, queries: torch.Tensor, parts: Iterable[PatchDictionary], alpha_bar: float) -> PosteriorSummary:
         """Posterior summary for queries (Q, D) against the union of dictionary parts."""
@@ -363,13 +402,16 @@ class ExactBackend:
         return accumulator.summary()
 
 
-def _logits(queries: torch.Tensor, dictionary: PatchDictionary, start: int, stop: int, alpha_bar: float) -> torch.Tensor:
-    """Logits (Q, n) of one copy of entries start..stop (or (G, B, n) for a stacked dictionary), up to a per-query constant."""
+def _logits(queries: torch.Tensor, dictionary: PatchDictionary, start: int, stop: int, alpha_bar: float,
+            bits: bool = False) -> torch.Tensor:
+    """Logits (Q, n) of one copy of entries start..stop (or (G, B, n) for a stacked dictionary), up to a
+    per-query constant; in nats, or in bits (times log2(e), folded into the product's scale)."""
     signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
-    bias = (-alpha_bar / (2 * noise_variance)) * dictionary.squared_norms[..., start:stop]
+    unit = LOG2_E if bits else 1.0
+    bias = (-alpha_bar * unit / (2 * noise_variance)) * dictionary.squared_norms[..., start:stop]
     if dictionary.keys.ndim == 3:
-        return torch.baddbmm(bias[:, None, :], queries, dictionary.keys[:, start:stop].transpose(1, 2), alpha=signal / noise_variance)
-    return torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal / noise_variance)
+        return torch.baddbmm(bias[:, None, :], queries, dictionary.keys[:, start:stop].transpose(1, 2), alpha=signal * unit / noise_variance)
+    return torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal * unit / noise_variance)
 
 
 def _plain_contract(values: torch.Tensor) -> Callable:

@@ -45,6 +45,33 @@ def test_streaming_softmax_equals_a_direct_softmax(spread):
         torch.testing.assert_close(summary.best_weight, best_weight, rtol=0, atol=1e-12)
 
 
+def test_logits_in_bits_or_nats_give_the_same_state():
+    """The accumulator works in bits: chunks given in nats or in bits (nats * log2 e) must fold alike, and its
+    running_max, normaliser and weighted_sum must read in nats (other backends bound and estimate with them)."""
+    generator = torch.Generator().manual_seed(5)
+    logits = 40 * torch.randn(6, 120, generator=generator, dtype=torch.float64)
+    values = torch.randn(120, 2, generator=generator, dtype=torch.float64)
+    sources = torch.zeros(120, 3, dtype=torch.int64)
+    sources[:, 0] = torch.arange(120)
+    log_multiplicity = torch.rand(120, generator=generator, dtype=torch.float64)
+    states = []
+    for bits in (False, True):
+        accumulator = SoftmaxAccumulator(6, 2, torch.float64, torch.device("cpu"))
+        for start in range(0, 120, 30):
+            chunk = logits[:, start:start + 30] * (engine.LOG2_E if bits else 1.0)
+            accumulator.update(chunk, lambda weights, rows, v=values[start:start + 30]: weights @ v, sources[start:start + 30],
+                               log_multiplicity[start:start + 30], bits=bits)
+        states.append(accumulator)
+    log_weights = logits + log_multiplicity
+    for accumulator in states:
+        torch.testing.assert_close(accumulator.running_max + accumulator.normaliser.log(), log_weights.logsumexp(dim=1), rtol=0, atol=1e-12)
+        weighted = torch.softmax(log_weights, dim=1) @ values
+        torch.testing.assert_close(accumulator.weighted_sum / accumulator.normaliser[:, None], weighted, rtol=0, atol=1e-12)
+        torch.testing.assert_close(accumulator.best_logit, logits.max(dim=1).values, rtol=0, atol=1e-12)
+        assert torch.equal(accumulator.best_source[:, 0], logits.argmax(dim=1))
+    torch.testing.assert_close(states[0].summary().mean, states[1].summary().mean, rtol=0, atol=1e-12)
+
+
 def test_exact_backend_over_many_chunks_equals_the_direct_posterior():
     generator = torch.Generator().manual_seed(1)
     keys = torch.randn(1000, 12, generator=generator, dtype=torch.float64)
@@ -181,9 +208,9 @@ def test_block_pruning_gives_the_dense_posterior_and_skips_work(alpha_bar, monke
     computed = []
     real_logits = engine._logits
 
-    def counting_logits(q, dictionary, start, stop, abar):
+    def counting_logits(q, dictionary, start, stop, abar, **options):
         computed.append(q.shape[0] * (stop - start))
-        return real_logits(q, dictionary, start, stop, abar)
+        return real_logits(q, dictionary, start, stop, abar, **options)
 
     monkeypatch.setattr(engine, "_logits", counting_logits)
     monkeypatch.setattr(engine, "MIN_BLOCKED_ENTRIES", 1000)
