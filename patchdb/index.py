@@ -55,12 +55,14 @@ class EntryClusters:
     offsets: (C + 1,) int64, cluster c holds entries offsets[c]:offsets[c + 1].
     centroids: (C, D) mean of each cluster's keys. radii: (C,) largest ||key - centroid|| in each cluster.
     log_mass: (C,) log of the summed multiplicities of each cluster's entries.
+    medoids: (C,) int64 the entry of each cluster nearest its centroid (an index into the sorted entries).
     """
 
     offsets: torch.Tensor
     centroids: torch.Tensor
     radii: torch.Tensor
     log_mass: torch.Tensor
+    medoids: torch.Tensor
 
     def __len__(self) -> int:
         return self.centroids.shape[0]
@@ -92,7 +94,7 @@ class EntryClusters:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in (self.offsets, self.centroids, self.radii, self.log_mass))
+        return sum(t.element_size() * t.numel() for t in (self.offsets, self.centroids, self.radii, self.log_mass, self.medoids))
 
 
 @dataclass
@@ -165,12 +167,14 @@ def build_clusters(gather: Callable[[torch.Tensor], torch.Tensor], num_entries: 
             sums = torch.zeros(len(sizes), keys.shape[1], dtype=torch.float64, device=device)
         sums.index_add_(0, member_cluster[start:start + block_rows], keys)
     centroids = (sums / sizes[:, None]).to(log_multiplicity.dtype)
-    radii = torch.zeros(len(sizes), dtype=centroids.dtype, device=device)
-    for start in range(0, num_entries, block_rows):
-        members = member_cluster[start:start + block_rows]
-        distances = torch.linalg.vector_norm(gather(order[start:start + block_rows]) - centroids[members], dim=1)
-        radii.scatter_reduce_(0, members, distances, reduce="amax")
-    return order, EntryClusters(offsets, centroids, radii, cluster_log_mass(offsets, log_multiplicity[order]))
+    distances = torch.cat([torch.linalg.vector_norm(gather(order[start:start + block_rows]) - centroids[member_cluster[start:start + block_rows]], dim=1)
+                           for start in range(0, num_entries, block_rows)])
+    radii = torch.zeros(len(sizes), dtype=centroids.dtype, device=device).scatter_reduce_(0, member_cluster, distances, reduce="amax")
+    nearest = torch.zeros(len(sizes), dtype=centroids.dtype, device=device).scatter_reduce_(
+        0, member_cluster, distances, reduce="amin", include_self=False)
+    candidates = torch.where(distances == nearest[member_cluster], torch.arange(num_entries, device=device), num_entries)
+    medoids = torch.full((len(sizes),), num_entries, device=device).scatter_reduce_(0, member_cluster, candidates, reduce="amin")
+    return order, EntryClusters(offsets, centroids, radii, cluster_log_mass(offsets, log_multiplicity[order]), medoids)
 
 
 def cluster_log_mass(offsets: torch.Tensor, log_multiplicity: torch.Tensor) -> torch.Tensor:

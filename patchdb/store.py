@@ -11,7 +11,8 @@ A store is a folder:
         of each distinct patch (its first occurrence), sorted by cluster;
     ``multiplicity`` (n,) int32: how many identical patches each one stands for;
     and, for dictionaries of at least min_indexed_entries distinct patches, the inverted file:
-    ``offsets`` (C + 1,) int64, ``centroids`` (C, D) float32, ``radii`` (C,) float32 and
+    ``offsets`` (C + 1,) int64, ``centroids`` (C, D) float32, ``radii`` (C,) float32, ``medoids``
+    (C,) int64 (each cluster's entry nearest its centroid) and
     ``coarse_quantizer`` (bytes): the FAISS IndexFlatL2 over the centroids (faiss.deserialize_index).
   Same-location dictionaries (LS, bbELS corners: one patch per training image) are not stored.
 
@@ -37,7 +38,7 @@ from patchdb.errors import PatchdbError
 from patchdb.index import ClusteredDictionary, EntryClusters, cluster_log_mass
 from patchdb.patches import DictionaryGroup, centre_indices, gather_sources, patch_windows
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STORE_FILE = "store.h5"
 
 
@@ -145,6 +146,7 @@ def write_scale(store: Path, patch_size: int, dictionaries: dict[str, StoredDict
                 group.create_dataset("offsets", data=stored.clusters.offsets.numpy())
                 group.create_dataset("centroids", data=stored.clusters.centroids.float().numpy())
                 group.create_dataset("radii", data=stored.clusters.radii.float().numpy())
+                group.create_dataset("medoids", data=stored.clusters.medoids.numpy())
                 group.create_dataset("coarse_quantizer", data=stored.coarse_quantizer)
 
 
@@ -235,5 +237,5 @@ def _read_dictionary(node: h5py.Group, windows: torch.Tensor, centre: torch.Tens
     offsets = torch.from_numpy(node["offsets"][...]).to(device)
     clusters = EntryClusters(offsets, torch.from_numpy(node["centroids"][...]).to(device=device, dtype=dtype),
                              torch.from_numpy(node["radii"][...]).to(device=device, dtype=dtype),
-                             cluster_log_mass(offsets, log_multiplicity))
+                             cluster_log_mass(offsets, log_multiplicity), torch.from_numpy(node["medoids"][...]).to(device))
     return ClusteredDictionary(entries, clusters)

@@ -5,8 +5,8 @@ has an upper bound b_c on its members' logits (triangle inequality) and so a bou
 M_c = b_c + log(summed multiplicities) on its share of the posterior's normaliser. The backend
 
 1. orders the clusters by the distance from q / sqrt(alpha_bar) to their centroids, as an IVF
-   search probes them, and scores exactly each query's first cluster, which gives a lower bound Z
-   on the query's normaliser;
+   search probes them, and scores each cluster's medoid (its entry nearest the centroid): their
+   summed weight is a lower bound Z on the query's normaliser;
 2. takes the shortest prefix of that order whose complement's mass bound
    logsumexp(M_c over the rest) is at most tol * Z: if that prefix holds at most ``topk`` entries,
    the query is *certified*: its prefix is scored exactly and the neglected posterior mass is
@@ -86,48 +86,41 @@ class TopKBackend:
         seconds = self._report["seconds"]
         start = time.perf_counter()
         centroid_distances, mass_bounds = clusters.search(queries, alpha_bar)  # (Q, C) each
+        medoids = clusters.medoids
+        medoid_logits = _logits(queries, _subset(entries, medoids), 0, len(medoids), alpha_bar)
+        log_normaliser = (medoid_logits + entries.log_multiplicity[medoids]).logsumexp(dim=1)  # a lower bound: C actual entries
         order = centroid_distances.argsort(dim=1)  # nearest centroid first, as an IVF search probes
         positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
         rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[q, c]: position of cluster c in q's order
         tail = mass_bounds.gather(1, order).flip(1).logcumsumexp(dim=1).flip(1)  # tail[:, j]: bound on the mass of ranks >= j
         prefix_entries = clusters.sizes[order].cumsum(dim=1)  # (Q, C) entries in ranks 0..j
-        seconds["search"] += time.perf_counter() - start
-
-        start = time.perf_counter()
-        scored = self._score(accumulator, queries, entries, clusters, rank == 0, alpha_bar)
-        seconds["rescore"] += time.perf_counter() - start
-
-        start = time.perf_counter()
-        log_normaliser = accumulator.running_max + accumulator.normaliser.log()  # only grows: a lower bound
-        needed = (tail > (math.log(self.tol) if self.tol > 0 else -math.inf) + log_normaliser[:, None]).sum(dim=1).clamp_min(1)
+        log_tol = math.log(self.tol) if self.tol > 0 else -math.inf
+        needed = (tail > log_tol + log_normaliser[:, None]).sum(dim=1).clamp_min(1)
         certified = prefix_entries.gather(1, (needed - 1)[:, None])[:, 0] <= self.topk
         affordable = (prefix_entries <= self.topk).sum(dim=1).clamp_min(1)
+        # clusters whose whole mass is below e^-60 of the normaliser are negligible (the exact backend's rule)
+        relevant = mass_bounds > (log_normaliser + NEGLIGIBLE_LOG_WEIGHT)[:, None]
+        uncertified_visit = relevant if self.fallback == "exact" else rank < affordable[:, None]
+        visit = torch.where(certified[:, None], rank < needed[:, None], uncertified_visit)
         path = torch.where(certified, PATHS.index("certified"), PATHS.index(_UNCERTIFIED_PATH[self.fallback])).to(torch.uint8)
-        head = torch.where(certified, needed, affordable)
-        if self.fallback == "exact":
-            head = torch.where(certified, needed, clusters.sizes.shape[0])
         seconds["search"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        scored += self._score(accumulator, queries, entries, clusters, (rank >= 1) & (rank < head[:, None]), alpha_bar,
-                              negligible_below=accumulator.running_max if self.fallback == "exact" else None,
-                              mass_bounds=mass_bounds)
+        scored = self._score(accumulator, queries, entries, clusters, visit, alpha_bar)
         seconds["rescore"] += time.perf_counter() - start
-        if self.fallback in ("estimate", "auto"):
-            uncertified = torch.nonzero(~certified).squeeze(1)
-            if uncertified.numel():
+        uncertified = torch.nonzero(~certified).squeeze(1)
+        if self.fallback in ("estimate", "auto") and uncertified.numel():
+            start = time.perf_counter()
+            rejected, sampled = self._estimate(accumulator, queries, entries, clusters, rank, affordable, uncertified, alpha_bar)
+            scored += sampled
+            seconds["estimate"] += time.perf_counter() - start
+            if rejected.numel():
                 start = time.perf_counter()
-                rejected, sampled = self._estimate(accumulator, queries, entries, clusters, rank, head, uncertified, alpha_bar)
-                scored += sampled
-                seconds["estimate"] += time.perf_counter() - start
-                if rejected.numel():
-                    start = time.perf_counter()
-                    tail_visit = torch.zeros_like(rank, dtype=torch.bool)
-                    tail_visit[rejected] = rank[rejected] >= head[rejected, None]
-                    scored += self._score(accumulator, queries, entries, clusters, tail_visit, alpha_bar,
-                                          negligible_below=accumulator.running_max, mass_bounds=mass_bounds)
-                    path[rejected] = PATHS.index("exact")
-                    seconds["rescore"] += time.perf_counter() - start
+                tail_visit = torch.zeros_like(visit)
+                tail_visit[rejected] = relevant[rejected] & (rank[rejected] >= affordable[rejected, None])
+                scored += self._score(accumulator, queries, entries, clusters, tail_visit, alpha_bar)
+                path[rejected] = PATHS.index("exact")
+                seconds["rescore"] += time.perf_counter() - start
         self._count(path.cpu(), scored)
         return path
 
@@ -143,13 +136,8 @@ class TopKBackend:
         self._report["entries_scored"] += int(scored)
 
     def _score(self, accumulator, queries, entries: PatchDictionary, clusters: EntryClusters, visit: torch.Tensor,
-               alpha_bar: float, negligible_below: torch.Tensor | None = None, mass_bounds: torch.Tensor | None = None) -> int:
-        """Score exactly, for each query, the entries of the clusters visit (Q, C) marks; returns the entries scored.
-
-        With negligible_below (Q,), clusters whose mass bound lies below it + NEGLIGIBLE_LOG_WEIGHT are skipped.
-        """
-        if negligible_below is not None:
-            visit = visit & (mass_bounds > (negligible_below + NEGLIGIBLE_LOG_WEIGHT)[:, None])
+               alpha_bar: float) -> int:
+        """Score exactly, for each query, the entries of the clusters visit (Q, C) marks; returns the entries scored."""
         offsets, scored = clusters.offsets.tolist(), 0
         for first, last in _cluster_runs(clusters.sizes, RUN_ENTRIES):
             rows = torch.nonzero(visit[:, first:last].any(dim=1)).squeeze(1)
@@ -187,8 +175,7 @@ class TopKBackend:
         in_tail = rank[rows][:, draw_cluster] >= head[rows, None]  # (R, m)
         drawn = in_tail.sum(dim=1)
         tail_patches = ((rank[rows] >= head[rows, None]) * clusters.log_mass.double().exp()).sum(dim=1)
-        sample = PatchDictionary(entries.keys[draws], entries.values[draws], entries.squared_norms[draws],
-                                 torch.zeros(len(draws), dtype=entries.keys.dtype, device=rows.device), entries.sources[draws])
+        sample = _subset(entries, draws)
         logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar).masked_fill_(~in_tail, -math.inf)
         # the relative standard error of the estimated normaliser
         shift = torch.maximum(accumulator.running_max[rows], logits.amax(dim=1)).double()
@@ -204,12 +191,19 @@ class TopKBackend:
         kept = torch.nonzero(accept).squeeze(1)
         if kept.numel():
             log_multiplicity = (tail_patches[kept] / drawn[kept]).log().to(logits.dtype)[:, None].expand(-1, len(draws))
+            # the draws stand for patches: their own multiplicity is already in the sampling
             accumulator.update(logits[kept], lambda weights, _: weights @ sample.values, sample.sources,
                                log_multiplicity.contiguous(), rows=rows[kept])
         return rows[~accept], rows.numel() * len(draws)
 
 
 _UNCERTIFIED_PATH = {"auto": "estimated", "exact": "exact", "estimate": "estimated", "none": "truncated"}
+
+
+def _subset(entries: PatchDictionary, index: torch.Tensor) -> PatchDictionary:
+    """The entries at index (n,) int64, in that order."""
+    return PatchDictionary(entries.keys[index], entries.values[index], entries.squared_norms[index],
+                           entries.log_multiplicity[index], entries.sources[index], entries.merged)
 
 
 def _new_report() -> dict:

@@ -119,3 +119,12 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
     machine = make_machine("bbels", dataset, store=PatchStore(copy.path), backend=TopKBackend())
     with pytest.raises(PatchdbError, match="corrupt"):
         machine.posterior(noisy_batch(dataset, 0.5, seed=0).float(), 0.5, None, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the GPU path runs where there is one")
+def test_indexed_machine_on_the_gpu_equals_the_cpu(dataset, store):
+    backend_options = {"topk": 64, "tol": 1e-2, "fallback": "exact"}
+    x = noisy_batch(dataset, 0.3, seed=0).float()
+    cpu = make_machine("bbels", dataset, store=store, backend=TopKBackend(**backend_options)).posterior(x, 0.3, None, 3)
+    gpu = make_machine("bbels", dataset, store=store, device="cuda", backend=TopKBackend(**backend_options)).posterior(x, 0.3, None, 3)
+    assert torch.allclose(gpu.mean.cpu(), cpu.mean, atol=1e-4) and torch.equal(gpu.path.cpu(), cpu.path)

@@ -1,0 +1,147 @@
+"""Accuracy against speed of the top-k backend (issue 4), in one run, against the exact backend.
+
+Workload: boundary-broken ELS, the paper's Fashion-MNIST ResNet scales, 20 steps, Fashion-MNIST
+training images (the first N, or every image of one class), S seeds drawn together in one batch.
+
+    python benchmarks/bench_topk.py --label 0 --seeds 4 --threads 1 \
+        --setting topk=16384,tol=1e-3,fallback=auto --setting topk=4096,tol=1e-2,fallback=estimate \
+        --out benchmarks/results/topk-class0.json
+
+The store is built (or resumed) first and its build time reported. Then the exact backend samples
+the batch, then each --setting does, from the same noise; each is timed (model calls only) and
+compared with the exact samples by Pearson r per seed. With --verify, one extra run of the first
+setting recomputes every step exactly on the same input and counts the certified pixels whose
+posterior mean is off by more than tol times the spread of the pixel values (must be 0).
+"""
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from patchdb.build import build_store  # noqa: E402
+from patchdb.comparison import image_statistics, summarize  # noqa: E402
+from patchdb.data import load_dataset  # noqa: E402
+from patchdb.generate import generate, seeded_inputs  # noqa: E402
+from patchdb.machines import make_machine  # noqa: E402
+from patchdb.sampler import sample_ddim  # noqa: E402
+from patchdb.scales import parse_scales  # noqa: E402
+from patchdb.schedule import machine_steps  # noqa: E402
+from patchdb.topk import PATHS, TopKBackend  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+PAPER_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
+
+
+def parse_setting(text: str) -> dict:
+    """'topk=4096,tol=1e-2,fallback=estimate,estimate_samples=4096' -> TopKBackend keyword arguments."""
+    types = {"topk": int, "tol": float, "fallback": str, "estimate_samples": int, "estimate_error": float}
+    setting = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in types:
+            raise click.BadParameter(f"unknown setting {name!r}; known: {', '.join(types)}")
+        setting[name] = types[name](value)
+    return setting
+
+
+class VerifyingMachine:
+    """A score model that runs the indexed machine and checks its certified pixels against the exact one."""
+
+    def __init__(self, indexed, exact, tol: float, spread: float):
+        self.indexed, self.exact, self.tol, self.spread = indexed, exact, tol, spread
+        self.steps = []
+
+    def __call__(self, x, t, labels=None, patch_size=None):
+        indexed = self.indexed.posterior(x, t, labels, patch_size)
+        exact = self.exact.posterior(x, t, labels, patch_size)
+        certified = indexed.path == PATHS.index("certified")
+        error = (indexed.mean - exact.mean).abs()[:, 0][certified]
+        self.steps.append({"t": t, "patch_size": patch_size, "certified_fraction": float(certified.double().mean()),
+                           "max_error_on_certified": float(error.max()) if error.numel() else 0.0,
+                           "violations": int((error > self.tol * self.spread).sum())})
+        return indexed.score(x, t)
+
+
+@click.command()
+@click.option("--images", type=click.IntRange(1), default=None, help="The first N training images (unconditional).")
+@click.option("--label", type=click.IntRange(0, 9), default=None, help="Every training image of this class (class-conditional).")
+@click.option("--seeds", type=click.IntRange(1), default=4, show_default=True, help="Samples (seeds 0..S-1) in one batch.")
+@click.option("--setting", "settings", multiple=True, help="TopKBackend options, e.g. topk=16384,tol=1e-3,fallback=auto.")
+@click.option("--verify/--no-verify", default=False, show_default=True, help="Check the certificate of the first setting at every step.")
+@click.option("--cluster-size", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--store-dir", type=click.Path(path_type=Path), default=REPO / "runs" / "stores", show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
+@click.option("--threads", type=click.IntRange(0), default=1, show_default=True, help="torch threads (0: torch's default).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the results to this JSON file.")
+def main(images, label, seeds, settings, verify, cluster_size, store_dir, data_dir, threads, out) -> None:
+    """Time the exact backend and each top-k setting on one batch; print Pearson r against exact and speed-ups."""
+    if (images is None) == (label is None):
+        raise click.UsageError("give exactly one of --images N and --label L")
+    if threads:
+        torch.set_num_threads(threads)
+    spec = "fashion-mnist:train" if images is None else f"fashion-mnist:train:{images}"
+    dataset = load_dataset(spec, data_dir)
+    scales = parse_scales(PAPER_SCALES, 20)
+    used = sorted({scales[min(i, 19)] for i in machine_steps(20)})
+    store_path = store_dir / (f"bbels-class{label}-c{cluster_size}" if images is None else f"bbels-first{images}-c{cluster_size}")
+    start = time.perf_counter()
+    store = build_store(dataset, "bbels", used, store_path, conditional=label is not None,
+                        labels=None if label is None else [label], cluster_size=cluster_size)
+    build_seconds = time.perf_counter() - start
+    noise, _ = seeded_inputs(0, seeds, tuple(dataset.images.shape[1:]))
+    labels = None if label is None else torch.full((seeds,), label)
+
+    def run(machine):
+        start = time.perf_counter()
+        generation = generate(machine, noise, scales, 20, labels, progress=False)
+        return generation, time.perf_counter() - start
+
+    exact_machine = make_machine("bbels", dataset)
+    exact, exact_seconds = run(exact_machine)
+    print(f"exact: {exact_seconds:.1f} s for {seeds} samples", flush=True)
+    results = {"data": spec if label is None else f"{spec}, class {label}", "seeds": seeds, "threads": torch.get_num_threads(),
+               "store": str(store_path), "store_build_seconds": round(build_seconds, 1),
+               "store_bytes": sum(path.stat().st_size for path in store_path.iterdir()),
+               "exact_seconds": round(exact_seconds, 2), "settings": []}
+    for setting in map(parse_setting, settings):
+        backend = TopKBackend(**setting)
+        generation, seconds = run(make_machine("bbels", dataset, store=store, backend=backend))
+        r = image_statistics(generation.samples, exact.samples)["pearson_r"].tolist()
+        steps = [{"t": i / 20, "patch_size": scales[min(i, 19)],
+                  "fraction": {path: count / report["queries"] for path, count in report["paths"].items()},
+                  "entries_per_pixel": round(report["entries_scored"] / report["queries"]),
+                  "seconds": {part: round(value, 2) for part, value in report["seconds"].items()}}
+                 for i, report in zip(machine_steps(20), generation.backend_reports)]
+        result = {"setting": setting, "seconds": round(seconds, 2), "speedup": round(exact_seconds / seconds, 2),
+                  "pearson_r": summarize(r), "pearson_r_per_seed": r, "steps": steps}
+        results["settings"].append(result)
+        print(f"{setting}: {seconds:.1f} s, speed-up {exact_seconds / seconds:.2f}, median r {result['pearson_r']['median']:.5f}, "
+              f"min r {result['pearson_r']['min']:.5f}; certified per step "
+              + " ".join(f"{step['fraction'].get('certified', 0):.2f}" for step in steps), flush=True)
+    if verify and settings:
+        setting = parse_setting(settings[0])
+        backend = TopKBackend(**setting)
+        spread = float(dataset.images.max() - dataset.images.min())
+        verifier = VerifyingMachine(make_machine("bbels", dataset, store=store, backend=backend), exact_machine,
+                                    backend.tol, spread)
+        sample_ddim(verifier, noise, machine_steps(20), 20, scales, labels=labels, disable=True)
+        results["verification"] = {"setting": setting, "steps": verifier.steps,
+                                   "violations": sum(step["violations"] for step in verifier.steps)}
+        print(f"certificate check: {results['verification']['violations']} violations; "
+              + " ".join(f"{step['certified_fraction']:.2f}" for step in verifier.steps), flush=True)
+    results["peak_memory_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
