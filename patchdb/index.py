@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from patchdb.engine import PatchDictionary
+from patchdb.patches import gather_sources
 
 CLUSTER_SIZE = 1024
 """Default number of dictionary entries per cluster."""
@@ -98,10 +99,51 @@ class EntryClusters:
 
 
 @dataclass
+class GatheredEntries:
+    """Dictionary entries that are not held in memory: each access gathers their patches from the images.
+
+    windows: a patch_windows view (M, C, H, W, P, P) of the training images; sources: (K, 3) int64
+    (image, centre row, centre column); log_multiplicity: (K,); centre: (C,) positions of the
+    centre pixel in a flattened patch. For dictionaries too large to keep (tens of GB at 60,000
+    images), at the price of one gather per access.
+    """
+
+    windows: torch.Tensor
+    sources: torch.Tensor
+    log_multiplicity: torch.Tensor
+    centre: torch.Tensor
+    merged: bool
+
+    def take(self, index: torch.Tensor) -> PatchDictionary:
+        """The entries at index (n,) int64 as an in-memory PatchDictionary."""
+        keys = gather_sources(self.windows, self.sources[index])
+        return PatchDictionary(keys, keys[:, self.centre], keys.square().sum(dim=1), self.log_multiplicity[index],
+                               self.sources[index], self.merged)
+
+    def __len__(self) -> int:
+        return self.sources.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.sources.element_size() * self.sources.numel() + self.log_multiplicity.element_size() * len(self)
+
+
+def take_entries(entries: "PatchDictionary | GatheredEntries", index: torch.Tensor | slice) -> PatchDictionary:
+    """Entries at index ((n,) int64, or a slice) of an in-memory or gathered dictionary, as an in-memory
+    PatchDictionary (a view for a slice of one in memory)."""
+    if isinstance(entries, GatheredEntries):
+        if isinstance(index, slice):
+            index = torch.arange(len(entries), device=entries.sources.device)[index]
+        return entries.take(index)
+    return PatchDictionary(entries.keys[index], entries.values[index], entries.squared_norms[index],
+                           entries.log_multiplicity[index], entries.sources[index], entries.merged)
+
+
+@dataclass
 class ClusteredDictionary:
     """A patch dictionary whose entries are sorted by cluster, with the clusters' bounds."""
 
-    entries: PatchDictionary
+    entries: "PatchDictionary | GatheredEntries"
     clusters: EntryClusters
 
     def __len__(self) -> int:

@@ -271,11 +271,7 @@ class PatchMachine(Machine):
     def _stored_dictionaries(self, images, label, patch_size, groups):
         """The groups' dictionaries from the store; same-location groups (not stored) are extracted."""
         self.store.check_run(self.dataset, self.name, [patch_size], label is not None, None if label is None else torch.tensor([label]))
-        stored = self.store.dictionaries(patch_size, label, groups, images)
-        nbytes = sum(dictionary.nbytes for dictionary in stored if dictionary is not None)
-        if nbytes > self.memory_budget:
-            raise PatchdbError(f"the stored dictionaries of patch size {patch_size} take {nbytes / 1024**3:.1f} GiB, more than "
-                               f"the memory budget of {self.memory_budget / 1024**3:.1f} GiB; raise the budget (--memory-budget)")
+        stored = self.store.dictionaries(patch_size, label, groups, images, self.memory_budget * 3 // 4)
         local = [group for group in groups if group.same_location]
         extracted = iter(next(self._extract_blocks(images, patch_size, local, images.shape[0])) if local else [])
         return [next(extracted) if dictionary is None else dictionary for dictionary in stored]

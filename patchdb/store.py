@@ -35,8 +35,8 @@ import patchdb
 from patchdb.data import Dataset
 from patchdb.engine import PatchDictionary
 from patchdb.errors import PatchdbError
-from patchdb.index import ClusteredDictionary, EntryClusters, cluster_log_mass
-from patchdb.patches import DictionaryGroup, centre_indices, gather_sources, patch_windows
+from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, cluster_log_mass, take_entries
+from patchdb.patches import DictionaryGroup, centre_indices, patch_windows
 
 FORMAT_VERSION = 2
 STORE_FILE = "store.h5"
@@ -188,21 +188,28 @@ class PatchStore:
             raise PatchdbError(f"the store {self.path} does not match this run: " + "; ".join(problems)
                                + ". Build a matching store with `patchdb build-index`.")
 
-    def dictionaries(self, patch_size: int, label: int | None, groups: list[DictionaryGroup], images: torch.Tensor
-                     ) -> list[ClusteredDictionary | PatchDictionary | None]:
+    def dictionaries(self, patch_size: int, label: int | None, groups: list[DictionaryGroup], images: torch.Tensor,
+                     memory_budget: int) -> list[ClusteredDictionary | PatchDictionary | None]:
         """The stored dictionary of every group at patch_size (None for same-location groups, which are not stored).
 
         images: (M, C, H, W) the label's training images in the machine's dtype and device; each
-        patch is gathered from them by its source.
+        patch is gathered from them by its source. Clustered dictionaries keep their patches in
+        memory while the total fits memory_budget (bytes); beyond it they gather them at each access.
         """
         windows = patch_windows(images, patch_size, self.settings.padding)  # (M, C, H, W, P, P)
         centre = centre_indices(images.shape[1], patch_size).to(images.device)
-        loaded = []
+        patch_bytes = images.shape[1] * patch_size**2 * images.element_size()
+        loaded, held = [], 0
         try:
             with h5py.File(scale_file(self.path, patch_size), "r") as file:
                 for group in groups:
-                    loaded.append(None if group.same_location else
-                                  _read_dictionary(file[dictionary_key(label, group)], windows, centre))
+                    if group.same_location:
+                        loaded.append(None)
+                        continue
+                    node = file[dictionary_key(label, group)]
+                    in_memory = "offsets" not in node or held + node["sources"].shape[0] * patch_bytes <= memory_budget
+                    held += node["sources"].shape[0] * patch_bytes if in_memory else 0
+                    loaded.append(_read_dictionary(node, windows, centre, in_memory))
         except (OSError, KeyError) as error:
             raise PatchdbError(f"{scale_file(self.path, patch_size)} is corrupt or lacks a dictionary ({error}); "
                                f"delete it and rerun `patchdb build-index` to rebuild that scale") from None
@@ -225,13 +232,15 @@ class PatchStore:
                 "store_bytes": (self.path / STORE_FILE).stat().st_size, "scales": scales}
 
 
-def _read_dictionary(node: h5py.Group, windows: torch.Tensor, centre: torch.Tensor) -> ClusteredDictionary | PatchDictionary:
+def _read_dictionary(node: h5py.Group, windows: torch.Tensor, centre: torch.Tensor, in_memory: bool
+                     ) -> ClusteredDictionary | PatchDictionary:
     device, dtype = windows.device, windows.dtype
     sources = torch.from_numpy(node["sources"][...].astype(np.int64)).to(device)
-    keys = gather_sources(windows, sources)
     log_multiplicity = torch.from_numpy(node["multiplicity"][...]).to(device=device, dtype=dtype).log()
-    entries = PatchDictionary(keys, keys[:, centre], keys.square().sum(dim=1), log_multiplicity, sources,
-                              merged=bool((log_multiplicity > 0).any()))
+    merged = bool((log_multiplicity > 0).any())
+    entries = GatheredEntries(windows, sources, log_multiplicity, centre, merged)
+    if in_memory:
+        entries = take_entries(entries, slice(None))
     if "offsets" not in node:
         return entries
     offsets = torch.from_numpy(node["offsets"][...]).to(device)

@@ -31,7 +31,7 @@ import torch
 
 from patchdb.engine import LOGIT_CHUNK_BYTES, NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits
 from patchdb.errors import PatchdbError
-from patchdb.index import ClusteredDictionary, EntryClusters
+from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, take_entries
 
 PATHS = ("exact", "certified", "estimated", "truncated")
 """Path codes: the path a query took is PATHS[code]."""
@@ -87,7 +87,7 @@ class TopKBackend:
         start = time.perf_counter()
         centroid_distances, mass_bounds = clusters.search(queries, alpha_bar)  # (Q, C) each
         medoids = clusters.medoids
-        medoid_logits = _logits(queries, _subset(entries, medoids), 0, len(medoids), alpha_bar)
+        medoid_logits = _logits(queries, take_entries(entries, medoids), 0, len(medoids), alpha_bar)
         log_normaliser = (medoid_logits + entries.log_multiplicity[medoids]).logsumexp(dim=1)  # a lower bound: C actual entries
         order = centroid_distances.argsort(dim=1)  # nearest centroid first, as an IVF search probes
         positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
@@ -135,7 +135,7 @@ class TopKBackend:
         self._report["queries"] += path.numel()
         self._report["entries_scored"] += int(scored)
 
-    def _score(self, accumulator, queries, entries: PatchDictionary, clusters: EntryClusters, visit: torch.Tensor,
+    def _score(self, accumulator, queries, entries: PatchDictionary | GatheredEntries, clusters: EntryClusters, visit: torch.Tensor,
                alpha_bar: float) -> int:
         """Score exactly, for each query, the entries of the clusters visit (Q, C) marks; returns the entries scored."""
         offsets, scored = clusters.offsets.tolist(), 0
@@ -144,21 +144,22 @@ class TopKBackend:
             if not rows.numel():
                 continue
             start, stop = offsets[first], offsets[last]
-            values, sizes, member = entries.values[start:stop], clusters.sizes[first:last], None
-            log_multiplicity = entries.log_multiplicity[start:stop] if entries.merged else None
+            run = take_entries(entries, slice(start, stop))
+            sizes, member = clusters.sizes[first:last], None
+            log_multiplicity = run.log_multiplicity if run.merged else None
             for block in rows.split(max(1, LOGIT_CHUNK_BYTES // ((stop - start) * queries.element_size()))):
                 block_visit = visit[block, first:last]
-                logits = _logits(queries[block], entries, start, stop, alpha_bar)
+                logits = _logits(queries[block], run, 0, stop - start, alpha_bar)
                 if not bool(block_visit.all()):
                     if member is None:
                         member = torch.repeat_interleave(torch.arange(last - first, device=block.device), sizes)
                     logits.masked_fill_(~block_visit[:, member], -math.inf)
                 scored += int((block_visit.to(torch.int64) @ sizes).sum())
-                accumulator.update(logits, lambda weights, _, values=values: weights @ values, entries.sources[start:stop],
+                accumulator.update(logits, lambda weights, _, values=run.values: weights @ values, run.sources,
                                    log_multiplicity, rows=block)
         return scored
 
-    def _estimate(self, accumulator, queries, entries: PatchDictionary, clusters: EntryClusters, rank, head,
+    def _estimate(self, accumulator, queries, entries: PatchDictionary | GatheredEntries, clusters: EntryClusters, rank, head,
                   rows: torch.Tensor, alpha_bar: float) -> tuple[torch.Tensor, int]:
         """Fold an estimate of the unvisited clusters (rank >= head) of rows into the accumulator.
 
@@ -175,7 +176,7 @@ class TopKBackend:
         in_tail = rank[rows][:, draw_cluster] >= head[rows, None]  # (R, m)
         drawn = in_tail.sum(dim=1)
         tail_patches = ((rank[rows] >= head[rows, None]) * clusters.log_mass.double().exp()).sum(dim=1)
-        sample = _subset(entries, draws)
+        sample = take_entries(entries, draws)
         logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar).masked_fill_(~in_tail, -math.inf)
         # the relative standard error of the estimated normaliser
         shift = torch.maximum(accumulator.running_max[rows], logits.amax(dim=1)).double()
@@ -198,12 +199,6 @@ class TopKBackend:
 
 
 _UNCERTIFIED_PATH = {"auto": "estimated", "exact": "exact", "estimate": "estimated", "none": "truncated"}
-
-
-def _subset(entries: PatchDictionary, index: torch.Tensor) -> PatchDictionary:
-    """The entries at index (n,) int64, in that order."""
-    return PatchDictionary(entries.keys[index], entries.values[index], entries.squared_norms[index],
-                           entries.log_multiplicity[index], entries.sources[index], entries.merged)
 
 
 def _new_report() -> dict:

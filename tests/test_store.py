@@ -7,6 +7,8 @@ import torch
 import patchdb.build
 from patchdb.build import build_store
 from patchdb.errors import PatchdbError
+from patchdb.index import ClusteredDictionary, GatheredEntries
+from patchdb.patches import dictionary_groups
 from patchdb.machines import make_machine
 from patchdb.store import STORE_FILE, PatchStore, scale_file
 from patchdb.topk import PATHS, TopKBackend
@@ -128,3 +130,14 @@ def test_indexed_machine_on_the_gpu_equals_the_cpu(dataset, store):
     cpu = make_machine("bbels", dataset, store=store, backend=TopKBackend(**backend_options)).posterior(x, 0.3, None, 3)
     gpu = make_machine("bbels", dataset, store=store, device="cuda", backend=TopKBackend(**backend_options)).posterior(x, 0.3, None, 3)
     assert torch.allclose(gpu.mean.cpu(), cpu.mean, atol=1e-4) and torch.equal(gpu.path.cpu(), cpu.path)
+
+
+def test_dictionaries_over_the_memory_budget_are_gathered_on_demand_with_the_same_result(dataset, store):
+    x = noisy_batch(dataset, 0.4, seed=3)
+    options = {"topk": 200, "tol": 1e-2, "fallback": "estimate", "seed": 7}
+    in_memory = make_machine("bbels", dataset, dtype=torch.float64, store=store, backend=TopKBackend(**options))
+    gathered = make_machine("bbels", dataset, dtype=torch.float64, store=store, backend=TopKBackend(**options), memory_budget=1)
+    assert any(isinstance(d.entries, GatheredEntries) for d in gathered._stored_dictionaries(
+        dataset.images.double(), None, 3, dictionary_groups("bbels", 3, 10, 10)) if isinstance(d, ClusteredDictionary))
+    expected, got = in_memory.posterior(x, 0.4, None, 3), gathered.posterior(x, 0.4, None, 3)
+    assert torch.allclose(got.mean, expected.mean, atol=1e-12) and torch.equal(got.path, expected.path)
