@@ -223,3 +223,30 @@ def test_block_pruning_gives_the_dense_posterior_and_skips_work(alpha_bar, monke
     assert torch.equal(keys[pruned.best_source[:, 0]], keys[dense.best_source[:, 0]])
     if alpha_bar == 0.999:
         assert sum(computed) < 0.5 * len(dictionary) * queries.shape[0], "the bounds skipped too little at low noise"
+
+
+def test_block_pruning_counts_every_entry_of_a_short_last_seed_block(monkeypatch):
+    """Queries whose most promising block is the short last one: it seeds them with every
+    SEED_STRIDE-th entry and the scan must still count each of its other entries exactly once."""
+    monkeypatch.setattr(engine, "MIN_BLOCKED_ENTRIES", 1000)
+    monkeypatch.setattr(engine, "BLOCK_PRUNING_MIN_ALPHA_BAR", 0.0)
+    generator = torch.Generator().manual_seed(8)
+    block_size, num_entries = 1024, 3 * 1024 + 21  # the last block holds 21 entries; its last 3 are no seed entries
+    keys = torch.randn(num_entries, 6, generator=generator, dtype=torch.float64)
+    keys[-21:, :2] += 20.0  # the last block lies apart along the bounds' directions
+    sources = torch.stack([torch.arange(num_entries), torch.zeros(num_entries, dtype=torch.int64), torch.zeros(num_entries, dtype=torch.int64)], dim=1)
+    dictionary = PatchDictionary.from_entries(keys, keys[:, :1], sources)
+    directions = torch.eye(6, 2, dtype=torch.float64)
+    block = torch.arange(num_entries) // block_size
+    projections = keys @ directions
+    low = torch.stack([projections[block == b].amin(dim=0) for b in range(4)])
+    high = torch.stack([projections[block == b].amax(dim=0) for b in range(4)])
+    dictionary.blocks = engine.EntryBlocks(block_size, directions, low, high, torch.zeros(4, dtype=torch.float64))
+    alpha_bar = 0.99
+    queries = math.sqrt(alpha_bar) * keys[-3:] + 0.001 * torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    assert (dictionary.blocks.logit_bounds(queries, alpha_bar).argmax(dim=1) == 3).all()
+    pruned = ExactBackend().summarize(queries, [dictionary], alpha_bar)
+    mean, best, best_weight = direct_posterior(queries, keys, keys[:, :1], alpha_bar)
+    torch.testing.assert_close(pruned.mean, mean, rtol=0, atol=1e-10)
+    torch.testing.assert_close(pruned.best_weight, best_weight, rtol=0, atol=1e-10)
+    assert torch.equal(pruned.best_source[:, 0], best)
