@@ -217,13 +217,15 @@ def _index_options(config: SampleConfig, dataset: Dataset, scales: list[int], la
 
 
 def _index_steps(generation: Generation, steps: list[int], scales: list[int], num_steps: int) -> list[dict]:
-    """Per model call of an indexed run: t, patch size, fraction of pixels per path, entries scored per pixel, seconds split."""
+    """Per model call of an indexed run: t, patch size, fraction of pixels per path, entries scored per pixel, and
+    its seconds split into search, rescore, estimate and other (loading dictionaries, same-location groups, the score)."""
     records = []
-    for i, report in zip(steps, generation.backend_reports):
+    for i, report, seconds in zip(steps, generation.backend_reports, generation.seconds_per_step):
         queries = max(1, report["queries"])
+        split = dict(report["seconds"], other=max(0.0, seconds - sum(report["seconds"].values())))
         records.append({"t": i / num_steps, "patch_size": scales[min(i, num_steps - 1)],
                         "fraction_of_pixels": {path: count / queries for path, count in report["paths"].items()},
-                        "entries_scored_per_pixel": report["entries_scored"] / queries, "seconds": report["seconds"]})
+                        "entries_scored_per_pixel": report["entries_scored"] / queries, "seconds": split})
     return records
 
 

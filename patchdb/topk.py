@@ -26,6 +26,7 @@ numbers lie near each other), masking for each query the clusters it does not vi
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
@@ -85,10 +86,33 @@ class TopKBackend:
         entries, clusters = dictionary.entries, dictionary.clusters
         seconds = self._report["seconds"]
         start = time.perf_counter()
+        plan = self._plan(queries, entries, clusters, alpha_bar)
+        seconds["search"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        scored = self._score(accumulator, queries, entries, clusters, plan.visit, alpha_bar)
+        seconds["rescore"] += time.perf_counter() - start
+        uncertified = torch.nonzero(~plan.certified).squeeze(1)
+        if self.fallback in ("estimate", "auto") and uncertified.numel():
+            start = time.perf_counter()
+            rejected, sampled = self._estimate(accumulator, queries, entries, clusters, plan, uncertified, alpha_bar)
+            scored += sampled
+            seconds["estimate"] += time.perf_counter() - start
+            if rejected.numel():
+                start = time.perf_counter()
+                tail_visit = torch.zeros_like(plan.visit)
+                tail_visit[rejected] = plan.relevant[rejected] & (plan.rank[rejected] >= plan.affordable[rejected, None])
+                scored += self._score(accumulator, queries, entries, clusters, tail_visit, alpha_bar)
+                plan.path[rejected] = PATHS.index("exact")
+                seconds["rescore"] += time.perf_counter() - start
+        self._count(plan.path.cpu(), scored)
+        return plan.path
+
+    def _plan(self, queries, entries, clusters: EntryClusters, alpha_bar: float) -> "_Plan":
+        """Search the clusters for every query and decide its path (steps 1-3 of the module docstring)."""
         centroid_distances, mass_bounds = clusters.search(queries, alpha_bar)  # (Q, C) each
-        medoids = clusters.medoids
-        medoid_logits = _logits(queries, take_entries(entries, medoids), 0, len(medoids), alpha_bar)
-        log_normaliser = (medoid_logits + entries.log_multiplicity[medoids]).logsumexp(dim=1)  # a lower bound: C actual entries
+        medoid_logits = _logits(queries, take_entries(entries, clusters.medoids), 0, len(clusters), alpha_bar)
+        log_normaliser = (medoid_logits + entries.log_multiplicity[clusters.medoids]).logsumexp(dim=1)  # C actual entries
         order = centroid_distances.argsort(dim=1)  # nearest centroid first, as an IVF search probes
         positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
         rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[q, c]: position of cluster c in q's order
@@ -103,26 +127,7 @@ class TopKBackend:
         uncertified_visit = relevant if self.fallback == "exact" else rank < affordable[:, None]
         visit = torch.where(certified[:, None], rank < needed[:, None], uncertified_visit)
         path = torch.where(certified, PATHS.index("certified"), PATHS.index(_UNCERTIFIED_PATH[self.fallback])).to(torch.uint8)
-        seconds["search"] += time.perf_counter() - start
-
-        start = time.perf_counter()
-        scored = self._score(accumulator, queries, entries, clusters, visit, alpha_bar)
-        seconds["rescore"] += time.perf_counter() - start
-        uncertified = torch.nonzero(~certified).squeeze(1)
-        if self.fallback in ("estimate", "auto") and uncertified.numel():
-            start = time.perf_counter()
-            rejected, sampled = self._estimate(accumulator, queries, entries, clusters, rank, affordable, uncertified, alpha_bar)
-            scored += sampled
-            seconds["estimate"] += time.perf_counter() - start
-            if rejected.numel():
-                start = time.perf_counter()
-                tail_visit = torch.zeros_like(visit)
-                tail_visit[rejected] = relevant[rejected] & (rank[rejected] >= affordable[rejected, None])
-                scored += self._score(accumulator, queries, entries, clusters, tail_visit, alpha_bar)
-                path[rejected] = PATHS.index("exact")
-                seconds["rescore"] += time.perf_counter() - start
-        self._count(path.cpu(), scored)
-        return path
+        return _Plan(rank, affordable, relevant, certified, visit, path)
 
     def take_report(self) -> dict:
         """Counts since the last call: queries per path, entries scored, seconds in search / rescore / estimate."""
@@ -159,9 +164,9 @@ class TopKBackend:
                                    log_multiplicity, rows=block)
         return scored
 
-    def _estimate(self, accumulator, queries, entries: PatchDictionary | GatheredEntries, clusters: EntryClusters, rank, head,
+    def _estimate(self, accumulator, queries, entries: PatchDictionary | GatheredEntries, clusters: EntryClusters, plan: "_Plan",
                   rows: torch.Tensor, alpha_bar: float) -> tuple[torch.Tensor, int]:
-        """Fold an estimate of the unvisited clusters (rank >= head) of rows into the accumulator.
+        """Fold an estimate of the clusters that rows did not visit (rank >= affordable) into the accumulator.
 
         One sample of the dictionary's patches, uniform over all patches (so an entry is drawn in
         proportion to its multiplicity, with replacement), is shared by all rows; for each row, the
@@ -173,9 +178,10 @@ class TopKBackend:
         draws = torch.multinomial(multiplicity.cpu(), self.estimate_samples, replacement=True, generator=self.generator)
         draws = draws.sort().values.to(rows.device)
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
-        in_tail = rank[rows][:, draw_cluster] >= head[rows, None]  # (R, m)
+        unvisited = plan.rank[rows] >= plan.affordable[rows, None]  # (R, C)
+        in_tail = unvisited[:, draw_cluster]  # (R, m)
         drawn = in_tail.sum(dim=1)
-        tail_patches = ((rank[rows] >= head[rows, None]) * clusters.log_mass.double().exp()).sum(dim=1)
+        tail_patches = (unvisited * clusters.log_mass.double().exp()).sum(dim=1)
         sample = take_entries(entries, draws)
         logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar).masked_fill_(~in_tail, -math.inf)
         # the relative standard error of the estimated normaliser
@@ -196,6 +202,20 @@ class TopKBackend:
             accumulator.update(logits[kept], lambda weights, _: weights @ sample.values, sample.sources,
                                log_multiplicity.contiguous(), rows=rows[kept])
         return rows[~accept], rows.numel() * len(draws)
+
+
+@dataclass
+class _Plan:
+    """Per query q of a fold: rank (Q, C) of each cluster in q's probe order; affordable (Q,) clusters
+    within topk entries; relevant (Q, C) clusters not provably negligible; certified (Q,); visit
+    (Q, C) the clusters scored exactly first; path (Q,) uint8 code."""
+
+    rank: torch.Tensor
+    affordable: torch.Tensor
+    relevant: torch.Tensor
+    certified: torch.Tensor
+    visit: torch.Tensor
+    path: torch.Tensor
 
 
 _UNCERTIFIED_PATH = {"auto": "estimated", "exact": "exact", "estimate": "estimated", "none": "truncated"}

@@ -174,7 +174,7 @@ def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["arguments"]["index"] == str(store) and len(record["index_steps"]) == 3
     for step in record["index_steps"]:
-        assert abs(sum(step["fraction_of_pixels"].values()) - 1) < 1e-9 and set(step["seconds"]) == {"search", "rescore", "estimate"}
+        assert abs(sum(step["fraction_of_pixels"].values()) - 1) < 1e-9 and set(step["seconds"]) == {"search", "rescore", "estimate", "other"}
     assert np.load(out / "paths.npy").shape == (3, 3, 32, 32)
     # a store built for other data or another machine is refused with the reason
     mismatched = sample(data_specs["unlabelled"], tmp_path / "refused", "--index", str(store))
