@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from patchdb.data import Dataset
 from patchdb.errors import PatchdbError
-from patchdb.index import CLUSTER_SIZE, MIN_INDEXED_ENTRIES, REDUCED_DIMENSIONS, build_clusters, distinct_entries
+from patchdb.duplicates import distinct_entries
+from patchdb.index import CLUSTER_SIZE, MIN_INDEXED_ENTRIES, REDUCED_DIMENSIONS, build_clusters
 from patchdb.patches import PATCH_MACHINES, dictionary_groups, gather_sources, padding_mode, patch_windows
 from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, read_settings, scale_file,
                            write_scale, write_settings)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from patchdb.duplicates import unique_rows
+
 LN_2 = math.log(2.0)
 LOG2_E = 1.0 / LN_2
 
@@ -272,46 +274,6 @@ class PatchDictionary:
     @property
     def nbytes(self) -> int:
         return sum(t.element_size() * t.numel() for t in (self.keys, self.values, self.squared_norms, self.log_multiplicity, self.sources))
-
-
-def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the first occurrence of each group of identical rows of rows (K, D), in order, and
-    the groups' sizes.
-
-    Rows are grouped by hash (_row_hashes) and every merge is verified exactly: a row that shares a
-    hash with a different row (a collision) is kept on its own, so no two different rows ever merge.
-    """
-    _, group, counts = torch.unique(_row_hashes(rows), return_inverse=True, return_counts=True)
-    first = _first_occurrences(group, counts.shape[0])
-    duplicates = torch.nonzero(first[group] != torch.arange(rows.shape[0], device=rows.device)).squeeze(1)
-    collided = duplicates[(rows[duplicates] != rows[first[group[duplicates]]]).any(dim=1)]
-    if collided.numel():
-        group = group.clone()
-        group[collided] = counts.shape[0] + torch.arange(collided.shape[0], device=rows.device)
-        _, group, counts = torch.unique(group, return_inverse=True, return_counts=True)
-        first = _first_occurrences(group, counts.shape[0])
-    order = torch.argsort(first)
-    return first[order], counts[order]
-
-
-def _row_hashes(rows: torch.Tensor) -> torch.Tensor:
-    """(K,) int64 hashes of the rows: the bits of their projections on two fixed random directions.
-
-    Identical rows project alike (-0.0 and 0.0 included), so they always share a hash.
-    """
-    generator = torch.Generator().manual_seed(0x5EED)
-    directions = torch.rand(rows.shape[1], 2, generator=generator, dtype=torch.float64).to(device=rows.device, dtype=rows.dtype)
-    projections = (rows @ directions) + 0.0  # (K, 2); + 0.0 folds -0.0 into 0.0
-    if projections.dtype == torch.float64:
-        return projections[:, 0].view(torch.int64) ^ (projections[:, 1].view(torch.int64) * 0x9E3779B1)
-    bits = projections.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return (bits[:, 0] << 32) | bits[:, 1]
-
-
-def _first_occurrences(inverse: torch.Tensor, num_unique: int) -> torch.Tensor:
-    positions = torch.arange(inverse.shape[0], device=inverse.device)
-    first = torch.full((num_unique,), inverse.shape[0], dtype=torch.int64, device=inverse.device)
-    return first.scatter_reduce(0, inverse, positions, reduce="amin")
 
 
 class ExactBackend:

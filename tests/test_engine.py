@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import patchdb.duplicates as duplicates
 import patchdb.engine as engine
 from patchdb.engine import ExactBackend, PatchDictionary, SoftmaxAccumulator, unique_rows
 
@@ -154,14 +155,14 @@ def test_unique_rows_is_exact_and_folds_negative_zero(dtype):
 @pytest.mark.parametrize("collision", ["all rows", "first column only"])
 def test_unique_rows_survives_hash_collisions(collision, monkeypatch):
     """Force different rows to share a hash: they must never merge, and multiplicities stay exact."""
-    real_row_hashes = engine._row_hashes
+    real_row_hashes = duplicates.row_hashes
 
     def colliding_hashes(rows):
         if collision == "all rows":
             return torch.zeros(rows.shape[0], dtype=torch.int64)
         return real_row_hashes(rows[:, :1])
 
-    monkeypatch.setattr(engine, "_row_hashes", colliding_hashes)
+    monkeypatch.setattr(duplicates, "row_hashes", colliding_hashes)
     keys, _, _ = duplicated_entries()
     first, counts = unique_rows(keys)
     expected_first, expected_counts = naive_unique_rows(keys)
@@ -172,6 +173,13 @@ def test_unique_rows_survives_hash_collisions(collision, monkeypatch):
         key = tuple(keys[index].tolist())
         merged_counts[key] = merged_counts.get(key, 0) + count
     assert merged_counts == {tuple(keys[i].tolist()): c for i, c in zip(expected_first, expected_counts)}
+
+
+def test_merging_in_blocks_equals_merging_at_once():
+    keys, _, _ = duplicated_entries()
+    first, counts = duplicates.distinct_entries(lambda rows: keys[rows], keys.shape[0], block_rows=7)
+    expected_first, expected_counts = naive_unique_rows(keys)
+    assert first.tolist() == expected_first and counts.tolist() == expected_counts
 
 
 def test_logit_floor_does_not_change_the_posterior():

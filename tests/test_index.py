@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-import patchdb.index
-from patchdb.engine import ExactBackend, PatchDictionary, SoftmaxAccumulator, unique_rows
-from patchdb.index import clustered, distinct_entries
+from patchdb.engine import ExactBackend, PatchDictionary, SoftmaxAccumulator
+from patchdb.index import clustered
 from patchdb.topk import PATHS, TopKBackend
 
 from conftest import quantised_images
@@ -162,19 +161,3 @@ def test_bad_backend_settings_are_refused():
     for options in ({"topk": 0}, {"tol": 1.0}, {"fallback": "sometimes"}):
         with pytest.raises(PatchdbError):
             TopKBackend(**options)
-
-
-def test_distinct_entries_in_blocks_equals_unique_rows():
-    keys = torch.randint(0, 3, (5000, 4)).float()
-    first, counts = distinct_entries(lambda rows: keys[rows], len(keys), block_rows=333)
-    expected_first, expected_counts = unique_rows(keys)
-    assert torch.equal(first, expected_first) and torch.equal(counts, expected_counts)
-
-
-def test_distinct_entries_never_merges_different_keys(monkeypatch):
-    """Every key hashes alike: only the exact comparison keeps different keys apart."""
-    monkeypatch.setattr(patchdb.index, "row_hashes", lambda rows: torch.zeros(rows.shape[0], dtype=torch.int64))
-    keys = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [-0.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
-    first, counts = distinct_entries(lambda rows: keys[rows], len(keys), block_rows=2)
-    # rows that collide with a different row are kept on their own (never merged wrongly)
-    assert first.tolist() == [0, 2, 3, 4, 5] and counts.tolist() == [2, 1, 1, 1, 1]
