@@ -8,7 +8,7 @@ from patchdb.engine import DEFAULT_MEMORY_BUDGET
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DEVICES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
 from patchdb.machines import MACHINES
 from patchdb.scales import SCALE_SPEC_HELP
-from patchdb.topk import DEFAULT_ESTIMATE_SAMPLES, DEFAULT_TOL, DEFAULT_TOPK, FALLBACKS
+from patchdb.topk import DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, FALLBACKS
 
 
 @click.command("sample")
@@ -41,23 +41,26 @@ from patchdb.topk import DEFAULT_ESTIMATE_SAMPLES, DEFAULT_TOL, DEFAULT_TOPK, FA
               help="With --index: most dictionary entries a pixel scores exactly before it falls back.")
 @click.option("--tol", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_TOL,
               help="With --index: certified bound on the posterior mass a pixel may neglect.")
-@click.option("--fallback", type=click.Choice(FALLBACKS), default="auto",
-              help="With --index, for pixels the certificate does not cover: auto (estimate if its error is small, "
-                   "else exact), exact, estimate (top clusters + reweighted uniform sample), none (truncated softmax).")
+@click.option("--fallback", type=click.Choice(FALLBACKS), default=DEFAULT_FALLBACK,
+              help="With --index, for pixels the certificate does not cover: estimate (nearest clusters + reweighted uniform "
+                   "sample of the rest), auto (the estimate where its relative error is below --estimate-error, else exact), "
+                   "exact, none (truncated softmax).")
 @click.option("--estimate-samples", type=click.IntRange(min=1), default=DEFAULT_ESTIMATE_SAMPLES,
-              help="With --index: size of the estimator's uniform sample of the dictionary.")
+              help="With --index: patches in the estimator's uniform sample of the dictionary.")
+@click.option("--estimate-error", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_ESTIMATE_ERROR,
+              help="With --index --fallback auto: largest relative standard error of an accepted estimate.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: samples.npy, noise.npy, [labels.npy], provenance.npz, grid.png, provenance.png, run.json, "
                    "[paths.npy].")
 def sample(dataset, data_dir, machine, scales, steps, num, seed, label, conditional, noise, loop, device, dtype,
-           memory_budget_gib, index, topk, tol, fallback, estimate_samples, out) -> None:
+           memory_budget_gib, index, topk, tol, fallback, estimate_samples, estimate_error, out) -> None:
     """Sample N images from an analytic score machine with the deterministic DDIM sampler into OUT."""
     config = SampleConfig(
         out=str(out), dataset=dataset, data_dir=None if data_dir is None else str(data_dir), machine=machine,
         scales=scales, steps=steps, num=num, seed=seed, label=label, conditional=conditional,
         noise=None if noise is None else str(noise), loop=loop, device=device, dtype=dtype,
         memory_budget_gib=memory_budget_gib, index=None if index is None else str(index), topk=topk, tol=tol,
-        fallback=fallback, estimate_samples=estimate_samples)
+        fallback=fallback, estimate_samples=estimate_samples, estimate_error=estimate_error)
     record = run_sample(config)
     click.echo(f"{record['num_samples']} samples, {len(record['seconds_per_step'])} steps of {machine} on {record['data']['name']} "
                f"({record['data']['num_images']} images) in {record['total_seconds']:.1f} s -> {out}")

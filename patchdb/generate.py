@@ -46,7 +46,7 @@ from patchdb.sampler import sample_ddim
 from patchdb.scales import parse_scales
 from patchdb.schedule import full_steps, machine_steps
 from patchdb.store import PatchStore
-from patchdb.topk import DEFAULT_ESTIMATE_SAMPLES, DEFAULT_TOL, DEFAULT_TOPK, TopKBackend
+from patchdb.topk import DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, TopKBackend
 
 DEFAULT_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
 LOOPS = {"machine": machine_steps, "full": full_steps}
@@ -64,7 +64,7 @@ class SampleConfig:
     dataset: data set spec (None: the embedded default); noise: path of an (N, C, H, W) .npy used
     instead of seeded noise; num: number of samples (None: the noise file's N, else 8);
     memory_budget_gib: the machine's memory bound in GiB; index: a patch store (patchdb build-index)
-    whose dictionaries the top-k backend uses, with topk, tol, fallback and estimate_samples (see
+    whose dictionaries the top-k backend uses, with topk, tol, fallback, estimate_samples and estimate_error (see
     patchdb.topk.TopKBackend); None: the exact backend.
     """
 
@@ -86,8 +86,9 @@ class SampleConfig:
     index: str | None = None
     topk: int = DEFAULT_TOPK
     tol: float = DEFAULT_TOL
-    fallback: str = "auto"
+    fallback: str = DEFAULT_FALLBACK
     estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES
+    estimate_error: float = DEFAULT_ESTIMATE_ERROR
 
 
 
@@ -212,7 +213,7 @@ def _index_options(config: SampleConfig, dataset: Dataset, scales: list[int], la
     store = PatchStore(config.index)
     used = sorted({scales[min(i, config.steps - 1)] for i in LOOPS[config.loop](config.steps)})
     store.check_run(dataset, config.machine, used, labels is not None, labels)
-    backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, seed=config.seed)
+    backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, config.estimate_error, seed=config.seed)
     return {"store": store, "backend": backend}
 
 

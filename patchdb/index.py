@@ -117,7 +117,7 @@ class GatheredEntries:
     def take(self, index: torch.Tensor) -> PatchDictionary:
         """The entries at index (n,) int64 as an in-memory PatchDictionary."""
         keys = gather_sources(self.windows, self.sources[index])
-        return PatchDictionary(keys, keys[:, self.centre], keys.square().sum(dim=1), self.log_multiplicity[index],
+        return PatchDictionary(keys, keys[:, self.centre], torch.linalg.vector_norm(keys, dim=1).square(), self.log_multiplicity[index],
                                self.sources[index], self.merged)
 
     def __len__(self) -> int:

@@ -38,10 +38,18 @@ PATHS = ("exact", "certified", "estimated", "truncated")
 """Path codes: the path a query took is PATHS[code]."""
 FALLBACKS = ("auto", "exact", "estimate", "none")
 
-DEFAULT_TOPK = 16384
-DEFAULT_TOL = 1e-3
+DEFAULT_TOPK = 4096
+DEFAULT_TOL = 1e-2
+DEFAULT_FALLBACK = "estimate"
 DEFAULT_ESTIMATE_SAMPLES = 4096
 DEFAULT_ESTIMATE_ERROR = 0.02
+"""The defaults are the fast setting measured in benchmarks/RESULTS.md (issue 4)."""
+
+PROBE_MARGIN = 4
+"""Clusters ordered per query: PROBE_MARGIN times as many as topk entries fill at the mean cluster size."""
+
+ROUNDING_MARGIN = 1e-12
+"""Added, relative to the total, to each tail mass computed as total minus prefix (float64 cancellation)."""
 
 RUN_ENTRIES = 2048
 """Consecutive clusters are scored together in runs of about this many entries (and the rows in
@@ -57,7 +65,7 @@ class TopKBackend:
     standard error of the estimated normaliser that 'auto' accepts; seed: the sampler's generator.
     """
 
-    def __init__(self, topk: int = DEFAULT_TOPK, tol: float = DEFAULT_TOL, fallback: str = "auto",
+    def __init__(self, topk: int = DEFAULT_TOPK, tol: float = DEFAULT_TOL, fallback: str = DEFAULT_FALLBACK,
                  estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES, estimate_error: float = DEFAULT_ESTIMATE_ERROR,
                  seed: int = 0, exact: ExactBackend | None = None):
         if topk < 1:
@@ -101,7 +109,7 @@ class TopKBackend:
             if rejected.numel():
                 start = time.perf_counter()
                 tail_visit = torch.zeros_like(plan.visit)
-                tail_visit[rejected] = plan.relevant[rejected] & (plan.rank[rejected] >= plan.affordable[rejected, None])
+                tail_visit[rejected] = plan.relevant[rejected] & ~plan.visit[rejected]
                 scored += self._score(accumulator, queries, entries, clusters, tail_visit, alpha_bar)
                 plan.path[rejected] = PATHS.index("exact")
                 seconds["rescore"] += time.perf_counter() - start
@@ -109,25 +117,39 @@ class TopKBackend:
         return plan.path
 
     def _plan(self, queries, entries, clusters: EntryClusters, alpha_bar: float) -> "_Plan":
-        """Search the clusters for every query and decide its path (steps 1-3 of the module docstring)."""
+        """Search the clusters for every query and decide its path (steps 1-3 of the module docstring).
+
+        Only the nearest `probes` clusters are ordered (a partial sort): more could not fit in topk
+        entries unless clusters were much smaller than average, and a query that would need more is
+        simply not certified.
+        """
         centroid_distances, mass_bounds = clusters.search(queries, alpha_bar)  # (Q, C) each
         medoid_logits = _logits(queries, take_entries(entries, clusters.medoids), 0, len(clusters), alpha_bar)
         log_normaliser = (medoid_logits + entries.log_multiplicity[clusters.medoids]).logsumexp(dim=1)  # C actual entries
-        order = centroid_distances.argsort(dim=1)  # nearest centroid first, as an IVF search probes
-        positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[q, c]: position of cluster c in q's order
-        tail = mass_bounds.gather(1, order).flip(1).logcumsumexp(dim=1).flip(1)  # tail[:, j]: bound on the mass of ranks >= j
-        prefix_entries = clusters.sizes[order].cumsum(dim=1)  # (Q, C) entries in ranks 0..j
-        log_tol = math.log(self.tol) if self.tol > 0 else -math.inf
-        needed = (tail > log_tol + log_normaliser[:, None]).sum(dim=1).clamp_min(1)
-        certified = prefix_entries.gather(1, (needed - 1)[:, None])[:, 0] <= self.topk
+        probes = min(len(clusters), max(1, math.ceil(PROBE_MARGIN * self.topk * len(clusters) / len(entries))))
+        nearest = centroid_distances.topk(probes, dim=1, largest=False, sorted=True).indices  # (Q, probes), nearest first
+        # the mass bound of the clusters beyond each prefix of the probe order: total minus the prefix, in float64
+        shift = mass_bounds.amax(dim=1, keepdim=True)
+        masses = (mass_bounds - shift).double().exp()
+        total = masses.sum(dim=1, keepdim=True)
+        tail = total - masses.gather(1, nearest).cumsum(dim=1) + ROUNDING_MARGIN * total  # (Q, probes): beyond ranks 0..j
+        if probes == len(clusters):
+            tail[:, -1] = 0.0  # nothing lies beyond every cluster
+        threshold = self.tol * (log_normaliser[:, None] - shift).double().exp()
+        within = tail <= threshold
+        needed = torch.where(within.any(dim=1), within.to(torch.int8).argmax(dim=1) + 1, probes + 1)  # clusters to visit
+        prefix_entries = clusters.sizes[nearest].cumsum(dim=1)  # (Q, probes) entries in ranks 0..j
+        certified = (needed <= probes) & (prefix_entries.gather(1, (needed.clamp_max(probes) - 1)[:, None])[:, 0] <= self.topk)
         affordable = (prefix_entries <= self.topk).sum(dim=1).clamp_min(1)
+        head = torch.where(certified, needed, affordable)
+        visit = torch.zeros_like(mass_bounds, dtype=torch.bool).scatter_(
+            1, nearest, torch.arange(probes, device=nearest.device)[None, :] < head[:, None])
         # clusters whose whole mass is below e^-60 of the normaliser are negligible (the exact backend's rule)
         relevant = mass_bounds > (log_normaliser + NEGLIGIBLE_LOG_WEIGHT)[:, None]
-        uncertified_visit = relevant if self.fallback == "exact" else rank < affordable[:, None]
-        visit = torch.where(certified[:, None], rank < needed[:, None], uncertified_visit)
+        if self.fallback == "exact":
+            visit = torch.where(certified[:, None], visit, relevant)
         path = torch.where(certified, PATHS.index("certified"), PATHS.index(_UNCERTIFIED_PATH[self.fallback])).to(torch.uint8)
-        return _Plan(rank, affordable, relevant, certified, visit, path)
+        return _Plan(visit, relevant, certified, path)
 
     def take_report(self) -> dict:
         """Counts since the last call: queries per path, entries scored, seconds in search / rescore / estimate."""
@@ -166,7 +188,7 @@ class TopKBackend:
 
     def _estimate(self, accumulator, queries, entries: PatchDictionary | GatheredEntries, clusters: EntryClusters, plan: "_Plan",
                   rows: torch.Tensor, alpha_bar: float) -> tuple[torch.Tensor, int]:
-        """Fold an estimate of the clusters that rows did not visit (rank >= affordable) into the accumulator.
+        """Fold an estimate of the clusters that rows did not visit into the accumulator.
 
         One sample of the dictionary's patches, uniform over all patches (so an entry is drawn in
         proportion to its multiplicity, with replacement), is shared by all rows; for each row, the
@@ -178,7 +200,7 @@ class TopKBackend:
         draws = torch.multinomial(multiplicity.cpu(), self.estimate_samples, replacement=True, generator=self.generator)
         draws = draws.sort().values.to(rows.device)
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
-        unvisited = plan.rank[rows] >= plan.affordable[rows, None]  # (R, C)
+        unvisited = ~plan.visit[rows]  # (R, C)
         in_tail = unvisited[:, draw_cluster]  # (R, m)
         drawn = in_tail.sum(dim=1)
         tail_patches = (unvisited * clusters.log_mass.double().exp()).sum(dim=1)
@@ -206,15 +228,12 @@ class TopKBackend:
 
 @dataclass
 class _Plan:
-    """Per query q of a fold: rank (Q, C) of each cluster in q's probe order; affordable (Q,) clusters
-    within topk entries; relevant (Q, C) clusters not provably negligible; certified (Q,); visit
-    (Q, C) the clusters scored exactly first; path (Q,) uint8 code."""
+    """Per query of a fold: visit (Q, C) the clusters scored exactly first; relevant (Q, C) the clusters
+    not provably negligible; certified (Q,); path (Q,) uint8 code."""
 
-    rank: torch.Tensor
-    affordable: torch.Tensor
+    visit: torch.Tensor
     relevant: torch.Tensor
     certified: torch.Tensor
-    visit: torch.Tensor
     path: torch.Tensor
 
 
