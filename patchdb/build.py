@@ -8,6 +8,7 @@ writes the scale's file. Scales already on disk are kept, so an interrupted buil
 """
 
 import logging
+import os
 from pathlib import Path
 
 import faiss
@@ -68,12 +69,25 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
                                f"choose another --out, or delete {out} to rebuild it")
     else:
         write_settings(out, settings, dataset)
+    for temporary in out.glob(".*.tmp"):
+        if not _process_alive(int(temporary.suffixes[-2].lstrip("."))):  # left by a build that was killed outright
+            temporary.unlink(missing_ok=True)
     todo = [size for size in scales if not scale_file(out, size).is_file()]
     if len(todo) < len(scales):
         log.info("resuming %s: patch sizes %s are already built", out, sorted(set(scales) - set(todo)))
     for patch_size in tqdm(todo, desc="build-index", unit="scale", disable=not progress):
         _build_scale(dataset, settings, patch_size, out)
     return PatchStore(out)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _build_scale(dataset: Dataset, settings: StoreSettings, patch_size: int, out: Path) -> None:

@@ -141,3 +141,13 @@ def test_dictionaries_over_the_memory_budget_are_gathered_on_demand_with_the_sam
         dataset.images.double(), None, 3, dictionary_groups("bbels", 3, 10, 10)) if isinstance(d, ClusteredDictionary))
     expected, got = in_memory.posterior(x, 0.4, None, 3), gathered.posterior(x, 0.4, None, 3)
     assert torch.allclose(got.mean, expected.mean, atol=1e-12) and torch.equal(got.path, expected.path)
+
+
+def test_a_build_killed_outright_leaves_a_temporary_that_the_next_build_removes(dataset, tmp_path):
+    out = tmp_path / "store"
+    build(dataset, out)
+    scale_file(out, SCALES[1]).unlink()
+    stale = out / f".{scale_file(out, SCALES[1]).name}.999999999.tmp"  # no such process
+    stale.write_bytes(b"half a file")
+    build(dataset, out)
+    assert not stale.exists() and scale_file(out, SCALES[1]).is_file()
