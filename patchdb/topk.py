@@ -10,7 +10,9 @@ M_c = b_c + log(summed multiplicities) on its share of the posterior's normalise
 2. takes the shortest prefix of that order whose complement's mass bound
    logsumexp(M_c over the rest) is at most tol * Z: if that prefix holds at most ``topk`` entries,
    the query is *certified*: its prefix is scored exactly and the neglected posterior mass is
-   provably below tol, so its posterior mean is off by at most tol times the spread of the values;
+   provably below tol, so its posterior mean is off by at most tol times the spread of the values.
+   Otherwise its nearest clusters up to ``topk`` entries are scored, and the query is certified
+   after all if their now exactly known mass proves the rest below tol;
 3. otherwise (a broad posterior) falls back, as ``fallback`` says:
    - 'exact': every cluster that is not provably negligible (the exact backend's e^-60 rule);
    - 'none': the best clusters up to ``topk`` entries only, a plain truncated softmax (*truncated*);
@@ -100,6 +102,8 @@ class TopKBackend:
         start = time.perf_counter()
         scored = self._score(accumulator, queries, entries, clusters, plan.visit, alpha_bar)
         seconds["rescore"] += time.perf_counter() - start
+        if self.fallback != "exact" and self.tol > 0:
+            self._certify_scored(accumulator, plan)
         uncertified = torch.nonzero(~plan.certified).squeeze(1)
         if self.fallback in ("estimate", "auto") and uncertified.numel():
             start = time.perf_counter()
@@ -115,6 +119,22 @@ class TopKBackend:
                 seconds["rescore"] += time.perf_counter() - start
         self._count(plan.path.cpu(), scored)
         return plan.path
+
+    def _certify_scored(self, accumulator: SoftmaxAccumulator, plan: "_Plan") -> None:
+        """Certify the queries whose scored clusters now prove the rest below tol.
+
+        Once a query's visited clusters are scored, its normaliser is known exactly over them, a
+        lower bound usually far above the medoids'; where the unvisited clusters' mass bound lies
+        below tol times it, the query is certified after all and needs no fallback.
+        """
+        rows = torch.nonzero(~plan.certified).squeeze(1)
+        if not rows.numel():
+            return
+        log_normaliser = accumulator.running_max[rows] + accumulator.normaliser[rows].log()
+        unvisited_mass = plan.mass_bounds[rows].masked_fill(plan.visit[rows], -math.inf).logsumexp(dim=1)
+        newly = rows[unvisited_mass <= math.log(self.tol) + log_normaliser]
+        plan.certified[newly] = True
+        plan.path[newly] = PATHS.index("certified")
 
     def _plan(self, queries, entries, clusters: EntryClusters, alpha_bar: float) -> "_Plan":
         """Search the clusters for every query and decide its path (steps 1-3 of the module docstring).
@@ -149,7 +169,7 @@ class TopKBackend:
         if self.fallback == "exact":
             visit = torch.where(certified[:, None], visit, relevant)
         path = torch.where(certified, PATHS.index("certified"), PATHS.index(_UNCERTIFIED_PATH[self.fallback])).to(torch.uint8)
-        return _Plan(visit, relevant, certified, path)
+        return _Plan(visit, relevant, mass_bounds, certified, path)
 
     def take_report(self) -> dict:
         """Counts since the last call: queries per path, entries scored, seconds in search / rescore / estimate."""
@@ -229,10 +249,11 @@ class TopKBackend:
 @dataclass
 class _Plan:
     """Per query of a fold: visit (Q, C) the clusters scored exactly first; relevant (Q, C) the clusters
-    not provably negligible; certified (Q,); path (Q,) uint8 code."""
+    not provably negligible; mass_bounds (Q, C) the log mass bounds; certified (Q,); path (Q,) uint8 code."""
 
     visit: torch.Tensor
     relevant: torch.Tensor
+    mass_bounds: torch.Tensor
     certified: torch.Tensor
     path: torch.Tensor
 
