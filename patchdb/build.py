@@ -94,7 +94,7 @@ def _build_scale(dataset: Dataset, settings: StoreSettings, patch_size: int, out
     channels, height, width = settings.image_shape
     groups = [group for group in dictionary_groups(settings.machine, patch_size, height, width) if not group.same_location]
     label_sets = [None] if settings.labels is None else list(settings.labels)
-    dictionaries, quantizers = {}, {}
+    dictionaries = {}
     for label in label_sets:
         images = dataset.images if label is None else dataset.images[dataset.indices_of_label(label)]
         windows = patch_windows(images, patch_size, settings.padding)

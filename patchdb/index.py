@@ -93,10 +93,6 @@ class EntryClusters:
         query_norms = queries.square().sum(dim=1, keepdim=True)
         return distances, (query_norms - alpha_bar * member_distances.square()) / (2 * noise_variance) + self.log_mass
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in (self.offsets, self.centroids, self.radii, self.log_mass, self.medoids))
-
 
 @dataclass
 class GatheredEntries:
@@ -116,16 +112,13 @@ class GatheredEntries:
 
     def take(self, index: torch.Tensor) -> PatchDictionary:
         """The entries at index (n,) int64 as an in-memory PatchDictionary."""
-        keys = gather_sources(self.windows, self.sources[index])
-        return PatchDictionary(keys, keys[:, self.centre], torch.linalg.vector_norm(keys, dim=1).square(), self.log_multiplicity[index],
-                               self.sources[index], self.merged)
+        sources = self.sources[index]
+        keys = gather_sources(self.windows, sources)
+        return PatchDictionary(keys, keys[:, self.centre], torch.linalg.vector_norm(keys, dim=1).square(),
+                               self.log_multiplicity[index], sources, self.merged)
 
     def __len__(self) -> int:
         return self.sources.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.sources.element_size() * self.sources.numel() + self.log_multiplicity.element_size() * len(self)
 
 
 def take_entries(entries: "PatchDictionary | GatheredEntries", index: torch.Tensor | slice) -> PatchDictionary:
@@ -146,21 +139,12 @@ class ClusteredDictionary:
     entries: "PatchDictionary | GatheredEntries"
     clusters: EntryClusters
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def nbytes(self) -> int:
-        return self.entries.nbytes + self.clusters.nbytes
-
 
 def clustered(dictionary: PatchDictionary, cluster_size: int = CLUSTER_SIZE, seed: int = 0) -> ClusteredDictionary:
     """An in-memory dictionary reordered by cluster, with every cluster's bounds (see build_clusters)."""
     order, clusters = build_clusters(lambda rows: dictionary.keys[rows], len(dictionary), dictionary.log_multiplicity,
                                      cluster_size, seed)
-    entries = PatchDictionary(dictionary.keys[order], dictionary.values[order], dictionary.squared_norms[order],
-                              dictionary.log_multiplicity[order], dictionary.sources[order], dictionary.merged)
-    return ClusteredDictionary(entries, clusters)
+    return ClusteredDictionary(take_entries(dictionary, order), clusters)
 
 
 def build_clusters(gather: Callable[[torch.Tensor], torch.Tensor], num_entries: int, log_multiplicity: torch.Tensor,
@@ -201,7 +185,7 @@ def build_clusters(gather: Callable[[torch.Tensor], torch.Tensor], num_entries: 
     sizes = sizes.to(device)
     offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64, device=device)
     offsets[1:] = sizes.cumsum(0)
-    member_cluster = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
+    member_cluster = cluster_of_entries(sizes)
     sums = None
     for start in range(0, num_entries, block_rows):
         keys = gather(order[start:start + block_rows]).double()
@@ -216,13 +200,17 @@ def build_clusters(gather: Callable[[torch.Tensor], torch.Tensor], num_entries: 
         0, member_cluster, distances, reduce="amin", include_self=False)
     candidates = torch.where(distances == nearest[member_cluster], torch.arange(num_entries, device=device), num_entries)
     medoids = torch.full((len(sizes),), num_entries, device=device).scatter_reduce_(0, member_cluster, candidates, reduce="amin")
-    return order, EntryClusters(offsets, centroids, radii, cluster_log_mass(offsets, log_multiplicity[order]), medoids)
+    log_mass = cluster_log_mass(member_cluster, len(sizes), log_multiplicity[order])
+    return order, EntryClusters(offsets, centroids, radii, log_mass, medoids)
 
 
-def cluster_log_mass(offsets: torch.Tensor, log_multiplicity: torch.Tensor) -> torch.Tensor:
-    """(C,) log of the summed multiplicities of each cluster's entries (log_multiplicity (K,), sorted by cluster)."""
-    sizes = offsets.diff()
-    member_cluster = torch.repeat_interleave(torch.arange(len(sizes), device=offsets.device), sizes)
-    mass = torch.zeros(len(sizes), dtype=torch.float64, device=offsets.device)
+def cluster_of_entries(sizes: torch.Tensor) -> torch.Tensor:
+    """(K,) int64 cluster of each entry of entries sorted by cluster, from the clusters' sizes (C,)."""
+    return torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
+
+
+def cluster_log_mass(member_cluster: torch.Tensor, num_clusters: int, log_multiplicity: torch.Tensor) -> torch.Tensor:
+    """(C,) log of the summed multiplicities of each cluster's entries (member_cluster, log_multiplicity: (K,))."""
+    mass = torch.zeros(num_clusters, dtype=torch.float64, device=member_cluster.device)
     mass.index_add_(0, member_cluster, log_multiplicity.double().exp())
     return mass.log().to(log_multiplicity.dtype)

@@ -29,11 +29,7 @@ def parse_scales(spec: str | int, num_steps: int) -> list[int]:
     """Turn a scale spec (see SCALE_SPEC_HELP) into a list of num_steps odd patch sizes."""
     spec = str(spec).strip()
     if spec.startswith("paper:"):
-        key = spec.removeprefix("paper:")
-        presets = paper_scales()
-        if key not in presets:
-            raise PatchdbError(f"unknown paper scale preset {key!r}; choose one of: {', '.join(sorted(presets))}")
-        return check_scales(presets[key], num_steps, source=spec)
+        return check_scales(_paper_preset(spec), num_steps, source=spec)
     if spec.startswith("calibrated:"):
         return _read_scale_file(Path(spec.removeprefix("calibrated:")) / "scales.json", num_steps)
     if spec.endswith(".json"):
@@ -74,19 +70,19 @@ def check_scales(sizes: list, num_steps: int, source: str = "scales") -> list[in
 
 
 def parse_patch_sizes(spec: str) -> list[int]:
-    """The distinct patch sizes, ascending, of a comma-separated list ('3,5,7') or of a paper:KEY schedule."""
+    """The patch sizes of a comma-separated list ('3,5,7') or of a paper:KEY schedule (checked by their user)."""
     spec = str(spec).strip()
     if spec.startswith("paper:"):
-        key = spec.removeprefix("paper:")
-        if key not in paper_scales():
-            raise PatchdbError(f"unknown paper scale preset {key!r}; choose one of: {', '.join(sorted(paper_scales()))}")
-        sizes = paper_scales()[key]
-    else:
-        try:
-            sizes = [int(item) for item in spec.split(",")]
-        except ValueError:
-            raise PatchdbError(f"cannot read the patch sizes {spec!r}: give odd sizes like 3,5,7 or paper:KEY") from None
-    bad = sorted({size for size in sizes if size <= 0 or size % 2 == 0})
-    if bad:
-        raise PatchdbError(f"patch sizes {bad} in {spec!r} are invalid: patch sizes are positive odd integers")
-    return sorted(set(sizes))
+        return _paper_preset(spec)
+    try:
+        return [int(item) for item in spec.split(",")]
+    except ValueError:
+        raise PatchdbError(f"cannot read the patch sizes {spec!r}: give odd sizes like 3,5,7 or paper:KEY") from None
+
+
+def _paper_preset(spec: str) -> list[int]:
+    """The schedule of a 'paper:KEY' spec; an unknown key is an error listing the known ones."""
+    key, presets = spec.removeprefix("paper:"), paper_scales()
+    if key not in presets:
+        raise PatchdbError(f"unknown paper scale preset {key!r}; choose one of: {', '.join(sorted(presets))}")
+    return presets[key]

@@ -35,7 +35,7 @@ import patchdb
 from patchdb.data import Dataset
 from patchdb.engine import PatchDictionary
 from patchdb.errors import PatchdbError
-from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, cluster_log_mass, take_entries
+from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, cluster_log_mass, cluster_of_entries, take_entries
 from patchdb.patches import DictionaryGroup, centre_indices, patch_windows
 
 FORMAT_VERSION = 2
@@ -246,5 +246,6 @@ def _read_dictionary(node: h5py.Group, windows: torch.Tensor, centre: torch.Tens
     offsets = torch.from_numpy(node["offsets"][...]).to(device)
     clusters = EntryClusters(offsets, torch.from_numpy(node["centroids"][...]).to(device=device, dtype=dtype),
                              torch.from_numpy(node["radii"][...]).to(device=device, dtype=dtype),
-                             cluster_log_mass(offsets, log_multiplicity), torch.from_numpy(node["medoids"][...]).to(device))
+                             cluster_log_mass(cluster_of_entries(offsets.diff()), len(offsets) - 1, log_multiplicity),
+                             torch.from_numpy(node["medoids"][...]).to(device))
     return ClusteredDictionary(entries, clusters)

@@ -34,7 +34,7 @@ import torch
 
 from patchdb.engine import LOGIT_CHUNK_BYTES, NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits
 from patchdb.errors import PatchdbError
-from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, take_entries
+from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, cluster_of_entries, take_entries
 
 PATHS = ("exact", "certified", "estimated", "truncated")
 """Path codes: the path a query took is PATHS[code]."""
@@ -90,9 +90,9 @@ class TopKBackend:
             start = time.perf_counter()
             self.exact.fold(accumulator, queries, dictionary, alpha_bar)
             self._report["seconds"]["rescore"] += time.perf_counter() - start
-            num_rows = queries.shape[0] * (queries.shape[1] if queries.ndim == 3 else 1)
-            self._count(torch.zeros(num_rows, dtype=torch.uint8), num_rows * len(dictionary))
-            return torch.zeros(num_rows, dtype=torch.uint8, device=queries.device)
+            path = torch.full((queries.shape[:-1].numel(),), PATHS.index("exact"), dtype=torch.uint8, device=queries.device)
+            self._count(path.cpu(), path.numel() * len(dictionary))
+            return path
         entries, clusters = dictionary.entries, dictionary.clusters
         seconds = self._report["seconds"]
         start = time.perf_counter()
@@ -199,7 +199,7 @@ class TopKBackend:
                 logits = _logits(queries[block], run, 0, stop - start, alpha_bar)
                 if not bool(block_visit.all()):
                     if member is None:
-                        member = torch.repeat_interleave(torch.arange(last - first, device=block.device), sizes)
+                        member = cluster_of_entries(sizes)
                     logits.masked_fill_(~block_visit[:, member], -math.inf)
                 scored += int((block_visit.to(torch.int64) @ sizes).sum())
                 accumulator.update(logits, lambda weights, _, values=run.values: weights @ values, run.sources,
