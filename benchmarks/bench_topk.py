@@ -7,8 +7,9 @@ training images (the first N, or every image of one class), S seeds drawn togeth
         --setting topk=16384,tol=1e-3,fallback=auto --setting topk=4096,tol=1e-2,fallback=estimate \
         --out benchmarks/results/topk-class0.json
 
-The store is built (or resumed) first and its build time reported. Then the exact backend samples
-the batch, then each --setting does, from the same noise; each is timed (model calls only) and
+The store is built (or resumed) first and its build time reported (--store: an existing store is
+used as it is). Then the exact backend samples the batch (--exact-samples FILE.pt: loaded from
+FILE.pt when it exists, with the seconds it took, else saved there), then each --setting does, from the same noise; each is timed (model calls only) and
 compared with the exact samples by Pearson r per seed. With --verify, one extra run of the first
 setting recomputes every step exactly on the same input and counts the certified pixels whose
 posterior mean is off by more than tol times the spread of the pixel values (must be 0).
@@ -32,6 +33,7 @@ from patchdb.data import load_dataset  # noqa: E402
 from patchdb.generate import generate, seeded_inputs  # noqa: E402
 from patchdb.machines import make_machine  # noqa: E402
 from patchdb.sampler import sample_ddim  # noqa: E402
+from patchdb.store import PatchStore  # noqa: E402
 from patchdb.scales import parse_scales  # noqa: E402
 from patchdb.schedule import machine_steps  # noqa: E402
 from patchdb.topk import PATHS, TopKBackend  # noqa: E402
@@ -78,10 +80,14 @@ class VerifyingMachine:
 @click.option("--verify/--no-verify", default=False, show_default=True, help="Check the certificate of the first setting at every step.")
 @click.option("--cluster-size", type=click.IntRange(1), default=1024, show_default=True)
 @click.option("--store-dir", type=click.Path(path_type=Path), default=REPO / "runs" / "stores", show_default=True)
+@click.option("--store", "store_path", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Use this existing store instead of building one under --store-dir.")
+@click.option("--exact-samples", type=click.Path(path_type=Path), default=None,
+              help="Load the exact backend's samples and seconds from this .pt file, or save them there.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
 @click.option("--threads", type=click.IntRange(0), default=1, show_default=True, help="torch threads (0: torch's default).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the results to this JSON file.")
-def main(images, label, seeds, settings, verify, cluster_size, store_dir, data_dir, threads, out) -> None:
+def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_path, exact_samples, data_dir, threads, out) -> None:
     """Time the exact backend and each top-k setting on one batch; print Pearson r against exact and speed-ups."""
     if (images is None) == (label is None):
         raise click.UsageError("give exactly one of --images N and --label L")
@@ -91,11 +97,15 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, data_d
     dataset = load_dataset(spec, data_dir)
     scales = parse_scales(PAPER_SCALES, 20)
     used = sorted({scales[min(i, 19)] for i in machine_steps(20)})
-    store_path = store_dir / (f"bbels-class{label}-c{cluster_size}" if images is None else f"bbels-first{images}-c{cluster_size}")
-    start = time.perf_counter()
-    store = build_store(dataset, "bbels", used, store_path, conditional=label is not None,
-                        labels=None if label is None else [label], cluster_size=cluster_size)
-    build_seconds = time.perf_counter() - start
+    build_seconds = None
+    if store_path is None:
+        store_path = store_dir / (f"bbels-class{label}-c{cluster_size}" if images is None else f"bbels-first{images}-c{cluster_size}")
+        start = time.perf_counter()
+        store = build_store(dataset, "bbels", used, store_path, conditional=label is not None,
+                            labels=None if label is None else [label], cluster_size=cluster_size)
+        build_seconds = round(time.perf_counter() - start, 1)
+    else:
+        store = PatchStore(store_path)
     noise, _ = seeded_inputs(0, seeds, tuple(dataset.images.shape[1:]))
     labels = None if label is None else torch.full((seeds,), label)
 
@@ -105,16 +115,27 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, data_d
         return generation, time.perf_counter() - start
 
     exact_machine = make_machine("bbels", dataset)
-    exact, exact_seconds = run(exact_machine)
-    print(f"exact: {exact_seconds:.1f} s for {seeds} samples", flush=True)
+    if exact_samples is not None and exact_samples.is_file():
+        saved = torch.load(exact_samples)
+        if saved["noise"].shape != noise.shape or not torch.equal(saved["noise"], noise):
+            raise click.UsageError(f"{exact_samples} holds the exact samples of other noise: delete it or pass another file")
+        exact_result, exact_seconds = saved["samples"], saved["seconds"]
+        print(f"exact: {exact_seconds:.1f} s for {seeds} samples (loaded from {exact_samples})", flush=True)
+    else:
+        exact, exact_seconds = run(exact_machine)
+        exact_result = exact.samples
+        print(f"exact: {exact_seconds:.1f} s for {seeds} samples", flush=True)
+        if exact_samples is not None:
+            exact_samples.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"noise": noise, "samples": exact_result, "seconds": exact_seconds}, exact_samples)
     results = {"data": spec if label is None else f"{spec}, class {label}", "seeds": seeds, "threads": torch.get_num_threads(),
-               "store": str(store_path), "store_build_seconds": round(build_seconds, 1),
+               "store": str(store_path), "store_build_seconds": build_seconds,
                "store_bytes": sum(path.stat().st_size for path in store_path.iterdir()),
                "exact_seconds": round(exact_seconds, 2), "settings": []}
     for setting in map(parse_setting, settings):
         backend = TopKBackend(**setting)
         generation, seconds = run(make_machine("bbels", dataset, store=store, backend=backend))
-        r = image_statistics(generation.samples, exact.samples)["pearson_r"].tolist()
+        r = image_statistics(generation.samples, exact_result)["pearson_r"].tolist()
         steps = [{"t": i / 20, "patch_size": scales[min(i, 19)],
                   "fraction": {path: count / report["queries"] for path, count in report["paths"].items()},
                   "entries_per_pixel": round(report["entries_scored"] / report["queries"]),
