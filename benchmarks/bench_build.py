@@ -5,7 +5,9 @@
 
 Builds (or resumes) unconditional bbELS dictionaries of the first N Fashion-MNIST training images
 (all 60,000 without --images) and prints one JSON line: seconds, the process's peak resident memory
-in GiB (the data set alone included), and bytes on disk.
+in GiB (the data set alone included), bytes on disk, and per patch size the seconds and the peak
+resident memory while it was built (Linux: the peak is reset after each scale through
+/proc/self/clear_refs).
 """
 
 import json
@@ -39,13 +41,39 @@ def main(images, scales, threads, data_dir, out) -> None:
         torch.set_num_threads(threads)
     dataset = load_dataset("fashion-mnist:train" if images is None else f"fashion-mnist:train:{images}", data_dir)
     loaded_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    start = time.perf_counter()
-    build_store(dataset, "bbels", parse_patch_sizes(scales), out, progress=False)
-    print(json.dumps({"images": len(dataset), "scales": scales, "threads": torch.get_num_threads(),
+    per_scale, start = {}, time.perf_counter()
+    reset_peak_memory()
+
+    def record(patch_size, last=[start]):
+        now = time.perf_counter()
+        per_scale[patch_size] = {"seconds": round(now - last[0], 1), "peak_memory_gib": round(peak_memory_gib(), 2)}
+        print(json.dumps({"patch_size": patch_size, **per_scale[patch_size]}), flush=True)
+        last[0] = now
+        reset_peak_memory()
+
+    build_store(dataset, "bbels", parse_patch_sizes(scales), out, progress=False, callback=record)
+    print(json.dumps({"per_scale": per_scale, "images": len(dataset), "scales": scales, "threads": torch.get_num_threads(),
                       "seconds": round(time.perf_counter() - start, 1),
-                      "peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+                      "peak_memory_gib": max([round(loaded_gib, 2)] + [scale["peak_memory_gib"] for scale in per_scale.values()]),
                       "memory_after_loading_data_gib": round(loaded_gib, 2),
                       "bytes_on_disk": sum(path.stat().st_size for path in Path(out).iterdir())}))
+
+
+def peak_memory_gib() -> float:
+    """Peak resident memory of this process since the last reset_peak_memory (Linux), else since it started."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def reset_peak_memory() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

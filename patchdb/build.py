@@ -2,13 +2,16 @@
 
 For each patch size, each label (class-conditional) or all images, and each dictionary group of
 the machine that is not same-location (patchdb.patches), the builder streams the group's patches
-from the training images, merges identical ones (exact: their multiplicity is kept), clusters the
-distinct ones with FAISS k-means (patchdb.index) when there are at least MIN_INDEXED_ENTRIES, and
-writes the scale's file. Scales already on disk are kept, so an interrupted build resumes.
+from the training images once, hashing them and assigning them to k-means clusters (patchdb.index,
+FAISS k-means on a sample) whose bounds it accumulates; identical patches are merged (exact: their
+multiplicity is kept). Dictionaries of fewer than min_indexed_entries distinct patches are stored
+without clusters. Each scale's file is written whole; scales already on disk are kept, so an
+interrupted build resumes.
 """
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -18,26 +21,28 @@ from tqdm.auto import tqdm
 
 from patchdb.data import Dataset
 from patchdb.errors import PatchdbError
-from patchdb.duplicates import distinct_entries
-from patchdb.index import CLUSTER_SIZE, MIN_INDEXED_ENTRIES, REDUCED_DIMENSIONS, build_clusters
-from patchdb.patches import PATCH_MACHINES, dictionary_groups, gather_sources, padding_mode, patch_windows
+from patchdb.duplicates import BLOCK_ROWS, merge_hashed, row_hashes, unique_rows
+from patchdb.index import CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_ENTRIES, Partition, Quantizer, number_of_clusters
+from patchdb.patches import PATCH_MACHINES, dictionary_groups, gather_patches, gather_sources, padding_mode, patch_windows
 from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, read_settings, scale_file,
                            write_scale, write_settings)
 
 log = logging.getLogger(__name__)
 
-BYTES_PER_ENTRY = 8 * 4 + 4 * REDUCED_DIMENSIONS
-"""Memory per patch while a dictionary is built: hash, group, order and sources (int64), and its reduced projection."""
+BYTES_PER_PATCH = 96
+"""Memory per patch while a dictionary is built: its hash, cluster and merge bookkeeping (measured: see benchmarks/RESULTS.md)."""
 
 
 def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Path, conditional: bool = False,
                 labels: list[int] | None = None, cluster_size: int = CLUSTER_SIZE, min_indexed_entries: int = MIN_INDEXED_ENTRIES,
-                merge_duplicates: bool = True, progress: bool = True) -> PatchStore:
+                merge_duplicates: bool = True, progress: bool = True,
+                callback: Callable[[int], None] | None = None) -> PatchStore:
     """Build (or resume) the store of machine's dictionaries for dataset at the patch sizes scales, in out.
 
     conditional: one set of dictionaries per class, for the classes labels (default: all of them);
     cluster_size: entries per k-means cluster; dictionaries with fewer than min_indexed_entries
-    distinct patches are stored without clusters (the exact backend scans them).
+    distinct patches are stored without clusters (the exact backend scans them); callback(patch_size)
+    is called each time a scale's file has been written.
     """
     if machine not in PATCH_MACHINES:
         raise PatchdbError(f"build-index indexes patch dictionaries: --machine must be one of {', '.join(PATCH_MACHINES)}, not {machine!r}")
@@ -77,6 +82,8 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
         log.info("resuming %s: patch sizes %s are already built", out, sorted(set(scales) - set(todo)))
     for patch_size in tqdm(todo, desc="build-index", unit="scale", disable=not progress):
         _build_scale(dataset, settings, patch_size, out)
+        if callback is not None:
+            callback(patch_size)
     return PatchStore(out)
 
 
@@ -100,30 +107,59 @@ def _build_scale(dataset: Dataset, settings: StoreSettings, patch_size: int, out
         windows = patch_windows(images, patch_size, settings.padding)
         for group in groups:
             key = dictionary_key(label, group)
-            key_pixels = group.key_pixels
-            num_patches = images.shape[0] * len(key_pixels)
+            num_patches = images.shape[0] * len(group.key_pixels)
             log.info("%s at P=%d: %d patches of %d values, about %.2f GiB while building", key, patch_size, num_patches,
-                     channels * patch_size**2, num_patches * BYTES_PER_ENTRY / 1024**3)
-
-            def sources_of(rows, key_pixels=key_pixels):  # patch number image * len(key_pixels) + pixel index
-                pixel = key_pixels[rows % len(key_pixels)]
-                return torch.stack([rows // len(key_pixels), pixel // width, pixel % width], dim=1)
-
-            def gather(rows, windows=windows, sources_of=sources_of):
-                return gather_sources(windows, sources_of(rows))
-
-            if settings.merge_duplicates:
-                first, counts = distinct_entries(gather, num_patches)
-            else:
-                first, counts = torch.arange(num_patches), torch.ones(num_patches, dtype=torch.int64)
-            sources = sources_of(first)
-            if len(first) < settings.min_indexed_entries:
-                dictionaries[key] = StoredDictionary(sources, counts, num_patches)
-                continue
-            order, clusters = build_clusters(lambda rows: gather(first[rows]), len(first), counts.to(torch.float32).log(),
-                                             settings.cluster_size)
-            quantizer = faiss.IndexFlatL2(clusters.centroids.shape[1])
-            quantizer.add(np.ascontiguousarray(clusters.centroids.float().numpy()))
-            dictionaries[key] = StoredDictionary(sources[order], counts[order], num_patches, clusters,
-                                                 faiss.serialize_index(quantizer))
+                     channels * patch_size**2, num_patches * BYTES_PER_PATCH / 1024**3)
+            dictionaries[key] = _build_dictionary(windows, group.key_pixels, settings)
     write_scale(out, patch_size, dictionaries)
+
+
+def _build_dictionary(windows: torch.Tensor, key_pixels: torch.Tensor, settings: StoreSettings) -> StoredDictionary:
+    """Merge and cluster the patches centred at key_pixels (K,) of every image of windows (a patch_windows view).
+
+    One streamed pass over the patches, image block by image block, hashes them (for merging) and
+    assigns them to clusters, whose bounds it accumulates (patchdb.index.Partition). Patch number
+    n * K + k is the one centred at key_pixels[k] of image n.
+    """
+    num_images, per_image, width = windows.shape[0], len(key_pixels), windows.shape[3]
+    num_patches = num_images * per_image
+
+    def sources_of(rows):  # (image, row, column) of patches rows
+        pixel = key_pixels[rows % per_image]
+        return torch.stack([rows // per_image, pixel // width, pixel % width], dim=1)
+
+    def gather(rows):
+        return gather_sources(windows, sources_of(rows))
+
+    def image_blocks():  # (patch numbers (n,), patches (n, D)) of every patch, a block of images at a time
+        images_per_block = max(1, BLOCK_ROWS // per_image)
+        for start in range(0, num_images, images_per_block):
+            stop = min(start + images_per_block, num_images)
+            yield torch.arange(start * per_image, stop * per_image), gather_patches(windows[start:stop], key_pixels).flatten(0, 1)
+
+    partition = None
+    if num_patches >= settings.min_indexed_entries:
+        generator = torch.Generator().manual_seed(0)
+        num_clusters = number_of_clusters(num_patches, settings.cluster_size)
+        sample = gather(torch.randperm(num_patches, generator=generator)[:num_clusters * KMEANS_SAMPLE_PER_CLUSTER])
+        partition = Partition(Quantizer.fit(sample[unique_rows(sample)[0]], num_clusters))
+        assignment = torch.empty(num_patches, dtype=torch.int32)
+    hashes = torch.empty(num_patches, dtype=torch.int64) if settings.merge_duplicates else None
+    if partition is not None or hashes is not None:
+        for rows, keys in image_blocks():
+            if hashes is not None:
+                hashes[rows] = row_hashes(keys)
+            if partition is not None:
+                assignment[rows] = partition.add(rows, keys).to(torch.int32)
+    if hashes is not None:
+        first, counts = merge_hashed(hashes, gather)
+        del hashes
+    else:
+        first, counts = torch.arange(num_patches), torch.ones(num_patches, dtype=torch.int64)
+    sources = sources_of(first)
+    if partition is None or len(first) < settings.min_indexed_entries:
+        return StoredDictionary(sources, counts, num_patches)
+    order, clusters = partition.finish(assignment[first].to(torch.int64), counts.to(torch.float32).log(), first)
+    quantizer = faiss.IndexFlatL2(clusters.centroids.shape[1])
+    quantizer.add(np.ascontiguousarray(clusters.centroids.float().numpy()))
+    return StoredDictionary(sources[order], counts[order], num_patches, clusters, faiss.serialize_index(quantizer))

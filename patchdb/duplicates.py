@@ -21,13 +21,20 @@ def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def distinct_entries(gather: Callable[[torch.Tensor], torch.Tensor], num_entries: int, device: torch.device | str = "cpu",
                      block_rows: int = BLOCK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """The first occurrence (n,) int64 of each group of identical keys among num_entries, in order,
-    and the groups' sizes (n,), streaming the keys (gather(rows) -> (len(rows), D)) in blocks.
+    and the groups' sizes (n,), streaming the keys (gather(rows) -> (len(rows), D)) in blocks."""
+    hashes = torch.cat([row_hashes(gather(torch.arange(start, min(start + block_rows, num_entries), device=device)))
+                        for start in range(0, num_entries, block_rows)])
+    return merge_hashed(hashes, gather, block_rows)
+
+
+def merge_hashed(hashes: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor], block_rows: int = BLOCK_ROWS
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """distinct_entries for keys whose row_hashes (K,) are known: (first occurrences (n,), group sizes (n,)).
 
     Keys are grouped by hash and every merge is verified exactly: a key that shares its hash with a
     different key (a collision) is kept on its own, so no two different keys ever merge.
     """
-    hashes = torch.cat([row_hashes(gather(torch.arange(start, min(start + block_rows, num_entries), device=device)))
-                        for start in range(0, num_entries, block_rows)])
+    num_entries = hashes.shape[0]
     _, group, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
     first = _first_occurrences(group, counts.shape[0])
     duplicates = torch.nonzero(first[group] != torch.arange(num_entries, device=group.device)).squeeze(1)
@@ -43,15 +50,21 @@ def distinct_entries(gather: Callable[[torch.Tensor], torch.Tensor], num_entries
 
 
 def row_hashes(rows: torch.Tensor) -> torch.Tensor:
-    """(K,) int64 hashes of the rows of rows (K, D): the bits of their float64 projections on two fixed random directions.
+    """(K,) int64 hashes of the rows of rows (K, D): the bits of their projections on two fixed random directions.
 
-    Identical rows (-0.0 and 0.0 included) project alike in one matrix product; should the product
-    round a row differently in another block, the two copies merely stay unmerged (never a wrong merge).
+    One matrix product in the rows' dtype; identical rows (-0.0 and 0.0 included) project alike.
+    Should the product round a row differently in another block, the two copies merely stay
+    unmerged (never a wrong merge).
     """
     generator = torch.Generator().manual_seed(0x5EED)
-    directions = torch.rand(rows.shape[1], 2, generator=generator, dtype=torch.float64).to(rows.device)
-    bits = ((rows.double() + 0.0) @ directions).view(torch.int64)  # + 0.0 folds -0.0 into 0.0
-    return bits[:, 0] ^ (bits[:, 1] * 0x9E3779B1)
+    directions = torch.rand(rows.shape[1], 2, generator=generator, dtype=torch.float64).to(rows.device, rows.dtype)
+    # a -0.0 entry changes a projection only when every product is zero: + 0.0 folds that -0.0 into 0.0
+    projections = rows @ directions + 0.0
+    if projections.element_size() == 8:
+        bits = projections.view(torch.int64)
+        return bits[:, 0] ^ (bits[:, 1] * 0x9E3779B1)
+    bits = projections.float().view(torch.int32).to(torch.int64)
+    return (bits[:, 0] << 32) | (bits[:, 1] & 0xFFFFFFFF)
 
 
 def _first_occurrences(inverse: torch.Tensor, num_unique: int) -> torch.Tensor:

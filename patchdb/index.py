@@ -24,7 +24,7 @@ from patchdb.engine import PatchDictionary
 from patchdb.patches import gather_sources
 
 CLUSTER_SIZE = 1024
-"""Default number of dictionary entries per cluster."""
+"""Default number of patches (duplicates counted) per cluster."""
 
 MIN_INDEXED_ENTRIES = 16384
 """Dictionaries with fewer entries (after merging duplicates) are not clustered: they are scanned exactly."""
@@ -33,17 +33,17 @@ REDUCED_DIMENSIONS = 16
 """Principal directions on which k-means clusters the entries."""
 
 MAX_CLUSTERS = 4096
-"""At most this many clusters per dictionary (assignment costs entries x clusters x REDUCED_DIMENSIONS)."""
+"""At most this many clusters per dictionary (the top-k backend's search costs queries x clusters x D)."""
 
 PCA_SAMPLE = 65536
-"""Entries sampled to find the principal directions."""
+"""At most this many keys of the k-means sample find the principal directions."""
 
 BLOCK_ROWS = 65536
 """Entries gathered at once while clustering."""
 
 KMEANS_ITERATIONS = 10
 KMEANS_SAMPLE_PER_CLUSTER = 64
-"""k-means trains on at most this many entries per cluster (a random sample)."""
+"""k-means trains on a random sample of this many keys per cluster."""
 
 DISTANCE_SLACK = 1e-3
 """Relative slack on the float32 distances of the bounds (their rounding error is far smaller)."""
@@ -150,58 +150,185 @@ def clustered(dictionary: PatchDictionary, cluster_size: int = CLUSTER_SIZE, see
 def build_clusters(gather: Callable[[torch.Tensor], torch.Tensor], num_entries: int, log_multiplicity: torch.Tensor,
                    cluster_size: int = CLUSTER_SIZE, seed: int = 0, block_rows: int = BLOCK_ROWS
                    ) -> tuple[torch.Tensor, EntryClusters]:
-    """Cluster num_entries keys by k-means, streaming them in blocks: (order, clusters).
+    """Cluster num_entries keys in one streamed pass: (order, clusters).
 
     gather(rows) returns the keys (len(rows), D) of entries rows (int64); log_multiplicity (K,) is
-    each entry's. order (K,) int64 lists the entries sorted by cluster (clusters numbered along the
-    centroids' first principal direction, so that nearby numbers lie near each other); clusters
-    describes them in that order. Only the reduced projections (K, REDUCED_DIMENSIONS) are held
-    in memory at once, never all keys.
+    each entry's, and clusters hold about cluster_size patches (multiplicities counted). order (K,)
+    int64 lists the entries sorted by cluster; clusters describes them in that order. Only a
+    sample of keys is held in memory at once, never all of them.
     """
     device = log_multiplicity.device
-    num_clusters = max(1, min(MAX_CLUSTERS, round(num_entries / cluster_size)))
+    multiplicity = log_multiplicity.double().exp()
+    num_clusters = number_of_clusters(float(multiplicity.sum()), cluster_size)
     generator = torch.Generator().manual_seed(seed)
-    sample = gather(torch.randperm(num_entries, generator=generator)[:PCA_SAMPLE].to(device)).double()
-    mean = sample.mean(dim=0)
-    _, eigenvectors = torch.linalg.eigh((sample - mean).T @ (sample - mean))
-    directions = eigenvectors[:, -min(REDUCED_DIMENSIONS, sample.shape[1]):].flip(1)  # largest first
-    reduced = np.empty((num_entries, directions.shape[1]), dtype=np.float32)
-    for start in range(0, num_entries, block_rows):
-        rows = torch.arange(start, min(start + block_rows, num_entries), device=device)
-        reduced[start:start + len(rows)] = ((gather(rows).double() - mean) @ directions).float().cpu().numpy()
+    sample = gather(torch.randperm(num_entries, generator=generator)[:num_clusters * KMEANS_SAMPLE_PER_CLUSTER].to(device))
+    partition = Partition(Quantizer.fit(sample, num_clusters, seed))
+    assignment = torch.cat([partition.add(rows, gather(rows), multiplicity[rows])
+                            for rows in torch.arange(num_entries, device=device).split(block_rows)])
+    return partition.finish(assignment, log_multiplicity, torch.arange(num_entries, device=device))
+
+
+def number_of_clusters(num_patches: float, cluster_size: int) -> int:
+    """Clusters for a dictionary of num_patches patches (duplicates counted): about cluster_size each, at most MAX_CLUSTERS."""
+    return max(1, min(MAX_CLUSTERS, round(num_patches / cluster_size)))
+
+
+@dataclass
+class Quantizer:
+    """Two-level k-means on the keys' principal projections: assigns keys to clusters in ~2 sqrt(C) distances.
+
+    A key k (D,) reduces to r = directions^T (k - mean) (R,), directions (D, R) orthonormal; coarse
+    (G, R) are the top-level centroids, fine (C, R) the clusters', those of coarse cell g at
+    fine_offsets[g]:fine_offsets[g + 1]. A key's cluster is the nearest fine centroid within its
+    nearest coarse cell (FAISS flat indices). Everything is float64 but the search.
+    """
+
+    mean: torch.Tensor
+    directions: torch.Tensor
+    coarse: torch.Tensor
+    fine: torch.Tensor
+    fine_offsets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.fine.shape[0]
+
+    @classmethod
+    def fit(cls, sample: torch.Tensor, num_clusters: int, seed: int = 0) -> "Quantizer":
+        """Fit on sample (S, D) keys: principal directions, then k-means per level (FAISS), num_clusters in all."""
+        mean = sample[:PCA_SAMPLE].double().mean(dim=0)
+        centred = sample[:PCA_SAMPLE].double() - mean
+        _, eigenvectors = torch.linalg.eigh(centred.T @ centred)
+        directions = eigenvectors[:, -min(REDUCED_DIMENSIONS, sample.shape[1]):].flip(1)  # largest first
+        reduced = ((sample.double() - mean) @ directions).float().cpu().numpy()
+        num_clusters = max(1, min(num_clusters, len(reduced)))
+        coarse = _kmeans(reduced, max(1, round(math.sqrt(num_clusters))), seed)
+        cell = _flat_index(coarse).search(reduced, 1)[1][:, 0]
+        fine, fine_offsets = [], [0]
+        for index in range(len(coarse)):
+            members = reduced[cell == index]
+            share = max(1, min(len(members), round(num_clusters * len(members) / len(reduced)))) if len(members) else 0
+            fine.append(_kmeans(members, share, seed) if share else members)
+            fine_offsets.append(fine_offsets[-1] + share)
+        as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array)).to(sample.device, torch.float64)  # noqa: E731
+        return cls(mean, directions, as_tensor(coarse), as_tensor(np.concatenate(fine)), torch.tensor(fine_offsets, device=sample.device))
+
+    def __post_init__(self):
+        self._coarse_index = _flat_index(self.coarse)
+        bounds = self.fine_offsets.tolist()
+        self._fine_indices = [_flat_index(self.fine[low:high]) for low, high in zip(bounds[:-1], bounds[1:])]
+
+    def reduce(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For keys (n, D): r (n, R) float64, and ||k - mean||^2 - ||r||^2 (n,) float64, the squared
+        distance of each key from the subspace that the fine centroids span."""
+        keys = keys.double()
+        projected = keys @ torch.cat([self.directions, self.mean[:, None]], dim=1)  # one product for r and <k, mean>
+        reduced = projected[:, :-1] - self.mean @ self.directions
+        centred_norms = torch.linalg.vector_norm(keys, dim=1).square() - 2 * projected[:, -1] + self.mean.square().sum()
+        return reduced, (centred_norms - reduced.square().sum(dim=1)).clamp_min(0)
+
+    def assign(self, reduced: torch.Tensor) -> torch.Tensor:
+        """(n,) int64 cluster of each reduced key of reduced (n, R)."""
+        points = np.ascontiguousarray(reduced.float().cpu().numpy())
+        cell = self._coarse_index.search(points, 1)[1][:, 0]
+        assignment = np.empty(len(points), dtype=np.int64)
+        order = np.argsort(cell, kind="stable")
+        bounds = np.searchsorted(cell[order], np.arange(len(self.coarse) + 1))
+        for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if start < stop:
+                rows = order[start:stop]
+                assignment[rows] = int(self.fine_offsets[index]) + self._fine_indices[index].search(points[rows], 1)[1][:, 0]
+        return torch.from_numpy(assignment).to(reduced.device)
+
+    def lifted(self) -> torch.Tensor:
+        """(C, D) float64 the fine centroids in patch space: mean + directions f."""
+        return self.mean + self.fine @ self.directions.T
+
+
+class Partition:
+    """Builds EntryClusters in one streamed pass over a dictionary's keys (add), then finish.
+
+    Each key is assigned to a cluster of the quantizer, and its distance to that cluster's lifted
+    centroid c' is exact from its reduction (||k - c'||^2 = ||k - mean||^2 - ||r||^2 + ||r - f||^2).
+    The stored centroid c is the cluster's mean key, and its radius max ||k - c'|| + ||c - c'||
+    bounds every member's distance from c (triangle inequality) without a second pass.
+    """
+
+    def __init__(self, quantizer: Quantizer):
+        self.quantizer = quantizer
+        size = len(quantizer)
+        device = quantizer.fine.device
+        self.sums: torch.Tensor | None = None  # (C, D) float64 summed weighted keys
+        self.mass = torch.zeros(size, dtype=torch.float64, device=device)
+        self.reach = torch.zeros(size, dtype=torch.float64, device=device)  # max ||k - c'|| per cluster
+        # per cluster the key of least (distance to c', row), packed in one int64: the float32 bits of the distance
+        # (non-negative floats order as their bits do), then the row
+        self.nearest = torch.full((size,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+
+    def add(self, rows: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Assign keys (n, D) with row numbers rows (n,) int64 (< 2^32), each standing for weights (n,)
+        patches (default 1): (n,) int64 clusters."""
+        reduced, residual = self.quantizer.reduce(keys)
+        assignment = self.quantizer.assign(reduced)
+        distances = (residual + (reduced - self.quantizer.fine[assignment]).square().sum(dim=1)).sqrt()
+        self.reach.scatter_reduce_(0, assignment, distances, reduce="amax")
+        self.nearest.scatter_reduce_(0, assignment, (distances.float().view(torch.int32).to(torch.int64) << 32) | rows,
+                                     reduce="amin")
+        if self.sums is None:
+            self.sums = torch.zeros(len(self.quantizer), keys.shape[1], dtype=torch.float64, device=keys.device)
+        weighted = keys if weights is None else keys * weights[:, None].to(keys.dtype)
+        # summed in the keys' dtype within a block, in float64 across blocks: millions of identical patches may share a cluster
+        self.sums += torch.zeros(self.sums.shape, dtype=keys.dtype, device=keys.device).index_add_(0, assignment, weighted)
+        self.mass.index_add_(0, assignment, torch.ones(len(keys), dtype=torch.float64, device=keys.device)
+                             if weights is None else weights.double())
+        return assignment
+
+    def finish(self, assignment: torch.Tensor, log_multiplicity: torch.Tensor, rows: torch.Tensor
+               ) -> tuple[torch.Tensor, EntryClusters]:
+        """(order, clusters) of the entries: their clusters assignment (K,) int64, log_multiplicity (K,),
+        and the row numbers rows (K,) int64, ascending, that they were added as.
+
+        Every added key must equal an entry (entries may stand for several identical added keys).
+        Entries are sorted by cluster (stably); clusters that hold no entry are dropped.
+        """
+        device, num_entries = assignment.device, assignment.shape[0]
+        order = torch.argsort(assignment, stable=True)
+        present, sizes = torch.unique_consecutive(assignment[order], return_counts=True)
+        entry_cluster = torch.full((len(self.quantizer),), -1, dtype=torch.int64, device=device)
+        entry_cluster[present] = torch.arange(len(present), device=device)
+        entry_cluster = entry_cluster[assignment]
+        offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64, device=device)
+        offsets[1:] = sizes.cumsum(0)
+        centroids = (self.sums[present] / self.mass[present, None]).to(log_multiplicity.dtype)
+        shift = torch.linalg.vector_norm(centroids.double() - self.quantizer.lifted()[present], dim=1)
+        radii = (self.reach[present] + shift).to(centroids.dtype)
+        # the medoid: the entry of the key nearest c' (an identical copy of it may have been added under another row
+        # or, rounding apart, assigned elsewhere: then the cluster's first entry stands in; any member gives a valid bound)
+        nearest_rows = self.nearest[present] & 0xFFFFFFFF
+        entry = torch.searchsorted(rows, nearest_rows).clamp_max(num_entries - 1)
+        position = torch.empty_like(order)
+        position[order] = torch.arange(num_entries, device=device)
+        found = (rows[entry] == nearest_rows) & (entry_cluster[entry] == torch.arange(len(present), device=device))
+        medoids = torch.where(found, position[entry], offsets[:-1])
+        log_mass = cluster_log_mass(entry_cluster[order], len(sizes), log_multiplicity[order])
+        return order, EntryClusters(offsets, centroids, radii, log_mass, medoids)
+
+
+def _kmeans(points: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
+    """(num_clusters, R) k-means centroids of points (S, R) float32 (FAISS), or the mean for one cluster."""
     if num_clusters == 1:
-        assignment = torch.zeros(num_entries, dtype=torch.int64)
-    else:
-        kmeans = faiss.Kmeans(reduced.shape[1], num_clusters, niter=KMEANS_ITERATIONS, seed=seed,
-                              min_points_per_centroid=1, max_points_per_centroid=KMEANS_SAMPLE_PER_CLUSTER, verbose=False)
-        kmeans.train(reduced)
-        _, nearest = kmeans.index.search(reduced, 1)
-        rank = np.empty(num_clusters, dtype=np.int64)
-        rank[np.argsort(kmeans.centroids[:, 0], kind="stable")] = np.arange(num_clusters)
-        assignment = torch.from_numpy(rank[nearest[:, 0]])
-    del reduced
-    order = torch.argsort(assignment, stable=True).to(device)
-    _, sizes = torch.unique_consecutive(assignment[order.cpu()], return_counts=True)  # empty clusters are dropped
-    sizes = sizes.to(device)
-    offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64, device=device)
-    offsets[1:] = sizes.cumsum(0)
-    member_cluster = cluster_of_entries(sizes)
-    sums = None
-    for start in range(0, num_entries, block_rows):
-        keys = gather(order[start:start + block_rows]).double()
-        if sums is None:
-            sums = torch.zeros(len(sizes), keys.shape[1], dtype=torch.float64, device=device)
-        sums.index_add_(0, member_cluster[start:start + block_rows], keys)
-    centroids = (sums / sizes[:, None]).to(log_multiplicity.dtype)
-    distances = torch.cat([torch.linalg.vector_norm(gather(order[start:start + block_rows]) - centroids[member_cluster[start:start + block_rows]], dim=1)
-                           for start in range(0, num_entries, block_rows)])
-    radii = torch.zeros(len(sizes), dtype=centroids.dtype, device=device).scatter_reduce_(0, member_cluster, distances, reduce="amax")
-    nearest = torch.zeros(len(sizes), dtype=centroids.dtype, device=device).scatter_reduce_(
-        0, member_cluster, distances, reduce="amin", include_self=False)
-    candidates = torch.where(distances == nearest[member_cluster], torch.arange(num_entries, device=device), num_entries)
-    medoids = torch.full((len(sizes),), num_entries, device=device).scatter_reduce_(0, member_cluster, candidates, reduce="amin")
-    log_mass = cluster_log_mass(member_cluster, len(sizes), log_multiplicity[order])
-    return order, EntryClusters(offsets, centroids, radii, log_mass, medoids)
+        return points.mean(axis=0, keepdims=True)
+    kmeans = faiss.Kmeans(points.shape[1], num_clusters, niter=KMEANS_ITERATIONS, seed=seed, min_points_per_centroid=1,
+                          max_points_per_centroid=KMEANS_SAMPLE_PER_CLUSTER, verbose=False)
+    kmeans.train(np.ascontiguousarray(points))
+    return kmeans.centroids
+
+
+def _flat_index(centroids: "torch.Tensor | np.ndarray") -> faiss.IndexFlatL2:
+    """An exact FAISS index over centroids (k, R)."""
+    points = centroids.float().cpu().numpy() if isinstance(centroids, torch.Tensor) else centroids.astype(np.float32)
+    index = faiss.IndexFlatL2(points.shape[1])
+    index.add(np.ascontiguousarray(points))
+    return index
 
 
 def cluster_of_entries(sizes: torch.Tensor) -> torch.Tensor:

@@ -117,8 +117,23 @@ def gather_patches(windows: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """Copy the patches centred at flat pixel indices pixels (M,) out of a patch_windows view: (N, M, D)."""
     width = windows.shape[3]
     pixels = pixels.to(windows.device)
-    selected = windows[:, :, pixels // width, pixels % width]  # (N, C, M, P, P)
-    return selected.permute(0, 2, 1, 3, 4).reshape(windows.shape[0], pixels.shape[0], -1)
+    box = _as_box(pixels, width)
+    if box is not None:  # a rectangle of pixels (every dictionary group is one): a strided copy, several times faster
+        rows, cols = box
+        selected = windows[:, :, rows, cols].permute(0, 2, 3, 1, 4, 5)  # (N, R, Cc, C, P, P)
+    else:
+        selected = windows[:, :, pixels // width, pixels % width].permute(0, 2, 1, 3, 4)  # (N, M, C, P, P)
+    return selected.reshape(windows.shape[0], pixels.shape[0], -1)
+
+
+def _as_box(pixels: torch.Tensor, width: int) -> tuple[slice, slice] | None:
+    """(row slice, column slice) when flat pixels (M,) are exactly a rectangle listed row by row, else None."""
+    if pixels.numel() == 0:
+        return None
+    first, last = int(pixels[0]), int(pixels[-1])
+    rows, cols = slice(first // width, last // width + 1), slice(first % width, last % width + 1)
+    box = torch.arange(rows.start, rows.stop, device=pixels.device)[:, None] * width + torch.arange(cols.start, cols.stop, device=pixels.device)
+    return (rows, cols) if box.numel() == pixels.numel() and torch.equal(box.reshape(-1), pixels) else None
 
 
 def gather_sources(windows: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,19 @@ def test_store_keeps_every_patch_with_its_multiplicity(dataset, store):
             assert int(file["label-all/interior/multiplicity"][...].sum()) == interior["patches"]
 
 
+def test_every_stored_patch_lies_within_its_clusters_radius_and_each_medoid_is_a_member(dataset, store):
+    groups = dictionary_groups("bbels", 3, 10, 10)
+    loaded = store.dictionaries(3, None, groups, dataset.images.double(), memory_budget=10**9)
+    indexed = [dictionary for dictionary in loaded if isinstance(dictionary, ClusteredDictionary)]
+    assert indexed
+    for dictionary in indexed:
+        clusters, keys = dictionary.clusters, dictionary.entries.keys
+        member = torch.repeat_interleave(torch.arange(len(clusters)), clusters.sizes)
+        distances = torch.linalg.vector_norm(keys - clusters.centroids[member], dim=1)
+        assert (distances <= clusters.radii[member] * (1 + 1e-6) + 1e-9).all()
+        assert torch.equal(member[clusters.medoids], torch.arange(len(clusters)))
+
+
 def test_interrupted_build_leaves_no_partial_scale_and_resumes(dataset, tmp_path, monkeypatch):
     out = tmp_path / "store"
     real = patchdb.build._build_scale
