@@ -7,9 +7,12 @@ inequality every member k of cluster c lies at least max(0, ||p - centroid_c|| -
 point p, which bounds the logit of every member without touching it: the certificate of the top-k
 backend (patchdb.topk).
 
-k-means runs on the entries projected on their top principal directions (REDUCED_DIMENSIONS), which
-makes assignment cheap; centroids and radii are then computed in the full patch space, so the bounds
-hold exactly whatever the clustering's quality (a poor clustering only loosens them).
+The clusters come from a two-level k-means (FAISS) on the entries' top principal projections
+(REDUCED_DIMENSIONS), fitted on a sample; every entry is then assigned in one streamed pass, which
+also bounds each cluster in the full patch space: a member's distance to the cluster's k-means
+centre c' is exact from its projection, and the stored radius max ||k - c'|| + ||centroid - c'||
+bounds its distance to the stored centroid (the cluster's mean). The bounds hold whatever the
+clustering's quality; a poor clustering only loosens them.
 """
 
 import math
@@ -54,9 +57,9 @@ class EntryClusters:
     """Clusters of a dictionary's entries, which are stored sorted by cluster.
 
     offsets: (C + 1,) int64, cluster c holds entries offsets[c]:offsets[c + 1].
-    centroids: (C, D) mean of each cluster's keys. radii: (C,) largest ||key - centroid|| in each cluster.
+    centroids: (C, D) mean of each cluster's patches (duplicates counted). radii: (C,) a bound on ||key - centroid|| over each cluster's keys.
     log_mass: (C,) log of the summed multiplicities of each cluster's entries.
-    medoids: (C,) int64 the entry of each cluster nearest its centroid (an index into the sorted entries).
+    medoids: (C,) int64 an entry of each cluster near its centre (an index into the sorted entries).
     """
 
     offsets: torch.Tensor

@@ -12,7 +12,7 @@ A store is a folder:
     ``multiplicity`` (n,) int32: how many identical patches each one stands for;
     and, for dictionaries of at least min_indexed_entries distinct patches, the inverted file:
     ``offsets`` (C + 1,) int64, ``centroids`` (C, D) float32, ``radii`` (C,) float32, ``medoids``
-    (C,) int64 (each cluster's entry nearest its centroid) and
+    (C,) int64 (an entry of each cluster near its centre) and
     ``coarse_quantizer`` (bytes): the FAISS IndexFlatL2 over the centroids (faiss.deserialize_index).
   Same-location dictionaries (LS, bbELS corners: one patch per training image) are not stored.
 
