@@ -15,7 +15,7 @@ BLOCK_ROWS = 65536
 
 def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the first occurrence of each group of identical rows of rows (K, D), in order, and the groups' sizes."""
-    return distinct_entries(lambda index: rows[index], rows.shape[0], rows.device)
+    return merge_hashed(row_hashes(rows), lambda index: rows[index])
 
 
 def distinct_entries(gather: Callable[[torch.Tensor], torch.Tensor], num_entries: int, device: torch.device | str = "cpu",
