@@ -205,6 +205,7 @@ class PatchMachine(Machine):
             store.check_run(dataset, name)
         self._cache_scale: int | None = None
         self._cache: dict[int | None, list[PatchDictionary]] = {}  # by label, for the scale _cache_scale
+        self._stored: dict[int | None, list] = {}  # the store's dictionaries (None: not stored), likewise
 
     def _posterior(self, x, alpha_bar, patch_size, images, label):
         if patch_size is None:
@@ -220,6 +221,8 @@ class PatchMachine(Machine):
         paths = [None] * len(groups)
         for block in self._dictionary_blocks(images, label, patch_size, groups):
             for index, (accumulator, group_queries, dictionary) in enumerate(zip(accumulators, queries, block)):
+                if dictionary is None:
+                    continue
                 path = self.backend.fold(accumulator, group_queries, dictionary, alpha_bar)
                 if path is not None:
                     paths[index] = path if paths[index] is None else torch.maximum(paths[index], path)
@@ -246,35 +249,42 @@ class PatchMachine(Machine):
         return None if take is None else take()
 
     def _dictionary_blocks(self, images, label, patch_size, groups):
-        """The groups' dictionaries, one list (a dictionary per group) per block of training images.
+        """The groups' dictionaries, one list (a dictionary per group, None where a group has no
+        entries in that block) per block of training images.
 
-        While the dictionaries of this scale (for every label seen so far) fit in 3/4 of the memory
-        budget they are built once and cached as a single block (the sampler uses each scale for
-        several consecutive steps); otherwise they are re-extracted at every call from blocks of
-        images that fit a quarter of it.
+        Stored dictionaries (with a store) are loaded once per scale and label, within 3/4 of the
+        memory budget (patchdb.store). The others are extracted from the images: while those of
+        this scale (for every label seen so far) fit in 3/4 of the budget they are built once and
+        cached as a single block (the sampler uses each scale for several consecutive steps);
+        otherwise they are re-extracted at every call from blocks of images that fit a quarter of it.
         """
         if self._cache_scale != patch_size:
-            self._cache_scale, self._cache = patch_size, {}  # free the previous scale's dictionaries first
+            self._cache_scale, self._cache, self._stored = patch_size, {}, {}  # free the previous scale's dictionaries first
         if label in self._cache:
             return [self._cache[label]]
-        if self.store is not None:
-            self._cache[label] = self._stored_dictionaries(images, label, patch_size, groups)
-            return [self._cache[label]]
+        if self.store is not None and label not in self._stored:
+            self._stored[label] = self._stored_dictionaries(images, label, patch_size, groups)
+        stored = self._stored.get(label, [None] * len(groups))
+        extract = [group for group, dictionary in zip(groups, stored) if dictionary is None]
         entry_bytes = self.image_shape[0] * patch_size**2 * images.element_size() + 32
-        image_bytes = self.image_shape[1] * self.image_shape[2] * entry_bytes
+        image_bytes = max(1, sum(len(group.key_pixels) for group in extract)) * entry_bytes
         cached_images = sum(self._training_images(cached)[0].shape[0] for cached in self._cache)
         if (cached_images + images.shape[0]) * image_bytes <= self.memory_budget * 3 // 4:
-            self._cache[label] = next(self._extract_blocks(images, patch_size, groups, images.shape[0]))
+            self._cache[label] = next(self._with_stored(stored, images, patch_size, extract, images.shape[0]))
             return [self._cache[label]]
-        return self._extract_blocks(images, patch_size, groups, max(1, self.memory_budget // 4 // image_bytes))
+        return self._with_stored(stored, images, patch_size, extract, max(1, self.memory_budget // 4 // image_bytes))
+
+    def _with_stored(self, stored, images, patch_size, extract, images_per_block):
+        """Blocks of dictionaries: the groups extract extracted from images_per_block images at a time,
+        the stored ones (where stored is not None) in the first block only."""
+        for number, block in enumerate(self._extract_blocks(images, patch_size, extract, images_per_block) if extract else [[]]):
+            extracted = iter(block)
+            yield [next(extracted) if dictionary is None else (dictionary if number == 0 else None) for dictionary in stored]
 
     def _stored_dictionaries(self, images, label, patch_size, groups):
-        """The groups' dictionaries from the store; same-location groups (not stored) are extracted."""
+        """The groups' dictionaries from the store; None for same-location groups (not stored)."""
         self.store.check_run(self.dataset, self.name, [patch_size], label is not None, None if label is None else torch.tensor([label]))
-        stored = self.store.dictionaries(patch_size, label, groups, images, self.memory_budget * 3 // 4)
-        local = [group for group in groups if group.same_location]
-        extracted = iter(next(self._extract_blocks(images, patch_size, local, images.shape[0])) if local else [])
-        return [next(extracted) if dictionary is None else dictionary for dictionary in stored]
+        return self.store.dictionaries(patch_size, label, groups, images, self.memory_budget * 3 // 4)
 
     def _extract_blocks(self, images, patch_size, groups, images_per_block):
         """Yield, per block of images_per_block training images, a PatchDictionary per group."""

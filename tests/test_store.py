@@ -150,8 +150,11 @@ def test_dictionaries_over_the_memory_budget_are_gathered_on_demand_with_the_sam
     options = {"topk": 200, "tol": 1e-2, "fallback": "estimate", "seed": 7}
     in_memory = make_machine("bbels", dataset, dtype=torch.float64, store=store, backend=TopKBackend(**options))
     gathered = make_machine("bbels", dataset, dtype=torch.float64, store=store, backend=TopKBackend(**options), memory_budget=1)
+    groups = dictionary_groups("bbels", 3, 10, 10)
     assert any(isinstance(d.entries, GatheredEntries) for d in gathered._stored_dictionaries(
-        dataset.images.double(), None, 3, dictionary_groups("bbels", 3, 10, 10)) if isinstance(d, ClusteredDictionary))
+        dataset.images.double(), None, 3, groups) if isinstance(d, ClusteredDictionary))
+    # the corners (same-location, not stored) are extracted an image at a time within that budget
+    assert len(list(gathered._dictionary_blocks(dataset.images.double(), None, 3, groups))) == len(dataset)
     expected, got = in_memory.posterior(x, 0.4, None, 3), gathered.posterior(x, 0.4, None, 3)
     assert torch.allclose(got.mean, expected.mean, atol=1e-12) and torch.equal(got.path, expected.path)
 
