@@ -216,9 +216,10 @@ class TopKBackend:
         stands for (patches in them) / (draws in them) patches. Returns the rows whose estimate was
         rejected ('auto' only; they still need their tail scored) and the entries scored.
         """
-        multiplicity = entries.log_multiplicity.double().exp()
-        draws = torch.multinomial(multiplicity.cpu(), self.estimate_samples, replacement=True, generator=self.generator)
-        draws = draws.sort().values.to(rows.device)
+        # patch number u (uniform over all patches) falls in entry e when cumulative[e - 1] <= u < cumulative[e]
+        cumulative = entries.log_multiplicity.double().exp().round().to(torch.int64).cumsum(0).cpu()
+        patches = torch.randint(int(cumulative[-1]), (self.estimate_samples,), generator=self.generator)
+        draws = torch.searchsorted(cumulative, patches.sort().values, right=True).to(rows.device)
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
         unvisited = ~plan.visit[rows]  # (R, C)
         in_tail = unvisited[:, draw_cluster]  # (R, m)
