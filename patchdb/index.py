@@ -129,7 +129,7 @@ def take_entries(entries: "PatchDictionary | GatheredEntries", index: torch.Tens
     PatchDictionary (a view for a slice of one in memory)."""
     if isinstance(entries, GatheredEntries):
         if isinstance(index, slice):
-            index = torch.arange(len(entries), device=entries.sources.device)[index]
+            index = torch.arange(*index.indices(len(entries)), device=entries.sources.device)
         return entries.take(index)
     return PatchDictionary(entries.keys[index], entries.values[index], entries.squared_norms[index],
                            entries.log_multiplicity[index], entries.sources[index], entries.merged)
