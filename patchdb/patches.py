@@ -113,27 +113,46 @@ def patch_windows(images: torch.Tensor, patch_size: int, padding: str) -> torch.
     return padded.unfold(2, patch_size, 1).unfold(3, patch_size, 1)
 
 
+MAX_SLICED_BOXES = 64
+"""gather_patches copies pixels that form at most this many rectangles by slicing; others go through indexing."""
+
+
 def gather_patches(windows: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-    """Copy the patches centred at flat pixel indices pixels (M,) out of a patch_windows view: (N, M, D)."""
-    width = windows.shape[3]
+    """Copy the patches centred at flat pixel indices pixels (M,) out of a patch_windows view: (N, M, D).
+
+    Pixels that form a few rectangles, each listed row by row (every dictionary group: a rectangle,
+    or bbELS's four corner squares), are copied a rectangle at a time by slicing, faster than
+    indexing every pixel.
+    """
+    num_images, channels, _, width, size, _ = windows.shape
     pixels = pixels.to(windows.device)
-    box = _as_box(pixels, width)
-    if box is not None:  # a rectangle of pixels (every dictionary group is one): a strided copy, several times faster
-        rows, cols = box
-        selected = windows[:, :, rows, cols].permute(0, 2, 3, 1, 4, 5)  # (N, R, Cc, C, P, P)
-    else:
+    boxes = _boxes(pixels, width)
+    if len(boxes) > MAX_SLICED_BOXES:
         selected = windows[:, :, pixels // width, pixels % width].permute(0, 2, 1, 3, 4)  # (N, M, C, P, P)
-    return selected.reshape(windows.shape[0], pixels.shape[0], -1)
+        return selected.reshape(num_images, pixels.shape[0], -1)
+    patches = torch.empty(num_images, pixels.shape[0], channels, size, size, dtype=windows.dtype, device=windows.device)
+    start = 0
+    for row, column, height, length in boxes:
+        box = patches[:, start:start + height * length].view(num_images, height, length, channels, size, size)
+        box.copy_(windows[:, :, row:row + height, column:column + length].permute(0, 2, 3, 1, 4, 5))
+        start += height * length
+    return patches.reshape(num_images, pixels.shape[0], -1)
 
 
-def _as_box(pixels: torch.Tensor, width: int) -> tuple[slice, slice] | None:
-    """(row slice, column slice) when flat pixels (M,) are exactly a rectangle listed row by row, else None."""
+def _boxes(pixels: torch.Tensor, width: int) -> list[tuple[int, int, int, int]]:
+    """(first row, first column, rows, columns) of the rectangles that pixels (M,) list row by row, in order."""
     if pixels.numel() == 0:
-        return None
-    first, last = int(pixels[0]), int(pixels[-1])
-    rows, cols = slice(first // width, last // width + 1), slice(first % width, last % width + 1)
-    box = torch.arange(rows.start, rows.stop, device=pixels.device)[:, None] * width + torch.arange(cols.start, cols.stop, device=pixels.device)
-    return (rows, cols) if box.numel() == pixels.numel() and torch.equal(box.reshape(-1), pixels) else None
+        return []
+    breaks = (pixels.diff() != 1) | (pixels[1:] % width == 0)
+    starts = [0] + (torch.nonzero(breaks).squeeze(1) + 1).tolist()
+    boxes = []
+    for start, stop in zip(starts, starts[1:] + [pixels.shape[0]]):
+        row, column = divmod(int(pixels[start]), width)
+        if boxes and boxes[-1][1] == column and boxes[-1][3] == stop - start and boxes[-1][0] + boxes[-1][2] == row:
+            boxes[-1] = (boxes[-1][0], column, boxes[-1][2] + 1, stop - start)  # the next row of the same rectangle
+        else:
+            boxes.append((row, column, 1, stop - start))
+    return boxes
 
 
 def gather_sources(windows: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from patchdb.data import make_dataset
 from patchdb.engine import ExactBackend
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES, make_machine
-from patchdb.patches import dictionary_groups
+from patchdb.patches import MAX_SLICED_BOXES, _boxes, dictionary_groups, gather_patches, patch_windows
 from patchdb.sampler import sample_ddim
 from patchdb.schedule import alpha_bar, machine_steps
 
@@ -331,3 +331,18 @@ def test_equivariant_machine_in_chunks_of_one_image(labelled_dataset, monkeypatc
     torch.testing.assert_close(chunked.mean, whole.mean, rtol=0, atol=1e-12)
     assert torch.equal(chunked.source, whole.source)
     torch.testing.assert_close(chunked.weight, whole.weight, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_gathered_patches_equal_the_padded_image_blocks(padding):
+    height, width, size, half = 11, 12, 5, 2
+    images = torch.randn(3, 2, height, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    padded = torch.nn.functional.pad(images, (half,) * 4, mode="constant" if padding == "zeros" else "circular")
+    rectangle = (torch.arange(1, 4)[:, None] * width + torch.arange(2, 6)).reshape(-1)
+    two_rectangles = torch.cat([rectangle, (torch.arange(8, 11)[:, None] * width + torch.arange(0, 2)).reshape(-1)])
+    scattered = torch.randperm(height * width, generator=torch.Generator().manual_seed(1))  # more rectangles than are sliced
+    assert len(_boxes(two_rectangles, width)) == 2 and len(_boxes(scattered, width)) > MAX_SLICED_BOXES
+    for pixels in (rectangle, two_rectangles, scattered):
+        expected = torch.stack([padded[:, :, p // width:p // width + size, p % width:p % width + size].reshape(3, -1)
+                                for p in pixels.tolist()], dim=1)
+        assert torch.equal(gather_patches(patch_windows(images, size, padding), pixels), expected)
