@@ -15,14 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import faiss
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from patchdb.data import Dataset
 from patchdb.errors import PatchdbError
 from patchdb.duplicates import BLOCK_ROWS, merge_hashed, row_hashes, unique_rows
-from patchdb.index import CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_ENTRIES, Partition, Quantizer, number_of_clusters
+from patchdb.index import (CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_ENTRIES, Partition, Quantizer, flat_index,
+                           number_of_clusters)
 from patchdb.patches import PATCH_MACHINES, dictionary_groups, gather_patches, gather_sources, padding_mode, patch_windows
 from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, read_settings, scale_file,
                            write_scale, write_settings)
@@ -160,6 +160,4 @@ def _build_dictionary(windows: torch.Tensor, key_pixels: torch.Tensor, settings:
     if partition is None or len(first) < settings.min_indexed_entries:
         return StoredDictionary(sources, counts, num_patches)
     order, clusters = partition.finish(assignment[first].to(torch.int64), counts.to(torch.float32).log(), first)
-    quantizer = faiss.IndexFlatL2(clusters.centroids.shape[1])
-    quantizer.add(np.ascontiguousarray(clusters.centroids.float().numpy()))
-    return StoredDictionary(sources[order], counts[order], num_patches, clusters, faiss.serialize_index(quantizer))
+    return StoredDictionary(sources[order], counts[order], num_patches, clusters, faiss.serialize_index(flat_index(clusters.centroids)))

@@ -15,6 +15,7 @@ bounds its distance to the stored centroid (the cluster's mean). The bounds hold
 clustering's quality; a poor clustering only loosens them.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,6 +143,11 @@ class ClusteredDictionary:
     entries: "PatchDictionary | GatheredEntries"
     clusters: EntryClusters
 
+    @functools.cached_property
+    def cumulative_patches(self) -> torch.Tensor:
+        """(K,) int64 on the CPU: patches (multiplicities summed) in entries 0..k, for drawing patches uniformly."""
+        return self.entries.log_multiplicity.double().exp().round().to(torch.int64).cumsum(0).cpu()
+
 
 def clustered(dictionary: PatchDictionary, cluster_size: int = CLUSTER_SIZE, seed: int = 0) -> ClusteredDictionary:
     """An in-memory dictionary reordered by cluster, with every cluster's bounds (see build_clusters)."""
@@ -198,14 +204,15 @@ class Quantizer:
     @classmethod
     def fit(cls, sample: torch.Tensor, num_clusters: int, seed: int = 0) -> "Quantizer":
         """Fit on sample (S, D) keys: principal directions, then k-means per level (FAISS), num_clusters in all."""
-        mean = sample[:PCA_SAMPLE].double().mean(dim=0)
-        centred = sample[:PCA_SAMPLE].double() - mean
+        pca_sample = sample[:PCA_SAMPLE].double()
+        mean = pca_sample.mean(dim=0)
+        centred = pca_sample - mean
         _, eigenvectors = torch.linalg.eigh(centred.T @ centred)
         directions = eigenvectors[:, -min(REDUCED_DIMENSIONS, sample.shape[1]):].flip(1)  # largest first
         reduced = ((sample.double() - mean) @ directions).float().cpu().numpy()
         num_clusters = max(1, min(num_clusters, len(reduced)))
         coarse = _kmeans(reduced, max(1, round(math.sqrt(num_clusters))), seed)
-        cell = _flat_index(coarse).search(reduced, 1)[1][:, 0]
+        cell = flat_index(coarse).search(reduced, 1)[1][:, 0]
         fine, fine_offsets = [], [0]
         for index in range(len(coarse)):
             members = reduced[cell == index]
@@ -216,9 +223,9 @@ class Quantizer:
         return cls(mean, directions, as_tensor(coarse), as_tensor(np.concatenate(fine)), torch.tensor(fine_offsets, device=sample.device))
 
     def __post_init__(self):
-        self._coarse_index = _flat_index(self.coarse)
+        self._coarse_index = flat_index(self.coarse)
         bounds = self.fine_offsets.tolist()
-        self._fine_indices = [_flat_index(self.fine[low:high]) for low, high in zip(bounds[:-1], bounds[1:])]
+        self._fine_indices = [flat_index(self.fine[low:high]) for low, high in zip(bounds[:-1], bounds[1:])]
 
     def reduce(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For keys (n, D): r (n, R) float64, and ||k - mean||^2 - ||r||^2 (n,) float64, the squared
@@ -260,7 +267,7 @@ class Partition:
         self.quantizer = quantizer
         size = len(quantizer)
         device = quantizer.fine.device
-        self.sums: torch.Tensor | None = None  # (C, D) float64 summed weighted keys
+        self.sums = torch.zeros(size, quantizer.mean.shape[0], dtype=torch.float64, device=device)  # summed weighted keys
         self.mass = torch.zeros(size, dtype=torch.float64, device=device)
         self.reach = torch.zeros(size, dtype=torch.float64, device=device)  # max ||k - c'|| per cluster
         # per cluster the key of least (distance to c', row), packed in one int64: the float32 bits of the distance
@@ -276,8 +283,6 @@ class Partition:
         self.reach.scatter_reduce_(0, assignment, distances, reduce="amax")
         self.nearest.scatter_reduce_(0, assignment, (distances.float().view(torch.int32).to(torch.int64) << 32) | rows,
                                      reduce="amin")
-        if self.sums is None:
-            self.sums = torch.zeros(len(self.quantizer), keys.shape[1], dtype=torch.float64, device=keys.device)
         weighted = keys if weights is None else keys * weights[:, None].to(keys.dtype)
         # summed in the keys' dtype within a block, in float64 across blocks: millions of identical patches may share a cluster
         self.sums += torch.zeros(self.sums.shape, dtype=keys.dtype, device=keys.device).index_add_(0, assignment, weighted)
@@ -296,9 +301,9 @@ class Partition:
         device, num_entries = assignment.device, assignment.shape[0]
         order = torch.argsort(assignment, stable=True)
         present, sizes = torch.unique_consecutive(assignment[order], return_counts=True)
-        entry_cluster = torch.full((len(self.quantizer),), -1, dtype=torch.int64, device=device)
-        entry_cluster[present] = torch.arange(len(present), device=device)
-        entry_cluster = entry_cluster[assignment]
+        renumber = torch.full((len(self.quantizer),), -1, dtype=torch.int64, device=device)
+        renumber[present] = torch.arange(len(present), device=device)
+        entry_cluster = renumber[assignment]
         offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64, device=device)
         offsets[1:] = sizes.cumsum(0)
         centroids = (self.sums[present] / self.mass[present, None]).to(log_multiplicity.dtype)
@@ -326,7 +331,7 @@ def _kmeans(points: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
     return kmeans.centroids
 
 
-def _flat_index(centroids: "torch.Tensor | np.ndarray") -> faiss.IndexFlatL2:
+def flat_index(centroids: "torch.Tensor | np.ndarray") -> faiss.IndexFlatL2:
     """An exact FAISS index over centroids (k, R)."""
     points = centroids.float().cpu().numpy() if isinstance(centroids, torch.Tensor) else centroids.astype(np.float32)
     index = faiss.IndexFlatL2(points.shape[1])

@@ -107,7 +107,7 @@ class TopKBackend:
         uncertified = torch.nonzero(~plan.certified).squeeze(1)
         if self.fallback in ("estimate", "auto") and uncertified.numel():
             start = time.perf_counter()
-            rejected, sampled = self._estimate(accumulator, queries, entries, clusters, plan, uncertified, alpha_bar)
+            rejected, sampled = self._estimate(accumulator, queries, dictionary, plan, uncertified, alpha_bar)
             scored += sampled
             seconds["estimate"] += time.perf_counter() - start
             if rejected.numel():
@@ -206,8 +206,8 @@ class TopKBackend:
                                    log_multiplicity, rows=block)
         return scored
 
-    def _estimate(self, accumulator, queries, entries: PatchDictionary | GatheredEntries, clusters: EntryClusters, plan: "_Plan",
-                  rows: torch.Tensor, alpha_bar: float) -> tuple[torch.Tensor, int]:
+    def _estimate(self, accumulator, queries, dictionary: ClusteredDictionary, plan: "_Plan", rows: torch.Tensor,
+                  alpha_bar: float) -> tuple[torch.Tensor, int]:
         """Fold an estimate of the clusters that rows did not visit into the accumulator.
 
         One sample of the dictionary's patches, uniform over all patches (so an entry is drawn in
@@ -216,8 +216,9 @@ class TopKBackend:
         stands for (patches in them) / (draws in them) patches. Returns the rows whose estimate was
         rejected ('auto' only; they still need their tail scored) and the entries scored.
         """
+        entries, clusters = dictionary.entries, dictionary.clusters
         # patch number u (uniform over all patches) falls in entry e when cumulative[e - 1] <= u < cumulative[e]
-        cumulative = entries.log_multiplicity.double().exp().round().to(torch.int64).cumsum(0).cpu()
+        cumulative = dictionary.cumulative_patches
         patches = torch.randint(int(cumulative[-1]), (self.estimate_samples,), generator=self.generator)
         draws = torch.searchsorted(cumulative, patches.sort().values, right=True).to(rows.device)
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
