@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 from patchdb.build import build_store  # noqa: E402
 from patchdb.comparison import image_statistics, summarize  # noqa: E402
 from patchdb.data import load_dataset  # noqa: E402
-from patchdb.generate import generate, seeded_inputs  # noqa: E402
+from patchdb.engine import DEFAULT_MEMORY_BUDGET  # noqa: E402
+from patchdb.generate import device_name, generate, seeded_inputs  # noqa: E402
 from patchdb.machines import make_machine  # noqa: E402
 from patchdb.sampler import sample_ddim  # noqa: E402
 from patchdb.store import PatchStore  # noqa: E402
@@ -84,10 +85,17 @@ class VerifyingMachine:
               help="Use this existing store instead of building one under --store-dir.")
 @click.option("--exact-samples", type=click.Path(path_type=Path), default=None,
               help="Load the exact backend's samples and seconds from this .pt file, or save them there.")
+@click.option("--exact-timing-seeds", type=click.IntRange(0), default=0, show_default=True,
+              help="With loaded --exact-samples (say, made on a GPU): time the exact backend here on this many seeds "
+                   "and take its per-sample seconds for the speed-ups (0: the seconds saved in the file).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
 @click.option("--threads", type=click.IntRange(0), default=1, show_default=True, help="torch threads (0: torch's default).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where both backends sample.")
+@click.option("--memory-gib", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MEMORY_BUDGET / 1024**3, show_default=True,
+              help="Each machine's memory budget.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the results to this JSON file.")
-def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_path, exact_samples, data_dir, threads, out) -> None:
+def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_path, exact_samples, exact_timing_seeds, data_dir,
+         threads, device, memory_gib, out) -> None:
     """Time the exact backend and each top-k setting on one batch; print Pearson r against exact and speed-ups."""
     if (images is None) == (label is None):
         raise click.UsageError("give exactly one of --images N and --label L")
@@ -107,35 +115,46 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_
     else:
         store = PatchStore(store_path)
     noise, _ = seeded_inputs(0, seeds, tuple(dataset.images.shape[1:]))
-    labels = None if label is None else torch.full((seeds,), label)
+    labels = None if label is None else torch.full((seeds,), label, device=device)
+    machine_options = {"device": device, "memory_budget": int(memory_gib * 1024**3)}
 
-    def run(machine):
+    def run(machine, count=seeds):
         start = time.perf_counter()
-        generation = generate(machine, noise, scales, 20, labels, progress=False)
+        generation = generate(machine, noise[:count].to(device), scales, 20, None if labels is None else labels[:count], progress=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
         return generation, time.perf_counter() - start
 
-    exact_machine = make_machine("bbels", dataset)
+    exact_machine = make_machine("bbels", dataset, **machine_options)
     if exact_samples is not None and exact_samples.is_file():
         saved = torch.load(exact_samples)
         if saved["noise"].shape != noise.shape or not torch.equal(saved["noise"], noise):
             raise click.UsageError(f"{exact_samples} holds the exact samples of other noise: delete it or pass another file")
         exact_result, exact_seconds = saved["samples"], saved["seconds"]
-        print(f"exact: {exact_seconds:.1f} s for {seeds} samples (loaded from {exact_samples})", flush=True)
+        print(f"exact: {exact_seconds:.1f} s for {seeds} samples on {saved.get('device', 'cpu')} (loaded from {exact_samples})", flush=True)
+        if exact_timing_seeds:
+            # samples made elsewhere (a GPU): time the exact backend here on the first seeds, per sample
+            timed, timed_seconds = run(exact_machine, exact_timing_seeds)
+            exact_seconds = timed_seconds * seeds / exact_timing_seeds
+            timed_difference = float((timed.samples.cpu() - exact_result[:exact_timing_seeds]).abs().max())
+            print(f"exact here: {timed_seconds:.1f} s for {exact_timing_seeds} samples (largest difference from the loaded "
+                  f"samples {timed_difference:.2e}); {exact_seconds:.1f} s for {seeds} at that rate", flush=True)
     else:
         exact, exact_seconds = run(exact_machine)
-        exact_result = exact.samples
+        exact_result = exact.samples.cpu()
         print(f"exact: {exact_seconds:.1f} s for {seeds} samples", flush=True)
         if exact_samples is not None:
             exact_samples.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"noise": noise, "samples": exact_result, "seconds": exact_seconds}, exact_samples)
+            torch.save({"noise": noise, "samples": exact_result, "seconds": exact_seconds, "device": device_name(device)}, exact_samples)
     results = {"data": spec if label is None else f"{spec}, class {label}", "seeds": seeds, "threads": torch.get_num_threads(),
+               "device": device_name(device),
                "store": str(store_path), "store_build_seconds": build_seconds,
                "store_bytes": sum(path.stat().st_size for path in store_path.iterdir()),
-               "exact_seconds": round(exact_seconds, 2), "settings": []}
+               "exact_seconds": round(exact_seconds, 2), "exact_timing_seeds": exact_timing_seeds or seeds, "settings": []}
     for setting in map(parse_setting, settings):
         backend = TopKBackend(**setting)
-        generation, seconds = run(make_machine("bbels", dataset, store=store, backend=backend))
-        r = image_statistics(generation.samples, exact_result)["pearson_r"].tolist()
+        generation, seconds = run(make_machine("bbels", dataset, store=store, backend=backend, **machine_options))
+        r = image_statistics(generation.samples.cpu(), exact_result)["pearson_r"].tolist()
         steps = [{"t": i / 20, "patch_size": scales[min(i, 19)],
                   "fraction": {path: count / report["queries"] for path, count in report["paths"].items()},
                   "entries_per_pixel": round(report["entries_scored"] / report["queries"]),
@@ -151,9 +170,9 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_
         setting = parse_setting(settings[0])
         backend = TopKBackend(**setting)
         spread = float(dataset.images.max() - dataset.images.min())
-        verifier = VerifyingMachine(make_machine("bbels", dataset, store=store, backend=backend), exact_machine,
+        verifier = VerifyingMachine(make_machine("bbels", dataset, store=store, backend=backend, **machine_options), exact_machine,
                                     backend.tol, spread)
-        sample_ddim(verifier, noise, machine_steps(20), 20, scales, labels=labels, disable=True)
+        sample_ddim(verifier, noise.to(device), machine_steps(20), 20, scales, labels=labels, disable=True)
         results["verification"] = {"setting": setting, "steps": verifier.steps,
                                    "violations": sum(step["violations"] for step in verifier.steps)}
         print(f"certificate check: {results['verification']['violations']} violations; "

@@ -30,7 +30,11 @@ DEFAULT_MEMORY_BUDGET = 4 * 1024**3
 """Bytes that one machine may use for cached dictionaries plus one chunk of logits (default 4 GiB)."""
 
 LOGIT_CHUNK_BYTES = 2 * 1024**2
-"""Bytes of logits per chunk: small enough that the passes over a chunk stay in cache, large enough for efficient matrix products."""
+"""Bytes of logits per chunk on a CPU: small enough that the passes over a chunk stay in cache, large enough for efficient matrix products."""
+
+GPU_LOGIT_CHUNK_BYTES = 256 * 1024**2
+"""Bytes of logits per chunk on a GPU: there a chunk must be large enough to fill the device, and each
+chunk costs kernel launches and a few host synchronisations."""
 
 LOG_WEIGHT_FLOOR = -80.0
 """Log-weights relative to the running maximum are floored here before exp (see SoftmaxAccumulator.update)."""
@@ -285,9 +289,12 @@ class ExactBackend:
     sampling, where each pixel's posterior is concentrated on few patches.
     """
 
-    def __init__(self, chunk_bytes: int = LOGIT_CHUNK_BYTES, block_pruning: bool = True):
+    def __init__(self, chunk_bytes: int | None = None, block_pruning: bool = True):
         self.chunk_bytes = chunk_bytes
         self.block_pruning = block_pruning
+
+    def _chunk_bytes(self, device: torch.device) -> int:
+        return self.chunk_bytes or logit_chunk_bytes(device)
 
     def fold(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: PatchDictionary, alpha_bar: float) -> None:
         """Fold every entry of dictionary into accumulator at noise level alpha_bar.
@@ -303,7 +310,7 @@ class ExactBackend:
         stacked = dictionary.keys.ndim == 3
         row_groups = torch.arange(queries.shape[0], device=queries.device).repeat_interleave(queries.shape[1]) if stacked else None
         num_rows = row_groups.shape[0] if stacked else queries.shape[0]
-        for start, stop in chunk_ranges(len(dictionary), num_rows, queries.element_size(), self.chunk_bytes):
+        for start, stop in chunk_ranges(len(dictionary), num_rows, queries.element_size(), self._chunk_bytes(queries.device)):
             if stacked:
                 logits = _logits(queries, dictionary, start, stop, alpha_bar, bits=True).reshape(num_rows, -1)
                 values = dictionary.values[:, start:stop]
@@ -338,7 +345,7 @@ class ExactBackend:
         accumulator.update(seed_logits, lambda weights, rows: torch.einsum("rn,rnv->rv", weights, seed_values[rows]),
                            dictionary.sources[seed_entries], dictionary.log_multiplicity[seed_entries] if dictionary.merged else None,
                            row_groups=torch.arange(queries.shape[0], device=queries.device), bits=True)
-        step_blocks = max(1, next(chunk_ranges(num_entries, queries.shape[0], queries.element_size(), self.chunk_bytes))[1] // block_size)
+        step_blocks = max(1, next(chunk_ranges(num_entries, queries.shape[0], queries.element_size(), self._chunk_bytes(queries.device)))[1] // block_size)
         for first_block in range(0, bounds.shape[1], step_blocks):
             last_block = min(first_block + step_blocks, bounds.shape[1])
             start, stop = first_block * block_size, min(last_block * block_size, num_entries)
@@ -385,6 +392,11 @@ def _logits(queries: torch.Tensor, dictionary: PatchDictionary, start: int, stop
 
 def _plain_contract(values: torch.Tensor) -> Callable:
     return lambda weights, rows: weights @ values
+
+
+def logit_chunk_bytes(device: torch.device) -> int:
+    """The default size of one chunk of logits on device (LOGIT_CHUNK_BYTES, or GPU_LOGIT_CHUNK_BYTES)."""
+    return LOGIT_CHUNK_BYTES if device.type == "cpu" else GPU_LOGIT_CHUNK_BYTES
 
 
 def chunk_ranges(num_entries: int, num_queries: int, itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:

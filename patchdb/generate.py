@@ -193,7 +193,7 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
         "data": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_images": len(dataset),
                  "image_shape": list(dataset.images.shape[1:])},
         "versions": versions(),
-        "device": _device_name(config.device),
+        "device": device_name(config.device),
         "seconds_per_step": generation.seconds_per_step,
         "total_seconds": time.perf_counter() - start,
     }
@@ -348,7 +348,8 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
+    """The device in words, as run.json records it: the GPU's name, or the CPU's kind and cores."""
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {sys.platform})"

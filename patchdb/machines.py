@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from patchdb.data import Dataset
-from patchdb.engine import DEFAULT_MEMORY_BUDGET, LOGIT_CHUNK_BYTES, ExactBackend, PatchDictionary, SoftmaxAccumulator
+from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, PatchDictionary, SoftmaxAccumulator, logit_chunk_bytes
 from patchdb.errors import PatchdbError
 from patchdb.patches import PATCH_MACHINES, centre_indices, dictionary_groups, gather_patches, padding_mode, patch_windows
 from patchdb.schedule import alpha_bar
@@ -162,7 +162,7 @@ class EquivariantMachine(Machine):
         signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
         x_spectrum = torch.fft.rfft2(x)
         accumulator = SoftmaxAccumulator(batch, channels * pixels, x.dtype, x.device)
-        step = max(1, LOGIT_CHUNK_BYTES // (batch * pixels * x.element_size()))
+        step = max(1, logit_chunk_bytes(x.device) // (batch * pixels * x.element_size()))
         shifts = torch.arange(pixels, device=self.device)
         for start in range(0, images.shape[0], step):
             chunk = images[start:start + step]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from patchdb.engine import LOGIT_CHUNK_BYTES, NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits
+from patchdb.engine import NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits, logit_chunk_bytes
 from patchdb.errors import PatchdbError
 from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, cluster_of_entries, take_entries
 
@@ -55,7 +55,7 @@ ROUNDING_MARGIN = 1e-12
 
 RUN_ENTRIES = 2048
 """Consecutive clusters are scored together in runs of about this many entries (and the rows in
-blocks that keep each run's logits within the engine's LOGIT_CHUNK_BYTES)."""
+blocks that keep each run's logits within the engine's chunk size, patchdb.engine.logit_chunk_bytes)."""
 
 
 class TopKBackend:
@@ -194,7 +194,7 @@ class TopKBackend:
             run = take_entries(entries, slice(start, stop))
             sizes, member = clusters.sizes[first:last], None
             log_multiplicity = run.log_multiplicity if run.merged else None
-            for block in rows.split(max(1, LOGIT_CHUNK_BYTES // ((stop - start) * queries.element_size()))):
+            for block in rows.split(max(1, logit_chunk_bytes(queries.device) // ((stop - start) * queries.element_size()))):
                 block_visit = visit[block, first:last]
                 logits = _logits(queries[block], run, 0, stop - start, alpha_bar)
                 if not bool(block_visit.all()):
@@ -219,8 +219,8 @@ class TopKBackend:
         entries, clusters = dictionary.entries, dictionary.clusters
         # patch number u (uniform over all patches) falls in entry e when cumulative[e - 1] <= u < cumulative[e]
         cumulative = dictionary.cumulative_patches
-        patches = torch.randint(int(cumulative[-1]), (self.estimate_samples,), generator=self.generator)
-        draws = torch.searchsorted(cumulative, patches.sort().values, right=True).to(rows.device)
+        patches = torch.randint(int(cumulative[-1]), (self.estimate_samples,), generator=self.generator).to(cumulative.device)
+        draws = torch.searchsorted(cumulative, patches.sort().values, right=True)
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
         unvisited = ~plan.visit[rows]  # (R, C)
         in_tail = unvisited[:, draw_cluster]  # (R, m)

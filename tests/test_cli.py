@@ -181,3 +181,23 @@ def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
     assert mismatched.exit_code == 1 and "fingerprint" in mismatched.output and "Traceback" not in mismatched.output
     wrong_machine = sample(data_specs["labelled"], tmp_path / "refused", "--conditional", "--machine", "is", "--index", str(store))
     assert wrong_machine.exit_code == 1 and "--index serves the patch machines" in wrong_machine.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the GPU path runs where there is one")
+def test_sample_on_the_gpu_gives_the_cpu_batch(batch, data_specs, tmp_path):
+    """Exact (float32: rounding differs between devices) and indexed (default top-k settings, estimator
+    included; float64, so that every pixel takes the same path on both devices), end to end on CUDA."""
+    store = tmp_path / "store"
+    built = CliRunner().invoke(main, ["build-index", "--dataset", data_specs["labelled"], "--scales", "3", "--conditional",
+                                      "--cluster-size", "16", "--min-indexed-entries", "256", "--out", str(store)])
+    assert built.exit_code == 0, built.output
+    indexed = ["--index", str(store), "--dtype", "float64"]
+    runs = {"exact": ["--device", "cuda"], "indexed-cpu": indexed, "indexed-gpu": [*indexed, "--device", "cuda"]}
+    for name, options in runs.items():
+        result = sample(data_specs["labelled"], tmp_path / name, "--num", "3", "--seed", "5", "--conditional", *options)
+        assert result.exit_code == 0, result.output
+        assert np.array_equal(np.load(tmp_path / name / "labels.npy"), np.load(batch / "labels.npy"))
+    assert json.loads((tmp_path / "exact" / "run.json").read_text())["device"] == torch.cuda.get_device_name()
+    np.testing.assert_allclose(np.load(tmp_path / "exact" / "samples.npy"), np.load(batch / "samples.npy"), atol=1e-3)
+    np.testing.assert_allclose(np.load(tmp_path / "indexed-gpu" / "samples.npy"), np.load(tmp_path / "indexed-cpu" / "samples.npy"), atol=1e-6)
+    assert np.array_equal(np.load(tmp_path / "indexed-gpu" / "paths.npy"), np.load(tmp_path / "indexed-cpu" / "paths.npy"))

@@ -312,21 +312,21 @@ def test_streamed_dictionaries_and_small_chunks_give_the_same_mean(name, labelle
         torch.testing.assert_close(streamed.mean, cached.mean, rtol=0, atol=1e-12)
 
 
+def source_values(source: torch.Tensor, dataset) -> torch.Tensor:
+    """The training pixel values that sources (..., 3) name: identical copies of a patch may be named either way."""
+    return dataset.images[source[..., 0], :, source[..., 1], source[..., 2]]
+
+
 def test_streamed_dictionaries_give_the_same_provenance(labelled_dataset):
-    images = labelled_dataset.images
-
-    def source_values(source):
-        return images[source[..., 0], :, source[..., 1], source[..., 2]]
-
     for cached, streamed in cached_and_streamed_posteriors("bbels", labelled_dataset):
-        assert torch.equal(source_values(streamed.source), source_values(cached.source))
+        assert torch.equal(source_values(streamed.source, labelled_dataset), source_values(cached.source, labelled_dataset))
         torch.testing.assert_close(streamed.weight, cached.weight, rtol=0, atol=1e-12)
 
 
 def test_equivariant_machine_in_chunks_of_one_image(labelled_dataset, monkeypatch):
     x = noisy_batch(labelled_dataset, 0.45, seed=12)
     whole = make_machine("es", labelled_dataset, dtype=torch.float64).posterior(x, 0.45)
-    monkeypatch.setattr(patchdb.machines, "LOGIT_CHUNK_BYTES", 1)
+    monkeypatch.setattr(patchdb.machines, "logit_chunk_bytes", lambda device: 1)
     chunked = make_machine("es", labelled_dataset, dtype=torch.float64).posterior(x, 0.45)
     torch.testing.assert_close(chunked.mean, whole.mean, rtol=0, atol=1e-12)
     assert torch.equal(chunked.source, whole.source)
@@ -346,3 +346,21 @@ def test_gathered_patches_equal_the_padded_image_blocks(padding):
         expected = torch.stack([padded[:, :, p // width:p // width + size, p % width:p % width + size].reshape(3, -1)
                                 for p in pixels.tolist()], dim=1)
         assert torch.equal(gather_patches(patch_windows(images, size, padding), pixels), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the GPU path runs where there is one")
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("name, patch_size", [("is", None), ("es", None), ("ls", 3), ("els", 5), ("bbels", 3), ("bbels", 5)])
+def test_machines_on_the_gpu_equal_the_cpu(name, patch_size, streamed, labelled_dataset):
+    """float64 on CUDA gives the CPU's posterior; streamed: dictionaries re-extracted per image, chunks of 256 entries."""
+    options = {"memory_budget": 1, "backend": ExactBackend(chunk_bytes=1)} if streamed and patch_size else {}
+    cpu = make_machine(name, labelled_dataset, dtype=torch.float64, **options)
+    gpu = make_machine(name, labelled_dataset, dtype=torch.float64, device="cuda", **options)
+    for labels in (None, CONDITIONAL_LABELS):
+        for t in TIMES:
+            x = noisy_batch(labelled_dataset, t, seed=round(100 * t) + 1)
+            expected, got = cpu.posterior(x, t, labels, patch_size), gpu.posterior(x.cuda(), t, labels, patch_size)
+            assert got.mean.is_cuda
+            torch.testing.assert_close(got.mean.cpu(), expected.mean, rtol=0, atol=1e-9)
+            assert torch.equal(source_values(got.source.cpu(), labelled_dataset), source_values(expected.source, labelled_dataset))
+            torch.testing.assert_close(got.weight.cpu(), expected.weight, rtol=0, atol=1e-9)

@@ -11,7 +11,7 @@ from patchdb.index import ClusteredDictionary, GatheredEntries
 from patchdb.patches import dictionary_groups
 from patchdb.machines import make_machine
 from patchdb.store import STORE_FILE, PatchStore, scale_file
-from patchdb.topk import PATHS, TopKBackend
+from patchdb.topk import FALLBACKS, PATHS, TopKBackend
 
 from conftest import noisy_batch, tiny_dataset
 
@@ -137,12 +137,20 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the GPU path runs where there is one")
-def test_indexed_machine_on_the_gpu_equals_the_cpu(dataset, store):
-    backend_options = {"topk": 64, "tol": 1e-2, "fallback": "exact"}
-    x = noisy_batch(dataset, 0.3, seed=0).float()
-    cpu = make_machine("bbels", dataset, store=store, backend=TopKBackend(**backend_options)).posterior(x, 0.3, None, 3)
-    gpu = make_machine("bbels", dataset, store=store, device="cuda", backend=TopKBackend(**backend_options)).posterior(x, 0.3, None, 3)
-    assert torch.allclose(gpu.mean.cpu(), cpu.mean, atol=1e-4) and torch.equal(gpu.path.cpu(), cpu.path)
+@pytest.mark.parametrize("fallback", FALLBACKS)
+def test_indexed_machine_on_the_gpu_equals_the_cpu(dataset, store, fallback):
+    """float64, so that both devices take the same path at every pixel; the estimator draws the same sample on both."""
+    backend_options = {"topk": 64, "tol": 1e-2, "fallback": fallback, "estimate_samples": 64, "seed": 3}
+    taken = set()
+    for t in (0.3, 0.9):
+        x = noisy_batch(dataset, t, seed=0)
+        cpu = make_machine("bbels", dataset, dtype=torch.float64, store=store, backend=TopKBackend(**backend_options))
+        gpu = make_machine("bbels", dataset, dtype=torch.float64, store=store, device="cuda", backend=TopKBackend(**backend_options))
+        expected, got = cpu.posterior(x, t, None, 3), gpu.posterior(x, t, None, 3)
+        torch.testing.assert_close(got.mean.cpu(), expected.mean, rtol=0, atol=1e-9)
+        assert torch.equal(got.path.cpu(), expected.path)
+        taken |= {PATHS[code] for code in got.path.unique().tolist()}
+    assert {"exact": "exact", "estimate": "estimated", "none": "truncated", "auto": "estimated"}[fallback] in taken
 
 
 def test_dictionaries_over_the_memory_budget_are_gathered_on_demand_with_the_same_result(dataset, store):
