@@ -32,7 +32,7 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds (l
 
 nvidia-smi -L
 python3 -c "import torch, faiss, h5py, numpy; print('torch', torch.__version__, torch.cuda.get_device_name(), 'faiss', faiss.__version__, 'numpy', numpy.__version__)"
-exact=(python3 benchmarks/bench_exact.py run --device cuda --memory-gib 48 --data-dir "$data")
+exact=(python3 benchmarks/bench_exact.py run --device cuda --memory-gib 64 --data-dir "$data")
 step tests 150 python3 -m pytest -q -p no:cacheprovider tests
 step exact-1000 60 "${exact[@]}" --images 1000
 step exact-60000-2 150 "${exact[@]}" --images 60000 --batch 2 --save "$out/exact-60k-2seeds.pt"
