@@ -219,8 +219,8 @@ class TopKBackend:
         entries, clusters = dictionary.entries, dictionary.clusters
         # patch number u (uniform over all patches) falls in entry e when cumulative[e - 1] <= u < cumulative[e]
         cumulative = dictionary.cumulative_patches
-        patches = torch.randint(int(cumulative[-1]), (self.estimate_samples,), generator=self.generator).to(cumulative.device)
-        draws = torch.searchsorted(cumulative, patches.sort().values, right=True)
+        patches = torch.randint(int(cumulative[-1]), (self.estimate_samples,), generator=self.generator)
+        draws = torch.searchsorted(cumulative, patches.sort().values, right=True).to(rows.device)
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
         unvisited = ~plan.visit[rows]  # (R, C)
         in_tail = unvisited[:, draw_cluster]  # (R, m)
