@@ -21,8 +21,14 @@ M_c = b_c + log(summed multiplicities) on its share of the posterior's normalise
      tail's share of the normaliser and of the weighted sum (*estimated*);
    - 'auto': the estimate where its relative standard error is at most ``estimate_error``, else exact.
 
-Scoring is by the engine's matrix products, on runs of consecutive clusters (clusters with nearby
-numbers lie near each other), masking for each query the clusters it does not visit.
+Scoring is by the engine's matrix products, in one of two ways (``scoring``):
+- 'runs' (the CPU's default): runs of consecutive clusters (clusters with nearby numbers lie near
+  each other) against every query that visits one of them, masking the clusters a query does not
+  visit: few wasted products, many small ones;
+- 'gathered' (a GPU's default): each query's visited entries gathered into one padded row, and all
+  rows of a block scored by one batched product: a few large operations per fold, whatever the
+  number of clusters, at the price of copying the entries (queries whose entries do not fit one
+  chunk are scored in runs).
 """
 
 import math
@@ -39,6 +45,7 @@ from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, c
 PATHS = ("exact", "certified", "estimated", "truncated")
 """Path codes: the path a query took is PATHS[code]."""
 FALLBACKS = ("auto", "exact", "estimate", "none")
+SCORINGS = ("runs", "gathered")
 
 DEFAULT_TOPK = 4096
 DEFAULT_TOL = 1e-2
@@ -64,12 +71,13 @@ class TopKBackend:
     topk: most entries a query may score exactly and still count as certified (or truncated);
     tol: the certified bound on the neglected posterior mass; fallback: one of FALLBACKS;
     estimate_samples: entries in the estimator's uniform sample; estimate_error: the largest relative
-    standard error of the estimated normaliser that 'auto' accepts; seed: the sampler's generator.
+    standard error of the estimated normaliser that 'auto' accepts; seed: the sampler's generator;
+    scoring: one of SCORINGS, or None for the device's default ('runs' on a CPU, 'gathered' elsewhere).
     """
 
     def __init__(self, topk: int = DEFAULT_TOPK, tol: float = DEFAULT_TOL, fallback: str = DEFAULT_FALLBACK,
                  estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES, estimate_error: float = DEFAULT_ESTIMATE_ERROR,
-                 seed: int = 0, exact: ExactBackend | None = None):
+                 seed: int = 0, exact: ExactBackend | None = None, scoring: str | None = None):
         if topk < 1:
             raise PatchdbError(f"--topk must be at least 1, got {topk}")
         if not 0.0 <= tol < 1.0:
@@ -78,6 +86,9 @@ class TopKBackend:
             raise PatchdbError(f"unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}")
         if estimate_samples < 1 or estimate_error <= 0:
             raise PatchdbError("the estimator needs at least one sample and a positive error bound")
+        if scoring not in (None, *SCORINGS):
+            raise PatchdbError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+        self.scoring = scoring
         self.topk, self.tol, self.fallback = topk, tol, fallback
         self.estimate_samples, self.estimate_error = estimate_samples, estimate_error
         self.generator = torch.Generator().manual_seed(seed)
@@ -185,6 +196,20 @@ class TopKBackend:
     def _score(self, accumulator, queries, entries: PatchDictionary | GatheredEntries, clusters: EntryClusters, visit: torch.Tensor,
                alpha_bar: float) -> int:
         """Score exactly, for each query, the entries of the clusters visit (Q, C) marks; returns the entries scored."""
+        if (self.scoring or ("runs" if queries.device.type == "cpu" else "gathered")) == "runs":
+            return self._score_runs(accumulator, queries, entries, clusters, visit, alpha_bar)
+        chunk_bytes = logit_chunk_bytes(queries.device)
+        counts = (visit * clusters.sizes).sum(dim=1)  # (Q,) entries each query visits
+        entry_bytes = queries.shape[1] * queries.element_size()
+        fits = counts * entry_bytes <= chunk_bytes
+        scored = self._score_gathered(accumulator, queries, entries, clusters, visit, counts, fits, alpha_bar, chunk_bytes)
+        if not bool(fits.all()):
+            scored += self._score_runs(accumulator, queries, entries, clusters, visit & ~fits[:, None], alpha_bar)
+        return scored
+
+    def _score_runs(self, accumulator, queries, entries: PatchDictionary | GatheredEntries, clusters: EntryClusters,
+                    visit: torch.Tensor, alpha_bar: float) -> int:
+        """'runs' scoring (module docstring)."""
         offsets, scored = clusters.offsets.tolist(), 0
         for first, last in _cluster_runs(clusters.sizes, RUN_ENTRIES):
             rows = torch.nonzero(visit[:, first:last].any(dim=1)).squeeze(1)
@@ -205,6 +230,35 @@ class TopKBackend:
                 accumulator.update(logits, lambda weights, _, values=run.values: weights @ values, run.sources,
                                    log_multiplicity, rows=block)
         return scored
+
+    def _score_gathered(self, accumulator, queries, entries, clusters: EntryClusters, visit: torch.Tensor, counts: torch.Tensor,
+                        fits: torch.Tensor, alpha_bar: float, chunk_bytes: int) -> int:
+        """'gathered' scoring (module docstring) of the queries that visit entries and whose entries fit (fits (Q,))."""
+        rows = torch.nonzero(fits & (counts > 0)).squeeze(1)
+        if not rows.numel():
+            return 0
+        rows = rows[torch.argsort(counts[rows])]  # rows of similar widths share a block: little padding
+        row_bytes = counts[rows] * queries.shape[1] * queries.element_size()
+        position = torch.full((queries.shape[0],), -1, dtype=torch.int64, device=queries.device)  # accumulator row -> row in block
+        start = 0
+        for end in _block_ends(row_bytes.tolist(), chunk_bytes):
+            block = rows[start:end]
+            start = end
+            index, valid = _visited_entries(visit[block], clusters, counts[block])
+            width = index.shape[1]
+            flat = take_entries(entries, index.flatten())
+            padded = PatchDictionary(flat.keys.view(len(block), width, -1), flat.values.view(len(block), width, -1),
+                                     flat.squared_norms.view(len(block), width), flat.log_multiplicity.view(len(block), width),
+                                     flat.sources.view(len(block), width, 3), flat.merged)
+            logits = _logits(queries[block][:, None, :], padded, 0, width, alpha_bar)[:, 0].masked_fill_(~valid, -math.inf)
+            position[block] = torch.arange(len(block), device=block.device)
+
+            def contract(weights, target, values=padded.values):
+                return torch.einsum("rn,rnv->rv", weights, values[position[target]])
+
+            accumulator.update(logits, contract, padded.sources, padded.log_multiplicity if padded.merged else None,
+                               row_groups=position, rows=block)
+        return int(counts[rows].sum())
 
     def _estimate(self, accumulator, queries, dictionary: ClusteredDictionary, plan: "_Plan", rows: torch.Tensor,
                   alpha_bar: float) -> tuple[torch.Tensor, int]:
@@ -266,6 +320,35 @@ _UNCERTIFIED_PATH = {"auto": "estimated", "exact": "exact", "estimate": "estimat
 def _new_report() -> dict:
     return {"paths": Counter(), "queries": 0, "entries_scored": 0,
             "seconds": {"search": 0.0, "rescore": 0.0, "estimate": 0.0}}
+
+
+def _visited_entries(visit: torch.Tensor, clusters: EntryClusters, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's visited entries, padded: index (R, W) int64 entry numbers (0 where padding) and valid (R, W),
+    for visit (R, C) and counts (R,) the entries each row visits (W = their maximum)."""
+    pair_rows, pair_clusters = torch.nonzero(visit).unbind(1)  # row-major: each row's clusters in order
+    sizes = clusters.sizes[pair_clusters]
+    pair_of = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)  # (n,) the pair of each entry
+    position = torch.arange(len(pair_of), device=sizes.device)
+    entry = clusters.offsets[pair_clusters][pair_of] + position - (sizes.cumsum(0) - sizes)[pair_of]
+    row = pair_rows[pair_of]
+    column = position - (counts.cumsum(0) - counts)[row]
+    index = torch.zeros(visit.shape[0], int(counts.max()), dtype=torch.int64, device=visit.device)
+    valid = torch.zeros(index.shape, dtype=torch.bool, device=visit.device)
+    index[row, column] = entry
+    valid[row, column] = True
+    return index, valid
+
+
+def _block_ends(row_bytes: list[int], chunk_bytes: int) -> list[int]:
+    """End positions of consecutive blocks of rows (at least one each) whose padded bytes (rows times the
+    largest, the last, for rows sorted by size) stay within chunk_bytes."""
+    ends, start = [], 0
+    for end, size in enumerate(row_bytes, start=1):
+        if (end - start) * size > chunk_bytes and end - 1 > start:
+            ends.append(end - 1)
+            start = end - 1
+    ends.append(len(row_bytes))
+    return ends
 
 
 def _cluster_runs(sizes: torch.Tensor, run_entries: int) -> list[tuple[int, int]]:

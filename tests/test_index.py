@@ -7,7 +7,8 @@ import torch
 
 from patchdb.engine import ExactBackend, PatchDictionary, SoftmaxAccumulator
 from patchdb.index import clustered
-from patchdb.topk import PATHS, TopKBackend
+import patchdb.topk
+from patchdb.topk import FALLBACKS, PATHS, TopKBackend
 
 from conftest import quantised_images
 
@@ -148,6 +149,28 @@ def test_truncated_softmax_scores_at_most_topk_entries_per_pixel(dictionary, ind
     assert backend.take_report()["entries_scored"] <= len(path) * (100 + largest_cluster)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 16384], ids=["one-block", "blocks-and-runs"])
+@pytest.mark.parametrize("fallback", FALLBACKS)
+def test_gathered_scoring_equals_runs(dictionary, indexed, fallback, chunk_bytes, monkeypatch):
+    """The GPU's scoring (each query's visited entries gathered into padded rows) gives the CPU's posterior;
+    with 16 KiB chunks (227 entries), queries in many blocks and the widest ('exact', 'auto') through runs."""
+    monkeypatch.setattr(patchdb.topk, "logit_chunk_bytes", lambda device: chunk_bytes)
+    for alpha_bar in (0.3, 0.9, 0.99):
+        queries = noisy_queries(dictionary, alpha_bar)
+        options = {"topk": 128, "tol": 1e-2, "fallback": fallback, "estimate_samples": 256, "estimate_error": 0.05}
+        runs, gathered = TopKBackend(**options, scoring="runs"), TopKBackend(**options, scoring="gathered")
+        summaries = []
+        for backend in (runs, gathered):
+            accumulator = SoftmaxAccumulator(queries.shape[0], 1, queries.dtype, queries.device)
+            path = backend.fold(accumulator, queries, indexed, alpha_bar)
+            summaries.append((accumulator.summary(), path, backend.take_report()["entries_scored"]))
+        (expected, expected_path, expected_scored), (got, got_path, got_scored) = summaries
+        torch.testing.assert_close(got.mean, expected.mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.best_weight, expected.best_weight, rtol=0, atol=1e-12)
+        assert torch.equal(got.best_source, expected.best_source) and torch.equal(got_path, expected_path)
+        assert got_scored == expected_scored
+
+
 def test_unclustered_dictionaries_go_to_the_exact_backend(dictionary):
     queries = noisy_queries(dictionary, 0.7)
     accumulator = SoftmaxAccumulator(queries.shape[0], 1, queries.dtype, queries.device)
@@ -158,6 +181,6 @@ def test_unclustered_dictionaries_go_to_the_exact_backend(dictionary):
 
 def test_bad_backend_settings_are_refused():
     from patchdb.errors import PatchdbError
-    for options in ({"topk": 0}, {"tol": 1.0}, {"fallback": "sometimes"}):
+    for options in ({"topk": 0}, {"tol": 1.0}, {"fallback": "sometimes"}, {"scoring": "sparse"}):
         with pytest.raises(PatchdbError):
             TopKBackend(**options)
