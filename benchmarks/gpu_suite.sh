@@ -46,6 +46,6 @@ fi
 step exact-class0-20 120 "${exact[@]}" --label 0 --batch 20 --save "$out/exact-class0-20seeds.pt"
 step exact-1000-16 60 "${exact[@]}" --images 1000 --batch 16
 step topk-class0-4 150 python3 benchmarks/bench_topk.py --label 0 --seeds 4 --device cuda --memory-gib 48 --threads 0 \
-    --data-dir "$data" --store-dir /tmp/stores --setting topk=4096,tol=1e-2,fallback=estimate --setting topk=65536,tol=1e-2,fallback=estimate \
+    --data-dir "$data" --store-dir /tmp/stores --setting topk=4096,tol=1e-2,fallback=estimate --setting topk=16384,tol=1e-2,fallback=estimate --setting topk=65536,tol=1e-2,fallback=estimate \
     --out "$out/topk-class0-gpu.json"
 echo "== done $(date +%T)"
