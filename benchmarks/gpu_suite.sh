@@ -7,7 +7,7 @@
 #   2. the exact backend on the GPU: bbELS, paper scales, 20 steps, the first 1,000 images (1 sample),
 #      all 60,000 (2 seeds, saved as exact references for bench_topk.py --exact-samples; 100 seeds
 #      too when 2 took under a second each), class 0 (20 seeds, saved likewise), 1,000 images (16 samples);
-#   3. the top-k backend against the exact one on the GPU, class 0, 4 seeds (store built on the CPU).
+#   3. the top-k backend against the exact one on the GPU, class 0, 20 seeds (store built on the CPU).
 # STEPS: a regular expression; only the steps whose names match it run (default: all).
 # Everything goes to OUT_DIR/gpu.log (JSON lines from the benchmarks) and OUT_DIR/*.pt.
 set -uo pipefail
@@ -45,7 +45,7 @@ if python3 -c "import torch, sys; sys.exit(torch.load('$out/exact-60k-2seeds.pt'
 fi
 step exact-class0-20 120 "${exact[@]}" --label 0 --batch 20 --save "$out/exact-class0-20seeds.pt"
 step exact-1000-16 60 "${exact[@]}" --images 1000 --batch 16
-step topk-class0-4 150 python3 benchmarks/bench_topk.py --label 0 --seeds 4 --device cuda --memory-gib 48 --threads 0 \
+step topk-class0 250 python3 benchmarks/bench_topk.py --label 0 --seeds 20 --device cuda --memory-gib 48 --threads 0 \
     --data-dir "$data" --store-dir /tmp/stores --setting topk=4096,tol=1e-2,fallback=estimate --setting topk=16384,tol=1e-2,fallback=estimate --setting topk=65536,tol=1e-2,fallback=estimate \
     --out "$out/topk-class0-gpu.json"
 echo "== done $(date +%T)"
