@@ -14,3 +14,23 @@ def machine_data_options(command):
                            help="Memory bound of the machine's patch dictionaries and logits, in GiB.")(command)
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                         help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")(command)
+
+
+class TopK(click.ParamType):
+    """--topk: a positive number of entries, or 'auto' (None: each dictionary's own, patchdb.topk.DEFAULT_TOPK)."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto":
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = int(value)
+            except ValueError:
+                self.fail(f"{value!r} is neither 'auto' nor a whole number", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not a positive number of entries", param, ctx)
+        return number

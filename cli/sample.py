@@ -4,11 +4,13 @@ from pathlib import Path
 
 import click
 
+from cli.options import TopK
 from patchdb.engine import DEFAULT_MEMORY_BUDGET
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DEVICES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
 from patchdb.machines import MACHINES
 from patchdb.scales import SCALE_SPEC_HELP
-from patchdb.topk import DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, FALLBACKS
+from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL,
+                          FALLBACKS, MIN_AUTO_TOPK)
 
 
 @click.command("sample")
@@ -37,8 +39,9 @@ from patchdb.topk import DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAU
               default=DEFAULT_MEMORY_BUDGET / GIB, help="GiB the machine may use for dictionaries and logits.")
 @click.option("--index", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A patch store from `patchdb build-index`: use the top-k backend on its dictionaries (default: exact).")
-@click.option("--topk", type=click.IntRange(min=1), default=DEFAULT_TOPK,
-              help="With --index: most dictionary entries a pixel scores exactly before it falls back.")
+@click.option("--topk", type=TopK(), default="auto", show_default=True,
+              help="With --index: most dictionary entries a pixel scores exactly before it falls back; auto: "
+                   f"{AUTO_TOPK_CLUSTERS} clusters' worth of each dictionary, at least {MIN_AUTO_TOPK}.")
 @click.option("--tol", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_TOL,
               help="With --index: certified bound on the posterior mass a pixel may neglect.")
 @click.option("--fallback", type=click.Choice(FALLBACKS), default=DEFAULT_FALLBACK,

@@ -64,8 +64,8 @@ class SampleConfig:
     dataset: data set spec (None: the embedded default); noise: path of an (N, C, H, W) .npy used
     instead of seeded noise; num: number of samples (None: the noise file's N, else 8);
     memory_budget_gib: the machine's memory bound in GiB; index: a patch store (patchdb build-index)
-    whose dictionaries the top-k backend uses, with topk, tol, fallback, estimate_samples and estimate_error (see
-    patchdb.topk.TopKBackend); None: the exact backend.
+    whose dictionaries the top-k backend uses, with topk (None: each dictionary's own), tol, fallback,
+    estimate_samples and estimate_error (see patchdb.topk.TopKBackend); None: the exact backend.
     """
 
     out: str
@@ -84,7 +84,7 @@ class SampleConfig:
     dtype: str = "float32"
     memory_budget_gib: float = DEFAULT_MEMORY_BUDGET / GIB
     index: str | None = None
-    topk: int = DEFAULT_TOPK
+    topk: int | None = DEFAULT_TOPK
     tol: float = DEFAULT_TOL
     fallback: str = DEFAULT_FALLBACK
     estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES

@@ -47,7 +47,14 @@ PATHS = ("exact", "certified", "estimated", "truncated")
 FALLBACKS = ("auto", "exact", "estimate", "none")
 SCORINGS = ("runs", "gathered")
 
-DEFAULT_TOPK = 4096
+DEFAULT_TOPK = None
+"""None: 'auto', the larger of MIN_AUTO_TOPK and AUTO_TOPK_CLUSTERS mean clusters of each dictionary."""
+MIN_AUTO_TOPK = 4096
+AUTO_TOPK_CLUSTERS = 6
+"""Clusters are capped in number (patchdb.index.MAX_CLUSTERS), so they grow with the training set (about
+1,000 entries at 6,000 images, 10,000 at 60,000): a fixed topk visits fewer of them as the set grows,
+and at 60,000 images 4,096 entries (one cluster) lost accuracy that six clusters' worth kept
+(benchmarks/RESULTS.md, issue 4)."""
 DEFAULT_TOL = 1e-2
 DEFAULT_FALLBACK = "estimate"
 DEFAULT_ESTIMATE_SAMPLES = 4096
@@ -68,17 +75,18 @@ blocks that keep each run's logits within the engine's chunk size, patchdb.engin
 class TopKBackend:
     """Certified truncated softmax over ClusteredDictionary parts; other parts go to the exact backend.
 
-    topk: most entries a query may score exactly and still count as certified (or truncated);
+    topk: most entries a query may score exactly and still count as certified (or truncated); None
+        for each dictionary's own (DEFAULT_TOPK);
     tol: the certified bound on the neglected posterior mass; fallback: one of FALLBACKS;
     estimate_samples: entries in the estimator's uniform sample; estimate_error: the largest relative
     standard error of the estimated normaliser that 'auto' accepts; seed: the sampler's generator;
     scoring: one of SCORINGS, or None for the device's default ('runs' on a CPU, 'gathered' elsewhere).
     """
 
-    def __init__(self, topk: int = DEFAULT_TOPK, tol: float = DEFAULT_TOL, fallback: str = DEFAULT_FALLBACK,
+    def __init__(self, topk: int | None = DEFAULT_TOPK, tol: float = DEFAULT_TOL, fallback: str = DEFAULT_FALLBACK,
                  estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES, estimate_error: float = DEFAULT_ESTIMATE_ERROR,
                  seed: int = 0, exact: ExactBackend | None = None, scoring: str | None = None):
-        if topk < 1:
+        if topk is not None and topk < 1:
             raise PatchdbError(f"--topk must be at least 1, got {topk}")
         if not 0.0 <= tol < 1.0:
             raise PatchdbError(f"--tol must lie in [0, 1), got {tol}")
@@ -154,10 +162,11 @@ class TopKBackend:
         entries unless clusters were much smaller than average, and a query that would need more is
         simply not certified.
         """
+        topk = self.topk or max(MIN_AUTO_TOPK, math.ceil(AUTO_TOPK_CLUSTERS * len(entries) / len(clusters)))
         centroid_distances, mass_bounds = clusters.search(queries, alpha_bar)  # (Q, C) each
         medoid_logits = _logits(queries, take_entries(entries, clusters.medoids), 0, len(clusters), alpha_bar)
         log_normaliser = (medoid_logits + entries.log_multiplicity[clusters.medoids]).logsumexp(dim=1)  # C actual entries
-        probes = min(len(clusters), max(1, math.ceil(PROBE_MARGIN * self.topk * len(clusters) / len(entries))))
+        probes = min(len(clusters), max(1, math.ceil(PROBE_MARGIN * topk * len(clusters) / len(entries))))
         nearest = centroid_distances.topk(probes, dim=1, largest=False, sorted=True).indices  # (Q, probes), nearest first
         # the mass bound of the clusters beyond each prefix of the probe order: total minus the prefix, in float64
         shift = mass_bounds.amax(dim=1, keepdim=True)
@@ -170,8 +179,8 @@ class TopKBackend:
         within = tail <= threshold
         needed = torch.where(within.any(dim=1), within.to(torch.int8).argmax(dim=1) + 1, probes + 1)  # clusters to visit
         prefix_entries = clusters.sizes[nearest].cumsum(dim=1)  # (Q, probes) entries in ranks 0..j
-        certified = (needed <= probes) & (prefix_entries.gather(1, (needed.clamp_max(probes) - 1)[:, None])[:, 0] <= self.topk)
-        affordable = (prefix_entries <= self.topk).sum(dim=1).clamp_min(1)
+        certified = (needed <= probes) & (prefix_entries.gather(1, (needed.clamp_max(probes) - 1)[:, None])[:, 0] <= topk)
+        affordable = (prefix_entries <= topk).sum(dim=1).clamp_min(1)
         head = torch.where(certified, needed, affordable)
         visit = torch.zeros_like(mass_bounds, dtype=torch.bool).scatter_(
             1, nearest, torch.arange(probes, device=nearest.device)[None, :] < head[:, None])

@@ -116,6 +116,8 @@ def test_noise_file_is_the_starting_noise(batch, data_specs, tmp_path):
     ("labelled", ["--noise", "BAD_NOISE"], "shape"),
     ("labelled", ["--noise", "BAD_NOISE", "--num", "3"], "shape"),
     ("missing", [], "file not found"),
+    ("labelled", ["--topk", "many"], "neither 'auto' nor a whole number"),
+    ("labelled", ["--topk", "0"], "not a positive number"),
 ])
 def test_bad_input_is_a_message_not_a_traceback(data_specs, tmp_path, spec_key, options, message):
     np.save(tmp_path / "bad.npy", np.zeros((2, 1, 16, 16), np.float32))

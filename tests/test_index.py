@@ -171,6 +171,22 @@ def test_gathered_scoring_equals_runs(dictionary, indexed, fallback, chunk_bytes
         assert got_scored == expected_scored
 
 
+def test_auto_topk_is_a_number_of_mean_clusters_with_a_floor(dictionary, indexed, monkeypatch):
+    """topk None visits AUTO_TOPK_CLUSTERS mean clusters' worth of entries (about 6 x 32 here), but never fewer than MIN_AUTO_TOPK."""
+    alpha_bar = 0.3
+    queries = noisy_queries(dictionary, alpha_bar)
+    options = {"tol": 1e-6, "fallback": "none"}
+    clusters_worth = math.ceil(patchdb.topk.AUTO_TOPK_CLUSTERS * len(indexed.entries) / len(indexed.clusters))
+    scored = []
+    for floor, expected_topk in ((1, clusters_worth), (2 * clusters_worth, 2 * clusters_worth)):
+        monkeypatch.setattr(patchdb.topk, "MIN_AUTO_TOPK", floor)
+        auto, explicit = TopKBackend(topk=None, **options), TopKBackend(topk=expected_topk, **options)
+        assert torch.equal(topk_fold(auto, queries, indexed, alpha_bar)[0], topk_fold(explicit, queries, indexed, alpha_bar)[0])
+        scored.append(auto.take_report()["entries_scored"])
+        assert scored[-1] == explicit.take_report()["entries_scored"]
+    assert scored[0] < scored[1]  # the floor, where it binds, raises what auto visits
+
+
 def test_unclustered_dictionaries_go_to_the_exact_backend(dictionary):
     queries = noisy_queries(dictionary, 0.7)
     accumulator = SoftmaxAccumulator(queries.shape[0], 1, queries.dtype, queries.device)
