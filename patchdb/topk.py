@@ -50,14 +50,14 @@ SCORINGS = ("runs", "gathered")
 DEFAULT_TOPK = None
 """None: 'auto', the larger of MIN_AUTO_TOPK and AUTO_TOPK_CLUSTERS mean clusters of each dictionary."""
 MIN_AUTO_TOPK = 4096
-AUTO_TOPK_CLUSTERS = 6
+AUTO_TOPK_CLUSTERS = 8
 """Clusters are capped in number (patchdb.index.MAX_CLUSTERS), so they grow with the training set (about
 1,000 entries at 6,000 images, 10,000 at 60,000): a fixed topk visits fewer of them as the set grows,
-and at 60,000 images 4,096 entries (one cluster) lost accuracy that six clusters' worth kept
+and at 60,000 images 4,096 entries (one cluster) lost accuracy that six or more clusters' worth kept
 (benchmarks/RESULTS.md, issue 4)."""
 DEFAULT_TOL = 1e-2
 DEFAULT_FALLBACK = "estimate"
-DEFAULT_ESTIMATE_SAMPLES = 4096
+DEFAULT_ESTIMATE_SAMPLES = 8192
 DEFAULT_ESTIMATE_ERROR = 0.02
 """The defaults are the fast setting measured in benchmarks/RESULTS.md (issue 4)."""
 
