@@ -57,7 +57,7 @@ and at 60,000 images 4,096 entries (one cluster) lost accuracy that six or more 
 (benchmarks/RESULTS.md, issue 4)."""
 DEFAULT_TOL = 1e-2
 DEFAULT_FALLBACK = "estimate"
-DEFAULT_ESTIMATE_SAMPLES = 8192
+DEFAULT_ESTIMATE_SAMPLES = 4096
 DEFAULT_ESTIMATE_ERROR = 0.02
 """The defaults are the fast setting measured in benchmarks/RESULTS.md (issue 4)."""
 
