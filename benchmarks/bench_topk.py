@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli.options import TopK  # noqa: E402
 from patchdb.build import build_store  # noqa: E402
 from patchdb.comparison import image_statistics, summarize  # noqa: E402
 from patchdb.data import load_dataset  # noqa: E402
@@ -45,7 +46,7 @@ PAPER_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
 
 def parse_setting(text: str) -> dict:
     """'topk=4096,tol=1e-2,fallback=estimate,estimate_samples=4096' -> TopKBackend keyword arguments (topk=auto: None)."""
-    types = {"topk": lambda value: None if value == "auto" else int(value), "scoring": str, "tol": float, "fallback": str, "estimate_samples": int, "estimate_error": float}
+    types = {"topk": lambda value: TopK().convert(value, None, None), "scoring": str, "tol": float, "fallback": str, "estimate_samples": int, "estimate_error": float}
     setting = {}
     for item in text.split(","):
         name, _, value = item.partition("=")

@@ -211,7 +211,7 @@ class TopKBackend:
         counts = (visit * clusters.sizes).sum(dim=1)  # (Q,) entries each query visits
         entry_bytes = queries.shape[1] * queries.element_size()
         fits = counts * entry_bytes <= chunk_bytes
-        scored = self._score_gathered(accumulator, queries, entries, clusters, visit, counts, fits, alpha_bar, chunk_bytes)
+        scored = self._score_gathered(accumulator, queries, entries, clusters, visit, counts, fits, entry_bytes, alpha_bar, chunk_bytes)
         if not bool(fits.all()):
             scored += self._score_runs(accumulator, queries, entries, clusters, visit & ~fits[:, None], alpha_bar)
         return scored
@@ -241,13 +241,13 @@ class TopKBackend:
         return scored
 
     def _score_gathered(self, accumulator, queries, entries, clusters: EntryClusters, visit: torch.Tensor, counts: torch.Tensor,
-                        fits: torch.Tensor, alpha_bar: float, chunk_bytes: int) -> int:
+                        fits: torch.Tensor, entry_bytes: int, alpha_bar: float, chunk_bytes: int) -> int:
         """'gathered' scoring (module docstring) of the queries that visit entries and whose entries fit (fits (Q,))."""
         rows = torch.nonzero(fits & (counts > 0)).squeeze(1)
         if not rows.numel():
             return 0
         rows = rows[torch.argsort(counts[rows])]  # rows of similar widths share a block: little padding
-        row_bytes = counts[rows] * queries.shape[1] * queries.element_size()
+        row_bytes = counts[rows] * entry_bytes
         position = torch.full((queries.shape[0],), -1, dtype=torch.int64, device=queries.device)  # accumulator row -> row in block
         start = 0
         for end in _block_ends(row_bytes.tolist(), chunk_bytes):
@@ -336,7 +336,7 @@ def _visited_entries(visit: torch.Tensor, clusters: EntryClusters, counts: torch
     for visit (R, C) and counts (R,) the entries each row visits (W = their maximum)."""
     pair_rows, pair_clusters = torch.nonzero(visit).unbind(1)  # row-major: each row's clusters in order
     sizes = clusters.sizes[pair_clusters]
-    pair_of = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)  # (n,) the pair of each entry
+    pair_of = cluster_of_entries(sizes)  # (n,) the (row, cluster) pair of each entry
     position = torch.arange(len(pair_of), device=sizes.device)
     entry = clusters.offsets[pair_clusters][pair_of] + position - (sizes.cumsum(0) - sizes)[pair_of]
     row = pair_rows[pair_of]
