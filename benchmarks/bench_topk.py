@@ -32,7 +32,7 @@ from patchdb.build import build_store  # noqa: E402
 from patchdb.comparison import image_statistics, summarize  # noqa: E402
 from patchdb.data import load_dataset  # noqa: E402
 from patchdb.engine import DEFAULT_MEMORY_BUDGET  # noqa: E402
-from patchdb.generate import device_name, generate, seeded_inputs  # noqa: E402
+from patchdb.generate import device_name, generate, index_steps, seeded_inputs  # noqa: E402
 from patchdb.machines import make_machine  # noqa: E402
 from patchdb.sampler import sample_ddim  # noqa: E402
 from patchdb.store import PatchStore  # noqa: E402
@@ -156,17 +156,13 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_
         backend = TopKBackend(**setting)
         generation, seconds = run(make_machine("bbels", dataset, store=store, backend=backend, **machine_options))
         r = image_statistics(generation.samples.cpu(), exact_result)["pearson_r"].tolist()
-        steps = [{"t": i / 20, "patch_size": scales[min(i, 19)],
-                  "fraction": {path: count / report["queries"] for path, count in report["paths"].items()},
-                  "entries_per_pixel": round(report["entries_scored"] / report["queries"]),
-                  "seconds": {part: round(value, 2) for part, value in report["seconds"].items()}}
-                 for i, report in zip(machine_steps(20), generation.backend_reports)]
+        steps = index_steps(generation, machine_steps(20), scales, 20)
         result = {"setting": setting, "seconds": round(seconds, 2), "speedup": round(exact_seconds / seconds, 2),
                   "pearson_r": summarize(r), "pearson_r_per_seed": r, "steps": steps}
         results["settings"].append(result)
         print(f"{setting}: {seconds:.1f} s, speed-up {exact_seconds / seconds:.2f}, median r {result['pearson_r']['median']:.5f}, "
               f"min r {result['pearson_r']['min']:.5f}; certified per step "
-              + " ".join(f"{step['fraction'].get('certified', 0):.2f}" for step in steps), flush=True)
+              + " ".join(f"{step['fraction_of_pixels'].get('certified', 0):.2f}" for step in steps), flush=True)
     if verify and settings:
         setting = parse_setting(settings[0])
         backend = TopKBackend(**setting)

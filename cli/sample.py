@@ -9,8 +9,8 @@ from patchdb.engine import DEFAULT_MEMORY_BUDGET
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DEVICES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
 from patchdb.machines import MACHINES
 from patchdb.scales import SCALE_SPEC_HELP
-from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL,
-                          FALLBACKS, MIN_AUTO_TOPK)
+from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS, DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES,
+                          DEFAULT_FALLBACK, DEFAULT_TOL, FALLBACKS, MIN_AUTO_TOPK)
 
 
 @click.command("sample")
@@ -46,12 +46,13 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEFAULT_ESTIMATE_ERROR, DEFAULT_ES
               help="With --index: certified bound on the posterior mass a pixel may neglect.")
 @click.option("--fallback", type=click.Choice(FALLBACKS), default=DEFAULT_FALLBACK,
               help="With --index, for pixels the certificate does not cover: estimate (nearest clusters + reweighted uniform "
-                   "sample of the rest), auto (the estimate where its relative error is below --estimate-error, else exact), "
-                   "exact, none (truncated softmax).")
+                   "sample of the rest; more clusters where its standard error exceeds --estimate-error), auto (as estimate, "
+                   "then exact where the error still exceeds it), exact, none (truncated softmax).")
 @click.option("--estimate-samples", type=click.IntRange(min=1), default=DEFAULT_ESTIMATE_SAMPLES,
               help="With --index: patches in the estimator's uniform sample of the dictionary.")
 @click.option("--estimate-error", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_ESTIMATE_ERROR,
-              help="With --index --fallback auto: largest relative standard error of an accepted estimate.")
+              help="With --index: largest standard error (pixel units, images in [-1, 1]) of an estimated posterior mean "
+                   f"before the pixel visits more clusters ({DEEPENING_FACTOR} times as many entries, at most {DEEPENING_ROUNDS} times).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: samples.npy, noise.npy, [labels.npy], provenance.npz, grid.png, provenance.png, run.json, "
                    "[paths.npy].")

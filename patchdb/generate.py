@@ -198,7 +198,7 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
         "total_seconds": time.perf_counter() - start,
     }
     if config.index is not None:
-        record["index_steps"] = _index_steps(generation, LOOPS[config.loop](config.steps), scales, config.steps)
+        record["index_steps"] = index_steps(generation, LOOPS[config.loop](config.steps), scales, config.steps)
     with _atomic_path(out / "run.json") as temporary:
         temporary.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -217,16 +217,19 @@ def _index_options(config: SampleConfig, dataset: Dataset, scales: list[int], la
     return {"store": store, "backend": backend}
 
 
-def _index_steps(generation: Generation, steps: list[int], scales: list[int], num_steps: int) -> list[dict]:
-    """Per model call of an indexed run: t, patch size, fraction of pixels per path, entries scored per pixel, and
-    its seconds split into search, rescore, estimate and other (loading dictionaries, same-location groups, the score)."""
+def index_steps(generation: Generation, steps: list[int], scales: list[int], num_steps: int) -> list[dict]:
+    """Per model call of an indexed run: t, patch size, fraction of pixels per path, entries scored per pixel, the
+    deepenings and estimates' standard errors (patchdb.topk.TopKBackend.take_report), and its seconds split into search,
+    rescore, estimate and other (loading dictionaries, same-location groups, the score)."""
     records = []
     for i, report, seconds in zip(steps, generation.backend_reports, generation.seconds_per_step):
         queries = max(1, report["queries"])
         split = dict(report["seconds"], other=max(0.0, seconds - sum(report["seconds"].values())))
         records.append({"t": i / num_steps, "patch_size": scales[min(i, num_steps - 1)],
                         "fraction_of_pixels": {path: count / queries for path, count in report["paths"].items()},
-                        "entries_scored_per_pixel": report["entries_scored"] / queries, "seconds": split})
+                        "entries_scored_per_pixel": report["entries_scored"] / queries,
+                        "deepenings_per_pixel": report["deepenings"] / queries,
+                        "estimate_standard_error": report["estimate_standard_error"], "seconds": split})
     return records
 
 

@@ -18,8 +18,11 @@ M_c = b_c + log(summed multiplicities) on its share of the posterior's normalise
    - 'none': the best clusters up to ``topk`` entries only, a plain truncated softmax (*truncated*);
    - 'estimate': those best clusters exactly, plus a uniform random sample of the remaining
      patches reweighted by (patches left) / (sampled patches left): an unbiased estimate of the
-     tail's share of the normaliser and of the weighted sum (*estimated*);
-   - 'auto': the estimate where its relative standard error is at most ``estimate_error``, else exact.
+     tail's share of the normaliser and of the weighted sum (*estimated*). Where the standard error
+     of the estimated posterior mean (delta method, in the values' units) exceeds ``estimate_error``, the query visits
+     DEEPENING_FACTOR times as many nearest entries and is estimated again over the smaller tail,
+     at most DEEPENING_ROUNDS times; the last estimate is kept;
+   - 'auto': as 'estimate', but a query whose last estimate still exceeds ``estimate_error`` is exact.
 
 Scoring is by the engine's matrix products, in one of two ways (``scoring``):
 - 'runs' (the CPU's default): runs of consecutive clusters (clusters with nearby numbers lie near
@@ -61,6 +64,11 @@ DEFAULT_ESTIMATE_SAMPLES = 4096
 DEFAULT_ESTIMATE_ERROR = 0.02
 """The defaults are the fast setting measured in benchmarks/RESULTS.md (issue 4)."""
 
+DEEPENING_FACTOR = 4
+DEEPENING_ROUNDS = 2
+"""An estimate whose standard error exceeds estimate_error is redone over a tail shrunk by visiting
+DEEPENING_FACTOR times as many nearest entries, up to DEEPENING_ROUNDS times (so up to 16 times topk)."""
+
 PROBE_MARGIN = 4
 """Clusters ordered per query: PROBE_MARGIN times as many as topk entries fill at the mean cluster size."""
 
@@ -78,8 +86,9 @@ class TopKBackend:
     topk: most entries a query may score exactly and still count as certified (or truncated); None
         for each dictionary's own (DEFAULT_TOPK);
     tol: the certified bound on the neglected posterior mass; fallback: one of FALLBACKS;
-    estimate_samples: entries in the estimator's uniform sample; estimate_error: the largest relative
-    standard error of the estimated normaliser that 'auto' accepts; seed: the sampler's generator;
+    estimate_samples: entries in the estimator's uniform sample; estimate_error: the largest standard error of
+    an estimated posterior mean (in the values' units: pixels in [-1, 1]) accepted without visiting more
+    entries (module docstring); seed: the sampler's generator;
     scoring: one of SCORINGS, or None for the device's default ('runs' on a CPU, 'gathered' elsewhere).
     """
 
@@ -115,54 +124,80 @@ class TopKBackend:
         entries, clusters = dictionary.entries, dictionary.clusters
         seconds = self._report["seconds"]
         start = time.perf_counter()
-        plan = self._plan(queries, entries, clusters, alpha_bar)
+        topk = self.topk or max(MIN_AUTO_TOPK, math.ceil(AUTO_TOPK_CLUSTERS * len(entries) / len(clusters)))
+        plan = self._plan(queries, entries, clusters, alpha_bar, topk)
         seconds["search"] += time.perf_counter() - start
 
         start = time.perf_counter()
         scored = self._score(accumulator, queries, entries, clusters, plan.visit, alpha_bar)
         seconds["rescore"] += time.perf_counter() - start
-        if self.fallback != "exact" and self.tol > 0:
-            self._certify_scored(accumulator, plan)
         uncertified = torch.nonzero(~plan.certified).squeeze(1)
-        if self.fallback in ("estimate", "auto") and uncertified.numel():
-            start = time.perf_counter()
-            rejected, sampled = self._estimate(accumulator, queries, dictionary, plan, uncertified, alpha_bar)
-            scored += sampled
-            seconds["estimate"] += time.perf_counter() - start
-            if rejected.numel():
+        if self.fallback != "exact":
+            uncertified = self._certify_scored(accumulator, plan, uncertified)
+        rejected = uncertified[:0]
+        if self.fallback in ("estimate", "auto"):
+            rejected, budget = uncertified, topk
+            for deepening in range(DEEPENING_ROUNDS + 1):
+                last = deepening == DEEPENING_ROUNDS
                 start = time.perf_counter()
-                tail_visit = torch.zeros_like(plan.visit)
-                tail_visit[rejected] = plan.relevant[rejected] & ~plan.visit[rejected]
-                scored += self._score(accumulator, queries, entries, clusters, tail_visit, alpha_bar)
-                plan.path[rejected] = PATHS.index("exact")
+                rejected, sampled = self._estimate(accumulator, queries, dictionary, plan, rejected, alpha_bar,
+                                                   strict=self.fallback == "auto" or not last)
+                scored += sampled
+                seconds["estimate"] += time.perf_counter() - start
+                if last or not rejected.numel():
+                    break
+                start = time.perf_counter()
+                self._report["deepenings"] += rejected.numel()
+                budget *= DEEPENING_FACTOR
+                scored += self._score(accumulator, queries, entries, clusters, self._deepen(plan, clusters, rejected, budget),
+                                      alpha_bar)
                 seconds["rescore"] += time.perf_counter() - start
+                rejected = self._certify_scored(accumulator, plan, rejected)
+        if rejected.numel():
+            start = time.perf_counter()
+            tail_visit = torch.zeros_like(plan.visit)
+            tail_visit[rejected] = plan.relevant[rejected] & ~plan.visit[rejected]
+            scored += self._score(accumulator, queries, entries, clusters, tail_visit, alpha_bar)
+            plan.path[rejected] = PATHS.index("exact")
+            seconds["rescore"] += time.perf_counter() - start
         self._count(plan.path.cpu(), scored)
         return plan.path
 
-    def _certify_scored(self, accumulator: SoftmaxAccumulator, plan: "_Plan") -> None:
-        """Certify the queries whose scored clusters now prove the rest below tol.
+    def _certify_scored(self, accumulator: SoftmaxAccumulator, plan: "_Plan", rows: torch.Tensor) -> torch.Tensor:
+        """Certify those of rows whose scored clusters now prove the rest below tol; returns the others.
 
         Once a query's visited clusters are scored, its normaliser is known exactly over them, a
         lower bound usually far above the medoids'; where the unvisited clusters' mass bound lies
         below tol times it, the query is certified after all and needs no fallback.
         """
-        rows = torch.nonzero(~plan.certified).squeeze(1)
-        if not rows.numel():
-            return
+        if not rows.numel() or self.tol == 0:
+            return rows
         log_normaliser = accumulator.running_max[rows] + accumulator.normaliser[rows].log()
         unvisited_mass = plan.mass_bounds[rows].masked_fill(plan.visit[rows], -math.inf).logsumexp(dim=1)
-        newly = rows[unvisited_mass <= math.log(self.tol) + log_normaliser]
-        plan.certified[newly] = True
-        plan.path[newly] = PATHS.index("certified")
+        proven = unvisited_mass <= math.log(self.tol) + log_normaliser
+        plan.certified[rows[proven]] = True
+        plan.path[rows[proven]] = PATHS.index("certified")
+        return rows[~proven]
 
-    def _plan(self, queries, entries, clusters: EntryClusters, alpha_bar: float) -> "_Plan":
+    def _deepen(self, plan: "_Plan", clusters: EntryClusters, rows: torch.Tensor, budget: int) -> torch.Tensor:
+        """Extend the visits of rows to their nearest clusters up to budget entries; returns the clusters added (Q, C)."""
+        probes = min(len(clusters), max(1, math.ceil(PROBE_MARGIN * budget * len(clusters) / int(clusters.sizes.sum()))))
+        nearest = plan.centroid_distances[rows].topk(probes, dim=1, largest=False, sorted=True).indices
+        affordable = (clusters.sizes[nearest].cumsum(dim=1) <= budget).sum(dim=1).clamp_min(1)
+        deeper = torch.zeros(len(rows), len(clusters), dtype=torch.bool, device=rows.device).scatter_(
+            1, nearest, torch.arange(probes, device=rows.device)[None, :] < affordable[:, None])
+        added = torch.zeros_like(plan.visit)
+        added[rows] = deeper & ~plan.visit[rows]
+        plan.visit |= added
+        return added
+
+    def _plan(self, queries, entries, clusters: EntryClusters, alpha_bar: float, topk: int) -> "_Plan":
         """Search the clusters for every query and decide its path (steps 1-3 of the module docstring).
 
         Only the nearest `probes` clusters are ordered (a partial sort): more could not fit in topk
         entries unless clusters were much smaller than average, and a query that would need more is
         simply not certified.
         """
-        topk = self.topk or max(MIN_AUTO_TOPK, math.ceil(AUTO_TOPK_CLUSTERS * len(entries) / len(clusters)))
         centroid_distances, mass_bounds = clusters.search(queries, alpha_bar)  # (Q, C) each
         medoid_logits = _logits(queries, take_entries(entries, clusters.medoids), 0, len(clusters), alpha_bar)
         log_normaliser = (medoid_logits + entries.log_multiplicity[clusters.medoids]).logsumexp(dim=1)  # C actual entries
@@ -189,12 +224,21 @@ class TopKBackend:
         if self.fallback == "exact":
             visit = torch.where(certified[:, None], visit, relevant)
         path = torch.where(certified, PATHS.index("certified"), PATHS.index(_UNCERTIFIED_PATH[self.fallback])).to(torch.uint8)
-        return _Plan(visit, relevant, mass_bounds, certified, path)
+        return _Plan(visit, relevant, mass_bounds, centroid_distances, certified, path)
 
     def take_report(self) -> dict:
-        """Counts since the last call: queries per path, entries scored, seconds in search / rescore / estimate."""
+        """Counts since the last call: queries per path, entries scored, deepenings (queries that visited more
+        entries after a poor estimate, once per round), seconds in search / rescore / estimate,
+        and the standard error of the accepted estimates' posterior means, in the values' units (median, 90th
+        percentile, max; None without estimates)."""
         report, self._report = self._report, _new_report()
         report["paths"] = {PATHS[code]: count for code, count in sorted(report["paths"].items())}
+        errors = report.pop("standard_errors")
+        report["estimate_standard_error"] = None
+        if errors:
+            errors = torch.cat(errors)
+            median, p90, largest = errors.quantile(torch.tensor([0.5, 0.9, 1.0], dtype=errors.dtype)).tolist()
+            report["estimate_standard_error"] = {"median": median, "p90": p90, "max": largest}
         return report
 
     def _count(self, path: torch.Tensor, scored: int) -> None:
@@ -270,14 +314,15 @@ class TopKBackend:
         return int(counts[rows].sum())
 
     def _estimate(self, accumulator, queries, dictionary: ClusteredDictionary, plan: "_Plan", rows: torch.Tensor,
-                  alpha_bar: float) -> tuple[torch.Tensor, int]:
+                  alpha_bar: float, strict: bool) -> tuple[torch.Tensor, int]:
         """Fold an estimate of the clusters that rows did not visit into the accumulator.
 
         One sample of the dictionary's patches, uniform over all patches (so an entry is drawn in
         proportion to its multiplicity, with replacement), is shared by all rows; for each row, the
         draws that fall in its unvisited clusters are a uniform sample of their patches, and each
         stands for (patches in them) / (draws in them) patches. Returns the rows whose estimate was
-        rejected ('auto' only; they still need their tail scored) and the entries scored.
+        rejected (no draw in their unvisited clusters or, when strict, a standard error of the estimated
+        posterior mean above estimate_error) and the entries scored.
         """
         entries, clusters = dictionary.entries, dictionary.clusters
         # patch number u (uniform over all patches) falls in entry e when cumulative[e - 1] <= u < cumulative[e]
@@ -291,34 +336,52 @@ class TopKBackend:
         tail_patches = (unvisited * clusters.log_mass.double().exp()).sum(dim=1)
         sample = take_entries(entries, draws)
         logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar).masked_fill_(~in_tail, -math.inf)
-        # the relative standard error of the estimated normaliser
-        shift = torch.maximum(accumulator.running_max[rows], logits.amax(dim=1)).double()
-        weights = (logits.double() - shift[:, None]).exp()
-        count = drawn.clamp_min(1).double()
-        mean = weights.sum(dim=1) / count
-        variance = ((weights - mean[:, None]).square() * in_tail).sum(dim=1) / (count - 1).clamp_min(1)
-        known = accumulator.normaliser[rows].double() * (accumulator.running_max[rows].double() - shift).exp()
-        relative_error = tail_patches * (variance / count).sqrt() / (known + tail_patches * mean)
+        standard_error = self._standard_error(accumulator, rows, logits, sample.values, in_tail, tail_patches)
         accept = drawn > 0
-        if self.fallback == "auto":
-            accept &= relative_error <= self.estimate_error
+        if strict:
+            accept &= standard_error <= self.estimate_error
         kept = torch.nonzero(accept).squeeze(1)
         if kept.numel():
+            self._report["standard_errors"].append(standard_error[kept].cpu())
             log_multiplicity = (tail_patches[kept] / drawn[kept]).log().to(logits.dtype)[:, None].expand(-1, len(draws))
             # the draws stand for patches: their own multiplicity is already in the sampling
             accumulator.update(logits[kept], lambda weights, _: weights @ sample.values, sample.sources,
                                log_multiplicity.contiguous(), rows=rows[kept])
         return rows[~accept], rows.numel() * len(draws)
 
+    @staticmethod
+    def _standard_error(accumulator, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, in_tail: torch.Tensor,
+                        tail_patches: torch.Tensor) -> torch.Tensor:
+        """(R,) the standard error of each row's estimated posterior mean (the largest over the value channels), in
+        the values' units: by the delta method, tail_patches * sd(w_i (v_i - mean)) / sqrt(draws) / normaliser, over
+        the draws i in the row's tail, of weight w_i and value v_i (logits (R, m) -inf outside it; values (m, V))."""
+        shift = torch.maximum(accumulator.running_max[rows], logits.amax(dim=1)).double()
+        weights = (logits.double() - shift[:, None]).exp()  # (R, m), 0 outside the tail
+        values = values.double()
+        count = in_tail.sum(dim=1).clamp_min(1).double()
+        scale = (accumulator.running_max[rows].double() - shift).exp()
+        known, known_sum = accumulator.normaliser[rows].double() * scale, accumulator.weighted_sum[rows].double() * scale[:, None]
+        tail_mean, tail_mean_sum = weights.sum(dim=1) / count, weights @ values / count[:, None]
+        normaliser = known + tail_patches * tail_mean
+        mean = (known_sum + tail_patches[:, None] * tail_mean_sum) / normaliser[:, None]  # (R, V)
+        # the sample variance of d_i = w_i (v_i - mean) from the sums of w^2, w^2 v and w^2 v^2
+        squared = weights.square()
+        second = squared @ values.square() - 2 * mean * (squared @ values) + mean.square() * squared.sum(dim=1, keepdim=True)
+        variance = (second - count[:, None] * (tail_mean_sum - mean * tail_mean[:, None]).square()).clamp_min(0)
+        variance /= (count - 1).clamp_min(1)[:, None]
+        return (tail_patches[:, None] * (variance / count[:, None]).sqrt() / normaliser[:, None]).amax(dim=1)
+
 
 @dataclass
 class _Plan:
-    """Per query of a fold: visit (Q, C) the clusters scored exactly first; relevant (Q, C) the clusters
-    not provably negligible; mass_bounds (Q, C) the log mass bounds; certified (Q,); path (Q,) uint8 code."""
+    """Per query of a fold: visit (Q, C) the clusters scored exactly so far; relevant (Q, C) the clusters
+    not provably negligible; mass_bounds (Q, C) the log mass bounds; centroid_distances (Q, C) the search
+    order's distances; certified (Q,); path (Q,) uint8 code."""
 
     visit: torch.Tensor
     relevant: torch.Tensor
     mass_bounds: torch.Tensor
+    centroid_distances: torch.Tensor
     certified: torch.Tensor
     path: torch.Tensor
 
@@ -327,7 +390,7 @@ _UNCERTIFIED_PATH = {"auto": "estimated", "exact": "exact", "estimate": "estimat
 
 
 def _new_report() -> dict:
-    return {"paths": Counter(), "queries": 0, "entries_scored": 0,
+    return {"paths": Counter(), "queries": 0, "entries_scored": 0, "deepenings": 0, "standard_errors": [],
             "seconds": {"search": 0.0, "rescore": 0.0, "estimate": 0.0}}
 
 

@@ -111,17 +111,22 @@ def test_estimated_normaliser_is_unbiased(dictionary, indexed):
     signal, noise_variance = math.sqrt(alpha_bar), 1 - alpha_bar
     logits = (signal * queries @ dictionary.keys.T - alpha_bar / 2 * dictionary.squared_norms) / noise_variance
     exact_log_normaliser = (logits + dictionary.log_multiplicity).logsumexp(dim=1)
-    ratios = []
+    ratios, means, reported_errors = [], [], []
     for seed in range(200):
         accumulator = SoftmaxAccumulator(queries.shape[0], 1, queries.dtype, queries.device)
-        path = TopKBackend(topk=64, tol=1e-6, fallback="estimate", estimate_samples=256, seed=seed).fold(
-            accumulator, queries, indexed, alpha_bar)
+        backend = TopKBackend(topk=64, tol=1e-6, fallback="estimate", estimate_samples=256, estimate_error=10.0, seed=seed)
+        path = backend.fold(accumulator, queries, indexed, alpha_bar)
         assert (path == PATHS.index("estimated")).all()
         ratios.append(accumulator.normaliser * (accumulator.running_max - exact_log_normaliser).exp())
+        means.append(accumulator.summary().mean[:, 0])
+        reported_errors.append(backend.take_report()["estimate_standard_error"]["median"])
     ratios = torch.stack(ratios)  # (seeds, Q): estimated / exact normaliser
     standard_error = ratios.std(dim=0) / math.sqrt(len(ratios))
     assert ((ratios.mean(dim=0) - 1).abs() <= 4 * standard_error + 1e-12).all()
     assert (ratios.std(dim=0) > 0).any()  # the estimate did vary: the test would see a bias
+    # the standard error of the posterior mean each run reports is the spread the runs show
+    observed = torch.stack(means).std(dim=0).median().item()
+    assert 0.7 * observed <= sum(reported_errors) / len(reported_errors) <= 1.4 * observed
 
 
 def test_estimator_is_close_and_auto_falls_back_to_exact(dictionary, indexed):
@@ -137,6 +142,23 @@ def test_estimator_is_close_and_auto_falls_back_to_exact(dictionary, indexed):
     assert torch.allclose(strict, exact, atol=1e-10)
     exact_fallback, path = topk_fold(TopKBackend(topk=64, tol=1e-6, fallback="exact"), queries, indexed, alpha_bar)
     assert (path == PATHS.index("exact")).all() and torch.allclose(exact_fallback, exact, atol=1e-10)
+
+
+def test_a_poor_estimate_visits_more_entries(dictionary, indexed):
+    alpha_bar = 0.3
+    queries = noisy_queries(dictionary, alpha_bar)
+    exact = exact_mean(queries, dictionary, alpha_bar)
+    errors, scored = [], []
+    for estimate_error in (10.0, 1e-4):  # never / always above the estimates' error: no deepening / every round
+        backend = TopKBackend(topk=64, tol=1e-6, fallback="estimate", estimate_samples=64, estimate_error=estimate_error)
+        mean, path = topk_fold(backend, queries, indexed, alpha_bar)
+        assert (path == PATHS.index("estimated")).all()
+        errors.append((mean - exact).abs().median())
+        scored.append(backend.take_report()["entries_scored"])
+    deepest = 64 * patchdb.topk.DEEPENING_FACTOR ** patchdb.topk.DEEPENING_ROUNDS
+    assert scored[0] <= len(queries) * (64 + 64)
+    assert len(queries) * 4 * 64 < scored[1] <= len(queries) * (deepest + int(indexed.clusters.sizes.max()) + 3 * 64)
+    assert errors[1] < errors[0] / 2
 
 
 def test_truncated_softmax_scores_at_most_topk_entries_per_pixel(dictionary, indexed):
