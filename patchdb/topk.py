@@ -181,11 +181,9 @@ class TopKBackend:
 
     def _deepen(self, plan: "_Plan", clusters: EntryClusters, rows: torch.Tensor, budget: int) -> torch.Tensor:
         """Extend the visits of rows to their nearest clusters up to budget entries; returns the clusters added (Q, C)."""
-        probes = min(len(clusters), max(1, math.ceil(PROBE_MARGIN * budget * len(clusters) / int(clusters.sizes.sum()))))
-        nearest = plan.centroid_distances[rows].topk(probes, dim=1, largest=False, sorted=True).indices
+        nearest = _nearest_clusters(plan.centroid_distances[rows], clusters, budget)
         affordable = (clusters.sizes[nearest].cumsum(dim=1) <= budget).sum(dim=1).clamp_min(1)
-        deeper = torch.zeros(len(rows), len(clusters), dtype=torch.bool, device=rows.device).scatter_(
-            1, nearest, torch.arange(probes, device=rows.device)[None, :] < affordable[:, None])
+        deeper = _first_clusters(nearest, affordable, len(clusters))
         added = torch.zeros_like(plan.visit)
         added[rows] = deeper & ~plan.visit[rows]
         plan.visit |= added
@@ -201,8 +199,8 @@ class TopKBackend:
         centroid_distances, mass_bounds = clusters.search(queries, alpha_bar)  # (Q, C) each
         medoid_logits = _logits(queries, take_entries(entries, clusters.medoids), 0, len(clusters), alpha_bar)
         log_normaliser = (medoid_logits + entries.log_multiplicity[clusters.medoids]).logsumexp(dim=1)  # C actual entries
-        probes = min(len(clusters), max(1, math.ceil(PROBE_MARGIN * topk * len(clusters) / len(entries))))
-        nearest = centroid_distances.topk(probes, dim=1, largest=False, sorted=True).indices  # (Q, probes), nearest first
+        nearest = _nearest_clusters(centroid_distances, clusters, topk)
+        probes = nearest.shape[1]
         # the mass bound of the clusters beyond each prefix of the probe order: total minus the prefix, in float64
         shift = mass_bounds.amax(dim=1, keepdim=True)
         masses = (mass_bounds - shift).double().exp()
@@ -217,8 +215,7 @@ class TopKBackend:
         certified = (needed <= probes) & (prefix_entries.gather(1, (needed.clamp_max(probes) - 1)[:, None])[:, 0] <= topk)
         affordable = (prefix_entries <= topk).sum(dim=1).clamp_min(1)
         head = torch.where(certified, needed, affordable)
-        visit = torch.zeros_like(mass_bounds, dtype=torch.bool).scatter_(
-            1, nearest, torch.arange(probes, device=nearest.device)[None, :] < head[:, None])
+        visit = _first_clusters(nearest, head, len(clusters))
         # clusters whose whole mass is below e^-60 of the normaliser are negligible (the exact backend's rule)
         relevant = mass_bounds > (log_normaliser + NEGLIGIBLE_LOG_WEIGHT)[:, None]
         if self.fallback == "exact":
@@ -392,6 +389,19 @@ _UNCERTIFIED_PATH = {"auto": "estimated", "exact": "exact", "estimate": "estimat
 def _new_report() -> dict:
     return {"paths": Counter(), "queries": 0, "entries_scored": 0, "deepenings": 0, "standard_errors": [],
             "seconds": {"search": 0.0, "rescore": 0.0, "estimate": 0.0}}
+
+
+def _nearest_clusters(centroid_distances: torch.Tensor, clusters: EntryClusters, budget: int) -> torch.Tensor:
+    """(Q, probes) each query's nearest clusters, nearest first, for centroid_distances (Q, C): PROBE_MARGIN times
+    as many as budget entries fill at the mean cluster size (a partial sort)."""
+    probes = min(len(clusters), max(1, math.ceil(PROBE_MARGIN * budget * len(clusters) / int(clusters.offsets[-1]))))
+    return centroid_distances.topk(probes, dim=1, largest=False, sorted=True).indices
+
+
+def _first_clusters(nearest: torch.Tensor, count: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """(Q, num_clusters) bool: the first count[q] clusters of each query's order nearest (Q, probes)."""
+    first = torch.arange(nearest.shape[1], device=nearest.device)[None, :] < count[:, None]
+    return torch.zeros(nearest.shape[0], num_clusters, dtype=torch.bool, device=nearest.device).scatter_(1, nearest, first)
 
 
 def _visited_entries(visit: torch.Tensor, clusters: EntryClusters, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

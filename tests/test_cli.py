@@ -177,6 +177,7 @@ def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
     assert record["arguments"]["index"] == str(store) and len(record["index_steps"]) == 3
     for step in record["index_steps"]:
         assert abs(sum(step["fraction_of_pixels"].values()) - 1) < 1e-9 and set(step["seconds"]) == {"search", "rescore", "estimate", "other"}
+        assert step["estimate_standard_error"] is None and step["deepenings_per_pixel"] == 0  # every entry fit topk: nothing estimated
     assert np.load(out / "paths.npy").shape == (3, 3, 32, 32)
     # a store built for other data or another machine is refused with the reason
     mismatched = sample(data_specs["unlabelled"], tmp_path / "refused", "--index", str(store))
