@@ -156,6 +156,16 @@ def _boxes(pixels: torch.Tensor, width: int) -> list[tuple[int, int, int, int]]:
 
 
 def gather_sources(windows: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-    """Copy the patches at sources (n, 3) int64 (image, centre row, centre column) out of a patch_windows view: (n, D)."""
-    size = windows.shape[1] * windows.shape[-2] * windows.shape[-1]
-    return windows[sources[:, 0], :, sources[:, 1], sources[:, 2]].reshape(sources.shape[0], size)
+    """Copy the patches at sources (n, 3) int64 (image, centre row, centre column) out of a patch_windows view: (n, D).
+
+    Every patch is one element of a view of the windows' storage with one (C, P, P) patch per storage
+    position, so the copy is an index_select of whole patches: about twice as fast as indexing the
+    windows (pixel by pixel) where the sources are scattered over many images.
+    """
+    num_images, channels, height, width, size, _ = windows.shape
+    image_stride, channel_stride, row_stride, column_stride, patch_row_stride, patch_column_stride = windows.stride()
+    last_start = (num_images - 1) * image_stride + (height - 1) * row_stride + (width - 1) * column_stride
+    by_start = windows.as_strided((last_start + 1, channels, size, size),
+                                  (1, channel_stride, patch_row_stride, patch_column_stride), windows.storage_offset())
+    starts = sources[:, 0] * image_stride + sources[:, 1] * row_stride + sources[:, 2] * column_stride
+    return by_start.index_select(0, starts).reshape(sources.shape[0], channels * size * size)

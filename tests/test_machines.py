@@ -15,7 +15,7 @@ from patchdb.data import make_dataset
 from patchdb.engine import ExactBackend
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES, make_machine
-from patchdb.patches import MAX_SLICED_BOXES, _boxes, dictionary_groups, gather_patches, patch_windows
+from patchdb.patches import MAX_SLICED_BOXES, _boxes, dictionary_groups, gather_patches, gather_sources, patch_windows
 from patchdb.sampler import sample_ddim
 from patchdb.schedule import alpha_bar, machine_steps
 
@@ -346,6 +346,13 @@ def test_gathered_patches_equal_the_padded_image_blocks(padding):
         expected = torch.stack([padded[:, :, p // width:p // width + size, p % width:p % width + size].reshape(3, -1)
                                 for p in pixels.tolist()], dim=1)
         assert torch.equal(gather_patches(patch_windows(images, size, padding), pixels), expected)
+    # by source (image, row, column), also from a view of some of the images (a storage offset)
+    generator = torch.Generator().manual_seed(2)
+    sources = torch.stack([torch.randint(2, (40,), generator=generator), torch.randint(height, (40,), generator=generator),
+                           torch.randint(width, (40,), generator=generator)], dim=1)
+    windows = patch_windows(images, size, padding)[1:]
+    expected = torch.stack([padded[1 + n, :, row:row + size, column:column + size].reshape(-1) for n, row, column in sources.tolist()])
+    assert torch.equal(gather_sources(windows, sources), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the GPU path runs where there is one")
