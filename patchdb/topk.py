@@ -65,7 +65,7 @@ DEFAULT_ESTIMATE_SAMPLES = 4096
 DEFAULT_ESTIMATE_ERROR = 0.02
 """The defaults are the fast setting measured in benchmarks/RESULTS.md (issue 4). The estimate error is a
 standard error in pixel units (images in [-1, 1]): a typical pixel's estimate, with 4,096 samples, is
-off by 0.01 or less, and about one pixel in five exceeds 0.02 in the middle of the trajectory."""
+off by 0.01 or less, and a fifth to a third of the pixels exceed 0.02 in the middle of the trajectory."""
 
 DEEPENING_FACTOR = 4
 DEEPENING_ROUNDS = 2
