@@ -196,6 +196,33 @@ class EntryBlocks:
 
 
 @dataclass
+class RegionKeys:
+    """The keys of a stacked dictionary kept as regions of the training images (patchdb.patches.same_location_regions):
+    key (g, k) = regions[k, embedding[g]]. regions: (K, A); embedding: (G, D) int64; tiles: per tile
+    (members (T,) int64 groups, first, stop) the groups whose keys lie in regions[:, first:stop].
+
+    Neighbouring pixels' patches overlap, so one region per tile and entry replaces a copy of every
+    pixel's patch, and the logits are one matrix product per tile (_logits).
+    """
+
+    regions: torch.Tensor
+    embedding: torch.Tensor
+    tiles: list[tuple[torch.Tensor, int, int]]
+    ndim = 3
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.embedding.shape[0], self.regions.shape[0], self.embedding.shape[1])
+
+    def embed(self, queries: torch.Tensor, members: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        """queries (G, B, D) of the tile's members placed in its region: (T * B, stop - first), zeros elsewhere."""
+        tile_queries = queries[members]
+        positions = (self.embedding[members] - first)[:, None, :].expand(-1, tile_queries.shape[1], -1)
+        embedded = tile_queries.new_zeros(*tile_queries.shape[:2], stop - first).scatter_(2, positions, tile_queries)
+        return embedded.reshape(-1, stop - first)
+
+
+@dataclass
 class PatchDictionary:
     """The training entries one dictionary group compares against, ready for the engine.
 
@@ -231,10 +258,19 @@ class PatchDictionary:
         return cls(keys, values, torch.linalg.vector_norm(keys, dim=-1).square(), log_multiplicity, sources, merged)
 
     @classmethod
-    def stacked(cls, keys: torch.Tensor, values: torch.Tensor, sources: torch.Tensor):
-        """A stacked dictionary: keys (G, K, D), values (G, K, V), sources (G, K, 3)."""
-        zeros = torch.zeros(keys.shape[:2], dtype=keys.dtype, device=keys.device)
-        return cls(keys, values, torch.linalg.vector_norm(keys, dim=-1).square(), zeros, sources, False)
+    def stacked(cls, keys: "torch.Tensor | RegionKeys", values: torch.Tensor, sources: torch.Tensor):
+        """A stacked dictionary: keys (G, K, D), or as regions; values (G, K, V), sources (G, K, 3)."""
+        if isinstance(keys, RegionKeys):
+            squared_norms = torch.empty(keys.shape[:2], dtype=values.dtype, device=values.device)
+            squared_regions = keys.regions.square()
+            for members, first, stop in keys.tiles:
+                window = torch.zeros(len(members), stop - first, dtype=values.dtype, device=values.device)
+                window.scatter_(1, keys.embedding[members] - first, 1.0)
+                squared_norms[members] = window @ squared_regions[:, first:stop].T
+        else:
+            squared_norms = torch.linalg.vector_norm(keys, dim=-1).square()
+        zeros = torch.zeros(squared_norms.shape, dtype=values.dtype, device=values.device)
+        return cls(keys, values, squared_norms, zeros, sources, False)
 
     def sort_into_blocks(self, block_size: int = 1024, num_directions: int = 2) -> None:
         """Reorder the entries (in place, once) into blocks that are compact along the keys' top
@@ -277,7 +313,8 @@ class PatchDictionary:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in (self.keys, self.values, self.squared_norms, self.log_multiplicity, self.sources))
+        keys = self.keys.regions if isinstance(self.keys, RegionKeys) else self.keys
+        return sum(t.element_size() * t.numel() for t in (keys, self.values, self.squared_norms, self.log_multiplicity, self.sources))
 
 
 class ExactBackend:
@@ -385,6 +422,13 @@ def _logits(queries: torch.Tensor, dictionary: PatchDictionary, start: int, stop
     signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
     unit = LOG2_E if bits else 1.0
     bias = (-alpha_bar * unit / (2 * noise_variance)) * dictionary.squared_norms[..., start:stop]
+    if isinstance(dictionary.keys, RegionKeys):
+        keys = dictionary.keys
+        logits = bias[:, None, :].repeat(1, queries.shape[1], 1)  # (G, B, n)
+        for members, first, stop_column in keys.tiles:
+            products = keys.embed(queries, members, first, stop_column) @ keys.regions[start:stop, first:stop_column].T
+            logits[members] += (signal * unit / noise_variance) * products.view(len(members), queries.shape[1], -1)
+        return logits
     if dictionary.keys.ndim == 3:
         return torch.baddbmm(bias[:, None, :], queries, dictionary.keys[:, start:stop].transpose(1, 2), alpha=signal * unit / noise_variance)
     return torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal * unit / noise_variance)

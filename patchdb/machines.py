@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from patchdb.data import Dataset
-from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, PatchDictionary, SoftmaxAccumulator, logit_chunk_bytes
+from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, PatchDictionary, RegionKeys, SoftmaxAccumulator, logit_chunk_bytes
 from patchdb.errors import PatchdbError
-from patchdb.patches import PATCH_MACHINES, centre_indices, dictionary_groups, gather_patches, padding_mode, patch_windows
+from patchdb.patches import (PATCH_MACHINES, centre_indices, dictionary_groups, gather_patches, padding_mode, patch_windows,
+                             same_location_regions)
 from patchdb.schedule import alpha_bar
 from patchdb.store import PatchStore
 
@@ -296,10 +297,16 @@ class PatchMachine(Machine):
             dictionaries = []
             for group in groups:
                 key_pixels = group.key_pixels.to(images.device)
-                keys = gather_patches(windows, key_pixels)  # (n, K, D)
                 image_index = torch.arange(start, start + block.shape[0], device=images.device)[:, None].expand(-1, key_pixels.shape[0])
                 pixel = key_pixels[None, :].expand(block.shape[0], -1)
                 sources = torch.stack([image_index, pixel // width, pixel % width], dim=-1)  # (n, K, 3)
+                regions = same_location_regions(block, key_pixels, patch_size, self.padding) if group.same_location else None
+                if regions is not None:
+                    keys = RegionKeys(*regions)
+                    values = keys.regions[:, keys.embedding[:, centre]].transpose(0, 1).contiguous()  # (K, n, C)
+                    dictionaries.append(PatchDictionary.stacked(keys, values, sources.transpose(0, 1)))
+                    continue
+                keys = gather_patches(windows, key_pixels)  # (n, K, D)
                 if group.same_location:
                     keys, sources = keys.transpose(0, 1), sources.transpose(0, 1)  # one dictionary per pixel
                     dictionaries.append(PatchDictionary.stacked(keys, keys[..., centre], sources))

@@ -155,6 +155,47 @@ def _boxes(pixels: torch.Tensor, width: int) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
+REGION_TILE = 8
+"""Same-location pixels are scored a tile of REGION_TILE x REGION_TILE pixels at a time (same_location_regions)."""
+REGION_MAX_WASTE = 2.5
+"""... where each tile's region holds at most this many times the pixels of one patch (P >= 13 for 8 x 8 tiles)."""
+
+
+def same_location_regions(images: torch.Tensor, pixels: torch.Tensor, patch_size: int, padding: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, int, int]]] | None:
+    """The patches of same-location pixels (M,) in images (N, C, H, W) as regions, or None where that saves little.
+
+    The pixels are split into tiles of REGION_TILE x REGION_TILE; all patches centred in a tile lie in
+    one region of the padded image (the pixels' bounding box grown by P - 1), so instead of M patches
+    per image it keeps the tiles' regions: regions (N, A), every tile's region flattened in (channel,
+    row, column) order and concatenated; embedding (M, D) int64, the position in A of each element of
+    pixel m's patch; tiles, per tile (members (T,) int64 positions in pixels, first, stop) its slice of A.
+    None when some tile's region holds more than REGION_MAX_WASTE patches' worth of pixels.
+    """
+    half, width = patch_size // 2, images.shape[-1]
+    padded = F.pad(images, (half,) * 4, mode="circular" if padding == "circular" else "constant")
+    rows, columns = pixels // width, pixels % width
+    tile_of = (rows // REGION_TILE) * (width // REGION_TILE + 1) + columns // REGION_TILE
+    offsets = torch.arange(patch_size)
+    regions, embedding, tiles, first = [], torch.empty(len(pixels), images.shape[1] * patch_size**2, dtype=torch.int64), [], 0
+    for tile in tile_of.unique().tolist():
+        members = torch.nonzero(tile_of == tile).squeeze(1)
+        top, left = int(rows[members].min()), int(columns[members].min())
+        height = int(rows[members].max()) - top + patch_size
+        side = int(columns[members].max()) - left + patch_size
+        if height * side > REGION_MAX_WASTE * patch_size**2:
+            return None
+        region = padded[:, :, top:top + height, left:left + side]
+        channel = torch.arange(images.shape[1])[:, None, None] * height * side
+        within = channel + offsets[None, :, None] * side + offsets[None, None, :]  # (C, P, P) relative to the patch's corner
+        corner = (rows[members] - top) * side + columns[members] - left
+        embedding[members] = first + corner[:, None] + within.reshape(1, -1)
+        regions.append(region.reshape(images.shape[0], -1))
+        tiles.append((members.to(images.device), first, first + region[0].numel()))
+        first += region[0].numel()
+    return torch.cat(regions, dim=1), embedding.to(images.device), tiles
+
+
 def gather_sources(windows: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
     """Copy the patches at sources (n, 3) int64 (image, centre row, centre column) out of a patch_windows view: (n, D).
 

@@ -11,6 +11,7 @@ import torch
 import reference
 from conftest import noisy_batch
 import patchdb.machines
+import patchdb.patches
 from patchdb.data import make_dataset
 from patchdb.engine import ExactBackend
 from patchdb.errors import PatchdbError
@@ -331,6 +332,35 @@ def test_equivariant_machine_in_chunks_of_one_image(labelled_dataset, monkeypatc
     torch.testing.assert_close(chunked.mean, whole.mean, rtol=0, atol=1e-12)
     assert torch.equal(chunked.source, whole.source)
     torch.testing.assert_close(chunked.weight, whole.weight, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, patch_size, channels", [("ls", 3, 1), ("ls", 5, 3), ("bbels", 5, 1), ("bbels", 7, 3)])
+def test_same_location_regions_give_the_copied_patches_posterior(name, patch_size, channels, monkeypatch):
+    """Scoring same-location pixels from their tiles' regions is the same computation as from copied patches."""
+    images = torch.rand(9, channels, 12, 12, generator=torch.Generator().manual_seed(3)) * 2 - 1  # no ties between patches
+    dataset = make_dataset(images, torch.arange(9) % 2, "regions")
+    x = noisy_batch(dataset, 0.5, seed=4)
+    settings = [(torch.tensor([0, 1]), 0.5), (None, 0.8), (None, 0.8)]  # the third call reads the cached dictionaries
+    monkeypatch.setattr(patchdb.patches, "REGION_MAX_WASTE", 0.0)  # never worth it: every patch copied
+    copied = make_machine(name, dataset, dtype=torch.float64)
+    expected = [copied.posterior(x, t, labels, patch_size) for labels, t in settings]
+    monkeypatch.setattr(patchdb.patches, "REGION_TILE", 5)  # tiles that cut across the corner squares
+    monkeypatch.setattr(patchdb.patches, "REGION_MAX_WASTE", 100.0)  # always
+    assert len(patchdb.patches.same_location_regions(images, torch.arange(144), patch_size, "zeros")[2]) == 9
+    machine = make_machine(name, dataset, dtype=torch.float64)
+    for (labels, t), reference_posterior in zip(settings, expected):
+        posterior = machine.posterior(x, t, labels, patch_size)
+        torch.testing.assert_close(posterior.mean, reference_posterior.mean, rtol=0, atol=1e-12)
+        assert torch.equal(posterior.source, reference_posterior.source)
+        torch.testing.assert_close(posterior.weight, reference_posterior.weight, rtol=0, atol=1e-12)
+
+
+def test_regions_serve_large_patches_only():
+    images = torch.zeros(2, 1, 32, 32)
+    corners = next(group for group in dictionary_groups("bbels", 17, 32, 32) if group.same_location)
+    regions, embedding, tiles = patchdb.patches.same_location_regions(images, corners.key_pixels, 17, "zeros")
+    assert len(tiles) == 4 and regions.shape == (2, 4 * 24 * 24) and embedding.shape == (256, 289)
+    assert patchdb.patches.same_location_regions(images, torch.arange(1024), 3, "zeros") is None  # 10 x 10 regions for 3 x 3 patches
 
 
 @pytest.mark.parametrize("padding", ["zeros", "circular"])
