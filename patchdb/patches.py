@@ -156,9 +156,10 @@ def _boxes(pixels: torch.Tensor, width: int) -> list[tuple[int, int, int, int]]:
 
 
 REGION_TILE = 8
-"""Same-location pixels are scored a tile of REGION_TILE x REGION_TILE pixels at a time (same_location_regions)."""
+"""same_location_regions groups same-location pixels into tiles of REGION_TILE x REGION_TILE pixels."""
 REGION_MAX_WASTE = 2.5
-"""... where each tile's region holds at most this many times the pixels of one patch (P >= 13 for 8 x 8 tiles)."""
+"""Regions replace copied patches where each tile's region holds at most this many times the pixels of one
+patch (P >= 13 for 8 x 8 tiles): there one product against the region costs little more than the patches'."""
 
 
 def same_location_regions(images: torch.Tensor, pixels: torch.Tensor, patch_size: int, padding: str
@@ -174,10 +175,13 @@ def same_location_regions(images: torch.Tensor, pixels: torch.Tensor, patch_size
     """
     half, width = patch_size // 2, images.shape[-1]
     padded = F.pad(images, (half,) * 4, mode="circular" if padding == "circular" else "constant")
+    device = images.device
+    pixels = pixels.to(device)
     rows, columns = pixels // width, pixels % width
     tile_of = (rows // REGION_TILE) * (width // REGION_TILE + 1) + columns // REGION_TILE
-    offsets = torch.arange(patch_size)
-    regions, embedding, tiles, first = [], torch.empty(len(pixels), images.shape[1] * patch_size**2, dtype=torch.int64), [], 0
+    offsets = torch.arange(patch_size, device=device)
+    regions, tiles, first = [], [], 0
+    embedding = torch.empty(len(pixels), images.shape[1] * patch_size**2, dtype=torch.int64, device=device)
     for tile in tile_of.unique().tolist():
         members = torch.nonzero(tile_of == tile).squeeze(1)
         top, left = int(rows[members].min()), int(columns[members].min())
@@ -186,14 +190,14 @@ def same_location_regions(images: torch.Tensor, pixels: torch.Tensor, patch_size
         if height * side > REGION_MAX_WASTE * patch_size**2:
             return None
         region = padded[:, :, top:top + height, left:left + side]
-        channel = torch.arange(images.shape[1])[:, None, None] * height * side
+        channel = torch.arange(images.shape[1], device=device)[:, None, None] * height * side
         within = channel + offsets[None, :, None] * side + offsets[None, None, :]  # (C, P, P) relative to the patch's corner
         corner = (rows[members] - top) * side + columns[members] - left
         embedding[members] = first + corner[:, None] + within.reshape(1, -1)
         regions.append(region.reshape(images.shape[0], -1))
-        tiles.append((members.to(images.device), first, first + region[0].numel()))
+        tiles.append((members, first, first + region[0].numel()))
         first += region[0].numel()
-    return torch.cat(regions, dim=1), embedding.to(images.device), tiles
+    return torch.cat(regions, dim=1), embedding, tiles
 
 
 def gather_sources(windows: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
