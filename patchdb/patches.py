@@ -102,15 +102,18 @@ def extract_patches(images: torch.Tensor, patch_size: int, padding: str, pixels:
 
 def patch_windows(images: torch.Tensor, patch_size: int, padding: str) -> torch.Tensor:
     """Every patch of images (N, C, H, W) as a strided view (N, C, H, W, P, P); nothing is copied but the padding."""
+    return padded_images(images, patch_size, padding).unfold(2, patch_size, 1).unfold(3, patch_size, 1)
+
+
+def padded_images(images: torch.Tensor, patch_size: int, padding: str) -> torch.Tensor:
+    """images (N, C, H, W) padded by P // 2 on every side, with zeros or circularly: (N, C, H + P - 1, W + P - 1)."""
     half = patch_size // 2
     height, width = images.shape[-2:]
     if padding == "circular":
         if half > min(height, width):
             raise ValueError(f"circular patches of size {patch_size} wrap more than once around a {height}x{width} image")
-        padded = F.pad(images, (half, half, half, half), mode="circular")
-    else:
-        padded = F.pad(images, (half, half, half, half))
-    return padded.unfold(2, patch_size, 1).unfold(3, patch_size, 1)
+        return F.pad(images, (half, half, half, half), mode="circular")
+    return F.pad(images, (half, half, half, half))
 
 
 MAX_SLICED_BOXES = 64
@@ -173,9 +176,8 @@ def same_location_regions(images: torch.Tensor, pixels: torch.Tensor, patch_size
     pixel m's patch; tiles, per tile (members (T,) int64 positions in pixels, first, stop) its slice of A.
     None when some tile's region holds more than REGION_MAX_WASTE patches' worth of pixels.
     """
-    half, width = patch_size // 2, images.shape[-1]
-    padded = F.pad(images, (half,) * 4, mode="circular" if padding == "circular" else "constant")
-    device = images.device
+    width, device = images.shape[-1], images.device
+    padded = padded_images(images, patch_size, padding)
     pixels = pixels.to(device)
     rows, columns = pixels // width, pixels % width
     tile_of = (rows // REGION_TILE) * (width // REGION_TILE + 1) + columns // REGION_TILE
