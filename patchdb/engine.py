@@ -11,8 +11,10 @@ the softmax-weighted mean of the entries' values (the centre pixel of a patch, o
 the entry with the largest weight and that weight. It never holds more than one chunk of logits:
 a streaming log-sum-exp keeps a running maximum, normaliser and weighted sum per query.
 
-Backends: ``ExactBackend`` computes every entry's logit with large matrix products, except the
-entries that a bound proves negligible (below e^-60 of a query's maximum: see EntryBlocks).
+Backends: ``ExactBackend`` computes every entry's logit, by one of two methods: large matrix
+products, skipping the entries that a bound proves negligible (below e^-60 of a query's maximum: see
+EntryBlocks), or, for the patch machines on a CPU, sliding-window correlations of the images
+themselves (patchdb.windows), which cost O(1) per logit instead of O(P^2).
 """
 
 import math
@@ -21,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from patchdb import windows
 from patchdb.duplicates import unique_rows
+from patchdb.errors import PatchdbError
 
 LN_2 = math.log(2.0)
 LOG2_E = 1.0 / LN_2
@@ -317,6 +321,11 @@ class PatchDictionary:
         return sum(t.element_size() * t.numel() for t in (keys, self.values, self.squared_norms, self.log_multiplicity, self.sources))
 
 
+EXACT_METHODS = ("auto", "windows", "products")
+"""How the exact backend scores patch machines: 'windows' (patchdb.windows: sliding-window correlations, compiled,
+CPU only), 'products' (matrix products of copied patches, any device), 'auto' (windows where it can, else products)."""
+
+
 class ExactBackend:
     """Scan every dictionary entry: logits by matrix products, chunk by chunk, into a streaming softmax.
 
@@ -324,11 +333,28 @@ class ExactBackend:
     sorted into bounded blocks once, and each query skips the blocks whose bound proves them
     negligible (below e^-60 of its running maximum): the same posterior, computed faster late in
     sampling, where each pixel's posterior is concentrated on few patches.
+
+    method (one of EXACT_METHODS): the patch machines ask uses_windows whether to score with
+    sliding windows (patchdb.windows) instead of folding dictionaries here.
     """
 
-    def __init__(self, chunk_bytes: int | None = None, block_pruning: bool = True):
+    def __init__(self, chunk_bytes: int | None = None, block_pruning: bool = True, method: str = "auto"):
+        if method not in EXACT_METHODS:
+            raise PatchdbError(f"unknown exact method {method!r}; choose one of {', '.join(EXACT_METHODS)}")
         self.chunk_bytes = chunk_bytes
         self.block_pruning = block_pruning
+        self.method = method
+
+    def uses_windows(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether patch machines on device and dtype are scored by sliding windows (method 'windows', or 'auto' where possible)."""
+        if self.method == "products":
+            return False
+        usable = windows.available(device, dtype)
+        if self.method == "windows" and not usable:
+            reason = ("patchdb's compiled kernel is missing: reinstall with a C compiler present (pip install -e .)"
+                      if not windows.compiled() else f"it runs on the CPU in float32 or float64, not {device.type} {dtype}")
+            raise PatchdbError(f"the exact method 'windows' cannot be used: {reason}; or choose the method 'products'")
+        return usable
 
     def _chunk_bytes(self, device: torch.device) -> int:
         return self.chunk_bytes or logit_chunk_bytes(device)

@@ -27,6 +27,7 @@ from patchdb.patches import (PATCH_MACHINES, centre_indices, dictionary_groups, 
                              same_location_regions)
 from patchdb.schedule import alpha_bar
 from patchdb.store import PatchStore
+from patchdb.windows import LANES, LaneImages, lane_image_bytes, window_posterior, window_tasks
 
 MACHINES = ("is", "es", "ls", "els", "bbels")
 
@@ -207,6 +208,7 @@ class PatchMachine(Machine):
         self._cache_scale: int | None = None
         self._cache: dict[int | None, list[PatchDictionary]] = {}  # by label, for the scale _cache_scale
         self._stored: dict[int | None, list] = {}  # the store's dictionaries (None: not stored), likewise
+        self._lanes: dict[int | None, LaneImages] = {}  # the images laid out for sliding windows, likewise
 
     def _posterior(self, x, alpha_bar, patch_size, images, label):
         if patch_size is None:
@@ -216,6 +218,10 @@ class PatchMachine(Machine):
             raise PatchdbError(f"patch size {patch_size} wraps more than once around a {height}x{width} image; "
                                f"circular patches can be at most {2 * min(height, width) + 1} wide")
         groups = dictionary_groups(self.name, patch_size, height, width)
+        if self.store is None and isinstance(self.backend, ExactBackend) and self.backend.uses_windows(x.device, x.dtype):
+            mean, source, weight = window_posterior(x, self._lane_blocks(images, label, patch_size), window_tasks(groups, height, width),
+                                                    alpha_bar, patch_size, self.padding, threads=torch.get_num_threads())
+            return Posterior(mean, source, weight)
         query_windows = patch_windows(x, patch_size, self.padding)
         queries = [_group_queries(query_windows, group) for group in groups]
         accumulators = [SoftmaxAccumulator(batch * len(group.query_pixels), channels, x.dtype, x.device) for group in groups]
@@ -249,6 +255,29 @@ class PatchMachine(Machine):
         take = getattr(self.backend, "take_report", None)
         return None if take is None else take()
 
+    def _lane_blocks(self, images, label, patch_size):
+        """The training images laid out for sliding windows (patchdb.windows.LaneImages), in blocks.
+
+        Like the dictionaries (_dictionary_blocks): cached for this scale while every label's layouts
+        fit in 3/4 of the memory budget, else laid out at every call in blocks that fit a quarter of it.
+        """
+        self._check_scale(patch_size)
+        if label in self._lanes:
+            return [self._lanes[label]]
+        channels, height, width = self.image_shape
+        per_image = lane_image_bytes(1, channels, height, width, patch_size, images.element_size())
+        cached_images = sum(lanes.count for lanes in self._lanes.values())
+        if (cached_images + images.shape[0]) * per_image <= self.memory_budget * 3 // 4:
+            self._lanes[label] = LaneImages.from_images(images, patch_size, self.padding)
+            return [self._lanes[label]]
+        block = max(1, self.memory_budget // 4 // per_image // LANES) * LANES  # whole lane groups: sources count in groups
+        return (LaneImages.from_images(images[start:start + block], patch_size, self.padding) for start in range(0, images.shape[0], block))
+
+    def _check_scale(self, patch_size: int) -> None:
+        """Free the previous scale's cached dictionaries and layouts when the patch size changes."""
+        if self._cache_scale != patch_size:
+            self._cache_scale, self._cache, self._stored, self._lanes = patch_size, {}, {}, {}
+
     def _dictionary_blocks(self, images, label, patch_size, groups):
         """The groups' dictionaries, one list (a dictionary per group, None where a group has no
         entries in that block) per block of training images.
@@ -259,8 +288,7 @@ class PatchMachine(Machine):
         cached as a single block (the sampler uses each scale for several consecutive steps);
         otherwise they are re-extracted at every call from blocks of images that fit a quarter of it.
         """
-        if self._cache_scale != patch_size:
-            self._cache_scale, self._cache, self._stored = patch_size, {}, {}  # free the previous scale's dictionaries first
+        self._check_scale(patch_size)
         if label in self._cache:
             return [self._cache[label]]
         if self.store is not None and label not in self._stored:

@@ -1,0 +1,211 @@
+/* patchdb._windows: the exact patch posterior by sliding-window correlations (patchdb/windows.py).
+ *
+ * fold(queries, images, squared_norms, tasks, shift, normaliser, weighted, best, best_code,
+ *      c1, c2, patch_size, group_offset)
+ * folds every (task, lane group, sample) into a running softmax state kept per pixel and lane:
+ *   queries (B, C, H + P - 1, W + P - 1): the noisy batch, padded;
+ *   images (G, H + P - 1, W + P - 1, C, LANES): training images, padded, LANES images per group;
+ *   squared_norms (G, H, W, LANES): ||k||^2 of the patch centred at each pixel (+inf for absent images);
+ *   tasks (T, 6) int64: iy0, iy1, ix0, ix1, sy, sx (see _windows_kernel.h);
+ *   shift, normaliser, best (B, H, W, LANES), weighted (B, H, W, C, LANES): the state, in the
+ *   images' dtype (float32 or float64); best_code (B, H, W, LANES) int32 (float32) or int64
+ *   (float64): (group_offset + g) * T + task of each lane's best entry.
+ * The state means: normaliser = sum 2^(l - shift), weighted = sum 2^(l - shift) * centre value,
+ * best = the largest logit l seen (bits). Start from shift = best = -inf, sums 0. The GIL is
+ * released while it runs, so several threads may fold disjoint lane groups into their own states.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define EXP2_FLOOR (-96.0)   /* weights below 2^-96 of the shift count as 0 */
+#define EXP2_CEILING 30.0    /* a logit may exceed its pixel's shift by this many bits before the shift is raised */
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "avx", "default")))
+#else
+#define TARGET_CLONES
+#endif
+
+/* (ln 2)^k / k!: the Taylor coefficients of 2^f = e^(f ln 2) */
+static const double EXP2_TAYLOR[] = {
+    1.0, 0.6931471805599453, 0.2402265069591007, 0.055504108664821576, 0.009618129107628477, 0.0013333558146428441,
+    0.00015403530393381606, 1.5252733804059838e-05, 1.3215486790144305e-06, 1.0178086009239696e-07,
+    7.054911620801121e-09, 4.44553827187081e-10, 2.5678435993488196e-11, 1.3691488853904124e-12};
+
+struct fold_args {
+    Py_ssize_t batch, channels, height, width, patch_size, groups, num_tasks, group_offset;
+    double c1, c2;
+    const void *queries, *images, *squared_norms;
+    const int64_t *tasks;
+    void *shift, *normaliser, *weighted, *best, *best_code, *scratch;
+};
+
+#define SCALAR float
+#define INTEGER int32_t
+#define SUFFIX f
+#define ROUND_MAGIC 12582912.0f      /* 1.5 * 2^23 */
+#define ROUND_MAGIC_BITS 0x4B400000
+#define EXPONENT_BIAS 127
+#define MANTISSA_BITS 23
+#define EXP2_DEGREE 7
+#include "_windows_kernel.h"
+#undef SCALAR
+#undef INTEGER
+#undef SUFFIX
+#undef ROUND_MAGIC
+#undef ROUND_MAGIC_BITS
+#undef EXPONENT_BIAS
+#undef MANTISSA_BITS
+#undef EXP2_DEGREE
+
+#define SCALAR double
+#define INTEGER int64_t
+#define SUFFIX d
+#define ROUND_MAGIC 6755399441055744.0  /* 1.5 * 2^52 */
+#define ROUND_MAGIC_BITS 0x4338000000000000LL
+#define EXPONENT_BIAS 1023
+#define MANTISSA_BITS 52
+#define EXP2_DEGREE 13
+#include "_windows_kernel.h"
+
+/* One argument's buffer, checked: C-contiguous, of the expected item format and dimensions. */
+static int get_buffer(PyObject *object, Py_buffer *view, const char *name, char format, int ndim, int writable) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(object, view, flags) < 0) return -1;
+    const char *f = view->format;
+    if (f[0] == '<' || f[0] == '=' || f[0] == '@') f++;
+    char actual = f[0];
+    if (actual == 'l' && view->itemsize == 8) actual = 'q';
+    if (actual == 'l' && view->itemsize == 4) actual = 'i';
+    if (actual != format || f[1] != '\0' || view->ndim != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a contiguous %d-d array of format '%c', got %d-d '%s'",
+                     name, ndim, format, view->ndim, view->format);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static int same_shape(const Py_buffer *view, const char *name, int ndim, const Py_ssize_t *shape) {
+    for (int d = 0; d < ndim; d++)
+        if (view->shape[d] != shape[d]) {
+            PyErr_Format(PyExc_ValueError, "%s: dimension %d is %zd, expected %zd", name, d, view->shape[d], shape[d]);
+            return -1;
+        }
+    return 0;
+}
+
+/* Every task's pixels and partners lie inside the image (so every read stays inside the buffers). */
+static int check_tasks(const int64_t *tasks, Py_ssize_t count, Py_ssize_t height, Py_ssize_t width) {
+    for (Py_ssize_t t = 0; t < count; t++) {
+        const int64_t *r = tasks + 6 * t;
+        if (r[0] < 0 || r[1] > height || r[0] >= r[1] || r[2] < 0 || r[3] > width || r[2] >= r[3] ||
+            r[0] + r[4] < 0 || r[1] + r[4] > height || r[2] + r[5] < 0 || r[3] + r[5] > width) {
+            PyErr_Format(PyExc_ValueError, "task %zd (%lld, %lld, %lld, %lld, shift %lld, %lld) leaves the %zdx%zd image",
+                         t, (long long)r[0], (long long)r[1], (long long)r[2], (long long)r[3], (long long)r[4],
+                         (long long)r[5], height, width);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *fold(PyObject *self, PyObject *args) {
+    PyObject *objects[9];
+    double c1, c2;
+    Py_ssize_t patch_size, group_offset;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOddnn", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
+                          &objects[5], &objects[6], &objects[7], &objects[8], &c1, &c2, &patch_size, &group_offset))
+        return NULL;
+    static const char *names[9] = {"queries", "images", "squared_norms", "tasks", "shift", "normaliser", "weighted",
+                                   "best", "best_code"};
+    static const int ndims[9] = {4, 5, 4, 2, 4, 4, 5, 4, 4};
+    Py_buffer views[9];
+    int held = 0;
+    PyObject *result = NULL;
+    void *scratch = NULL;
+
+    if (PyObject_GetBuffer(objects[0], &views[0], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    const char *qformat = views[0].format;
+    char scalar = qformat[strlen(qformat) - 1];
+    PyBuffer_Release(&views[0]);
+    if (scalar != 'f' && scalar != 'd') {
+        PyErr_SetString(PyExc_ValueError, "queries: expected float32 or float64");
+        return NULL;
+    }
+    const char integer = scalar == 'f' ? 'i' : 'q';
+    for (; held < 9; held++) {
+        char format = held == 3 ? 'q' : held == 8 ? integer : scalar;
+        if (get_buffer(objects[held], &views[held], names[held], format, ndims[held], held >= 4) < 0) goto done;
+    }
+    const Py_ssize_t *q = views[0].shape, *im = views[1].shape;
+    const Py_ssize_t batch = q[0], channels = q[1], size = patch_size;
+    const Py_ssize_t height = q[2] - size + 1, width = q[3] - size + 1, groups = im[0];
+    if (size < 1 || size % 2 == 0 || height < 1 || width < 1) {
+        PyErr_Format(PyExc_ValueError, "patch size %zd does not fit queries of shape (%zd, %zd, %zd, %zd)", size, q[0], q[1],
+                     q[2], q[3]);
+        goto done;
+    }
+    const Py_ssize_t images_shape[5] = {groups, q[2], q[3], channels, LANES};
+    const Py_ssize_t norms_shape[4] = {groups, height, width, LANES};
+    const Py_ssize_t state_shape[4] = {batch, height, width, LANES};
+    const Py_ssize_t weighted_shape[5] = {batch, height, width, channels, LANES};
+    if (same_shape(&views[1], names[1], 5, images_shape) < 0 || same_shape(&views[2], names[2], 4, norms_shape) < 0 ||
+        views[3].shape[1] != 6 || same_shape(&views[6], names[6], 5, weighted_shape) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "tasks: expected shape (T, 6)");
+        goto done;
+    }
+    for (int i = 4; i < 9; i++)
+        if (i != 6 && same_shape(&views[i], names[i], 4, state_shape) < 0) goto done;
+    const Py_ssize_t num_tasks = views[3].shape[0];
+    if (check_tasks(views[3].buf, num_tasks, height, width) < 0) goto done;
+    if ((group_offset + groups) * num_tasks > (scalar == 'f' ? (Py_ssize_t)INT32_MAX : PY_SSIZE_T_MAX)) {
+        PyErr_SetString(PyExc_ValueError, "too many lane groups x tasks for int32 source codes");
+        goto done;
+    }
+    const size_t itemsize = scalar == 'f' ? sizeof(float) : sizeof(double);
+    const size_t scratch_vectors = (size_t)q[3] + (size_t)q[2] * width + 2 * (size_t)width;
+    scratch = malloc(scratch_vectors * LANES * itemsize);
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    struct fold_args fold_args = {batch, channels, height, width, size, groups, num_tasks, group_offset, c1, c2,
+                                  views[0].buf, views[1].buf, views[2].buf, views[3].buf, views[4].buf, views[5].buf,
+                                  views[6].buf, views[7].buf, views[8].buf, scratch};
+    Py_BEGIN_ALLOW_THREADS
+    if (scalar == 'f')
+        fold_windows_f(&fold_args);
+    else
+        fold_windows_d(&fold_args);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(scratch);
+    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"fold", fold, METH_VARARGS, "Fold sliding-window logits into a running softmax state (see the module's source)."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_windows", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__windows(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "LANES", LANES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
