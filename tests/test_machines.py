@@ -51,16 +51,23 @@ def reference_posterior(name: str, x: np.ndarray, t: float, train: np.ndarray, p
     return mean, dominant
 
 
+EXACT_CASES = [("is", None, None), ("es", None, None)] + [
+    (name, patch_size, method) for name in ("ls", "els", "bbels") for patch_size in (3, 5) for method in ("windows", "products")]
+
+
 @pytest.mark.parametrize("labelled", [False, True], ids=["unconditional", "conditional"])
-@pytest.mark.parametrize("name, patch_size", [("is", None), ("es", None), ("ls", 3), ("ls", 5), ("els", 3), ("els", 5),
-                                              ("bbels", 3), ("bbels", 5)])
-def test_machine_equals_naive_reference(name, patch_size, labelled, labelled_dataset):
-    """float64: score and provenance equal the paper's equations (< 1e-6); float32: the x_0 estimate within 1e-3."""
+@pytest.mark.parametrize("name, patch_size, method", EXACT_CASES)
+def test_machine_equals_naive_reference(name, patch_size, method, labelled, labelled_dataset):
+    """float64: score and provenance equal the paper's equations (< 1e-6); float32: the x_0 estimate within 1e-3.
+
+    method: the exact backend's method for the patch machines (sliding windows or matrix products).
+    """
     dataset = labelled_dataset
     images = dataset.images.double().numpy()  # the float32 images, exactly
     labels = CONDITIONAL_LABELS if labelled else None
-    exact = make_machine(name, dataset, dtype=torch.float64)
-    single = make_machine(name, dataset, dtype=torch.float32)
+    options = {} if method is None else {"backend": ExactBackend(method=method)}
+    exact = make_machine(name, dataset, dtype=torch.float64, **options)
+    single = make_machine(name, dataset, dtype=torch.float32, **options)
     trains = [images if labels is None else images[(dataset.labels == label).numpy()]
               for label in (labels if labels is not None else [None, None])]
     patches = [None if patch_size is None else reference.training_patches(train, patch_size, name == "els") for train in trains]
