@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 setup(ext_modules=[Extension(
     "patchdb._windows",
     sources=["patchdb/_windows.c"],
-    depends=["patchdb/_windows_kernel.h"],
+    depends=["patchdb/_windows_isa.h", "patchdb/_windows_kernel.h"],
     extra_compile_args=["-O3", "-Wno-psabi"],
     optional=True,
 )])

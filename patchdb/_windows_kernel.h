@@ -1,7 +1,11 @@
-/* The sliding-window kernel for one scalar type; included by _windows.c once per type with
- *   SCALAR (float or double), INTEGER (the integer of the same width), SUFFIX (f or d),
+/* The sliding-window kernel for one scalar type and instruction set; included by _windows.c once
+ * per pair with NAME(x) (x suffixed by both), VECTOR_BYTES (the instruction set's vector width),
+ *   SCALAR (float or double), INTEGER (the integer of the same width),
  *   ROUND_MAGIC (1.5 * 2^mantissa bits) and its bits ROUND_MAGIC_BITS, EXPONENT_BIAS,
  *   MANTISSA_BITS and EXP2_DEGREE.
+ * A vector holds one lane per training image of a lane group: VECTOR_BYTES / sizeof(SCALAR) lanes,
+ * so that every vector operation is one native instruction (wider generic vectors are lowered
+ * badly: GCC 12 splits their comparisons into scalar ones).
  *
  * Notation (patchdb/windows.py has the derivation): a task is a rectangle of query pixels
  * [iy0, iy1) x [ix0, ix1) and a shift (sy, sx): pixel i is paired, in every training image n of a
@@ -11,19 +15,20 @@
  * Z[p] = X[p] * Y_n[p + s] filtered by a P x P box: O(1) per pixel instead of O(P^2).
  */
 
-typedef SCALAR CAT(vec_, SUFFIX) __attribute__((vector_size(LANES * sizeof(SCALAR)), aligned(sizeof(SCALAR))));
-typedef INTEGER CAT(ivec_, SUFFIX) __attribute__((vector_size(LANES * sizeof(INTEGER)), aligned(sizeof(INTEGER))));
-#define VEC CAT(vec_, SUFFIX)
-#define IVEC CAT(ivec_, SUFFIX)
+typedef SCALAR NAME(vec_) __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(SCALAR))));
+typedef INTEGER NAME(ivec_) __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(INTEGER))));
+#define VEC NAME(vec_)
+#define IVEC NAME(ivec_)
+#define WIDTH ((int)(VECTOR_BYTES / sizeof(SCALAR)))
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE VEC CAT(select_, SUFFIX)(IVEC mask, VEC yes, VEC no) {
+INLINE VEC NAME(select_)(IVEC mask, VEC yes, VEC no) {
     return (VEC)(((IVEC)yes & mask) | ((IVEC)no & ~mask));
 }
 
-INLINE int CAT(any_, SUFFIX)(IVEC mask) {
+INLINE int NAME(any_)(IVEC mask) {
     INTEGER any = 0;
-    for (int lane = 0; lane < LANES; lane++) any |= mask[lane];
+    for (int lane = 0; lane < WIDTH; lane++) any |= mask[lane];
     return any != 0;
 }
 
@@ -31,84 +36,100 @@ INLINE int CAT(any_, SUFFIX)(IVEC mask) {
  * t is rounded to the nearest integer n with the magic-number trick; 2^(t - n) is the Taylor
  * polynomial of e^((t - n) ln 2) on [-1/2, 1/2] (relative error below 2e-8 for float, 1e-17 for
  * double) and 2^n is written into the exponent bits. */
-INLINE VEC CAT(exp2_, SUFFIX)(VEC t) {
+INLINE VEC NAME(exp2_)(VEC t) {
     IVEC kept = t >= (SCALAR)EXP2_FLOOR;
     VEC shifted = t + (SCALAR)ROUND_MAGIC;
     VEC fraction = t - (shifted - (SCALAR)ROUND_MAGIC);
     VEC power = (VEC){0} + (SCALAR)EXP2_TAYLOR[EXP2_DEGREE];
     for (int k = EXP2_DEGREE - 1; k >= 0; k--) power = power * fraction + (SCALAR)EXP2_TAYLOR[k];
+#if MANTISSA_BITS == 23
+    IVEC scale = __builtin_convertvector((shifted - (SCALAR)ROUND_MAGIC + (SCALAR)EXPONENT_BIAS) * (SCALAR)(1 << MANTISSA_BITS), IVEC);
+#else
     IVEC scale = ((IVEC)shifted - (INTEGER)ROUND_MAGIC_BITS + (INTEGER)EXPONENT_BIAS) << MANTISSA_BITS;
+#endif
     return (VEC)((IVEC)(power * (VEC)scale) & kept);
 }
 
 /* One output row of a task: fold the row's logits into the state of its pixels.
- * sums: inner products (cols); norms: ||k||^2 of the partners (cols); centres: the partners'
- * centre pixels (cols x channels); the state pointers start at the row's first pixel. */
-INLINE void CAT(fold_row_, SUFFIX)(
-        Py_ssize_t cols, Py_ssize_t channels, SCALAR c1, SCALAR c2, IVEC code, const VEC *restrict sums,
-        const VEC *restrict norms, const VEC *restrict centres, VEC *restrict logits, VEC *restrict shift,
-        VEC *restrict normaliser, VEC *restrict weighted, VEC *restrict best, IVEC *restrict best_code) {
+ * sums: inner products (cols), first moved down one row (+ entering - leaving) unless leaving is NULL;
+ * norms: ||k||^2 of the partners (cols); centres: the partners' centre pixels (cols x channels);
+ * excess: scratch (cols); the state pointers start at the row's first pixel; best and best_code
+ * are kept only with track_best. */
+INLINE void NAME(fold_row_)(
+        const int track_best, Py_ssize_t cols, Py_ssize_t channels, SCALAR c1, SCALAR c2, IVEC code,
+        VEC *restrict sums, const VEC *restrict entering, const VEC *restrict leaving, const VEC *restrict norms,
+        const VEC *restrict centres, VEC *restrict excess, VEC *restrict shift, VEC *restrict normaliser,
+        VEC *restrict weighted, VEC *restrict best, IVEC *restrict best_code) {
     IVEC exceeded = (IVEC){0};
     for (Py_ssize_t k = 0; k < cols; k++) {
+        if (leaving != NULL) sums[k] += entering[k] - leaving[k];
         VEC logit = c1 * sums[k] - c2 * norms[k];
-        IVEC better = logit > best[k];
-        best[k] = CAT(select_, SUFFIX)(better, logit, best[k]);
-        best_code[k] = (better & code) | (~better & best_code[k]);
-        exceeded |= (logit - shift[k]) > (SCALAR)EXP2_CEILING;
-        logits[k] = logit;
+        if (track_best) {
+            IVEC better = logit > best[k];
+            best[k] = NAME(select_)(better, logit, best[k]);
+            best_code[k] = (better & code) | (~better & best_code[k]);
+        }
+        excess[k] = logit - shift[k];
+        exceeded |= excess[k] > (SCALAR)EXP2_CEILING;
     }
-    if (CAT(any_, SUFFIX)(exceeded)) {
+    if (NAME(any_)(exceeded)) {
         /* keep every weight below 2^EXP2_CEILING: raise the shift of the lanes that would exceed it
-         * (and of pixels seen for the first time, whose shift is -inf), rescaling their sums */
+         * (and of pixels seen for the first time, whose shift is -inf) to their logit, rescaling their sums */
         for (Py_ssize_t k = 0; k < cols; k++) {
-            IVEC raise = (logits[k] - shift[k]) > (SCALAR)EXP2_CEILING;
-            if (!CAT(any_, SUFFIX)(raise)) continue;
-            VEC raised = CAT(select_, SUFFIX)(raise, logits[k], shift[k]);
-            VEC factor = CAT(exp2_, SUFFIX)(shift[k] - raised); /* 1 where unchanged, 0 from -inf */
+            IVEC raise = excess[k] > (SCALAR)EXP2_CEILING;
+            if (!NAME(any_)(raise)) continue;
+            VEC raised = NAME(select_)(raise, c1 * sums[k] - c2 * norms[k], shift[k]);
+            VEC factor = NAME(exp2_)(shift[k] - raised); /* 1 where unchanged, 0 from -inf */
             normaliser[k] *= factor;
             for (Py_ssize_t c = 0; c < channels; c++) weighted[k * channels + c] *= factor;
             shift[k] = raised;
+            excess[k] = NAME(select_)(raise, (VEC){0}, excess[k]);
         }
     }
     for (Py_ssize_t k = 0; k < cols; k++) {
-        VEC weight = CAT(exp2_, SUFFIX)(logits[k] - shift[k]);
+        VEC weight = NAME(exp2_)(excess[k]);
         normaliser[k] += weight;
         for (Py_ssize_t c = 0; c < channels; c++) weighted[k * channels + c] += weight * centres[k * channels + c];
     }
 }
 
-/* Row a of a task's box sums: row_sums[k] = sum_{b < size} Z[a][k + b], Z[a][p] = sum_c X[c][a][p] Y[a][p][c]. */
-INLINE void CAT(row_sums_, SUFFIX)(
+/* Z[p] = sum_c X[c][p] Y[p][c] along one row of a task's product image. */
+INLINE VEC NAME(product_)(Py_ssize_t p, Py_ssize_t channels, Py_ssize_t plane, const SCALAR *restrict query_row,
+                          const VEC *restrict image_row) {
+    VEC z = query_row[p] * image_row[p * channels];
+    for (Py_ssize_t c = 1; c < channels; c++) z += query_row[c * plane + p] * image_row[p * channels + c];
+    return z;
+}
+
+/* One row of a task's box sums: row_sums[k] = sum_{b < size} Z[k + b] for k < cols, by a running sum.
+ * Each product is made twice (entering and leaving the window), which is faster than storing it. */
+INLINE void NAME(row_sums_)(
         Py_ssize_t cols, Py_ssize_t size, Py_ssize_t channels, Py_ssize_t plane, const SCALAR *restrict query_row,
-        const VEC *restrict image_row, VEC *restrict products, VEC *restrict row_sums) {
-    for (Py_ssize_t p = 0; p < cols + size - 1; p++) {
-        VEC z = query_row[p] * image_row[p * channels];
-        for (Py_ssize_t c = 1; c < channels; c++) z += query_row[c * plane + p] * image_row[p * channels + c];
-        products[p] = z;
-    }
-    VEC running = products[0];
-    for (Py_ssize_t p = 1; p < size; p++) running += products[p];
+        const VEC *restrict image_row, VEC *restrict row_sums) {
+    VEC running = NAME(product_)(0, channels, plane, query_row, image_row);
+    for (Py_ssize_t p = 1; p < size; p++) running += NAME(product_)(p, channels, plane, query_row, image_row);
     row_sums[0] = running;
     for (Py_ssize_t k = 1; k < cols; k++) {
-        running += products[k + size - 1] - products[k - 1];
+        running += NAME(product_)(k + size - 1, channels, plane, query_row, image_row) -
+                   NAME(product_)(k - 1, channels, plane, query_row, image_row);
         row_sums[k] = running;
     }
 }
 
 /* Fold one task against one lane group for one sample. The rows of box sums are made just before
  * the output row that first needs them, so that they are still in the L1 cache when used. */
-INLINE void CAT(fold_task_, SUFFIX)(
-        const struct fold_args *args, Py_ssize_t channels, const int64_t *rect, IVEC code, const SCALAR *query,
+INLINE void NAME(fold_task_)(
+        const struct fold_args *args, const int track_best, Py_ssize_t channels, const int64_t *rect, IVEC code, const SCALAR *query,
         const VEC *group, const VEC *group_norms, Py_ssize_t state, VEC *restrict scratch) {
     const Py_ssize_t width = args->width, size = args->patch_size, half = size / 2;
     const Py_ssize_t padded_width = width + size - 1, plane = (args->height + size - 1) * padded_width;
     const Py_ssize_t iy0 = rect[0], rows = rect[1] - rect[0], ix0 = rect[2], cols = rect[3] - rect[2];
     const Py_ssize_t sy = rect[4], sx = rect[5];
-    VEC *products = scratch, *sums = products + padded_width, *logits = sums + width, *row_sums = logits + width;
+    VEC *sums = scratch, *excess = sums + width, *row_sums = excess + width;
     VEC *shift = args->shift, *normaliser = args->normaliser, *weighted = args->weighted, *best = args->best;
     IVEC *best_code = args->best_code;
-#define ROW_SUMS(a) CAT(row_sums_, SUFFIX)(cols, size, channels, plane, query + (iy0 + (a)) * padded_width + ix0, \
-                                           group + ((iy0 + (a) + sy) * padded_width + ix0 + sx) * channels, products, \
+#define ROW_SUMS(a) NAME(row_sums_)(cols, size, channels, plane, query + (iy0 + (a)) * padded_width + ix0, \
+                                           group + ((iy0 + (a) + sy) * padded_width + ix0 + sx) * channels, \
                                            row_sums + (a) * cols)
     for (Py_ssize_t a = 0; a < size; a++) ROW_SUMS(a);
     for (Py_ssize_t k = 0; k < cols; k++) {
@@ -117,15 +138,11 @@ INLINE void CAT(fold_task_, SUFFIX)(
         sums[k] = total;
     }
     for (Py_ssize_t j = 0; j < rows; j++) {
-        if (j > 0) {
-            ROW_SUMS(j + size - 1);
-            const VEC *entering = row_sums + (j + size - 1) * cols, *leaving = row_sums + (j - 1) * cols;
-            for (Py_ssize_t k = 0; k < cols; k++) sums[k] += entering[k] - leaving[k];
-        }
+        if (j > 0) ROW_SUMS(j + size - 1);
         const Py_ssize_t pixel = state + (iy0 + j) * width + ix0;
-        CAT(fold_row_, SUFFIX)(cols, channels, (SCALAR)args->c1, (SCALAR)args->c2, code, sums,
-                               group_norms + (iy0 + j + sy) * width + ix0 + sx,
-                               group + ((iy0 + j + sy + half) * padded_width + ix0 + sx + half) * channels, logits,
+        NAME(fold_row_)(track_best, cols, channels, (SCALAR)args->c1, (SCALAR)args->c2, code, sums,
+                               row_sums + (j + size - 1) * cols, j > 0 ? row_sums + (j - 1) * cols : NULL, group_norms + (iy0 + j + sy) * width + ix0 + sx,
+                               group + ((iy0 + j + sy + half) * padded_width + ix0 + sx + half) * channels, excess,
                                shift + pixel, normaliser + pixel, weighted + pixel * channels, best + pixel,
                                best_code + pixel);
     }
@@ -133,7 +150,7 @@ INLINE void CAT(fold_task_, SUFFIX)(
 }
 
 /* Fold every task, for every sample and every lane group of images, into the running softmax state. */
-static TARGET_CLONES void CAT(fold_windows_, SUFFIX)(const struct fold_args *args) {
+static void NAME(fold_windows_)(const struct fold_args *args) {
     const Py_ssize_t channels = args->channels, size = args->patch_size;
     const Py_ssize_t plane = (args->height + size - 1) * (args->width + size - 1);
     const Py_ssize_t image_block = plane * channels;
@@ -148,13 +165,12 @@ static TARGET_CLONES void CAT(fold_windows_, SUFFIX)(const struct fold_args *arg
             for (Py_ssize_t task = 0; task < args->num_tasks; task++) {
                 const IVEC code = (IVEC){0} + (INTEGER)((args->group_offset + g) * args->num_tasks + task);
                 const int64_t *rect = args->tasks + 6 * task;
-                /* constant channel counts let the compiler unroll the channel loops */
-                if (channels == 1)
-                    CAT(fold_task_, SUFFIX)(args, 1, rect, code, query, group, group_norms, state, args->scratch);
-                else if (channels == 3)
-                    CAT(fold_task_, SUFFIX)(args, 3, rect, code, query, group, group_norms, state, args->scratch);
-                else
-                    CAT(fold_task_, SUFFIX)(args, channels, rect, code, query, group, group_norms, state, args->scratch);
+                /* constants (channels 1 or 3, with or without provenance) let the compiler specialise each case */
+#define FOLD_TASK(best, count) NAME(fold_task_)(args, best, count, rect, code, query, group, group_norms, state, args->scratch)
+                if (args->track_best)
+                    if (channels == 1) FOLD_TASK(1, 1); else if (channels == 3) FOLD_TASK(1, 3); else FOLD_TASK(1, channels);
+                else if (channels == 1) FOLD_TASK(0, 1); else if (channels == 3) FOLD_TASK(0, 3); else FOLD_TASK(0, channels);
+#undef FOLD_TASK
             }
         }
     }
@@ -162,4 +178,5 @@ static TARGET_CLONES void CAT(fold_windows_, SUFFIX)(const struct fold_args *arg
 
 #undef VEC
 #undef IVEC
+#undef WIDTH
 #undef INLINE

@@ -27,7 +27,7 @@ from patchdb.patches import (PATCH_MACHINES, centre_indices, dictionary_groups, 
                              same_location_regions)
 from patchdb.schedule import alpha_bar
 from patchdb.store import PatchStore
-from patchdb.windows import LANES, LaneImages, lane_image_bytes, window_posterior, window_tasks
+from patchdb.windows import LaneImages, lane_image_bytes, lanes, window_posterior, window_tasks
 
 MACHINES = ("is", "es", "ls", "els", "bbels")
 
@@ -38,15 +38,16 @@ class Posterior:
 
     mean: (B, C, H, W) posterior mean of each pixel's centre value: the machine's x_0 estimate.
     source: (B, H, W, 3) int64 (training image index in the full data set, row, column) of the pixel
-        in the training set that the dominant dictionary entry places at this pixel.
-    weight: (B, H, W) posterior weight of that dominant entry.
+        in the training set that the dominant dictionary entry places at this pixel; None when the
+        provenance was not asked for (Machine.posterior).
+    weight: (B, H, W) posterior weight of that dominant entry; None likewise.
     path: (B, H, W) uint8 code (patchdb.topk.PATHS) of how each pixel's posterior was computed, for
         backends that choose per pixel; None otherwise.
     """
 
     mean: torch.Tensor
-    source: torch.Tensor
-    weight: torch.Tensor
+    source: torch.Tensor | None
+    weight: torch.Tensor | None
     path: torch.Tensor | None = None
 
     def score(self, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -70,10 +71,15 @@ class Machine:
 
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
         """Score (B, C, H, W) of the machine at noisy batch x (B, C, H, W) and time t in (0, 1]."""
-        return self.posterior(x, t, labels, patch_size).score(x, t)
+        return self.posterior(x, t, labels, patch_size, provenance=False).score(x, t)
 
-    def posterior(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, patch_size: int | None = None) -> Posterior:
-        """Posterior mean, dominant source and its weight for every pixel of x (B, C, H, W) at time t."""
+    def posterior(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, patch_size: int | None = None,
+                  provenance: bool = True) -> Posterior:
+        """Posterior mean, and with provenance the dominant source and its weight, of every pixel of x (B, C, H, W) at time t.
+
+        Without provenance, source and weight are None: finding the dominant entry costs the sliding-window
+        method about a tenth of its time, and a sampler needs it at its last step only.
+        """
         self._check_inputs(x, t, labels, patch_size)
         x = x.to(device=self.device, dtype=self.dtype)
         batch = x.shape[0]
@@ -89,18 +95,21 @@ class Machine:
             groups = [(int(label), torch.nonzero(labels == label).squeeze(1)) for label in torch.unique(labels)]
         for label, members in groups:
             images, global_index = self._training_images(label)
-            part = self._posterior(x[members], alpha_bar(t), patch_size, images, label)
+            part = self._posterior(x[members], alpha_bar(t), patch_size, images, label, provenance)
             mean[members] = part.mean
-            source[members] = torch.cat([global_index[part.source[..., :1]], part.source[..., 1:]], dim=-1)
-            weight[members] = part.weight
+            if provenance:
+                source[members] = torch.cat([global_index[part.source[..., :1]], part.source[..., 1:]], dim=-1)
+                weight[members] = part.weight
             if part.path is not None:
                 if path is None:
                     path = torch.zeros(batch, height, width, dtype=torch.uint8, device=self.device)
                 path[members] = part.path
-        return Posterior(mean, source, weight, path)
+        return Posterior(mean, source, weight, path) if provenance else Posterior(mean, None, None, path)
 
-    def _posterior(self, x: torch.Tensor, alpha_bar: float, patch_size: int | None, images: torch.Tensor, label) -> Posterior:
-        """The machine's posterior for x against training images (source indices local to images)."""
+    def _posterior(self, x: torch.Tensor, alpha_bar: float, patch_size: int | None, images: torch.Tensor, label,
+                   provenance: bool) -> Posterior:
+        """The machine's posterior for x against training images (source indices local to images); without
+        provenance, source and weight may be None."""
         raise NotImplementedError
 
     def take_report(self) -> dict | None:
@@ -140,7 +149,7 @@ class IdealMachine(Machine):
 
     name = "is"
 
-    def _posterior(self, x, alpha_bar, patch_size, images, label):
+    def _posterior(self, x, alpha_bar, patch_size, images, label, provenance):
         batch, channels, height, width = x.shape
         keys = images.reshape(images.shape[0], -1)
         sources = torch.zeros(images.shape[0], 3, dtype=torch.int64, device=self.device)
@@ -158,7 +167,7 @@ class EquivariantMachine(Machine):
 
     name = "es"
 
-    def _posterior(self, x, alpha_bar, patch_size, images, label):
+    def _posterior(self, x, alpha_bar, patch_size, images, label, provenance):
         batch, channels, height, width = x.shape
         pixels = height * width
         signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
@@ -210,7 +219,7 @@ class PatchMachine(Machine):
         self._stored: dict[int | None, list] = {}  # the store's dictionaries (None: not stored), likewise
         self._lanes: dict[int | None, LaneImages] = {}  # the images laid out for sliding windows, likewise
 
-    def _posterior(self, x, alpha_bar, patch_size, images, label):
+    def _posterior(self, x, alpha_bar, patch_size, images, label, provenance):
         if patch_size is None:
             raise PatchdbError(f"the {self.name} machine needs a patch size: give --scales")
         batch, channels, height, width = x.shape
@@ -220,7 +229,7 @@ class PatchMachine(Machine):
         groups = dictionary_groups(self.name, patch_size, height, width)
         if self.store is None and isinstance(self.backend, ExactBackend) and self.backend.uses_windows(x.device, x.dtype):
             mean, source, weight = window_posterior(x, self._lane_blocks(images, label, patch_size), window_tasks(groups, height, width),
-                                                    alpha_bar, patch_size, self.padding, threads=torch.get_num_threads())
+                                                    alpha_bar, patch_size, self.padding, torch.get_num_threads(), provenance)
             return Posterior(mean, source, weight)
         query_windows = patch_windows(x, patch_size, self.padding)
         queries = [_group_queries(query_windows, group) for group in groups]
@@ -264,13 +273,13 @@ class PatchMachine(Machine):
         self._check_scale(patch_size)
         if label in self._lanes:
             return [self._lanes[label]]
-        channels, height, width = self.image_shape
-        per_image = lane_image_bytes(1, channels, height, width, patch_size, images.element_size())
-        cached_images = sum(lanes.count for lanes in self._lanes.values())
+        per_image = lane_image_bytes(*self.image_shape, patch_size, images.dtype)
+        cached_images = sum(cached.count for cached in self._lanes.values())
         if (cached_images + images.shape[0]) * per_image <= self.memory_budget * 3 // 4:
             self._lanes[label] = LaneImages.from_images(images, patch_size, self.padding)
             return [self._lanes[label]]
-        block = max(1, self.memory_budget // 4 // per_image // LANES) * LANES  # whole lane groups: sources count in groups
+        group = lanes(images.dtype)
+        block = max(1, self.memory_budget // 4 // per_image // group) * group  # whole lane groups: sources count in groups
         return (LaneImages.from_images(images[start:start + block], patch_size, self.padding) for start in range(0, images.shape[0], block))
 
     def _check_scale(self, patch_size: int) -> None:

@@ -17,8 +17,9 @@ The machines' dictionaries (patchdb.patches.dictionary_groups) become tasks: a r
 pixels and one shift. A group whose query and key pixels are rectangles A and U contributes, for
 every shift s, the pixels A ∩ (U - s); a same-location group (LS, bbELS corners) the shift 0 only.
 
-The compiled kernel (patchdb/_windows.c) vectorises over LANES training images at a time; threads
-fold disjoint sets of images into states of their own, merged here.
+The compiled kernel (patchdb/_windows.c) vectorises over a lane group of training images at a time,
+as many as one vector register holds (lanes(dtype): 16 float32 with AVX-512, 8 with AVX); threads
+fold disjoint lane groups into states of their own, merged here.
 """
 
 import math
@@ -35,7 +36,8 @@ try:
 except ImportError:  # the extension was not compiled (no C compiler when installing): the matrix-product method is used
     _windows = None
 
-LANES = 16 if _windows is None else _windows.LANES
+VECTOR_BYTES = {} if _windows is None else dict(_windows.isas())
+"""The kernel's instruction sets that this processor runs, best first, and their vector widths in bytes."""
 LOG2_E = 1.0 / math.log(2.0)
 
 
@@ -49,42 +51,55 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return compiled() and device.type == "cpu" and dtype in (torch.float32, torch.float64)
 
 
+def best_isa() -> str:
+    """The fastest instruction set of the kernel on this processor."""
+    return next(iter(VECTOR_BYTES))
+
+
+def lanes(dtype: torch.dtype, isa: str | None = None) -> int:
+    """Training images per lane group: values of dtype in one vector of isa (default: best_isa())."""
+    return VECTOR_BYTES[isa or best_isa()] // torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass
 class LaneImages:
-    """Training images laid out for the kernel at one patch size.
+    """Training images laid out for the kernel of instruction set isa at one patch size.
 
-    images: (G, H + P - 1, W + P - 1, C, LANES) the padded images, image n = g * LANES + lane
-        (zeros beyond the last one); squared_norms: (G, H, W, LANES) ||k||^2 of the patch centred at
+    images: (G, H + P - 1, W + P - 1, C, L) the padded images, image n = g * L + lane, L = lanes(dtype, isa)
+        (zeros beyond the last one); squared_norms: (G, H, W, L) ||k||^2 of the patch centred at
         each pixel (+inf beyond the last image, so that those lanes weigh nothing); count: images held.
     """
 
     images: torch.Tensor
     squared_norms: torch.Tensor
     count: int
+    isa: str
 
     @classmethod
-    def from_images(cls, images: torch.Tensor, patch_size: int, padding: str) -> "LaneImages":
+    def from_images(cls, images: torch.Tensor, patch_size: int, padding: str, isa: str | None = None) -> "LaneImages":
         """Lay out images (N, C, H, W) padded with zeros or circularly (patchdb.patches.padded_images)."""
+        isa = isa or best_isa()
         count, channels, height, width = images.shape
-        groups = -(-count // LANES)
+        width_lanes = lanes(images.dtype, isa)
+        groups = -(-count // width_lanes)
         padded = padded_images(images, patch_size, padding)
         norms = F.avg_pool2d(padded.square().sum(dim=1, keepdim=True), patch_size, stride=1) * patch_size**2  # (N, 1, H, W)
-        lanes = padded.new_zeros(groups * LANES, *padded.shape[1:])
-        lanes[:count] = padded
-        lane_norms = norms.new_full((groups * LANES, height, width), math.inf)
-        lane_norms[:count] = norms[:, 0]
-        return cls(lanes.view(groups, LANES, *padded.shape[1:]).permute(0, 3, 4, 2, 1).contiguous(),
-                   lane_norms.view(groups, LANES, height, width).permute(0, 2, 3, 1).contiguous(), count)
+        grouped = padded.new_zeros(groups * width_lanes, *padded.shape[1:])
+        grouped[:count] = padded
+        grouped_norms = norms.new_full((groups * width_lanes, height, width), math.inf)
+        grouped_norms[:count] = norms[:, 0]
+        return cls(grouped.view(groups, width_lanes, *padded.shape[1:]).permute(0, 3, 4, 2, 1).contiguous(),
+                   grouped_norms.view(groups, width_lanes, height, width).permute(0, 2, 3, 1).contiguous(), count, isa)
 
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel() * self.images.element_size() + self.squared_norms.numel() * self.squared_norms.element_size()
+    def groups(self, first: int, stop: int) -> "LaneImages":
+        """Lane groups first..stop-1 (a view)."""
+        return LaneImages(self.images[first:stop], self.squared_norms[first:stop], 0, self.isa)
 
 
-def lane_image_bytes(num_images: int, channels: int, height: int, width: int, patch_size: int, itemsize: int) -> int:
-    """Bytes of LaneImages.from_images for num_images images of (channels, height, width)."""
+def lane_image_bytes(channels: int, height: int, width: int, patch_size: int, dtype: torch.dtype) -> int:
+    """Bytes per training image of (channels, height, width) in LaneImages.from_images, in dtype."""
     padded = (height + patch_size - 1) * (width + patch_size - 1) * channels
-    return -(-num_images // LANES) * LANES * (padded + height * width) * itemsize
+    return (padded + height * width) * torch.empty((), dtype=dtype).element_size()
 
 
 def window_tasks(groups: list[DictionaryGroup], height: int, width: int) -> torch.Tensor:
@@ -121,51 +136,53 @@ class WindowState:
     best_code: torch.Tensor
 
     @classmethod
-    def empty(cls, batch: int, channels: int, height: int, width: int, dtype: torch.dtype) -> "WindowState":
-        shape = (batch, height, width, LANES)
+    def empty(cls, batch: int, channels: int, height: int, width: int, dtype: torch.dtype, num_lanes: int) -> "WindowState":
+        shape = (batch, height, width, num_lanes)
         code_dtype = torch.int32 if dtype == torch.float32 else torch.int64
         return cls(torch.full(shape, -math.inf, dtype=dtype), torch.zeros(shape, dtype=dtype),
-                   torch.zeros(batch, height, width, channels, LANES, dtype=dtype), torch.full(shape, -math.inf, dtype=dtype),
+                   torch.zeros(batch, height, width, channels, num_lanes, dtype=dtype), torch.full(shape, -math.inf, dtype=dtype),
                    torch.zeros(shape, dtype=code_dtype))
 
     def fold(self, queries: torch.Tensor, lanes: LaneImages, tasks: torch.Tensor, alpha_bar: float, patch_size: int,
-             group_offset: int) -> None:
-        """Fold every task against every image of lanes (the first of which is group group_offset overall)."""
+             group_offset: int, track_best: bool = True) -> None:
+        """Fold every task against every image of lanes (the first of which is group group_offset overall);
+        track_best: also keep each lane's largest logit and its source (best, best_code)."""
         signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
-        _windows.fold(queries.numpy(), lanes.images.numpy(), lanes.squared_norms.numpy(), tasks.numpy(),
+        _windows.fold(lanes.isa, queries.numpy(), lanes.images.numpy(), lanes.squared_norms.numpy(), tasks.numpy(),
                       self.shift.numpy(), self.normaliser.numpy(), self.weighted.numpy(), self.best.numpy(),
                       self.best_code.numpy(), signal / noise_variance * LOG2_E, alpha_bar / (2 * noise_variance) * LOG2_E,
-                      patch_size, group_offset)
+                      patch_size, group_offset, track_best)
 
 
 def window_posterior(x: torch.Tensor, image_blocks, tasks: torch.Tensor, alpha_bar: float, patch_size: int, padding: str,
-                     threads: int = 1):
+                     threads: int = 1, provenance: bool = True):
     """Exact posterior of every pixel of x (B, C, H, W) over the tasks' patches of the training images.
 
     image_blocks: iterable of LaneImages holding the training images in order (one block, or several
     when they do not fit in memory at once). threads: threads that fold disjoint lane groups.
-    Returns mean (B, C, H, W), source (B, H, W, 3) int64 (training image, centre row, centre column)
-    of each pixel's largest-weight patch, and its weight (B, H, W).
+    Returns mean (B, C, H, W) and, with provenance (else None, None), source (B, H, W, 3) int64
+    (training image, centre row, centre column) of each pixel's largest-weight patch and its weight (B, H, W).
     """
     batch, channels, height, width = x.shape
     queries = padded_images(x, patch_size, padding).contiguous()
-    states = [WindowState.empty(batch, channels, height, width, x.dtype) for _ in range(threads)]
-    group_offset = 0
+    states, group_offset = None, 0
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for lanes in image_blocks:
-            groups = lanes.images.shape[0]
+            groups, num_lanes = lanes.images.shape[0], lanes.images.shape[-1]
+            if states is None:
+                states = [WindowState.empty(batch, channels, height, width, x.dtype, num_lanes) for _ in range(threads)]
             bounds = [groups * part // threads for part in range(threads + 1)]
-            jobs = [pool.submit(state.fold, queries, LaneImages(lanes.images[first:stop], lanes.squared_norms[first:stop], 0),
-                                tasks, alpha_bar, patch_size, group_offset + first)
+            jobs = [pool.submit(state.fold, queries, lanes.groups(first, stop), tasks, alpha_bar, patch_size, group_offset + first,
+                                provenance)
                     for state, first, stop in zip(states, bounds, bounds[1:]) if stop > first]
             for job in jobs:
                 job.result()
             group_offset += groups
-    return _merge(states, tasks, x.dtype)
+    return _merge(states, tasks, x.dtype, provenance)
 
 
-def _merge(states: list[WindowState], tasks: torch.Tensor, dtype: torch.dtype):
-    """Combine the states' lanes (in float64): posterior mean, dominant source and its weight."""
+def _merge(states: list[WindowState], tasks: torch.Tensor, dtype: torch.dtype, provenance: bool):
+    """Combine the states' lanes (in float64): posterior mean and, with provenance, dominant source and its weight."""
     shift = torch.stack([state.shift for state in states], dim=3).double().flatten(3)  # (B, H, W, K)
     best = torch.stack([state.best for state in states], dim=3).double().flatten(3)
     normaliser = torch.stack([state.normaliser for state in states], dim=3).double().flatten(3)
@@ -174,9 +191,12 @@ def _merge(states: list[WindowState], tasks: torch.Tensor, dtype: torch.dtype):
     factor = torch.exp2(shift - top)
     total = (normaliser * factor).sum(dim=3)
     mean = (weighted * factor[:, :, :, None, :]).sum(dim=4) / total[..., None]
+    if not provenance:
+        return mean.permute(0, 3, 1, 2).to(dtype), None, None
     best_logit, best_lane = best.max(dim=3)
+    num_lanes = states[0].shift.shape[-1]
     code = torch.stack([state.best_code for state in states], dim=3).flatten(3).gather(3, best_lane[..., None])[..., 0].long()
-    image = code // tasks.shape[0] * LANES + best_lane % LANES
+    image = code // tasks.shape[0] * num_lanes + best_lane % num_lanes
     task = tasks[code % tasks.shape[0]]
     batch, height, width = shift.shape[:3]
     rows = torch.arange(height)[None, :, None].expand(batch, -1, width)

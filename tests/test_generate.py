@@ -31,20 +31,22 @@ def test_conditional_labels_cover_the_classes():
     assert set(labels.tolist()) == set(range(10))
 
 
-def test_recorder_returns_the_machine_score_and_keeps_its_posterior():
+def test_recorder_returns_the_machine_score_and_keeps_the_last_posterior_with_provenance():
     dataset = tiny_dataset(labelled=True)
     machine = make_machine("els", dataset, dtype=torch.float64)
-    recorder = PosteriorRecorder(machine)
+    recorder = PosteriorRecorder(machine, num_calls=2)
     x = noisy_batch(dataset, 0.5, seed=0)
     labels = torch.tensor([0, 1])
     score = recorder(x, 0.5, labels=labels, patch_size=3)
     expected = machine.posterior(x, 0.5, labels, 3)
     torch.testing.assert_close(score, machine(x, 0.5, labels=labels, patch_size=3))
     torch.testing.assert_close(recorder.last.mean, expected.mean)
-    assert torch.equal(recorder.last.source, expected.source)
+    assert recorder.last.source is None and recorder.last.weight is None  # not the last call: no provenance
     recorder(x, 0.25, labels=labels, patch_size=5)
     assert len(recorder.seconds) == 2 and all(seconds > 0 for seconds in recorder.seconds)
-    assert torch.equal(recorder.last.source, machine.posterior(x, 0.25, labels, 5).source)
+    last = machine.posterior(x, 0.25, labels, 5)
+    assert torch.equal(recorder.last.source, last.source)
+    torch.testing.assert_close(recorder.last.weight, last.weight)
 
 
 def test_provenance_is_the_last_posterior_whose_mean_is_the_sample():
