@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from cli.options import TopK
-from patchdb.engine import DEFAULT_MEMORY_BUDGET
+from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DEVICES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
 from patchdb.machines import MACHINES
 from patchdb.scales import SCALE_SPEC_HELP
@@ -37,6 +37,9 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
 @click.option("--dtype", type=click.Choice(tuple(DTYPES)), default="float32", help="Floating-point precision of the machine.")
 @click.option("--memory-budget", "memory_budget_gib", type=click.FloatRange(min=0, min_open=True),
               default=DEFAULT_MEMORY_BUDGET / GIB, help="GiB the machine may use for dictionaries and logits.")
+@click.option("--exact-method", type=click.Choice(EXACT_METHODS), default="auto", show_default=True,
+              help="How the exact backend scores the patch machines: windows (sliding-window correlations, compiled, CPU), "
+                   "products (matrix products of patches, any device), auto (windows where it can). The same posterior.")
 @click.option("--index", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A patch store from `patchdb build-index`: use the top-k backend on its dictionaries (default: exact).")
 @click.option("--topk", type=TopK(), default="auto", show_default=True,
@@ -57,14 +60,14 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
               help="Output folder: samples.npy, noise.npy, [labels.npy], provenance.npz, grid.png, provenance.png, run.json, "
                    "[paths.npy].")
 def sample(dataset, data_dir, machine, scales, steps, num, seed, label, conditional, noise, loop, device, dtype,
-           memory_budget_gib, index, topk, tol, fallback, estimate_samples, estimate_error, out) -> None:
+           memory_budget_gib, exact_method, index, topk, tol, fallback, estimate_samples, estimate_error, out) -> None:
     """Sample N images from an analytic score machine with the deterministic DDIM sampler into OUT."""
     config = SampleConfig(
         out=str(out), dataset=dataset, data_dir=None if data_dir is None else str(data_dir), machine=machine,
         scales=scales, steps=steps, num=num, seed=seed, label=label, conditional=conditional,
         noise=None if noise is None else str(noise), loop=loop, device=device, dtype=dtype,
         memory_budget_gib=memory_budget_gib, index=None if index is None else str(index), topk=topk, tol=tol,
-        fallback=fallback, estimate_samples=estimate_samples, estimate_error=estimate_error)
+        fallback=fallback, estimate_samples=estimate_samples, estimate_error=estimate_error, exact_method=exact_method)
     record = run_sample(config)
     click.echo(f"{record['num_samples']} samples, {len(record['seconds_per_step'])} steps of {machine} on {record['data']['name']} "
                f"({record['data']['num_images']} images) in {record['total_seconds']:.1f} s -> {out}")

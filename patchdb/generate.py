@@ -37,7 +37,8 @@ import torch
 
 import patchdb
 from patchdb.data import Dataset, load_dataset
-from patchdb.engine import DEFAULT_MEMORY_BUDGET
+from patchdb import windows
+from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS, ExactBackend
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES, Machine, Posterior, make_machine
 from patchdb.patches import PATCH_MACHINES
@@ -65,7 +66,8 @@ class SampleConfig:
     instead of seeded noise; num: number of samples (None: the noise file's N, else 8);
     memory_budget_gib: the machine's memory bound in GiB; index: a patch store (patchdb build-index)
     whose dictionaries the top-k backend uses, with topk (None: each dictionary's own), tol, fallback,
-    estimate_samples and estimate_error (see patchdb.topk.TopKBackend); None: the exact backend.
+    estimate_samples and estimate_error (see patchdb.topk.TopKBackend); None: the exact backend, whose
+    method for the patch machines is exact_method (patchdb.engine.EXACT_METHODS).
     """
 
     out: str
@@ -89,6 +91,7 @@ class SampleConfig:
     fallback: str = DEFAULT_FALLBACK
     estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES
     estimate_error: float = DEFAULT_ESTIMATE_ERROR
+    exact_method: str = "auto"
 
 
 
@@ -175,7 +178,7 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     scales = parse_scales(config.scales, config.steps)
     noise, labels = _inputs(config, dataset)
     machine = make_machine(config.machine, dataset, dtype=DTYPES[config.dtype], device=config.device,
-                           memory_budget=int(config.memory_budget_gib * GIB), **_index_options(config, dataset, scales, labels))
+                           memory_budget=int(config.memory_budget_gib * GIB), **_backend_options(config, dataset, scales, labels))
     out = Path(config.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +199,7 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
                  "image_shape": list(dataset.images.shape[1:])},
         "versions": versions(),
         "device": device_name(config.device),
+        "backend": backend_name(machine),
         "seconds_per_step": generation.seconds_per_step,
         "total_seconds": time.perf_counter() - start,
     }
@@ -206,10 +210,11 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     return record
 
 
-def _index_options(config: SampleConfig, dataset: Dataset, scales: list[int], labels: torch.Tensor | None) -> dict:
-    """make_machine's store and backend options for a run with --index (none without)."""
+def _backend_options(config: SampleConfig, dataset: Dataset, scales: list[int], labels: torch.Tensor | None) -> dict:
+    """make_machine's store and backend options: the top-k backend on a store with --index, else the exact
+    backend with the config's method (the ideal and equivariant machines take no options)."""
     if config.index is None:
-        return {}
+        return {"backend": ExactBackend(method=config.exact_method)} if config.machine in PATCH_MACHINES else {}
     if config.machine not in PATCH_MACHINES:
         raise PatchdbError(f"--index serves the patch machines ({', '.join(PATCH_MACHINES)}), not {config.machine}; drop --index")
     store = PatchStore(config.index)
@@ -233,6 +238,16 @@ def index_steps(generation: Generation, steps: list[int], scales: list[int], num
                         "deepenings_per_pixel": report["deepenings"] / queries,
                         "estimate_standard_error": report["estimate_standard_error"], "seconds": split})
     return records
+
+
+def backend_name(machine: Machine) -> str:
+    """How the machine scores: 'top-k', 'exact: windows (ISA)' or 'exact: products' (whole images, for IS and ES)."""
+    backend = getattr(machine, "backend", None)
+    if backend is None or not isinstance(backend, ExactBackend):
+        return "exact: products" if backend is None else "top-k"
+    if backend.uses_windows(machine.device, machine.dtype):
+        return f"exact: windows ({windows.best_isa()})"
+    return "exact: products"
 
 
 def versions() -> dict[str, str | None]:
@@ -264,6 +279,8 @@ def _check_config(config: SampleConfig) -> None:
         raise PatchdbError(f"--num must be at least 1, got {config.num}")
     if config.steps < 2:
         raise PatchdbError(f"--steps must be at least 2, got {config.steps}")
+    if config.exact_method not in EXACT_METHODS:
+        raise PatchdbError(f"unknown exact method {config.exact_method!r}; choose one of {', '.join(EXACT_METHODS)}")
     if config.memory_budget_gib <= 0:
         raise PatchdbError(f"--memory-budget must be positive, got {config.memory_budget_gib} GiB")
 

@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from patchdb.patches import DictionaryGroup, _boxes, padded_images
 
@@ -83,11 +82,12 @@ class LaneImages:
         width_lanes = lanes(images.dtype, isa)
         groups = -(-count // width_lanes)
         padded = padded_images(images, patch_size, padding)
-        norms = F.avg_pool2d(padded.square().sum(dim=1, keepdim=True), patch_size, stride=1) * patch_size**2  # (N, 1, H, W)
+        # the window sums of the squares, separably: direct sums along the rows' windows, then the columns' (N, H, W)
+        norms = padded.square().sum(dim=1).unfold(1, patch_size, 1).sum(-1).unfold(2, patch_size, 1).sum(-1)
         grouped = padded.new_zeros(groups * width_lanes, *padded.shape[1:])
         grouped[:count] = padded
         grouped_norms = norms.new_full((groups * width_lanes, height, width), math.inf)
-        grouped_norms[:count] = norms[:, 0]
+        grouped_norms[:count] = norms
         return cls(grouped.view(groups, width_lanes, *padded.shape[1:]).permute(0, 3, 4, 2, 1).contiguous(),
                    grouped_norms.view(groups, width_lanes, height, width).permute(0, 2, 3, 1).contiguous(), count, isa)
 

@@ -80,6 +80,16 @@ def test_run_json_records_arguments_data_versions_and_times(batch, data_specs):
     assert record["data"]["num_images"] == NUM_IMAGES
     assert set(record["versions"]) >= {"patchdb", "torch", "numpy", "faiss"}
     assert len(record["seconds_per_step"]) == 3 and record["total_seconds"] >= sum(record["seconds_per_step"])
+    assert arguments["exact_method"] == "auto" and record["backend"].startswith("exact: windows (")
+
+
+def test_exact_methods_give_the_same_samples_and_provenance(batch, data_specs, tmp_path):
+    result = sample(data_specs["labelled"], tmp_path, "--num", "3", "--seed", "5", "--conditional", "--exact-method", "products")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run.json").read_text())["backend"] == "exact: products"
+    np.testing.assert_allclose(np.load(tmp_path / "samples.npy"), np.load(batch / "samples.npy"), rtol=0, atol=1e-4)
+    with np.load(tmp_path / "provenance.npz") as products, np.load(batch / "provenance.npz") as windows:
+        np.testing.assert_allclose(products["weight"], windows["weight"], rtol=0, atol=1e-4)
 
 
 def test_sample_k_regenerates_alone_from_seed_plus_k(batch, data_specs, tmp_path):
