@@ -38,6 +38,8 @@ except ImportError:  # the extension was not compiled (no C compiler when instal
 VECTOR_BYTES = {} if _windows is None else dict(_windows.isas())
 """The kernel's instruction sets that this processor runs, best first, and their vector widths in bytes."""
 LOG2_E = 1.0 / math.log(2.0)
+LAYOUT_CHUNK_BYTES = 8 * 1024**2
+"""LaneImages.from_images computes the patches' norms this many bytes of laid-out images at a time."""
 
 
 def compiled() -> bool:
@@ -79,17 +81,28 @@ class LaneImages:
         """Lay out images (N, C, H, W) padded with zeros or circularly (patchdb.patches.padded_images)."""
         isa = isa or best_isa()
         count, channels, height, width = images.shape
-        width_lanes = lanes(images.dtype, isa)
-        groups = -(-count // width_lanes)
-        padded = padded_images(images, patch_size, padding)
-        # the window sums of the squares, separably: direct sums along the rows' windows, then the columns' (N, H, W)
-        norms = padded.square().sum(dim=1).unfold(1, patch_size, 1).sum(-1).unfold(2, patch_size, 1).sum(-1)
-        grouped = padded.new_zeros(groups * width_lanes, *padded.shape[1:])
-        grouped[:count] = padded
-        grouped_norms = norms.new_full((groups * width_lanes, height, width), math.inf)
-        grouped_norms[:count] = norms
-        return cls(grouped.view(groups, width_lanes, *padded.shape[1:]).permute(0, 3, 4, 2, 1).contiguous(),
-                   grouped_norms.view(groups, width_lanes, height, width).permute(0, 2, 3, 1).contiguous(), count, isa)
+        num_lanes = lanes(images.dtype, isa)
+        groups, half = -(-count // num_lanes), patch_size // 2
+        laid = images.new_zeros(groups, height + 2 * half, width + 2 * half, channels, num_lanes)
+        by_lane = laid.permute(0, 4, 3, 1, 2)  # (G, L, C, H + P - 1, W + P - 1), a view
+        if padding == "zeros":
+            by_lane = by_lane[..., half:half + height, half:half + width]  # the padding stays 0
+        else:
+            images = padded_images(images, patch_size, padding)
+        full, rest = divmod(count, num_lanes)
+        by_lane[:full] = images[:full * num_lanes].view(full, num_lanes, *images.shape[1:])
+        if rest:
+            by_lane[full, :rest] = images[full * num_lanes:]
+        # each patch's squared norm: window sums of the squares, along the rows and then the columns (direct sums),
+        # a few groups at a time: the temporaries stay small enough to be reused, where fresh memory costs page faults
+        norms = images.new_empty(groups, height, width, num_lanes)
+        step = max(1, LAYOUT_CHUNK_BYTES // laid[0].nbytes)
+        for first in range(0, groups, step):
+            squares = laid[first:first + step].square().sum(dim=3)  # (g, H + P - 1, W + P - 1, L)
+            norms[first:first + step] = squares.unfold(1, patch_size, 1).sum(-1).unfold(2, patch_size, 1).sum(-1)
+        if rest:
+            norms[-1, ..., rest:] = math.inf  # absent images (the last group's tail) weigh nothing
+        return cls(laid, norms.contiguous(), count, isa)
 
     def groups(self, first: int, stop: int) -> "LaneImages":
         """Lane groups first..stop-1 (a view)."""
