@@ -4,12 +4,13 @@
 PYTHON ?= python3
 VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
-# Written when the set-up has finished; it is redone when the package's metadata changes.
+# Written when the set-up has finished; it is redone when the package's metadata or its C kernel changes
+# (pip compiles patchdb/_windows.c with the system's C compiler).
 STAMP := $(VENV)/.patchdb-installed
 
-# Four samples, one class each (so each sees only its class's 100 training images): bbELS is exact,
-# and on a busy 2-core machine the four took about 10 minutes. Raise --num for a fuller grid.
-DEMO_OPTIONS := --num 4 --conditional --seed 0
+# Sixteen samples, a class each (so each sees only its class's 100 training images): bbELS, exact; about
+# 20 s on an idle 2-core machine (benchmarks/RESULTS.md has the engine's figures).
+DEMO_OPTIONS := --num 16 --conditional --seed 0
 DEMO_OUT := out/demo
 
 .PHONY: setup demo test

@@ -1,5 +1,6 @@
 /* The kernel for float and for double, for the instruction set ISA (vectors of VECTOR_BYTES);
- * included by _windows.c once per instruction set, inside that instruction set's target pragma. */
+ * included by _windows.c once per instruction set, inside that instruction set's target pragma.
+ * _windows_kernel.h undefines the type parameters defined here before each inclusion. */
 
 #define NAME(x) CAT(CAT(x, SUFFIX), ISA)
 
@@ -12,14 +13,6 @@
 #define MANTISSA_BITS 23
 #define EXP2_DEGREE 6
 #include "_windows_kernel.h"
-#undef SCALAR
-#undef INTEGER
-#undef SUFFIX
-#undef ROUND_MAGIC
-#undef ROUND_MAGIC_BITS
-#undef EXPONENT_BIAS
-#undef MANTISSA_BITS
-#undef EXP2_DEGREE
 
 #define SCALAR double
 #define INTEGER int64_t
@@ -30,14 +23,6 @@
 #define MANTISSA_BITS 52
 #define EXP2_DEGREE 13
 #include "_windows_kernel.h"
-#undef SCALAR
-#undef INTEGER
-#undef SUFFIX
-#undef ROUND_MAGIC
-#undef ROUND_MAGIC_BITS
-#undef EXPONENT_BIAS
-#undef MANTISSA_BITS
-#undef EXP2_DEGREE
 
 #undef NAME
 #undef ISA

@@ -2,7 +2,7 @@
  * per pair with NAME(x) (x suffixed by both), VECTOR_BYTES (the instruction set's vector width),
  *   SCALAR (float or double), INTEGER (the integer of the same width),
  *   ROUND_MAGIC (1.5 * 2^mantissa bits) and its bits ROUND_MAGIC_BITS, EXPONENT_BIAS,
- *   MANTISSA_BITS and EXP2_DEGREE.
+ *   MANTISSA_BITS and EXP2_DEGREE (the degree of exp2's polynomial), which it undefines at its end.
  * A vector holds one lane per training image of a lane group: VECTOR_BYTES / sizeof(SCALAR) lanes,
  * so that every vector operation is one native instruction (wider generic vectors are lowered
  * badly: GCC 12 splits their comparisons into scalar ones).
@@ -34,16 +34,19 @@ INLINE int NAME(any_)(IVEC mask) {
 
 /* 2^t for t in [EXP2_FLOOR, EXP2_CEILING]; exactly 0 where t < EXP2_FLOOR (also for -inf and NaN).
  * t is rounded to the nearest integer n with the magic-number trick; 2^(t - n) is the Taylor
- * polynomial of e^((t - n) ln 2) on [-1/2, 1/2] (relative error below 2e-8 for float, 1e-17 for
- * double) and 2^n is written into the exponent bits. */
+ * polynomial of e^((t - n) ln 2) on [-1/2, 1/2] (relative error below 2e-7 for float, 1e-17 for
+ * double) and 2^n is made from its exponent bits. */
 INLINE VEC NAME(exp2_)(VEC t) {
     IVEC kept = t >= (SCALAR)EXP2_FLOOR;
     VEC shifted = t + (SCALAR)ROUND_MAGIC;
-    VEC fraction = t - (shifted - (SCALAR)ROUND_MAGIC);
+    VEC whole = shifted - (SCALAR)ROUND_MAGIC;
+    VEC fraction = t - whole;
     VEC power = (VEC){0} + (SCALAR)EXP2_TAYLOR[EXP2_DEGREE];
     for (int k = EXP2_DEGREE - 1; k >= 0; k--) power = power * fraction + (SCALAR)EXP2_TAYLOR[k];
 #if MANTISSA_BITS == 23
-    IVEC scale = __builtin_convertvector((shifted - (SCALAR)ROUND_MAGIC + (SCALAR)EXPONENT_BIAS) * (SCALAR)(1 << MANTISSA_BITS), IVEC);
+    /* (n + 127) * 2^23 is an integer that a float holds exactly: converting it gives the bits of 2^n
+     * without integer arithmetic, which AVX lacks at this width */
+    IVEC scale = __builtin_convertvector((whole + (SCALAR)EXPONENT_BIAS) * (SCALAR)(1 << MANTISSA_BITS), IVEC);
 #else
     IVEC scale = ((IVEC)shifted - (INTEGER)ROUND_MAGIC_BITS + (INTEGER)EXPONENT_BIAS) << MANTISSA_BITS;
 #endif
@@ -119,8 +122,8 @@ INLINE void NAME(row_sums_)(
 /* Fold one task against one lane group for one sample. The rows of box sums are made just before
  * the output row that first needs them, so that they are still in the L1 cache when used. */
 INLINE void NAME(fold_task_)(
-        const struct fold_args *args, const int track_best, Py_ssize_t channels, const int64_t *rect, IVEC code, const SCALAR *query,
-        const VEC *group, const VEC *group_norms, Py_ssize_t state, VEC *restrict scratch) {
+        const struct fold_args *args, const int track_best, Py_ssize_t channels, const int64_t *rect, IVEC code,
+        const SCALAR *query, const VEC *group, const VEC *group_norms, Py_ssize_t state, VEC *restrict scratch) {
     const Py_ssize_t width = args->width, size = args->patch_size, half = size / 2;
     const Py_ssize_t padded_width = width + size - 1, plane = (args->height + size - 1) * padded_width;
     const Py_ssize_t iy0 = rect[0], rows = rect[1] - rect[0], ix0 = rect[2], cols = rect[3] - rect[2];
@@ -129,8 +132,7 @@ INLINE void NAME(fold_task_)(
     VEC *shift = args->shift, *normaliser = args->normaliser, *weighted = args->weighted, *best = args->best;
     IVEC *best_code = args->best_code;
 #define ROW_SUMS(a) NAME(row_sums_)(cols, size, channels, plane, query + (iy0 + (a)) * padded_width + ix0, \
-                                           group + ((iy0 + (a) + sy) * padded_width + ix0 + sx) * channels, \
-                                           row_sums + (a) * cols)
+                                   group + ((iy0 + (a) + sy) * padded_width + ix0 + sx) * channels, row_sums + (a) * cols)
     for (Py_ssize_t a = 0; a < size; a++) ROW_SUMS(a);
     for (Py_ssize_t k = 0; k < cols; k++) {
         VEC total = row_sums[k];
@@ -141,10 +143,10 @@ INLINE void NAME(fold_task_)(
         if (j > 0) ROW_SUMS(j + size - 1);
         const Py_ssize_t pixel = state + (iy0 + j) * width + ix0;
         NAME(fold_row_)(track_best, cols, channels, (SCALAR)args->c1, (SCALAR)args->c2, code, sums,
-                               row_sums + (j + size - 1) * cols, j > 0 ? row_sums + (j - 1) * cols : NULL, group_norms + (iy0 + j + sy) * width + ix0 + sx,
-                               group + ((iy0 + j + sy + half) * padded_width + ix0 + sx + half) * channels, excess,
-                               shift + pixel, normaliser + pixel, weighted + pixel * channels, best + pixel,
-                               best_code + pixel);
+                        row_sums + (j + size - 1) * cols, j > 0 ? row_sums + (j - 1) * cols : NULL,
+                        group_norms + (iy0 + j + sy) * width + ix0 + sx,
+                        group + ((iy0 + j + sy + half) * padded_width + ix0 + sx + half) * channels, excess,
+                        shift + pixel, normaliser + pixel, weighted + pixel * channels, best + pixel, best_code + pixel);
     }
 #undef ROW_SUMS
 }
@@ -167,9 +169,11 @@ static void NAME(fold_windows_)(const struct fold_args *args) {
                 const int64_t *rect = args->tasks + 6 * task;
                 /* constants (channels 1 or 3, with or without provenance) let the compiler specialise each case */
 #define FOLD_TASK(best, count) NAME(fold_task_)(args, best, count, rect, code, query, group, group_norms, state, args->scratch)
-                if (args->track_best)
+                if (args->track_best) {
                     if (channels == 1) FOLD_TASK(1, 1); else if (channels == 3) FOLD_TASK(1, 3); else FOLD_TASK(1, channels);
-                else if (channels == 1) FOLD_TASK(0, 1); else if (channels == 3) FOLD_TASK(0, 3); else FOLD_TASK(0, channels);
+                } else {
+                    if (channels == 1) FOLD_TASK(0, 1); else if (channels == 3) FOLD_TASK(0, 3); else FOLD_TASK(0, channels);
+                }
 #undef FOLD_TASK
             }
         }
@@ -180,3 +184,11 @@ static void NAME(fold_windows_)(const struct fold_args *args) {
 #undef IVEC
 #undef WIDTH
 #undef INLINE
+#undef SCALAR
+#undef INTEGER
+#undef SUFFIX
+#undef ROUND_MAGIC
+#undef ROUND_MAGIC_BITS
+#undef EXPONENT_BIAS
+#undef MANTISSA_BITS
+#undef EXP2_DEGREE

@@ -129,7 +129,7 @@ def gather_patches(windows: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """
     num_images, channels, _, width, size, _ = windows.shape
     pixels = pixels.to(windows.device)
-    boxes = _boxes(pixels, width)
+    boxes = pixel_boxes(pixels, width)
     if len(boxes) > MAX_SLICED_BOXES:
         selected = windows[:, :, pixels // width, pixels % width].permute(0, 2, 1, 3, 4)  # (N, M, C, P, P)
         return selected.reshape(num_images, pixels.shape[0], -1)
@@ -142,7 +142,7 @@ def gather_patches(windows: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     return patches.reshape(num_images, pixels.shape[0], -1)
 
 
-def _boxes(pixels: torch.Tensor, width: int) -> list[tuple[int, int, int, int]]:
+def pixel_boxes(pixels: torch.Tensor, width: int) -> list[tuple[int, int, int, int]]:
     """(first row, first column, rows, columns) of the rectangles that pixels (M,) list row by row, in order."""
     if pixels.numel() == 0:
         return []

@@ -16,7 +16,7 @@ from patchdb.data import make_dataset
 from patchdb.engine import ExactBackend
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES, make_machine
-from patchdb.patches import MAX_SLICED_BOXES, _boxes, dictionary_groups, gather_patches, gather_sources, patch_windows
+from patchdb.patches import MAX_SLICED_BOXES, dictionary_groups, gather_patches, gather_sources, patch_windows, pixel_boxes
 from patchdb.sampler import sample_ddim
 from patchdb.schedule import alpha_bar, machine_steps
 
@@ -378,7 +378,7 @@ def test_gathered_patches_equal_the_padded_image_blocks(padding):
     rectangle = (torch.arange(1, 4)[:, None] * width + torch.arange(2, 6)).reshape(-1)
     two_rectangles = torch.cat([rectangle, (torch.arange(8, 11)[:, None] * width + torch.arange(0, 2)).reshape(-1)])
     scattered = torch.randperm(height * width, generator=torch.Generator().manual_seed(1))  # more rectangles than are sliced
-    assert len(_boxes(two_rectangles, width)) == 2 and len(_boxes(scattered, width)) > MAX_SLICED_BOXES
+    assert len(pixel_boxes(two_rectangles, width)) == 2 and len(pixel_boxes(scattered, width)) > MAX_SLICED_BOXES
     for pixels in (rectangle, two_rectangles, scattered):
         expected = torch.stack([padded[:, :, p // width:p // width + size, p % width:p % width + size].reshape(3, -1)
                                 for p in pixels.tolist()], dim=1)
