@@ -327,15 +327,16 @@ CPU only), 'products' (matrix products of copied patches, any device), 'auto' (w
 
 
 class ExactBackend:
-    """Scan every dictionary entry: logits by matrix products, chunk by chunk, into a streaming softmax.
+    """Scan every dictionary entry into a streaming softmax: logits by matrix products, chunk by chunk, or
+    (the patch machines on a CPU, method 'windows') by sliding windows over the images (patchdb.windows).
 
     With block pruning, a large dictionary at low noise (alpha_bar >= BLOCK_PRUNING_MIN_ALPHA_BAR) is
     sorted into bounded blocks once, and each query skips the blocks whose bound proves them
     negligible (below e^-60 of its running maximum): the same posterior, computed faster late in
     sampling, where each pixel's posterior is concentrated on few patches.
 
-    method (one of EXACT_METHODS): the patch machines ask uses_windows whether to score with
-    sliding windows (patchdb.windows) instead of folding dictionaries here.
+    method (one of EXACT_METHODS): the patch machines ask uses_windows whether to score by sliding
+    windows, which need no dictionaries, instead of folding their dictionaries here.
     """
 
     def __init__(self, chunk_bytes: int | None = None, block_pruning: bool = True, method: str = "auto"):
