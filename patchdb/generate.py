@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 import patchdb
-from patchdb.data import Dataset, load_dataset
 from patchdb import windows
+from patchdb.data import Dataset, load_dataset
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS, ExactBackend
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES, Machine, Posterior, make_machine

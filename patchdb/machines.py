@@ -218,6 +218,7 @@ class PatchMachine(Machine):
         self._cache: dict[int | None, list[PatchDictionary]] = {}  # by label, for the scale _cache_scale
         self._stored: dict[int | None, list] = {}  # the store's dictionaries (None: not stored), likewise
         self._lanes: dict[int | None, LaneImages] = {}  # the images laid out for sliding windows, likewise
+        self._tasks: torch.Tensor | None = None  # the sliding windows' tasks at the scale _cache_scale
 
     def _posterior(self, x, alpha_bar, patch_size, images, label, provenance):
         if patch_size is None:
@@ -228,7 +229,7 @@ class PatchMachine(Machine):
                                f"circular patches can be at most {2 * min(height, width) + 1} wide")
         groups = dictionary_groups(self.name, patch_size, height, width)
         if self.store is None and isinstance(self.backend, ExactBackend) and self.backend.uses_windows(x.device, x.dtype):
-            mean, source, weight = window_posterior(x, self._lane_blocks(images, label, patch_size), window_tasks(groups, height, width),
+            mean, source, weight = window_posterior(x, self._lane_blocks(images, label, patch_size), self._window_tasks(groups, patch_size),
                                                     alpha_bar, patch_size, self.padding, torch.get_num_threads(), provenance)
             return Posterior(mean, source, weight)
         query_windows = patch_windows(x, patch_size, self.padding)
@@ -282,10 +283,17 @@ class PatchMachine(Machine):
         block = max(1, self.memory_budget // 4 // per_image // group) * group  # whole lane groups: sources count in groups
         return (LaneImages.from_images(images[start:start + block], patch_size, self.padding) for start in range(0, images.shape[0], block))
 
+    def _window_tasks(self, groups, patch_size: int) -> torch.Tensor:
+        """The groups' sliding-window tasks (patchdb.windows.window_tasks), made once per scale."""
+        self._check_scale(patch_size)
+        if self._tasks is None:
+            self._tasks = window_tasks(groups, *self.image_shape[1:])
+        return self._tasks
+
     def _check_scale(self, patch_size: int) -> None:
-        """Free the previous scale's cached dictionaries and layouts when the patch size changes."""
+        """Free the previous scale's cached dictionaries, layouts and tasks when the patch size changes."""
         if self._cache_scale != patch_size:
-            self._cache_scale, self._cache, self._stored, self._lanes = patch_size, {}, {}, {}
+            self._cache_scale, self._cache, self._stored, self._lanes, self._tasks = patch_size, {}, {}, {}, None
 
     def _dictionary_blocks(self, images, label, patch_size, groups):
         """The groups' dictionaries, one list (a dictionary per group, None where a group has no
