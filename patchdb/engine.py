@@ -326,6 +326,12 @@ EXACT_METHODS = ("auto", "windows", "products")
 CPU only), 'products' (matrix products of copied patches, any device), 'auto' (windows where it can, else products)."""
 
 
+def check_exact_method(method: str) -> None:
+    """A clear error unless method is one of EXACT_METHODS."""
+    if method not in EXACT_METHODS:
+        raise PatchdbError(f"unknown exact method {method!r}; choose one of {', '.join(EXACT_METHODS)}")
+
+
 class ExactBackend:
     """Scan every dictionary entry into a streaming softmax: logits by matrix products, chunk by chunk, or
     (the patch machines on a CPU, method 'windows') by sliding windows over the images (patchdb.windows).
@@ -340,8 +346,7 @@ class ExactBackend:
     """
 
     def __init__(self, chunk_bytes: int | None = None, block_pruning: bool = True, method: str = "auto"):
-        if method not in EXACT_METHODS:
-            raise PatchdbError(f"unknown exact method {method!r}; choose one of {', '.join(EXACT_METHODS)}")
+        check_exact_method(method)
         self.chunk_bytes = chunk_bytes
         self.block_pruning = block_pruning
         self.method = method

@@ -38,7 +38,7 @@ import torch
 import patchdb
 from patchdb import windows
 from patchdb.data import Dataset, load_dataset
-from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS, ExactBackend
+from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, check_exact_method
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES, Machine, Posterior, make_machine
 from patchdb.patches import PATCH_MACHINES
@@ -243,11 +243,9 @@ def index_steps(generation: Generation, steps: list[int], scales: list[int], num
 def backend_name(machine: Machine) -> str:
     """How the machine scores: 'top-k', 'exact: windows (ISA)' or 'exact: products' (whole images, for IS and ES)."""
     backend = getattr(machine, "backend", None)
-    if backend is None or not isinstance(backend, ExactBackend):
-        return "exact: products" if backend is None else "top-k"
-    if backend.uses_windows(machine.device, machine.dtype):
+    if isinstance(backend, ExactBackend) and backend.uses_windows(machine.device, machine.dtype):
         return f"exact: windows ({windows.best_isa()})"
-    return "exact: products"
+    return "exact: products" if backend is None or isinstance(backend, ExactBackend) else "top-k"
 
 
 def versions() -> dict[str, str | None]:
@@ -279,8 +277,7 @@ def _check_config(config: SampleConfig) -> None:
         raise PatchdbError(f"--num must be at least 1, got {config.num}")
     if config.steps < 2:
         raise PatchdbError(f"--steps must be at least 2, got {config.steps}")
-    if config.exact_method not in EXACT_METHODS:
-        raise PatchdbError(f"unknown exact method {config.exact_method!r}; choose one of {', '.join(EXACT_METHODS)}")
+    check_exact_method(config.exact_method)
     if config.memory_budget_gib <= 0:
         raise PatchdbError(f"--memory-budget must be positive, got {config.memory_budget_gib} GiB")
 

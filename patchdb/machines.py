@@ -227,11 +227,11 @@ class PatchMachine(Machine):
         if self.padding == "circular" and patch_size > 2 * min(height, width) + 1:
             raise PatchdbError(f"patch size {patch_size} wraps more than once around a {height}x{width} image; "
                                f"circular patches can be at most {2 * min(height, width) + 1} wide")
-        groups = dictionary_groups(self.name, patch_size, height, width)
         if self.store is None and isinstance(self.backend, ExactBackend) and self.backend.uses_windows(x.device, x.dtype):
-            mean, source, weight = window_posterior(x, self._lane_blocks(images, label, patch_size), self._window_tasks(groups, patch_size),
+            mean, source, weight = window_posterior(x, self._lane_blocks(images, label, patch_size), self._window_tasks(patch_size),
                                                     alpha_bar, patch_size, self.padding, torch.get_num_threads(), provenance)
             return Posterior(mean, source, weight)
+        groups = dictionary_groups(self.name, patch_size, height, width)
         query_windows = patch_windows(x, patch_size, self.padding)
         queries = [_group_queries(query_windows, group) for group in groups]
         accumulators = [SoftmaxAccumulator(batch * len(group.query_pixels), channels, x.dtype, x.device) for group in groups]
@@ -283,11 +283,12 @@ class PatchMachine(Machine):
         block = max(1, self.memory_budget // 4 // per_image // group) * group  # whole lane groups: sources count in groups
         return (LaneImages.from_images(images[start:start + block], patch_size, self.padding) for start in range(0, images.shape[0], block))
 
-    def _window_tasks(self, groups, patch_size: int) -> torch.Tensor:
-        """The groups' sliding-window tasks (patchdb.windows.window_tasks), made once per scale."""
+    def _window_tasks(self, patch_size: int) -> torch.Tensor:
+        """The sliding-window tasks of this scale's dictionary groups (patchdb.windows.window_tasks), made once per scale."""
         self._check_scale(patch_size)
         if self._tasks is None:
-            self._tasks = window_tasks(groups, *self.image_shape[1:])
+            height, width = self.image_shape[1:]
+            self._tasks = window_tasks(dictionary_groups(self.name, patch_size, height, width), height, width)
         return self._tasks
 
     def _check_scale(self, patch_size: int) -> None:

@@ -200,7 +200,6 @@ def window_posterior(x: torch.Tensor, image_blocks, tasks: torch.Tensor, alpha_b
 def _merge(states: list[WindowState], tasks: torch.Tensor, dtype: torch.dtype, provenance: bool):
     """Combine the states' lanes (in float64): posterior mean and, with provenance, dominant source and its weight."""
     shift = torch.stack([state.shift for state in states], dim=3).double().flatten(3)  # (B, H, W, K)
-    best = torch.stack([state.best for state in states], dim=3).double().flatten(3)
     normaliser = torch.stack([state.normaliser for state in states], dim=3).double().flatten(3)
     weighted = torch.stack([state.weighted for state in states], dim=3).double().transpose(3, 4).flatten(4)  # (B, H, W, C, K)
     top = shift.amax(dim=3, keepdim=True)
@@ -209,7 +208,7 @@ def _merge(states: list[WindowState], tasks: torch.Tensor, dtype: torch.dtype, p
     mean = (weighted * factor[:, :, :, None, :]).sum(dim=4) / total[..., None]
     if not provenance:
         return mean.permute(0, 3, 1, 2).to(dtype), None, None
-    best_logit, best_lane = best.max(dim=3)
+    best_logit, best_lane = torch.stack([state.best for state in states], dim=3).double().flatten(3).max(dim=3)
     num_lanes = states[0].shift.shape[-1]
     code = torch.stack([state.best_code for state in states], dim=3).flatten(3).gather(3, best_lane[..., None])[..., 0].long()
     image = code // tasks.shape[0] * num_lanes + best_lane % num_lanes
