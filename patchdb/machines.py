@@ -78,7 +78,7 @@ class Machine:
         """Posterior mean, and with provenance the dominant source and its weight, of every pixel of x (B, C, H, W) at time t.
 
         Without provenance, source and weight are None: finding the dominant entry costs the sliding-window
-        method about a tenth of its time, and a sampler needs it at its last step only.
+        method 10-45 % more time per call (benchmarks/RESULTS.md), and a sampler needs it at its last step only.
         """
         self._check_inputs(x, t, labels, patch_size)
         x = x.to(device=self.device, dtype=self.dtype)
