@@ -4,8 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
-# Written when the set-up has finished; it is redone when the package's metadata or its C kernel changes
-# (pip compiles patchdb/_windows.c with the system's C compiler).
+# Written when the set-up has finished; it is redone when the package's metadata or its C kernels change
+# (pip compiles patchdb/_windows.c and patchdb/_clusters.c with the system's C compiler).
 STAMP := $(VENV)/.patchdb-installed
 
 # Sixteen samples, a class each (so each sees only its class's 100 training images): bbELS, exact; about
@@ -19,7 +19,7 @@ setup: $(STAMP)
 
 # torch is pinned and installed before the package so that pip takes the CPU build on disk;
 # an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): setup.cfg setup.py pyproject.toml patchdb/_windows.c patchdb/_windows_isa.h patchdb/_windows_kernel.h
+$(STAMP): setup.cfg setup.py pyproject.toml patchdb/_buffers.h patchdb/_clusters.c patchdb/_windows.c patchdb/_windows_isa.h patchdb/_windows_kernel.h
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
 	$(VENV_PYTHON) -m pip install torch==2.13.0
 	$(VENV_PYTHON) -m pip install -e '.[test]'

@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_buffers.h"
+
 #define EXP2_FLOOR (-96.0)   /* weights below 2^-96 of the shift count as 0 */
 #define EXP2_CEILING 30.0    /* a logit may exceed its pixel's shift by this many bits before the shift is raised */
 #define CAT_(a, b) a##b
@@ -104,33 +106,6 @@ static int supported(const struct isa *isa) {
 #endif
     (void)isa;
     return 1;
-}
-
-/* One argument's buffer, checked: C-contiguous, of the expected item format and dimensions. */
-static int get_buffer(PyObject *object, Py_buffer *view, const char *name, char format, int ndim, int writable) {
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(object, view, flags) < 0) return -1;
-    const char *f = view->format;
-    if (f[0] == '<' || f[0] == '=' || f[0] == '@') f++;
-    char actual = f[0];
-    if (actual == 'l' && view->itemsize == 8) actual = 'q';
-    if (actual == 'l' && view->itemsize == 4) actual = 'i';
-    if (actual != format || f[1] != '\0' || view->ndim != ndim) {
-        PyErr_Format(PyExc_ValueError, "%s: expected a contiguous %d-d array of format '%c', got %d-d '%s'",
-                     name, ndim, format, view->ndim, view->format);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
-static int same_shape(const Py_buffer *view, const char *name, int ndim, const Py_ssize_t *shape) {
-    for (int d = 0; d < ndim; d++)
-        if (view->shape[d] != shape[d]) {
-            PyErr_Format(PyExc_ValueError, "%s: dimension %d is %zd, expected %zd", name, d, view->shape[d], shape[d]);
-            return -1;
-        }
-    return 0;
 }
 
 /* Every task's pixels and partners lie inside the image (so every read stays inside the buffers). */

@@ -124,7 +124,7 @@ class SoftmaxAccumulator:
         contract: contract(weights, rows) maps the unnormalised weights (R', n) of accumulator rows
             (an index tensor, or slice(None) for all) to their weighted sums of values (R', V).
         sources: (n, 3) int64 provenance of the n entries; with row_groups, (G, n, 3), one set per group.
-        log_multiplicity: log of how many identical entries each one stands for, (n,) or (R, n), or None.
+        log_multiplicity: log of how many identical entries each one stands for, (n,), (R, n) or (R, 1), or None.
         row_groups: (Q,) int64 group of each accumulator row, when rows of different groups share the chunk.
         rows: (R,) accumulator rows of the logits' rows; None when the logits cover all Q rows.
         bits: the logits are in bits (nats times log2(e), as _logits(..., bits=True) computes them
@@ -165,6 +165,16 @@ class SoftmaxAccumulator:
         self._normaliser[rows] = self._normaliser[rows] * rescale + weights.sum(dim=1)
         self._weighted_sum[rows] = self._weighted_sum[rows] * rescale[:, None] + contract(weights, rows)
         self._max_bits[rows] = new_max
+
+    def fold_in_place(self, fold: Callable, sources: torch.Tensor) -> None:
+        """Let a compiled kernel fold entries into the state: fold(max_bits, normaliser, weighted_sum, best_bits, best_entry)
+        updates the first four (Q,), (Q,), (Q, V), (Q,) in place in this class's convention (bits; any shift at least
+        the largest logit) and sets best_entry (Q,) int64, -1 on entry, to the entry (a row of sources (n, 3)) that
+        raised a row's best logit."""
+        best_entry = torch.full(self._best_bits.shape, -1, dtype=torch.int64, device=self._best_bits.device)
+        fold(self._max_bits, self._normaliser, self._weighted_sum, self._best_bits, best_entry)
+        changed = torch.nonzero(best_entry >= 0).squeeze(1)
+        self.best_source[changed] = sources[best_entry[changed]]
 
     def summary(self) -> PosteriorSummary:
         """The posterior mean, dominant entry and its weight for every query."""

@@ -92,10 +92,12 @@ class EntryClusters:
         centroid_norms = self.centroids.square().sum(dim=1)
         squared = torch.addmm(point_norms + centroid_norms, points, self.centroids.T, alpha=-2.0).clamp_min_(0)
         distances = squared.sqrt_()
-        slack = DISTANCE_SLACK * (point_norms + centroid_norms).sqrt()
-        member_distances = (distances - self.radii - slack).clamp_min_(0)
+        # the rounding slack DISTANCE_SLACK * (||p|| + ||centroid||) is at least DISTANCE_SLACK * sqrt(||p||^2 + ||centroid||^2)
+        member_distances = (distances - (self.radii + DISTANCE_SLACK * centroid_norms.sqrt()))
+        member_distances.sub_(DISTANCE_SLACK * point_norms.sqrt()).clamp_min_(0)
         query_norms = queries.square().sum(dim=1, keepdim=True)
-        return distances, (query_norms - alpha_bar * member_distances.square()) / (2 * noise_variance) + self.log_mass
+        bounds = member_distances.square_().mul_(-alpha_bar / (2 * noise_variance)).add_(query_norms / (2 * noise_variance))
+        return distances, bounds.add_(self.log_mass)
 
 
 @dataclass
@@ -144,9 +146,52 @@ class ClusteredDictionary:
     clusters: EntryClusters
 
     @functools.cached_property
+    def patch_layout(self) -> "PatchLayout":
+        """Where each entry's patch lies in memory, for the compiled scoring (patchdb.topk)."""
+        return patch_layout(self.entries)
+
+    @functools.cached_property
+    def log_multiplicity_bits(self) -> torch.Tensor | None:
+        """(K,) float32 log2 of each entry's multiplicity, for the compiled scoring; None where no entry was merged."""
+        if not self.entries.merged:
+            return None
+        return (self.entries.log_multiplicity.float() / math.log(2.0)).contiguous()
+
+    @functools.cached_property
     def cumulative_patches(self) -> torch.Tensor:
         """(K,) int64 on the CPU: patches (multiplicities summed) in entries 0..k, for drawing patches uniformly."""
         return self.entries.log_multiplicity.double().exp().round().to(torch.int64).cumsum(0).cpu()
+
+
+@dataclass
+class PatchLayout:
+    """Entry e's (C, P, P) patch is buffer[starts[e] + c * channel_stride + dy * row_stride + dx]: buffer (flat) is
+    an in-memory dictionary's keys, or the padded training images of gathered entries (nothing copied)."""
+
+    buffer: torch.Tensor
+    starts: torch.Tensor
+    channel_stride: int
+    row_stride: int
+    channels: int
+    patch_size: int
+
+
+def patch_layout(entries: "PatchDictionary | GatheredEntries") -> PatchLayout:
+    """The PatchLayout of a dictionary's entries: (K, D) keys, or a patch_windows view of contiguous padded images."""
+    if isinstance(entries, GatheredEntries):
+        windows = entries.windows
+        image_stride, channel_stride, row_stride, column_stride, patch_row_stride, patch_column_stride = windows.stride()
+        if column_stride != 1 or patch_column_stride != 1:
+            raise ValueError("gathered entries need windows over contiguous rows of pixels")
+        buffer = windows.as_strided((windows.untyped_storage().nbytes() // windows.element_size(),), (1,), 0)
+        starts = (windows.storage_offset() + entries.sources[:, 0] * image_stride + entries.sources[:, 1] * row_stride
+                  + entries.sources[:, 2] * column_stride)
+        return PatchLayout(buffer, starts.contiguous(), channel_stride, patch_row_stride, windows.shape[1], windows.shape[-1])
+    keys = entries.keys.contiguous()
+    channels = entries.values.shape[1]
+    size = math.isqrt(keys.shape[1] // channels)
+    return PatchLayout(keys.view(-1), torch.arange(keys.shape[0], device=keys.device) * keys.shape[1], size * size, size, channels,
+                       size)
 
 
 def clustered(dictionary: PatchDictionary, cluster_size: int = CLUSTER_SIZE, seed: int = 0) -> ClusteredDictionary:

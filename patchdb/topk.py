@@ -24,11 +24,15 @@ M_c = b_c + log(summed multiplicities) on its share of the posterior's normalise
      at most DEEPENING_ROUNDS times; the last estimate is kept;
    - 'auto': as 'estimate', but a query whose last estimate still exceeds ``estimate_error`` is exact.
 
-Scoring is by the engine's matrix products, in one of two ways (``scoring``):
-- 'runs' (the CPU's default): runs of consecutive clusters (clusters with nearby numbers lie near
+Scoring is in one of three ways (``scoring``):
+- 'compiled' (the CPU's default where patchdb._clusters was compiled, float32): a kernel takes each
+  visited cluster in turn, reads its entries' patches where they lie (the in-memory keys, or the
+  training images themselves for gathered entries) and scores them against the queries that visit
+  it, folding the weights into the queries' running softmax as it goes: nothing is copied or masked;
+- 'runs' (the CPU's default otherwise), by the engine's matrix products: runs of consecutive clusters (clusters with nearby numbers lie near
   each other) against every query that visits one of them, masking the clusters a query does not
   visit: few wasted products, many small ones;
-- 'gathered' (a GPU's default): each query's visited entries gathered into one padded row, and all
+- 'gathered' (a GPU's default), by matrix products too: each query's visited entries gathered into one padded row, and all
   rows of a block scored by one batched product: a few large operations per fold, whatever the
   number of clusters, at the price of copying the entries (queries whose entries do not fit one
   chunk are scored in runs).
@@ -37,18 +41,24 @@ Scoring is by the engine's matrix products, in one of two ways (``scoring``):
 import math
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from patchdb.engine import NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits, logit_chunk_bytes
+from patchdb.engine import LN_2, LOG2_E, NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits, logit_chunk_bytes
 from patchdb.errors import PatchdbError
 from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, cluster_of_entries, take_entries
+
+try:
+    from patchdb import _clusters
+except ImportError:  # the extension was not compiled (no C compiler when installing): matrix products score the clusters
+    _clusters = None
 
 PATHS = ("exact", "certified", "estimated", "truncated")
 """Path codes: the path a query took is PATHS[code]."""
 FALLBACKS = ("auto", "exact", "estimate", "none")
-SCORINGS = ("runs", "gathered")
+SCORINGS = ("compiled", "runs", "gathered")
 
 DEFAULT_TOPK = None
 """None: 'auto', the larger of MIN_AUTO_TOPK and AUTO_TOPK_CLUSTERS mean clusters of each dictionary."""
@@ -75,8 +85,9 @@ DEEPENING_FACTOR times as many nearest entries, up to DEEPENING_ROUNDS times (so
 PROBE_MARGIN = 4
 """Clusters ordered per query: PROBE_MARGIN times as many as topk entries fill at the mean cluster size."""
 
-ROUNDING_MARGIN = 1e-12
-"""Added, relative to the total, to each tail mass computed as total minus prefix (float64 cancellation)."""
+MASS_ROUNDING = 1e-6
+"""Added, relative to itself, to every sum of clusters' mass bounds: the bounds, relative to the largest, are float32
+(each rounded by less than 3e-7 of itself by the exponential) and summed directly in float64 (never as a difference)."""
 
 RUN_ENTRIES = 2048
 """Consecutive clusters are scored together in runs of about this many entries (and the rows in
@@ -92,7 +103,7 @@ class TopKBackend:
     estimate_samples: entries in the estimator's uniform sample; estimate_error: the largest standard error of
     an estimated posterior mean (in the values' units: pixels in [-1, 1]) accepted without visiting more
     entries (module docstring); seed: the sampler's generator;
-    scoring: one of SCORINGS, or None for the device's default ('runs' on a CPU, 'gathered' elsewhere).
+    scoring: one of SCORINGS, or None for the default (default_scoring).
     """
 
     def __init__(self, topk: int | None = DEFAULT_TOPK, tol: float = DEFAULT_TOL, fallback: str = DEFAULT_FALLBACK,
@@ -108,6 +119,9 @@ class TopKBackend:
             raise PatchdbError("the estimator needs at least one sample and a positive error bound")
         if scoring not in (None, *SCORINGS):
             raise PatchdbError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+        if scoring == "compiled" and _clusters is None:
+            raise PatchdbError("scoring 'compiled' needs patchdb._clusters, which was not compiled: reinstall patchdb "
+                               "with a C compiler (`make setup`), or choose scoring 'runs'")
         self.scoring = scoring
         self.topk, self.tol, self.fallback = topk, tol, fallback
         self.estimate_samples, self.estimate_error = estimate_samples, estimate_error
@@ -132,7 +146,7 @@ class TopKBackend:
         seconds["search"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        scored = self._score(accumulator, queries, entries, clusters, plan.visit, alpha_bar)
+        scored = self._score(accumulator, queries, dictionary, plan.visit, alpha_bar)
         seconds["rescore"] += time.perf_counter() - start
         uncertified = torch.nonzero(~plan.certified).squeeze(1)
         if self.fallback != "exact":
@@ -152,15 +166,14 @@ class TopKBackend:
                 start = time.perf_counter()
                 self._report["deepenings"] += rejected.numel()
                 budget *= DEEPENING_FACTOR
-                scored += self._score(accumulator, queries, entries, clusters, self._deepen(plan, clusters, rejected, budget),
-                                      alpha_bar)
+                scored += self._score(accumulator, queries, dictionary, self._deepen(plan, clusters, rejected, budget), alpha_bar)
                 seconds["rescore"] += time.perf_counter() - start
                 rejected = self._certify_scored(accumulator, plan, rejected)
         if rejected.numel():
             start = time.perf_counter()
             tail_visit = torch.zeros_like(plan.visit)
             tail_visit[rejected] = plan.relevant[rejected] & ~plan.visit[rejected]
-            scored += self._score(accumulator, queries, entries, clusters, tail_visit, alpha_bar)
+            scored += self._score(accumulator, queries, dictionary, tail_visit, alpha_bar)
             plan.path[rejected] = PATHS.index("exact")
             seconds["rescore"] += time.perf_counter() - start
         self._count(plan.path.cpu(), scored)
@@ -176,8 +189,8 @@ class TopKBackend:
         if not rows.numel() or self.tol == 0:
             return rows
         log_normaliser = accumulator.running_max[rows] + accumulator.normaliser[rows].log()
-        unvisited_mass = plan.mass_bounds[rows].masked_fill(plan.visit[rows], -math.inf).logsumexp(dim=1)
-        proven = unvisited_mass <= math.log(self.tol) + log_normaliser
+        unvisited_mass = plan.masses[rows].masked_fill_(plan.visit[rows], 0.0).sum(dim=1, dtype=torch.float64) * (1 + MASS_ROUNDING)
+        proven = unvisited_mass <= self.tol * (log_normaliser - plan.mass_shift[rows]).double().exp()
         plan.certified[rows[proven]] = True
         plan.path[rows[proven]] = PATHS.index("certified")
         return rows[~proven]
@@ -200,17 +213,19 @@ class TopKBackend:
         simply not certified.
         """
         centroid_distances, mass_bounds = clusters.search(queries, alpha_bar)  # (Q, C) each
-        medoid_logits = _logits(queries, take_entries(entries, clusters.medoids), 0, len(clusters), alpha_bar)
-        log_normaliser = (medoid_logits + entries.log_multiplicity[clusters.medoids]).logsumexp(dim=1)  # C actual entries
+        medoid_logits = _logits(queries, take_entries(entries, clusters.medoids), 0, len(clusters), alpha_bar, bits=True)
+        log_normaliser = _log_sum_exp(medoid_logits.add_(entries.log_multiplicity[clusters.medoids] * LOG2_E)) * LN_2  # C actual entries
         nearest = _nearest_clusters(centroid_distances, clusters, topk)
         probes = nearest.shape[1]
-        # the mass bound of the clusters beyond each prefix of the probe order: total minus the prefix, in float64
+        # the mass bound of the clusters beyond each prefix of the probe order: those never probed, summed with the
+        # probed ones beyond the prefix
         shift = mass_bounds.amax(dim=1, keepdim=True)
-        masses = (mass_bounds - shift).double().exp()
-        total = masses.sum(dim=1, keepdim=True)
-        tail = total - masses.gather(1, nearest).cumsum(dim=1) + ROUNDING_MARGIN * total  # (Q, probes): beyond ranks 0..j
-        if probes == len(clusters):
-            tail[:, -1] = 0.0  # nothing lies beyond every cluster
+        masses = (mass_bounds - shift).mul_(LOG2_E).exp2_()  # (Q, C) in [0, 1]
+        probed = masses.gather(1, nearest)
+        never_probed = masses.scatter_(1, nearest, 0.0).sum(dim=1, keepdim=True, dtype=torch.float64)
+        masses.scatter_(1, nearest, probed)
+        beyond = probed.double().flip(1).cumsum(dim=1).flip(1)  # (Q, probes): ranks j.. of the probe order
+        tail = (never_probed + torch.cat([beyond[:, 1:], torch.zeros_like(beyond[:, :1])], dim=1)) * (1 + MASS_ROUNDING)
         threshold = self.tol * (log_normaliser[:, None] - shift).double().exp()
         within = tail <= threshold
         needed = torch.where(within.any(dim=1), within.to(torch.int8).argmax(dim=1) + 1, probes + 1)  # clusters to visit
@@ -224,7 +239,7 @@ class TopKBackend:
         if self.fallback == "exact":
             visit = torch.where(certified[:, None], visit, relevant)
         path = torch.where(certified, PATHS.index("certified"), PATHS.index(_UNCERTIFIED_PATH[self.fallback])).to(torch.uint8)
-        return _Plan(visit, relevant, mass_bounds, centroid_distances, certified, path)
+        return _Plan(visit, relevant, masses, shift[:, 0], centroid_distances, certified, path)
 
     def take_report(self) -> dict:
         """Counts since the last call: queries per path, entries scored, deepenings (queries that visited more
@@ -246,10 +261,13 @@ class TopKBackend:
         self._report["queries"] += path.numel()
         self._report["entries_scored"] += int(scored)
 
-    def _score(self, accumulator, queries, entries: PatchDictionary | GatheredEntries, clusters: EntryClusters, visit: torch.Tensor,
-               alpha_bar: float) -> int:
+    def _score(self, accumulator, queries, dictionary: ClusteredDictionary, visit: torch.Tensor, alpha_bar: float) -> int:
         """Score exactly, for each query, the entries of the clusters visit (Q, C) marks; returns the entries scored."""
-        if (self.scoring or ("runs" if queries.device.type == "cpu" else "gathered")) == "runs":
+        entries, clusters = dictionary.entries, dictionary.clusters
+        scoring = self.scoring or default_scoring(queries.device, queries.dtype)
+        if scoring == "compiled":
+            return _score_compiled(accumulator, queries, dictionary, visit, alpha_bar)
+        if scoring == "runs":
             return self._score_runs(accumulator, queries, entries, clusters, visit, alpha_bar)
         chunk_bytes = logit_chunk_bytes(queries.device)
         counts = (visit * clusters.sizes).sum(dim=1)  # (Q,) entries each query visits
@@ -332,55 +350,117 @@ class TopKBackend:
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
         unvisited = ~plan.visit[rows]  # (R, C)
         in_tail = unvisited[:, draw_cluster]  # (R, m)
-        drawn = in_tail.sum(dim=1)
-        tail_patches = (unvisited * clusters.log_mass.double().exp()).sum(dim=1)
+        # draws and patches in each row's unvisited clusters, by products with the counts per cluster (exact in
+        # float32 up to 2^24 patches; beyond, rounded by 6e-8 of the tail's size, which only reweights the estimate)
+        per_cluster = torch.stack([torch.bincount(draw_cluster, minlength=len(clusters)).to(torch.float32),
+                                   clusters.log_mass.exp().to(torch.float32)], dim=1)
+        drawn, tail_patches = (unvisited.to(torch.float32) @ per_cluster).double().unbind(1)
+        drawn = drawn.round().long()
         sample = take_entries(entries, draws)
-        logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar).masked_fill_(~in_tail, -math.inf)
-        standard_error = self._standard_error(accumulator, rows, logits, sample.values, in_tail, tail_patches)
+        logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar, bits=True).masked_fill_(~in_tail, -math.inf)
+        standard_error = self._standard_error(accumulator, rows, logits, sample.values, drawn, tail_patches)
         accept = drawn > 0
         if strict:
             accept &= standard_error <= self.estimate_error
         kept = torch.nonzero(accept).squeeze(1)
         if kept.numel():
             self._report["standard_errors"].append(standard_error[kept].cpu())
-            log_multiplicity = (tail_patches[kept] / drawn[kept]).log().to(logits.dtype)[:, None].expand(-1, len(draws))
+            log_multiplicity = (tail_patches[kept] / drawn[kept]).log().to(logits.dtype)[:, None]  # (R', 1)
             # the draws stand for patches: their own multiplicity is already in the sampling
-            accumulator.update(logits[kept], lambda weights, _: weights @ sample.values, sample.sources,
-                               log_multiplicity.contiguous(), rows=rows[kept])
+            accumulator.update(logits if kept.numel() == rows.numel() else logits[kept], lambda weights, _: weights @ sample.values,
+                               sample.sources, log_multiplicity, rows=rows[kept], bits=True)
         return rows[~accept], rows.numel() * len(draws)
 
     @staticmethod
-    def _standard_error(accumulator, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, in_tail: torch.Tensor,
+    def _standard_error(accumulator, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, drawn: torch.Tensor,
                         tail_patches: torch.Tensor) -> torch.Tensor:
         """(R,) the standard error of each row's estimated posterior mean (the largest over the value channels), in
         the values' units: by the delta method, tail_patches * sd(w_i (v_i - mean)) / sqrt(draws) / normaliser, over
-        the draws i in the row's tail, of weight w_i and value v_i (logits (R, m) -inf outside it; values (m, V))."""
-        shift = torch.maximum(accumulator.running_max[rows], logits.amax(dim=1)).double()
-        weights = (logits.double() - shift[:, None]).exp()  # (R, m), 0 outside the tail
-        values = values.double()
-        count = in_tail.sum(dim=1).clamp_min(1).double()
-        scale = (accumulator.running_max[rows].double() - shift).exp()
+        the drawn (R,) draws i in the row's tail, of weight w_i and value v_i (logits (R, m) in bits, -inf outside
+        it; values (m, V)). The weights, at most 1, and their moments are in the logits' dtype: with values in a
+        bounded range, as pixels are, float32 loses at most a few digits of a variance that matters (module tests)."""
+        running_max = accumulator.running_max[rows] * LOG2_E
+        shift = torch.maximum(running_max, logits.amax(dim=1))
+        weights = (logits - shift[:, None]).exp2_()  # (R, m), 0 outside the tail
+        count = drawn.clamp_min(1).double()
+        scale = torch.exp2(running_max.double() - shift.double())
         known, known_sum = accumulator.normaliser[rows].double() * scale, accumulator.weighted_sum[rows].double() * scale[:, None]
-        tail_mean, tail_mean_sum = weights.sum(dim=1) / count, weights @ values / count[:, None]
+        ones = torch.ones(values.shape[0], 1, dtype=values.dtype, device=values.device)
+        tail_sums = (weights @ torch.cat([values, ones], dim=1)).double()  # (R, V + 1): sums of w v and of w
+        tail_mean, tail_mean_sum = tail_sums[:, -1] / count, tail_sums[:, :-1] / count[:, None]
         normaliser = known + tail_patches * tail_mean
         mean = (known_sum + tail_patches[:, None] * tail_mean_sum) / normaliser[:, None]  # (R, V)
         # the sample variance of d_i = w_i (v_i - mean) from the sums of w^2, w^2 v and w^2 v^2
-        squared = weights.square()
-        second = squared @ values.square() - 2 * mean * (squared @ values) + mean.square() * squared.sum(dim=1, keepdim=True)
+        squares = (weights.square_() @ torch.cat([values.square(), values, ones], dim=1)).double()  # (R, 2 V + 1)
+        channels = values.shape[1]
+        second = squares[:, :channels] - 2 * mean * squares[:, channels:-1] + mean.square() * squares[:, -1:]
         variance = (second - count[:, None] * (tail_mean_sum - mean * tail_mean[:, None]).square()).clamp_min(0)
         variance /= (count - 1).clamp_min(1)[:, None]
         return (tail_patches[:, None] * (variance / count[:, None]).sqrt() / normaliser[:, None]).amax(dim=1)
 
 
+def _log_sum_exp(x: torch.Tensor) -> torch.Tensor:
+    """(R,) log2 of the sum of 2^x over each row of x (R, n) of finite numbers in bits, overwriting x (exp2 is several
+    times faster than exp on a CPU)."""
+    top = x.amax(dim=1, keepdim=True)
+    return x.sub_(top).exp2_().sum(dim=1).log2_().add_(top[:, 0])
+
+
+def default_scoring(device: torch.device, dtype: torch.dtype) -> str:
+    """'compiled' on a CPU in float32 where patchdb._clusters was compiled, else 'runs' on a CPU, 'gathered' elsewhere."""
+    if device.type != "cpu":
+        return "gathered"
+    return "compiled" if _clusters is not None and dtype == torch.float32 else "runs"
+
+
+def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: ClusteredDictionary, visit: torch.Tensor,
+                    alpha_bar: float) -> int:
+    """'compiled' scoring (module docstring): the visits as lists of rows per cluster, folded by patchdb._clusters,
+    the rows split between torch's threads. Returns the entries scored."""
+    if queries.dtype != torch.float32 or queries.device.type != "cpu":
+        raise PatchdbError("scoring 'compiled' runs on a CPU in float32; choose scoring 'runs' for other dtypes")
+    clusters, layout = dictionary.clusters, dictionary.patch_layout
+    visiting = torch.nonzero(visit.any(dim=1)).squeeze(1)
+    pair_rows, pair_clusters = torch.nonzero(visit[visiting]).unbind(1)  # by row, then cluster
+    by_cluster = torch.argsort(pair_clusters, stable=True)  # by cluster, then row
+    visit_rows = visiting[pair_rows[by_cluster]]
+    visit_starts = torch.zeros(len(clusters) + 1, dtype=torch.int64)
+    visit_starts[1:] = torch.bincount(pair_clusters, minlength=len(clusters)).cumsum(0)
+    signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
+    log_multiplicity = dictionary.log_multiplicity_bits
+    queries = queries.contiguous()
+    threads = max(1, min(torch.get_num_threads(), queries.shape[0]))
+    bounds = [queries.shape[0] * part // threads for part in range(threads + 1)]
+
+    def fold(max_bits, normaliser, weighted, best_bits, best_entry):
+        def rows(begin, end):
+            _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), None if log_multiplicity is None else log_multiplicity.numpy(),
+                           layout.channels, layout.patch_size, layout.channel_stride, layout.row_stride, clusters.offsets.numpy(), visit_starts.numpy(),
+                           visit_rows.numpy(), begin, end, queries.numpy(), signal / noise_variance * LOG2_E,
+                           alpha_bar / (2 * noise_variance) * LOG2_E, max_bits.numpy(), normaliser.numpy(), weighted.numpy(),
+                           best_bits.numpy(), best_entry.numpy())
+        if threads == 1:
+            rows(0, queries.shape[0])
+            return
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for job in [pool.submit(rows, begin, end) for begin, end in zip(bounds, bounds[1:])]:
+                job.result()
+
+    accumulator.fold_in_place(fold, dictionary.entries.sources)
+    return int(clusters.sizes[pair_clusters].sum())
+
+
 @dataclass
 class _Plan:
     """Per query of a fold: visit (Q, C) the clusters scored exactly so far; relevant (Q, C) the clusters
-    not provably negligible; mass_bounds (Q, C) the log mass bounds; centroid_distances (Q, C) the search
+    not provably negligible; masses (Q, C) float32 the clusters' mass bounds relative to the largest, whose
+    log is mass_shift (Q,); centroid_distances (Q, C) the search
     order's distances; certified (Q,); path (Q,) uint8 code."""
 
     visit: torch.Tensor
     relevant: torch.Tensor
-    mass_bounds: torch.Tensor
+    masses: torch.Tensor
+    mass_shift: torch.Tensor
     centroid_distances: torch.Tensor
     certified: torch.Tensor
     path: torch.Tensor

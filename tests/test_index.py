@@ -178,19 +178,22 @@ def test_gathered_scoring_equals_runs(dictionary, indexed, fallback, chunk_bytes
     with 16 KiB chunks (227 entries), queries in many blocks and the widest ('exact', 'auto') through runs."""
     monkeypatch.setattr(patchdb.topk, "logit_chunk_bytes", lambda device: chunk_bytes)
     for alpha_bar in (0.3, 0.9, 0.99):
-        queries = noisy_queries(dictionary, alpha_bar)
-        options = {"topk": 128, "tol": 1e-2, "fallback": fallback, "estimate_samples": 256, "estimate_error": 0.05}
-        runs, gathered = TopKBackend(**options, scoring="runs"), TopKBackend(**options, scoring="gathered")
-        summaries = []
-        for backend in (runs, gathered):
-            accumulator = SoftmaxAccumulator(queries.shape[0], 1, queries.dtype, queries.device)
-            path = backend.fold(accumulator, queries, indexed, alpha_bar)
-            summaries.append((accumulator.summary(), path, backend.take_report()["entries_scored"]))
-        (expected, expected_path, expected_scored), (got, got_path, got_scored) = summaries
-        torch.testing.assert_close(got.mean, expected.mean, rtol=0, atol=1e-12)
-        torch.testing.assert_close(got.best_weight, expected.best_weight, rtol=0, atol=1e-12)
-        assert torch.equal(got.best_source, expected.best_source) and torch.equal(got_path, expected_path)
-        assert got_scored == expected_scored
+        assert_scoring_equals_runs("gathered", noisy_queries(dictionary, alpha_bar), indexed, fallback, alpha_bar, atol=1e-12)
+
+
+def assert_scoring_equals_runs(scoring: str, queries, indexed, fallback: str, alpha_bar: float, atol: float) -> None:
+    """The posterior, paths and entries scored of one fold with scoring equal those with scoring 'runs'."""
+    options = {"topk": 128, "tol": 1e-2, "fallback": fallback, "estimate_samples": 256, "estimate_error": 0.05}
+    summaries = []
+    for backend in (TopKBackend(**options, scoring="runs"), TopKBackend(**options, scoring=scoring)):
+        accumulator = SoftmaxAccumulator(queries.shape[0], 1, queries.dtype, queries.device)
+        path = backend.fold(accumulator, queries, indexed, alpha_bar)
+        summaries.append((accumulator.summary(), path, backend.take_report()["entries_scored"]))
+    (expected, expected_path, expected_scored), (got, got_path, got_scored) = summaries
+    torch.testing.assert_close(got.mean, expected.mean, rtol=0, atol=atol)
+    torch.testing.assert_close(got.best_weight, expected.best_weight, rtol=0, atol=atol)
+    assert torch.equal(got.best_source, expected.best_source) and torch.equal(got_path, expected_path)
+    assert got_scored == expected_scored
 
 
 def test_auto_topk_is_a_number_of_mean_clusters_with_a_floor(dictionary, indexed, monkeypatch):
@@ -222,3 +225,86 @@ def test_bad_backend_settings_are_refused():
     for options in ({"topk": 0}, {"tol": 1.0}, {"fallback": "sometimes"}, {"scoring": "sparse"}):
         with pytest.raises(PatchdbError):
             TopKBackend(**options)
+
+
+def float32_dictionary(dictionary: PatchDictionary) -> PatchDictionary:
+    return PatchDictionary(dictionary.keys.float(), dictionary.values.float(), dictionary.squared_norms.float(),
+                           dictionary.log_multiplicity.float(), dictionary.sources, dictionary.merged)
+
+
+@pytest.fixture(scope="module")
+def indexed32(dictionary):
+    return clustered(float32_dictionary(dictionary), cluster_size=32)
+
+
+@pytest.mark.skipif(patchdb.topk._clusters is None, reason="patchdb._clusters was not compiled")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("fallback", FALLBACKS)
+def test_compiled_scoring_equals_runs(dictionary, indexed32, fallback, threads, monkeypatch):
+    """The compiled kernel (every visited cluster read in place, rows split between threads) gives the matrix
+    products' posterior in float32: same paths, same dominant entries, the same entries scored."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for alpha_bar in (0.3, 0.9, 0.99):
+        assert_scoring_equals_runs("compiled", noisy_queries(dictionary, alpha_bar, count=200).float(), indexed32, fallback,
+                                   alpha_bar, atol=1e-4)
+
+
+@pytest.mark.skipif(patchdb.topk._clusters is None, reason="patchdb._clusters was not compiled")
+def test_compiled_scoring_keeps_state_it_does_not_visit_and_folds_into_existing_state(indexed32, dictionary):
+    """Rows that visit nothing keep their state; a second fold of the other clusters gives the fold of all."""
+    alpha_bar = 0.6
+    queries = noisy_queries(dictionary, alpha_bar, count=40).float()
+    clusters = len(indexed32.clusters)
+    visit = torch.zeros(queries.shape[0], clusters, dtype=torch.bool)
+    visit[:30, : clusters // 2] = True
+    rest = torch.zeros_like(visit)
+    rest[:30, clusters // 2:] = True
+    states = []
+    for visits in ([visit, rest], [visit | rest]):
+        accumulator = SoftmaxAccumulator(queries.shape[0], 1, queries.dtype, queries.device)
+        for part in visits:
+            patchdb.topk._score_compiled(accumulator, queries, indexed32, part, alpha_bar)
+        states.append(accumulator)
+    two, one = (state.summary() for state in states)
+    torch.testing.assert_close(two.mean[:30], one.mean[:30], rtol=0, atol=1e-5)
+    assert torch.equal(two.best_source, one.best_source)
+    assert torch.isinf(states[0].best_logit[30:]).all() and (states[0].normaliser[30:] == 0).all()
+    exact = ExactBackend().summarize(queries[:30].double(), [dictionary], alpha_bar).mean
+    torch.testing.assert_close(one.mean[:30].double(), exact, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(patchdb.topk._clusters is None, reason="patchdb._clusters was not compiled")
+def test_compiled_kernel_refuses_buffers_and_visits_that_do_not_fit(indexed32, dictionary):
+    from patchdb import _clusters
+    queries = noisy_queries(dictionary, 0.5, count=4).float()
+    layout, clusters = indexed32.patch_layout, indexed32.clusters
+    state = [torch.full((4,), -math.inf), torch.zeros(4), torch.zeros(4, 1), torch.full((4,), -math.inf),
+             torch.full((4,), -1, dtype=torch.int64)]
+
+    def fold(starts=layout.starts, offsets=clusters.offsets, visit_starts=None, visit_rows=torch.tensor([0, 3]), patch_size=3,
+             row_end=4):
+        if visit_starts is None:
+            visit_starts = torch.zeros(len(clusters) + 1, dtype=torch.int64)
+            visit_starts[1:] = len(visit_rows)
+        _clusters.fold(layout.buffer.numpy(), starts.numpy(), None, 1, patch_size, layout.channel_stride, layout.row_stride,
+                       offsets.numpy(), visit_starts.numpy(), visit_rows.numpy(), 0, row_end, queries.numpy(), 1.0, 0.5,
+                       *(part.numpy() for part in state))
+
+    fold()  # as given, it folds
+    assert torch.isfinite(state[0][[0, 3]]).all() and torch.isinf(state[0][[1, 2]]).all()
+    bad_starts = layout.starts.clone()
+    bad_starts[5] = layout.buffer.numel() - 2
+    for arguments, message in (({"starts": bad_starts}, "leaves the patches buffer"), ({"visit_rows": torch.tensor([0, 4])}, "not a query row"),
+                               ({"offsets": clusters.offsets.flip(0)}, "must not decrease"), ({"offsets": clusters.offsets + 1}, "span the entries"),
+                               ({"patch_size": 5}, "odd P"),
+                               ({"row_end": 5}, "row_end")):
+        with pytest.raises(ValueError, match=message):
+            fold(**arguments)
+
+
+def test_without_the_compiled_kernel_scoring_falls_back_to_matrix_products(monkeypatch):
+    from patchdb.errors import PatchdbError
+    monkeypatch.setattr(patchdb.topk, "_clusters", None)
+    assert patchdb.topk.default_scoring(torch.device("cpu"), torch.float32) == "runs"
+    with pytest.raises(PatchdbError, match="make setup"):
+        TopKBackend(scoring="compiled")

@@ -1,0 +1,346 @@
+/* patchdb._clusters: the top-k backend's exact scores of the clusters each query visits (patchdb/topk.py).
+ *
+ * fold(patches, starts, log_multiplicity, channels, patch_size, channel_stride, row_stride, offsets, visit_starts,
+ *      visit_rows, row_begin, row_end, queries, c1, c2, max_bits, normaliser, weighted, best_bits, best_entry)
+ * scores, for every cluster c and every query row r listed in visit_rows[visit_starts[c]:visit_starts[c + 1]]
+ * (ascending) with row_begin <= r < row_end, every entry e of offsets[c]:offsets[c + 1], and folds the
+ * logits into row r's running softmax (the state of patchdb.engine.SoftmaxAccumulator, in bits):
+ *   patches: float32 buffer that holds every entry's patch, entry e's (C, P, P) patch at
+ *       patches[starts[e] + ch * channel_stride + dy * row_stride + dx] (an in-memory dictionary's keys,
+ *       or the padded training images themselves, so that no patch is copied out of them);
+ *   log_multiplicity (n,) float32, in bits, or None (every entry one patch);
+ *   queries (Q, C * P * P) float32;
+ *   logit in bits: l_e = c1 <q, k_e> - c2 ||k_e||^2 + log_multiplicity[e];
+ *   max_bits, normaliser, best_bits (Q,), weighted (Q, C) float32: normaliser = sum 2^(l - max_bits),
+ *       weighted likewise times the entry's centre pixel, max_bits the largest l (a row is rescaled when a
+ *       block of entries raises it); best_bits the largest l without its multiplicity, best_entry (Q,) int64
+ *       the entry that set it (rows whose best did not change keep their value).
+ * Weights below 2^WEIGHT_FLOOR_BITS of the row's maximum count as 0 (the engine floors them there).
+ * The GIL is released while it runs: threads may fold disjoint row ranges of the same state.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_buffers.h"
+
+#define ENTRY_BLOCK 64   /* entries scored before their weights are folded: one rescale per block and row */
+#define ROW_BLOCK 128    /* rows whose state is held in a contiguous block while a cluster is scored */
+#define ROW_ALIGN 16     /* rows are scored in groups of this many (a vector of AVX-512 floats) */
+#define WEIGHT_FLOOR_BITS (-115.0f) /* patchdb.engine.LOG_WEIGHT_FLOOR (-80 nats) in bits */
+#define ROUND_MAGIC 12582912.0f     /* 1.5 * 2^23: adding it rounds a float to an integer */
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* (ln 2)^k / k!: the Taylor coefficients of 2^f = e^(f ln 2), f in [-1/2, 1/2] (relative error below 2e-7) */
+static const float EXP2_TAYLOR[] = {1.0f, 0.6931471805599453f, 0.2402265069591007f, 0.055504108664821576f,
+                                    0.009618129107628477f, 0.0013333558146428441f, 0.00015403530393381606f};
+
+/* 2^t for t <= 1, 0 below WEIGHT_FLOOR_BITS (and for -inf); branch-free, so that loops of it vectorise */
+static inline float exp2_weight(float t) {
+    const float kept = t >= WEIGHT_FLOOR_BITS ? 1.0f : 0.0f;
+    t = t >= WEIGHT_FLOOR_BITS ? t : WEIGHT_FLOOR_BITS;
+    const float whole = (t + ROUND_MAGIC) - ROUND_MAGIC;
+    const float fraction = t - whole;
+    float power = EXP2_TAYLOR[6];
+    for (int k = 5; k >= 0; k--) power = power * fraction + EXP2_TAYLOR[k];
+    /* (n + 127) * 2^23 is an integer that a float holds exactly: its conversion gives the bits of 2^n */
+    const int32_t bits = (int32_t)((whole + 127.0f) * 8388608.0f);
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return power * scale * kept;
+}
+
+struct fold_args {
+    const float *patches, *log_multiplicity, *queries;
+    const int64_t *starts, *offsets, *visit_starts, *visit_rows;
+    Py_ssize_t channels, patch_size, channel_stride, row_stride, num_clusters, row_begin, row_end;
+    float c1, c2;
+    float *max_bits, *normaliser, *weighted, *best_bits;
+    int64_t *best_entry;
+};
+
+/* The rows of one cluster's visits in [begin, end): a sub-range of the ascending list rows[0:count]. */
+static void row_range(const int64_t *rows, Py_ssize_t count, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t *first,
+                      Py_ssize_t *last) {
+    Py_ssize_t low = 0, high = count;
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        if (rows[middle] < begin) low = middle + 1; else high = middle;
+    }
+    *first = low;
+    high = count;
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        if (rows[middle] < end) low = middle + 1; else high = middle;
+    }
+    *last = low;
+}
+
+/* Working memory of one call: a block of rows' state and queries (row j of the block in column j: rows are the
+ * vectorised dimension), and a block of entries' patches, centre pixels, biases and logits. */
+struct scratch {
+    float *shift, *normaliser, *weighted, *best, *queries, *patches, *logits, *centres, *biases;
+    int64_t *best_entry;
+};
+
+/* ROW_ALIGN floats; GCC lowers it to the clone's native vectors (one AVX-512 register, two AVX2 ones, ...) */
+typedef float row_vector __attribute__((vector_size(ROW_ALIGN * sizeof(float)), aligned(sizeof(float))));
+
+/* ||patch||^2 (dims), in vectors of ROW_ALIGN partial sums */
+static inline float squared_norm(const float *patch, Py_ssize_t dims) {
+    row_vector sums = {0};
+    Py_ssize_t d = 0;
+    for (; d + ROW_ALIGN <= dims; d += ROW_ALIGN) {
+        row_vector part;
+        memcpy(&part, patch + d, sizeof part);
+        sums += part * part;
+    }
+    float norm = 0.0f;
+    for (int k = 0; k < ROW_ALIGN; k++) norm += sums[k];
+    for (; d < dims; d++) norm += patch[d] * patch[d];
+    return norm;
+}
+
+/* logits[e * ROW_BLOCK + j] = <query j, patches[e]> for ENTRIES patches and the rows j of [0, GROUPS * ROW_ALIGN)
+ * (queries column-major, ROW_BLOCK per dimension): ENTRIES x GROUPS independent vector sums held in registers over
+ * the dimensions, enough of them to hide the latency of the multiply-adds */
+#define INNER_PRODUCTS(ENTRIES, GROUPS)                                                                           \
+    static inline void inner_products_##ENTRIES##_##GROUPS(const float *restrict queries,                         \
+                                                           const float *const *patches, Py_ssize_t dims,          \
+                                                           float *restrict logits) {                              \
+        row_vector sums[ENTRIES][GROUPS];                                                                          \
+        for (int e = 0; e < ENTRIES; e++)                                                                          \
+            for (int g = 0; g < GROUPS; g++) sums[e][g] = (row_vector){0};                                         \
+        for (Py_ssize_t d = 0; d < dims; d++) {                                                                    \
+            const row_vector *column = (const row_vector *)(queries + d * ROW_BLOCK);                              \
+            for (int e = 0; e < ENTRIES; e++)                                                                      \
+                for (int g = 0; g < GROUPS; g++) sums[e][g] += patches[e][d] * column[g];                          \
+        }                                                                                                          \
+        for (int e = 0; e < ENTRIES; e++)                                                                          \
+            for (int g = 0; g < GROUPS; g++) ((row_vector *)(logits + e * ROW_BLOCK))[g] = sums[e][g];             \
+    }
+INNER_PRODUCTS(4, 1)
+INNER_PRODUCTS(2, 4)
+
+/* Score entries [first, last) of a cluster (at most ENTRY_BLOCK) against the block's rows [0, count) and fold
+ * their weights into the rows' state; columns up to count rounded up to ROW_ALIGN are computed and ignored. */
+CLONES static void score_block(const struct fold_args *a, struct scratch *s, Py_ssize_t first, Py_ssize_t last,
+                               Py_ssize_t count) {
+    const Py_ssize_t size = a->patch_size, channels = a->channels, dims = channels * size * size, half = size / 2;
+    const Py_ssize_t entries = last - first, columns = (count + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
+    const int contiguous = a->channel_stride == size * size && a->row_stride == size;
+    const float *patch_of[ENTRY_BLOCK];
+    for (Py_ssize_t i = 0; i < entries; i++) {
+        const float *source = a->patches + a->starts[first + i];
+        float *patch = s->patches + i * dims;
+        if (contiguous) {
+            patch_of[i] = source;
+        } else {
+            for (Py_ssize_t ch = 0; ch < channels; ch++)
+                for (Py_ssize_t dy = 0; dy < size; dy++)
+                    for (Py_ssize_t dx = 0; dx < size; dx++)
+                        patch[(ch * size + dy) * size + dx] = source[ch * a->channel_stride + dy * a->row_stride + dx];
+            patch_of[i] = patch;
+        }
+        s->biases[i] = -a->c2 * squared_norm(patch_of[i], dims);
+        for (Py_ssize_t ch = 0; ch < channels; ch++) s->centres[i * channels + ch] = patch_of[i][(ch * size + half) * size + half];
+    }
+    for (Py_ssize_t i = entries; i < ENTRY_BLOCK; i++) patch_of[i] = patch_of[0]; /* scored, never folded */
+    /* the block's inner products: two entries at a time against 4 x ROW_ALIGN rows, or four against ROW_ALIGN */
+    for (Py_ssize_t j = 0; j < columns;) {
+        const int wide = columns - j >= 4 * ROW_ALIGN;
+        for (Py_ssize_t i = 0; i < entries; i += wide ? 2 : 4) {
+            if (wide) inner_products_2_4(s->queries + j, patch_of + i, dims, s->logits + i * ROW_BLOCK + j);
+            else inner_products_4_1(s->queries + j, patch_of + i, dims, s->logits + i * ROW_BLOCK + j);
+        }
+        j += wide ? 4 * ROW_ALIGN : ROW_ALIGN;
+    }
+    for (Py_ssize_t i = 0; i < entries; i++) {
+        float *logits = s->logits + i * ROW_BLOCK;
+        const float multiplicity = a->log_multiplicity == NULL ? 0.0f : a->log_multiplicity[first + i];
+        const float bias = s->biases[i];
+        const int64_t entry = first + i;
+        for (Py_ssize_t j = 0; j < columns; j++) {
+            const float logit = a->c1 * logits[j] + bias;
+            const int better = logit > s->best[j];
+            s->best[j] = better ? logit : s->best[j];
+            s->best_entry[j] = better ? entry : s->best_entry[j];
+            logits[j] = logit + multiplicity;
+        }
+    }
+    float *block_max = s->biases; /* free again: the row maxima of this block's logits */
+    for (Py_ssize_t j = 0; j < columns; j++) block_max[j] = -INFINITY;
+    for (Py_ssize_t i = 0; i < entries; i++)
+        for (Py_ssize_t j = 0; j < columns; j++) {
+            const float logit = s->logits[i * ROW_BLOCK + j];
+            block_max[j] = logit > block_max[j] ? logit : block_max[j];
+        }
+    float *rescale = block_max; /* overwritten in place */
+    for (Py_ssize_t j = 0; j < columns; j++) {
+        const float raised = block_max[j] > s->shift[j] ? block_max[j] : s->shift[j];
+        rescale[j] = exp2_weight(s->shift[j] - raised);
+        s->shift[j] = raised;
+        s->normaliser[j] *= rescale[j];
+    }
+    for (Py_ssize_t ch = 0; ch < channels; ch++)
+        for (Py_ssize_t j = 0; j < columns; j++) s->weighted[ch * ROW_BLOCK + j] *= rescale[j];
+    for (Py_ssize_t i = 0; i < entries; i++) {
+        float *weights = s->logits + i * ROW_BLOCK; /* the logits become their weights */
+        for (Py_ssize_t j = 0; j < columns; j++) weights[j] = exp2_weight(weights[j] - s->shift[j]);
+        for (Py_ssize_t j = 0; j < columns; j++) s->normaliser[j] += weights[j];
+        for (Py_ssize_t ch = 0; ch < channels; ch++) {
+            const float centre = s->centres[i * channels + ch];
+            float *weighted = s->weighted + ch * ROW_BLOCK;
+            for (Py_ssize_t j = 0; j < columns; j++) weighted[j] += weights[j] * centre;
+        }
+    }
+}
+
+static void fold_clusters(const struct fold_args *a, struct scratch *s) {
+    const Py_ssize_t channels = a->channels, dims = channels * a->patch_size * a->patch_size;
+    for (Py_ssize_t c = 0; c < a->num_clusters; c++) {
+        const int64_t *rows = a->visit_rows + a->visit_starts[c];
+        Py_ssize_t first_row, last_row;
+        row_range(rows, a->visit_starts[c + 1] - a->visit_starts[c], a->row_begin, a->row_end, &first_row, &last_row);
+        for (Py_ssize_t block = first_row; block < last_row; block += ROW_BLOCK) {
+            const Py_ssize_t count = last_row - block < ROW_BLOCK ? last_row - block : ROW_BLOCK;
+            for (Py_ssize_t j = 0; j < ROW_BLOCK; j++) {
+                const int64_t r = j < count ? rows[block + j] : -1;
+                s->shift[j] = r < 0 ? -INFINITY : a->max_bits[r];
+                s->normaliser[j] = r < 0 ? 0.0f : a->normaliser[r];
+                for (Py_ssize_t ch = 0; ch < channels; ch++) s->weighted[ch * ROW_BLOCK + j] = r < 0 ? 0.0f : a->weighted[r * channels + ch];
+                s->best[j] = r < 0 ? -INFINITY : a->best_bits[r];
+                s->best_entry[j] = -1;
+                for (Py_ssize_t d = 0; d < dims; d++) s->queries[d * ROW_BLOCK + j] = r < 0 ? 0.0f : a->queries[r * dims + d];
+            }
+            for (int64_t first = a->offsets[c]; first < a->offsets[c + 1]; first += ENTRY_BLOCK)
+                score_block(a, s, first, first + ENTRY_BLOCK < a->offsets[c + 1] ? first + ENTRY_BLOCK : a->offsets[c + 1],
+                            count);
+            for (Py_ssize_t j = 0; j < count; j++) {
+                const int64_t r = rows[block + j];
+                a->max_bits[r] = s->shift[j];
+                a->normaliser[r] = s->normaliser[j];
+                for (Py_ssize_t ch = 0; ch < channels; ch++) a->weighted[r * channels + ch] = s->weighted[ch * ROW_BLOCK + j];
+                a->best_bits[r] = s->best[j];
+                if (s->best_entry[j] >= 0) a->best_entry[r] = s->best_entry[j];
+            }
+        }
+    }
+}
+
+/* Every visit's row, every cluster's entries and every entry's patch lie inside their buffers. */
+static int check_layout(const struct fold_args *a, Py_ssize_t num_entries, Py_ssize_t num_visits, Py_ssize_t num_rows,
+                        Py_ssize_t patches_size) {
+    const Py_ssize_t size = a->patch_size;
+    if (a->visit_starts[0] != 0 || a->visit_starts[a->num_clusters] != num_visits || a->offsets[0] < 0 ||
+        a->offsets[a->num_clusters] > num_entries) {
+        PyErr_SetString(PyExc_ValueError, "offsets and visit_starts must span the entries and the visits");
+        return -1;
+    }
+    for (Py_ssize_t c = 0; c < a->num_clusters; c++)
+        if (a->offsets[c + 1] < a->offsets[c] || a->visit_starts[c + 1] < a->visit_starts[c]) {
+            PyErr_Format(PyExc_ValueError, "cluster %zd: offsets and visit_starts must not decrease", c);
+            return -1;
+        }
+    for (Py_ssize_t v = 0; v < num_visits; v++)
+        if (a->visit_rows[v] < 0 || a->visit_rows[v] >= num_rows) {
+            PyErr_Format(PyExc_ValueError, "visit %zd: row %lld is not a query row (0..%zd)", v, (long long)a->visit_rows[v],
+                         num_rows - 1);
+            return -1;
+        }
+    const Py_ssize_t extent = (a->channels - 1) * a->channel_stride + (size - 1) * a->row_stride + size;
+    for (Py_ssize_t e = 0; e < num_entries; e++)
+        if (a->starts[e] < 0 || a->starts[e] + extent > patches_size) {
+            PyErr_Format(PyExc_ValueError, "entry %zd: its patch leaves the patches buffer", e);
+            return -1;
+        }
+    return 0;
+}
+
+static PyObject *fold(PyObject *self, PyObject *args) {
+    PyObject *objects[13];
+    Py_ssize_t channels, patch_size, channel_stride, row_stride, row_begin, row_end;
+    double c1, c2;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOnnnnOOOnnOddOOOOO", &objects[0], &objects[1], &objects[2], &channels, &patch_size,
+                          &channel_stride, &row_stride, &objects[3], &objects[4], &objects[5], &row_begin, &row_end,
+                          &objects[6], &c1, &c2, &objects[7], &objects[8], &objects[9], &objects[10], &objects[11]))
+        return NULL;
+    static const char *names[12] = {"patches", "starts", "log_multiplicity", "offsets", "visit_starts", "visit_rows",
+                                    "queries", "max_bits", "normaliser", "weighted", "best_bits", "best_entry"};
+    static const char formats[12] = {'f', 'q', 'f', 'q', 'q', 'q', 'f', 'f', 'f', 'f', 'f', 'q'};
+    static const int ndims[12] = {1, 1, 1, 1, 1, 1, 2, 1, 1, 2, 1, 1};
+    Py_buffer views[12];
+    int held = 0;
+    PyObject *result = NULL;
+    struct scratch s = {0};
+    void *memory = NULL;
+    const int weighted_entries = objects[2] != Py_None;
+    views[2].buf = NULL;
+    for (; held < 12; held++) {
+        if (held == 2 && !weighted_entries) continue;
+        if (get_buffer(objects[held], &views[held], names[held], formats[held], ndims[held], held >= 7) < 0) goto done;
+    }
+    const Py_ssize_t dims = channels * patch_size * patch_size, num_entries = views[1].shape[0];
+    const Py_ssize_t num_rows = views[6].shape[0], num_clusters = views[3].shape[0] - 1;
+    const Py_ssize_t row_shape[1] = {num_rows}, entry_shape[1] = {num_entries}, weighted_shape[2] = {num_rows, channels};
+    if (channels < 1 || patch_size < 1 || patch_size % 2 == 0 || views[6].shape[1] != dims || num_clusters < 0 ||
+        views[4].shape[0] != num_clusters + 1 || row_begin < 0 || row_end > num_rows || row_begin > row_end) {
+        PyErr_SetString(PyExc_ValueError, "queries must be (Q, C * P * P) for odd P, visit_starts like offsets, "
+                                          "and 0 <= row_begin <= row_end <= Q");
+        goto done;
+    }
+    if ((weighted_entries && same_shape(&views[2], names[2], 1, entry_shape) < 0) ||
+        same_shape(&views[9], names[9], 2, weighted_shape) < 0)
+        goto done;
+    for (int i = 7; i < 12; i++)
+        if (i != 9 && same_shape(&views[i], names[i], 1, row_shape) < 0) goto done;
+    struct fold_args a = {views[0].buf, weighted_entries ? views[2].buf : NULL, views[6].buf, views[1].buf, views[3].buf, views[4].buf, views[5].buf,
+                          channels, patch_size, channel_stride, row_stride, num_clusters, row_begin, row_end,
+                          (float)c1, (float)c2, views[7].buf, views[8].buf, views[9].buf, views[10].buf, views[11].buf};
+    if (check_layout(&a, num_entries, views[5].shape[0], num_rows, views[0].shape[0]) < 0) goto done;
+    const size_t floats = (size_t)ROW_BLOCK * (4 + (size_t)channels + (size_t)dims) +
+                          (size_t)ENTRY_BLOCK * ((size_t)dims + ROW_BLOCK + (size_t)channels) + ROW_BLOCK;
+    memory = malloc(floats * sizeof(float) + (size_t)ROW_BLOCK * sizeof(int64_t));
+    if (memory == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    s.best_entry = memory;
+    s.shift = (float *)(s.best_entry + ROW_BLOCK);
+    s.normaliser = s.shift + ROW_BLOCK;
+    s.best = s.normaliser + ROW_BLOCK;
+    s.weighted = s.best + ROW_BLOCK;
+    s.queries = s.weighted + ROW_BLOCK * channels;
+    s.patches = s.queries + ROW_BLOCK * dims;
+    s.logits = s.patches + ENTRY_BLOCK * dims;
+    s.centres = s.logits + ENTRY_BLOCK * ROW_BLOCK;
+    s.biases = s.centres + ENTRY_BLOCK * channels;
+    Py_BEGIN_ALLOW_THREADS
+    fold_clusters(&a, &s);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(memory);
+    for (int i = 0; i < held; i++)
+        if (i != 2 || weighted_entries) PyBuffer_Release(&views[i]);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"fold", fold, METH_VARARGS, "Fold the visited clusters' logits into a running softmax state (see the module's source)."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_clusters", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__clusters(void) { return PyModule_Create(&module); }
