@@ -27,6 +27,7 @@ from patchdb.patches import (PATCH_MACHINES, centre_indices, dictionary_groups, 
                              same_location_regions)
 from patchdb.schedule import alpha_bar
 from patchdb.store import PatchStore
+from patchdb.topk import TopKBackend
 from patchdb.windows import LaneImages, lane_image_bytes, lanes, window_posterior, window_tasks
 
 MACHINES = ("is", "es", "ls", "els", "bbels")
@@ -329,9 +330,11 @@ class PatchMachine(Machine):
             yield [next(extracted) if dictionary is None else (dictionary if number == 0 else None) for dictionary in stored]
 
     def _stored_dictionaries(self, images, label, patch_size, groups):
-        """The groups' dictionaries from the store; None for same-location groups (not stored)."""
+        """The groups' dictionaries from the store; None for same-location groups (not stored). Their patches are
+        held in memory (within 3/4 of the budget) unless the backend reads them in place from the images."""
         self.store.check_run(self.dataset, self.name, [patch_size], label is not None, None if label is None else torch.tensor([label]))
-        return self.store.dictionaries(patch_size, label, groups, images, self.memory_budget * 3 // 4)
+        in_place = isinstance(self.backend, TopKBackend) and self.backend.reads_patches_in_place(images.device, images.dtype)
+        return self.store.dictionaries(patch_size, label, groups, images, 0 if in_place else self.memory_budget * 3 // 4)
 
     def _extract_blocks(self, images, patch_size, groups, images_per_block):
         """Yield, per block of images_per_block training images, a PatchDictionary per group."""

@@ -129,6 +129,11 @@ class TopKBackend:
         self.exact = exact or ExactBackend()
         self._report = _new_report()
 
+    def reads_patches_in_place(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this backend's scoring reads the clustered entries' patches where they lie in the training images
+        ('compiled'), so that the store need not copy them into memory (patchdb.store.PatchStore.dictionaries)."""
+        return (self.scoring or default_scoring(device, dtype)) == "compiled"
+
     def fold(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary, alpha_bar: float) -> torch.Tensor:
         """Fold dictionary into accumulator for queries (Q, D); returns each query's path code (Q,) uint8."""
         if not isinstance(dictionary, ClusteredDictionary):

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import patchdb.build
+import patchdb.topk
 from patchdb.build import build_store
 from patchdb.errors import PatchdbError
+from patchdb.engine import PatchDictionary
 from patchdb.index import ClusteredDictionary, GatheredEntries
 from patchdb.patches import dictionary_groups
 from patchdb.machines import make_machine
@@ -175,3 +177,22 @@ def test_a_build_killed_outright_leaves_a_temporary_that_the_next_build_removes(
     stale.write_bytes(b"half a file")
     build(dataset, out)
     assert not stale.exists() and scale_file(out, SCALES[1]).is_file()
+
+
+@pytest.mark.skipif(not patchdb.topk.default_scoring(torch.device("cpu"), torch.float32) == "compiled",
+                    reason="patchdb._clusters was not compiled")
+@pytest.mark.parametrize("fallback", FALLBACKS)
+def test_compiled_scoring_reads_the_stored_patches_in_place_with_the_matrix_products_result(dataset, store, fallback):
+    """In float32 on a CPU the compiled scoring is the default; it leaves the clustered dictionaries' patches in the
+    training images (nothing copied into memory) and gives the posterior of the matrix products (scoring 'runs')."""
+    x = noisy_batch(dataset, 0.4, seed=5).float()
+    options = {"topk": 200, "tol": 1e-2, "fallback": fallback, "seed": 7}
+    compiled = make_machine("bbels", dataset, store=store, backend=TopKBackend(**options))
+    runs = make_machine("bbels", dataset, store=store, backend=TopKBackend(**options, scoring="runs"))
+    groups = dictionary_groups("bbels", 3, 10, 10)
+    for machine, kind in ((compiled, GatheredEntries), (runs, PatchDictionary)):
+        stored = machine._stored_dictionaries(dataset.images, None, 3, groups)
+        assert all(isinstance(d.entries, kind) for d in stored if isinstance(d, ClusteredDictionary))
+    expected, got = runs.posterior(x, 0.4, None, 3), compiled.posterior(x, 0.4, None, 3)
+    torch.testing.assert_close(got.mean, expected.mean, rtol=0, atol=1e-4)
+    assert torch.equal(got.path, expected.path) and torch.equal(got.source, expected.source)
