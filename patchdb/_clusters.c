@@ -1,14 +1,14 @@
 /* patchdb._clusters: the top-k backend's exact scores of the clusters each query visits (patchdb/topk.py).
  *
- * fold(patches, starts, log_multiplicity, channels, patch_size, channel_stride, row_stride, offsets, visit_starts,
- *      visit_rows, row_begin, row_end, queries, c1, c2, max_bits, normaliser, weighted, best_bits, best_entry)
+ * fold(patches, starts, squared_norms, log_multiplicity, channels, patch_size, channel_stride, row_stride, offsets,
+ *      visit_starts, visit_rows, row_begin, row_end, queries, c1, c2, max_bits, normaliser, weighted, best_bits, best_entry)
  * scores, for every cluster c and every query row r listed in visit_rows[visit_starts[c]:visit_starts[c + 1]]
  * (ascending) with row_begin <= r < row_end, every entry e of offsets[c]:offsets[c + 1], and folds the
  * logits into row r's running softmax (the state of patchdb.engine.SoftmaxAccumulator, in bits):
  *   patches: float32 buffer that holds every entry's patch, entry e's (C, P, P) patch at
  *       patches[starts[e] + ch * channel_stride + dy * row_stride + dx] (an in-memory dictionary's keys,
  *       or the padded training images themselves, so that no patch is copied out of them);
- *   log_multiplicity (n,) float32, in bits, or None (every entry one patch);
+ *   squared_norms (n,) float32: ||k_e||^2; log_multiplicity (n,) float32, in bits, or None (every entry one patch);
  *   queries (Q, C * P * P) float32;
  *   logit in bits: l_e = c1 <q, k_e> - c2 ||k_e||^2 + log_multiplicity[e];
  *   max_bits, normaliser, best_bits (Q,), weighted (Q, C) float32: normaliser = sum 2^(l - max_bits),
@@ -60,7 +60,7 @@ static inline float exp2_weight(float t) {
 }
 
 struct fold_args {
-    const float *patches, *log_multiplicity, *queries;
+    const float *patches, *squared_norms, *log_multiplicity, *queries;
     const int64_t *starts, *offsets, *visit_starts, *visit_rows;
     Py_ssize_t channels, patch_size, channel_stride, row_stride, num_clusters, row_begin, row_end;
     float c1, c2;
@@ -86,88 +86,78 @@ static void row_range(const int64_t *rows, Py_ssize_t count, Py_ssize_t begin, P
 }
 
 /* Working memory of one call: a block of rows' state and queries (row j of the block in column j: rows are the
- * vectorised dimension), and a block of entries' patches, centre pixels, biases and logits. */
+ * vectorised dimension), a block of entries' centre pixels and logits, and where a patch's pixels lie. */
 struct scratch {
-    float *shift, *normaliser, *weighted, *best, *queries, *patches, *logits, *centres, *biases;
+    float *shift, *normaliser, *weighted, *best, *queries, *logits, *centres, *biases;
     int64_t *best_entry;
+    Py_ssize_t *runs, *centre_offsets, num_runs, run_length;
 };
 
 /* ROW_ALIGN floats; GCC lowers it to the clone's native vectors (one AVX-512 register, two AVX2 ones, ...) */
 typedef float row_vector __attribute__((vector_size(ROW_ALIGN * sizeof(float)), aligned(sizeof(float))));
 
-/* ||patch||^2 (dims), in vectors of ROW_ALIGN partial sums */
-static inline float squared_norm(const float *patch, Py_ssize_t dims) {
-    row_vector sums = {0};
-    Py_ssize_t d = 0;
-    for (; d + ROW_ALIGN <= dims; d += ROW_ALIGN) {
-        row_vector part;
-        memcpy(&part, patch + d, sizeof part);
-        sums += part * part;
-    }
-    float norm = 0.0f;
-    for (int k = 0; k < ROW_ALIGN; k++) norm += sums[k];
-    for (; d < dims; d++) norm += patch[d] * patch[d];
-    return norm;
-}
-
-/* logits[e * ROW_BLOCK + j] = <query j, patches[e]> for ENTRIES patches and the rows j of [0, GROUPS * ROW_ALIGN)
- * (queries column-major, ROW_BLOCK per dimension): ENTRIES x GROUPS independent vector sums held in registers over
- * the dimensions, enough of them to hide the latency of the multiply-adds */
-#define INNER_PRODUCTS(ENTRIES, GROUPS)                                                                           \
-    static inline void inner_products_##ENTRIES##_##GROUPS(const float *restrict queries,                         \
-                                                           const float *const *patches, Py_ssize_t dims,          \
-                                                           float *restrict logits) {                              \
-        row_vector sums[ENTRIES][GROUPS];                                                                          \
-        for (int e = 0; e < ENTRIES; e++)                                                                          \
-            for (int g = 0; g < GROUPS; g++) sums[e][g] = (row_vector){0};                                         \
-        for (Py_ssize_t d = 0; d < dims; d++) {                                                                    \
-            const row_vector *column = (const row_vector *)(queries + d * ROW_BLOCK);                              \
-            for (int e = 0; e < ENTRIES; e++)                                                                      \
-                for (int g = 0; g < GROUPS; g++) sums[e][g] += patches[e][d] * column[g];                          \
-        }                                                                                                          \
-        for (int e = 0; e < ENTRIES; e++)                                                                          \
-            for (int g = 0; g < GROUPS; g++) ((row_vector *)(logits + e * ROW_BLOCK))[g] = sums[e][g];             \
+/* logits[e * ROW_BLOCK + j] = <query j, patch e> for ENTRIES patches starting at patches[e], whose num_rows runs of
+ * size pixels start at the offsets rows[0..num_rows), and the query rows j of [0, GROUPS * ROW_ALIGN) (queries column-major,
+ * ROW_BLOCK per dimension): ENTRIES x GROUPS independent vector sums held in registers, enough of them to hide the
+ * latency of the multiply-adds */
+#define INNER_PRODUCTS(ENTRIES, GROUPS)                                                                              \
+    static inline void inner_products_##ENTRIES##_##GROUPS(const float *restrict queries, const float *const *patches, \
+                                                           const Py_ssize_t *rows, Py_ssize_t num_rows, Py_ssize_t size, \
+                                                           float *restrict logits) {                                 \
+        row_vector sums[ENTRIES][GROUPS];                                                                             \
+        for (int e = 0; e < ENTRIES; e++)                                                                             \
+            for (int g = 0; g < GROUPS; g++) sums[e][g] = (row_vector){0};                                            \
+        for (Py_ssize_t r = 0; r < num_rows; r++) {                                                                   \
+            const float *row[ENTRIES];                                                                                \
+            for (int e = 0; e < ENTRIES; e++) row[e] = patches[e] + rows[r];                                          \
+            for (Py_ssize_t dx = 0; dx < size; dx++) {                                                                \
+                const row_vector *column = (const row_vector *)(queries + (r * size + dx) * ROW_BLOCK);               \
+                for (int e = 0; e < ENTRIES; e++)                                                                     \
+                    for (int g = 0; g < GROUPS; g++) sums[e][g] += row[e][dx] * column[g];                            \
+            }                                                                                                         \
+        }                                                                                                             \
+        for (int e = 0; e < ENTRIES; e++)                                                                             \
+            for (int g = 0; g < GROUPS; g++) ((row_vector *)(logits + e * ROW_BLOCK))[g] = sums[e][g];                \
     }
 INNER_PRODUCTS(4, 1)
 INNER_PRODUCTS(2, 4)
 
+/* Ask for the pixel runs of entries [first, last): patches read in place lie scattered over the images, and asking
+ * for a whole block ahead of its use lets the cache misses overlap instead of stalling the inner products. */
+static void prefetch_patches(const struct fold_args *a, const struct scratch *s, Py_ssize_t first, Py_ssize_t last) {
+    for (Py_ssize_t e = first; e < last; e++)
+        for (Py_ssize_t r = 0; r < s->num_runs; r++) {
+            __builtin_prefetch(a->patches + a->starts[e] + s->runs[r]);
+            __builtin_prefetch(a->patches + a->starts[e] + s->runs[r] + s->run_length - 1);
+        }
+}
+
 /* Score entries [first, last) of a cluster (at most ENTRY_BLOCK) against the block's rows [0, count) and fold
- * their weights into the rows' state; columns up to count rounded up to ROW_ALIGN are computed and ignored. */
-CLONES static void score_block(const struct fold_args *a, struct scratch *s, Py_ssize_t first, Py_ssize_t last,
-                               Py_ssize_t count) {
-    const Py_ssize_t size = a->patch_size, channels = a->channels, dims = channels * size * size, half = size / 2;
+ * their weights into the rows' state; columns up to count rounded up to ROW_ALIGN are computed and ignored.
+ * A patch is s->num_rows runs of s->run_length contiguous pixels (one run when the patches are contiguous,
+ * else one per row of P pixels) at the offsets s->runs from its start; its centre pixels at s->centre_offsets. */
+CLONES static void score_block(const struct fold_args *a, struct scratch *s, Py_ssize_t first, Py_ssize_t last, Py_ssize_t count) {
+    const Py_ssize_t channels = a->channels;
     const Py_ssize_t entries = last - first, columns = (count + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
-    const int contiguous = a->channel_stride == size * size && a->row_stride == size;
     const float *patch_of[ENTRY_BLOCK];
     for (Py_ssize_t i = 0; i < entries; i++) {
-        const float *source = a->patches + a->starts[first + i];
-        float *patch = s->patches + i * dims;
-        if (contiguous) {
-            patch_of[i] = source;
-        } else {
-            for (Py_ssize_t ch = 0; ch < channels; ch++)
-                for (Py_ssize_t dy = 0; dy < size; dy++)
-                    for (Py_ssize_t dx = 0; dx < size; dx++)
-                        patch[(ch * size + dy) * size + dx] = source[ch * a->channel_stride + dy * a->row_stride + dx];
-            patch_of[i] = patch;
-        }
-        s->biases[i] = -a->c2 * squared_norm(patch_of[i], dims);
-        for (Py_ssize_t ch = 0; ch < channels; ch++) s->centres[i * channels + ch] = patch_of[i][(ch * size + half) * size + half];
+        patch_of[i] = a->patches + a->starts[first + i];
+        for (Py_ssize_t ch = 0; ch < channels; ch++) s->centres[i * channels + ch] = patch_of[i][s->centre_offsets[ch]];
     }
     for (Py_ssize_t i = entries; i < ENTRY_BLOCK; i++) patch_of[i] = patch_of[0]; /* scored, never folded */
     /* the block's inner products: two entries at a time against 4 x ROW_ALIGN rows, or four against ROW_ALIGN */
     for (Py_ssize_t j = 0; j < columns;) {
         const int wide = columns - j >= 4 * ROW_ALIGN;
         for (Py_ssize_t i = 0; i < entries; i += wide ? 2 : 4) {
-            if (wide) inner_products_2_4(s->queries + j, patch_of + i, dims, s->logits + i * ROW_BLOCK + j);
-            else inner_products_4_1(s->queries + j, patch_of + i, dims, s->logits + i * ROW_BLOCK + j);
+            if (wide) inner_products_2_4(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
+            else inner_products_4_1(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
         }
         j += wide ? 4 * ROW_ALIGN : ROW_ALIGN;
     }
     for (Py_ssize_t i = 0; i < entries; i++) {
         float *logits = s->logits + i * ROW_BLOCK;
         const float multiplicity = a->log_multiplicity == NULL ? 0.0f : a->log_multiplicity[first + i];
-        const float bias = s->biases[i];
+        const float bias = -a->c2 * a->squared_norms[first + i];
         const int64_t entry = first + i;
         for (Py_ssize_t j = 0; j < columns; j++) {
             const float logit = a->c1 * logits[j] + bias;
@@ -177,7 +167,7 @@ CLONES static void score_block(const struct fold_args *a, struct scratch *s, Py_
             logits[j] = logit + multiplicity;
         }
     }
-    float *block_max = s->biases; /* free again: the row maxima of this block's logits */
+    float *block_max = s->biases; /* the row maxima of this block's logits */
     for (Py_ssize_t j = 0; j < columns; j++) block_max[j] = -INFINITY;
     for (Py_ssize_t i = 0; i < entries; i++)
         for (Py_ssize_t j = 0; j < columns; j++) {
@@ -206,7 +196,15 @@ CLONES static void score_block(const struct fold_args *a, struct scratch *s, Py_
 }
 
 static void fold_clusters(const struct fold_args *a, struct scratch *s) {
-    const Py_ssize_t channels = a->channels, dims = channels * a->patch_size * a->patch_size;
+    const Py_ssize_t channels = a->channels, size = a->patch_size, dims = channels * size * size;
+    const int contiguous = a->channel_stride == size * size && a->row_stride == size;
+    s->num_runs = contiguous ? 1 : channels * size;
+    s->run_length = contiguous ? dims : size;
+    for (Py_ssize_t ch = 0; ch < channels; ch++) {
+        for (Py_ssize_t dy = 0; dy < size && !contiguous; dy++) s->runs[ch * size + dy] = ch * a->channel_stride + dy * a->row_stride;
+        s->centre_offsets[ch] = ch * a->channel_stride + size / 2 * (a->row_stride + 1);
+    }
+    s->runs[0] = 0;
     for (Py_ssize_t c = 0; c < a->num_clusters; c++) {
         const int64_t *rows = a->visit_rows + a->visit_starts[c];
         Py_ssize_t first_row, last_row;
@@ -222,9 +220,13 @@ static void fold_clusters(const struct fold_args *a, struct scratch *s) {
                 s->best_entry[j] = -1;
                 for (Py_ssize_t d = 0; d < dims; d++) s->queries[d * ROW_BLOCK + j] = r < 0 ? 0.0f : a->queries[r * dims + d];
             }
-            for (int64_t first = a->offsets[c]; first < a->offsets[c + 1]; first += ENTRY_BLOCK)
-                score_block(a, s, first, first + ENTRY_BLOCK < a->offsets[c + 1] ? first + ENTRY_BLOCK : a->offsets[c + 1],
-                            count);
+            const int64_t end = a->offsets[c + 1];
+            prefetch_patches(a, s, a->offsets[c], a->offsets[c] + ENTRY_BLOCK < end ? a->offsets[c] + ENTRY_BLOCK : end);
+            for (int64_t first = a->offsets[c]; first < end; first += ENTRY_BLOCK) {
+                const int64_t last = first + ENTRY_BLOCK < end ? first + ENTRY_BLOCK : end;
+                prefetch_patches(a, s, last, last + ENTRY_BLOCK < end ? last + ENTRY_BLOCK : end);
+                score_block(a, s, first, last, count);
+            }
             for (Py_ssize_t j = 0; j < count; j++) {
                 const int64_t r = rows[block + j];
                 a->max_bits[r] = s->shift[j];
@@ -267,62 +269,71 @@ static int check_layout(const struct fold_args *a, Py_ssize_t num_entries, Py_ss
 }
 
 static PyObject *fold(PyObject *self, PyObject *args) {
-    PyObject *objects[13];
+    enum { PATCHES, STARTS, NORMS, MULTIPLICITY, OFFSETS, VISIT_STARTS, VISIT_ROWS, QUERIES, MAX_BITS, NORMALISER, WEIGHTED,
+           BEST_BITS, BEST_ENTRY, NUM_BUFFERS };
+    PyObject *objects[NUM_BUFFERS];
     Py_ssize_t channels, patch_size, channel_stride, row_stride, row_begin, row_end;
     double c1, c2;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOnnnnOOOnnOddOOOOO", &objects[0], &objects[1], &objects[2], &channels, &patch_size,
-                          &channel_stride, &row_stride, &objects[3], &objects[4], &objects[5], &row_begin, &row_end,
-                          &objects[6], &c1, &c2, &objects[7], &objects[8], &objects[9], &objects[10], &objects[11]))
+    if (!PyArg_ParseTuple(args, "OOOOnnnnOOOnnOddOOOOO", &objects[PATCHES], &objects[STARTS], &objects[NORMS],
+                          &objects[MULTIPLICITY], &channels, &patch_size, &channel_stride, &row_stride, &objects[OFFSETS],
+                          &objects[VISIT_STARTS], &objects[VISIT_ROWS], &row_begin, &row_end, &objects[QUERIES], &c1, &c2,
+                          &objects[MAX_BITS], &objects[NORMALISER], &objects[WEIGHTED], &objects[BEST_BITS], &objects[BEST_ENTRY]))
         return NULL;
-    static const char *names[12] = {"patches", "starts", "log_multiplicity", "offsets", "visit_starts", "visit_rows",
-                                    "queries", "max_bits", "normaliser", "weighted", "best_bits", "best_entry"};
-    static const char formats[12] = {'f', 'q', 'f', 'q', 'q', 'q', 'f', 'f', 'f', 'f', 'f', 'q'};
-    static const int ndims[12] = {1, 1, 1, 1, 1, 1, 2, 1, 1, 2, 1, 1};
-    Py_buffer views[12];
+    static const char *names[NUM_BUFFERS] = {"patches", "starts", "squared_norms", "log_multiplicity", "offsets", "visit_starts",
+                                             "visit_rows", "queries", "max_bits", "normaliser", "weighted", "best_bits",
+                                             "best_entry"};
+    static const char formats[NUM_BUFFERS] = {'f', 'q', 'f', 'f', 'q', 'q', 'q', 'f', 'f', 'f', 'f', 'f', 'q'};
+    static const int ndims[NUM_BUFFERS] = {1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 2, 1, 1};
+    Py_buffer views[NUM_BUFFERS];
     int held = 0;
     PyObject *result = NULL;
     struct scratch s = {0};
     void *memory = NULL;
-    const int weighted_entries = objects[2] != Py_None;
-    views[2].buf = NULL;
-    for (; held < 12; held++) {
-        if (held == 2 && !weighted_entries) continue;
-        if (get_buffer(objects[held], &views[held], names[held], formats[held], ndims[held], held >= 7) < 0) goto done;
+    const int weighted_entries = objects[MULTIPLICITY] != Py_None;
+    views[MULTIPLICITY].buf = NULL;
+    for (; held < NUM_BUFFERS; held++) {
+        if (held == MULTIPLICITY && !weighted_entries) continue;
+        if (get_buffer(objects[held], &views[held], names[held], formats[held], ndims[held], held >= MAX_BITS) < 0) goto done;
     }
-    const Py_ssize_t dims = channels * patch_size * patch_size, num_entries = views[1].shape[0];
-    const Py_ssize_t num_rows = views[6].shape[0], num_clusters = views[3].shape[0] - 1;
+    const Py_ssize_t dims = channels * patch_size * patch_size, num_entries = views[STARTS].shape[0];
+    const Py_ssize_t num_rows = views[QUERIES].shape[0], num_clusters = views[OFFSETS].shape[0] - 1;
     const Py_ssize_t row_shape[1] = {num_rows}, entry_shape[1] = {num_entries}, weighted_shape[2] = {num_rows, channels};
-    if (channels < 1 || patch_size < 1 || patch_size % 2 == 0 || views[6].shape[1] != dims || num_clusters < 0 ||
-        views[4].shape[0] != num_clusters + 1 || row_begin < 0 || row_end > num_rows || row_begin > row_end) {
+    if (channels < 1 || patch_size < 1 || patch_size % 2 == 0 || views[QUERIES].shape[1] != dims || num_clusters < 0 ||
+        views[VISIT_STARTS].shape[0] != num_clusters + 1 || row_begin < 0 || row_end > num_rows || row_begin > row_end) {
         PyErr_SetString(PyExc_ValueError, "queries must be (Q, C * P * P) for odd P, visit_starts like offsets, "
                                           "and 0 <= row_begin <= row_end <= Q");
         goto done;
     }
-    if ((weighted_entries && same_shape(&views[2], names[2], 1, entry_shape) < 0) ||
-        same_shape(&views[9], names[9], 2, weighted_shape) < 0)
+    if (same_shape(&views[NORMS], names[NORMS], 1, entry_shape) < 0 ||
+        (weighted_entries && same_shape(&views[MULTIPLICITY], names[MULTIPLICITY], 1, entry_shape) < 0) ||
+        same_shape(&views[WEIGHTED], names[WEIGHTED], 2, weighted_shape) < 0)
         goto done;
-    for (int i = 7; i < 12; i++)
-        if (i != 9 && same_shape(&views[i], names[i], 1, row_shape) < 0) goto done;
-    struct fold_args a = {views[0].buf, weighted_entries ? views[2].buf : NULL, views[6].buf, views[1].buf, views[3].buf, views[4].buf, views[5].buf,
-                          channels, patch_size, channel_stride, row_stride, num_clusters, row_begin, row_end,
-                          (float)c1, (float)c2, views[7].buf, views[8].buf, views[9].buf, views[10].buf, views[11].buf};
-    if (check_layout(&a, num_entries, views[5].shape[0], num_rows, views[0].shape[0]) < 0) goto done;
+    for (int i = MAX_BITS; i < NUM_BUFFERS; i++)
+        if (i != WEIGHTED && same_shape(&views[i], names[i], 1, row_shape) < 0) goto done;
+    struct fold_args a = {views[PATCHES].buf, views[NORMS].buf, weighted_entries ? views[MULTIPLICITY].buf : NULL,
+                          views[QUERIES].buf, views[STARTS].buf, views[OFFSETS].buf, views[VISIT_STARTS].buf,
+                          views[VISIT_ROWS].buf, channels, patch_size, channel_stride, row_stride, num_clusters, row_begin,
+                          row_end, (float)c1, (float)c2, views[MAX_BITS].buf, views[NORMALISER].buf, views[WEIGHTED].buf,
+                          views[BEST_BITS].buf, views[BEST_ENTRY].buf};
+    if (check_layout(&a, num_entries, views[VISIT_ROWS].shape[0], num_rows, views[PATCHES].shape[0]) < 0) goto done;
     const size_t floats = (size_t)ROW_BLOCK * (4 + (size_t)channels + (size_t)dims) +
-                          (size_t)ENTRY_BLOCK * ((size_t)dims + ROW_BLOCK + (size_t)channels) + ROW_BLOCK;
-    memory = malloc(floats * sizeof(float) + (size_t)ROW_BLOCK * sizeof(int64_t));
+                          (size_t)ENTRY_BLOCK * (ROW_BLOCK + (size_t)channels) + ROW_BLOCK;
+    memory = malloc((size_t)ROW_BLOCK * sizeof(int64_t) + (size_t)(channels * patch_size + channels) * sizeof(Py_ssize_t) +
+                    floats * sizeof(float));
     if (memory == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     s.best_entry = memory;
-    s.shift = (float *)(s.best_entry + ROW_BLOCK);
+    s.runs = (Py_ssize_t *)(s.best_entry + ROW_BLOCK);
+    s.centre_offsets = s.runs + channels * patch_size;
+    s.shift = (float *)(s.centre_offsets + channels);
     s.normaliser = s.shift + ROW_BLOCK;
     s.best = s.normaliser + ROW_BLOCK;
     s.weighted = s.best + ROW_BLOCK;
     s.queries = s.weighted + ROW_BLOCK * channels;
-    s.patches = s.queries + ROW_BLOCK * dims;
-    s.logits = s.patches + ENTRY_BLOCK * dims;
+    s.logits = s.queries + ROW_BLOCK * dims;
     s.centres = s.logits + ENTRY_BLOCK * ROW_BLOCK;
     s.biases = s.centres + ENTRY_BLOCK * channels;
     Py_BEGIN_ALLOW_THREADS
@@ -333,7 +344,7 @@ static PyObject *fold(PyObject *self, PyObject *args) {
 done:
     free(memory);
     for (int i = 0; i < held; i++)
-        if (i != 2 || weighted_entries) PyBuffer_Release(&views[i]);
+        if (i != MULTIPLICITY || weighted_entries) PyBuffer_Release(&views[i]);
     return result;
 }
 

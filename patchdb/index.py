@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from patchdb.engine import PatchDictionary
 from patchdb.patches import gather_sources
@@ -104,13 +105,14 @@ class EntryClusters:
 class GatheredEntries:
     """Dictionary entries that are not held in memory: each access gathers their patches from the images.
 
-    windows: a patch_windows view (M, C, H, W, P, P) of the training images; sources: (K, 3) int64
-    (image, centre row, centre column); log_multiplicity: (K,); centre: (C,) positions of the
-    centre pixel in a flattened patch. For dictionaries too large to keep (tens of GB at 60,000
-    images), at the price of one gather per access.
+    windows: a patch_windows view (M, C, H, W, P, P) of the training images; norm_maps: (M, H, W) every patch's
+    ||k||^2 (squared_norm_maps(windows)); sources: (K, 3) int64 (image, centre row, centre column);
+    log_multiplicity: (K,); centre: (C,) positions of the centre pixel in a flattened patch. For dictionaries too
+    large to keep (tens of GB at 60,000 images), at the price of one gather per access.
     """
 
     windows: torch.Tensor
+    norm_maps: torch.Tensor
     sources: torch.Tensor
     log_multiplicity: torch.Tensor
     centre: torch.Tensor
@@ -120,7 +122,7 @@ class GatheredEntries:
         """The entries at index (n,) int64 as an in-memory PatchDictionary."""
         sources = self.sources[index]
         keys = gather_sources(self.windows, sources)
-        return PatchDictionary(keys, keys[:, self.centre], torch.linalg.vector_norm(keys, dim=1).square(),
+        return PatchDictionary(keys, keys[:, self.centre], self.norm_maps[sources[:, 0], sources[:, 1], sources[:, 2]],
                                self.log_multiplicity[index], sources, self.merged)
 
     def __len__(self) -> int:
@@ -166,10 +168,12 @@ class ClusteredDictionary:
 @dataclass
 class PatchLayout:
     """Entry e's (C, P, P) patch is buffer[starts[e] + c * channel_stride + dy * row_stride + dx]: buffer (flat) is
-    an in-memory dictionary's keys, or the padded training images of gathered entries (nothing copied)."""
+    an in-memory dictionary's keys, or the padded training images of gathered entries (nothing copied);
+    squared_norms (n,) float32 ||patch||^2."""
 
     buffer: torch.Tensor
     starts: torch.Tensor
+    squared_norms: torch.Tensor
     channel_stride: int
     row_stride: int
     channels: int
@@ -186,12 +190,33 @@ def patch_layout(entries: "PatchDictionary | GatheredEntries") -> PatchLayout:
         buffer = windows.as_strided((windows.untyped_storage().nbytes() // windows.element_size(),), (1,), 0)
         starts = (windows.storage_offset() + entries.sources[:, 0] * image_stride + entries.sources[:, 1] * row_stride
                   + entries.sources[:, 2] * column_stride)
-        return PatchLayout(buffer, starts.contiguous(), channel_stride, patch_row_stride, windows.shape[1], windows.shape[-1])
+        norms = entries.norm_maps[entries.sources[:, 0], entries.sources[:, 1], entries.sources[:, 2]]
+        return PatchLayout(buffer, starts.contiguous(), norms.float().contiguous(), channel_stride, patch_row_stride,
+                           windows.shape[1], windows.shape[-1])
     keys = entries.keys.contiguous()
     channels = entries.values.shape[1]
     size = math.isqrt(keys.shape[1] // channels)
-    return PatchLayout(keys.view(-1), torch.arange(keys.shape[0], device=keys.device) * keys.shape[1], size * size, size, channels,
-                       size)
+    return PatchLayout(keys.view(-1), torch.arange(keys.shape[0], device=keys.device) * keys.shape[1],
+                       entries.squared_norms.float().contiguous(), size * size, size, channels, size)
+
+
+NORM_MAP_IMAGES = 4096
+"""squared_norm_maps squares this many padded images at a time."""
+
+
+def squared_norm_maps(windows: torch.Tensor) -> torch.Tensor:
+    """(M, H, W) ||patch||^2 of every patch of a patch_windows view (M, C, H, W, P, P) of padded images: box sums of
+    the squared images, from running sums in float64 (whose differences keep the float32 norms' precision)."""
+    count, channels, height, width, size, _ = windows.shape
+    image_stride, channel_stride, row_stride = windows.stride()[:3]
+    padded = windows.as_strided((count, channels, height + size - 1, width + size - 1), (image_stride, channel_stride, row_stride, 1),
+                                windows.storage_offset())
+    maps = windows.new_empty(count, height, width)
+    for first in range(0, count, NORM_MAP_IMAGES):
+        sums = F.pad(padded[first:first + NORM_MAP_IMAGES].double().square().sum(dim=1).cumsum(1).cumsum(2), (1, 0, 1, 0))
+        maps[first:first + NORM_MAP_IMAGES] = (sums[:, size:, size:] - sums[:, :-size, size:] - sums[:, size:, :-size]
+                                               + sums[:, :-size, :-size])
+    return maps
 
 
 def clustered(dictionary: PatchDictionary, cluster_size: int = CLUSTER_SIZE, seed: int = 0) -> ClusteredDictionary:

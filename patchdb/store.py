@@ -35,7 +35,8 @@ import patchdb
 from patchdb.data import Dataset
 from patchdb.engine import PatchDictionary
 from patchdb.errors import PatchdbError
-from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, cluster_log_mass, cluster_of_entries, take_entries
+from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, cluster_log_mass, cluster_of_entries, squared_norm_maps,
+                           take_entries)
 from patchdb.patches import DictionaryGroup, centre_indices, patch_windows
 
 FORMAT_VERSION = 2
@@ -197,6 +198,7 @@ class PatchStore:
         memory while the total fits memory_budget (bytes); beyond it they gather them at each access.
         """
         windows = patch_windows(images, patch_size, self.settings.padding)  # (M, C, H, W, P, P)
+        norm_maps = squared_norm_maps(windows)
         centre = centre_indices(images.shape[1], patch_size).to(images.device)
         patch_bytes = images.shape[1] * patch_size**2 * images.element_size()
         loaded, held = [], 0
@@ -209,7 +211,7 @@ class PatchStore:
                     node = file[dictionary_key(label, group)]
                     in_memory = "offsets" not in node or held + node["sources"].shape[0] * patch_bytes <= memory_budget
                     held += node["sources"].shape[0] * patch_bytes if in_memory else 0
-                    loaded.append(_read_dictionary(node, windows, centre, in_memory))
+                    loaded.append(_read_dictionary(node, windows, norm_maps, centre, in_memory))
         except (OSError, KeyError) as error:
             raise PatchdbError(f"{scale_file(self.path, patch_size)} is corrupt or lacks a dictionary ({error}); "
                                f"delete it and rerun `patchdb build-index` to rebuild that scale") from None
@@ -232,13 +234,13 @@ class PatchStore:
                 "store_bytes": (self.path / STORE_FILE).stat().st_size, "scales": scales}
 
 
-def _read_dictionary(node: h5py.Group, windows: torch.Tensor, centre: torch.Tensor, in_memory: bool
+def _read_dictionary(node: h5py.Group, windows: torch.Tensor, norm_maps: torch.Tensor, centre: torch.Tensor, in_memory: bool
                      ) -> ClusteredDictionary | PatchDictionary:
     device, dtype = windows.device, windows.dtype
     sources = torch.from_numpy(node["sources"][...].astype(np.int64)).to(device)
     log_multiplicity = torch.from_numpy(node["multiplicity"][...]).to(device=device, dtype=dtype).log()
     merged = bool((log_multiplicity > 0).any())
-    entries = GatheredEntries(windows, sources, log_multiplicity, centre, merged)
+    entries = GatheredEntries(windows, norm_maps, sources, log_multiplicity, centre, merged)
     if in_memory:
         entries = take_entries(entries, slice(None))
     if "offsets" not in node:

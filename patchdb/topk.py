@@ -439,7 +439,8 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
 
     def fold(max_bits, normaliser, weighted, best_bits, best_entry):
         def rows(begin, end):
-            _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), None if log_multiplicity is None else log_multiplicity.numpy(),
+            _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(),
+                           None if log_multiplicity is None else log_multiplicity.numpy(),
                            layout.channels, layout.patch_size, layout.channel_stride, layout.row_stride, clusters.offsets.numpy(), visit_starts.numpy(),
                            visit_rows.numpy(), begin, end, queries.numpy(), signal / noise_variance * LOG2_E,
                            alpha_bar / (2 * noise_variance) * LOG2_E, max_bits.numpy(), normaliser.numpy(), weighted.numpy(),

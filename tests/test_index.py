@@ -7,6 +7,7 @@ import torch
 
 from patchdb.engine import ExactBackend, PatchDictionary, SoftmaxAccumulator
 from patchdb.index import clustered
+import patchdb.index
 import patchdb.topk
 from patchdb.topk import FALLBACKS, PATHS, TopKBackend
 
@@ -286,7 +287,7 @@ def test_compiled_kernel_refuses_buffers_and_visits_that_do_not_fit(indexed32, d
         if visit_starts is None:
             visit_starts = torch.zeros(len(clusters) + 1, dtype=torch.int64)
             visit_starts[1:] = len(visit_rows)
-        _clusters.fold(layout.buffer.numpy(), starts.numpy(), None, 1, patch_size, layout.channel_stride, layout.row_stride,
+        _clusters.fold(layout.buffer.numpy(), starts.numpy(), layout.squared_norms.numpy(), None, 1, patch_size, layout.channel_stride, layout.row_stride,
                        offsets.numpy(), visit_starts.numpy(), visit_rows.numpy(), 0, row_end, queries.numpy(), 1.0, 0.5,
                        *(part.numpy() for part in state))
 
@@ -308,3 +309,14 @@ def test_without_the_compiled_kernel_scoring_falls_back_to_matrix_products(monke
     assert patchdb.topk.default_scoring(torch.device("cpu"), torch.float32) == "runs"
     with pytest.raises(PatchdbError, match="make setup"):
         TopKBackend(scoring="compiled")
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+@pytest.mark.parametrize("patch_size", [1, 3, 5])
+def test_squared_norm_maps_are_every_patchs_squared_norm(patch_size, padding, monkeypatch):
+    from patchdb.index import squared_norm_maps
+    from patchdb.patches import patch_windows
+    monkeypatch.setattr(patchdb.index, "NORM_MAP_IMAGES", 2)  # several blocks of images
+    images = torch.randn(5, 2, 7, 9, generator=torch.Generator().manual_seed(patch_size))
+    windows = patch_windows(images, patch_size, padding)
+    torch.testing.assert_close(squared_norm_maps(windows), windows.square().sum(dim=(1, 4, 5)), rtol=1e-6, atol=1e-5)
