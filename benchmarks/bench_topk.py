@@ -46,7 +46,8 @@ PAPER_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
 
 def parse_setting(text: str) -> dict:
     """'topk=4096,tol=1e-2,fallback=estimate,estimate_samples=4096' -> TopKBackend keyword arguments (topk=auto: None)."""
-    types = {"topk": lambda value: TopK().convert(value, None, None), "scoring": str, "tol": float, "fallback": str, "estimate_samples": int, "estimate_error": float}
+    types = {"topk": lambda value: TopK().convert(value, None, None), "scoring": str, "tol": float, "fallback": str, "estimate_samples": int,
+             "estimate_error": float, "exact_from_patch_size": int}
     setting = {}
     for item in text.split(","):
         name, _, value = item.partition("=")

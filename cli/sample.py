@@ -56,18 +56,23 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
 @click.option("--estimate-error", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_ESTIMATE_ERROR,
               help="With --index: largest standard error (pixel units, images in [-1, 1]) of an estimated posterior mean "
                    f"before the pixel visits more clusters ({DEEPENING_FACTOR} times as many entries, at most {DEEPENING_ROUNDS} times).")
+@click.option("--exact-from-patch-size", type=click.IntRange(min=1), default=None,
+              help="With --index: leave the steps at this patch size and larger to the exact backend's sliding windows (CPU), "
+                   "where the posterior is broad and scoring the nearest clusters costs more (default: none).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: samples.npy, noise.npy, [labels.npy], provenance.npz, grid.png, provenance.png, run.json, "
                    "[paths.npy].")
 def sample(dataset, data_dir, machine, scales, steps, num, seed, label, conditional, noise, loop, device, dtype,
-           memory_budget_gib, exact_method, index, topk, tol, fallback, estimate_samples, estimate_error, out) -> None:
+           memory_budget_gib, exact_method, index, topk, tol, fallback, estimate_samples, estimate_error, exact_from_patch_size,
+           out) -> None:
     """Sample N images from an analytic score machine with the deterministic DDIM sampler into OUT."""
     config = SampleConfig(
         out=str(out), dataset=dataset, data_dir=None if data_dir is None else str(data_dir), machine=machine,
         scales=scales, steps=steps, num=num, seed=seed, label=label, conditional=conditional,
         noise=None if noise is None else str(noise), loop=loop, device=device, dtype=dtype,
         memory_budget_gib=memory_budget_gib, index=None if index is None else str(index), topk=topk, tol=tol,
-        fallback=fallback, estimate_samples=estimate_samples, estimate_error=estimate_error, exact_method=exact_method)
+        fallback=fallback, estimate_samples=estimate_samples, estimate_error=estimate_error, exact_method=exact_method,
+        exact_from_patch_size=exact_from_patch_size)
     record = run_sample(config)
     click.echo(f"{record['num_samples']} samples, {len(record['seconds_per_step'])} steps of {machine} on {record['data']['name']} "
                f"({record['data']['num_images']} images) in {record['total_seconds']:.1f} s -> {out}")

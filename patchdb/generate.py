@@ -66,7 +66,7 @@ class SampleConfig:
     instead of seeded noise; num: number of samples (None: the noise file's N, else 8);
     memory_budget_gib: the machine's memory bound in GiB; index: a patch store (patchdb build-index)
     whose dictionaries the top-k backend uses, with topk (None: each dictionary's own), tol, fallback,
-    estimate_samples and estimate_error (see patchdb.topk.TopKBackend); None: the exact backend, whose
+    estimate_samples, estimate_error and exact_from_patch_size (see patchdb.topk.TopKBackend); None: the exact backend, whose
     method for the patch machines is exact_method (patchdb.engine.EXACT_METHODS).
     """
 
@@ -91,6 +91,7 @@ class SampleConfig:
     fallback: str = DEFAULT_FALLBACK
     estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES
     estimate_error: float = DEFAULT_ESTIMATE_ERROR
+    exact_from_patch_size: int | None = None
     exact_method: str = "auto"
 
 
@@ -220,7 +221,8 @@ def _backend_options(config: SampleConfig, dataset: Dataset, scales: list[int], 
     store = PatchStore(config.index)
     used = sorted({scales[min(i, config.steps - 1)] for i in LOOPS[config.loop](config.steps)})
     store.check_run(dataset, config.machine, used, labels is not None, labels)
-    backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, config.estimate_error, seed=config.seed)
+    backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, config.estimate_error, seed=config.seed,
+                          exact_from_patch_size=config.exact_from_patch_size)
     return {"store": store, "backend": backend}
 
 

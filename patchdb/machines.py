@@ -16,6 +16,7 @@ A machine is a score model: ``machine(x, t, labels=None, patch_size=None) -> sco
 """
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from patchdb.patches import (PATCH_MACHINES, centre_indices, dictionary_groups, 
                              same_location_regions)
 from patchdb.schedule import alpha_bar
 from patchdb.store import PatchStore
-from patchdb.topk import TopKBackend
+from patchdb.topk import PATHS, TopKBackend
 from patchdb.windows import LaneImages, lane_image_bytes, lanes, window_posterior, window_tasks
 
 MACHINES = ("is", "es", "ls", "els", "bbels")
@@ -228,9 +229,17 @@ class PatchMachine(Machine):
         if self.padding == "circular" and patch_size > 2 * min(height, width) + 1:
             raise PatchdbError(f"patch size {patch_size} wraps more than once around a {height}x{width} image; "
                                f"circular patches can be at most {2 * min(height, width) + 1} wide")
-        if self.store is None and isinstance(self.backend, ExactBackend) and self.backend.uses_windows(x.device, x.dtype):
-            mean, source, weight = window_posterior(x, self._lane_blocks(images, label, patch_size), self._window_tasks(patch_size),
-                                                    alpha_bar, patch_size, self.padding, torch.get_num_threads(), provenance)
+        windows = self._windows_backend(x, patch_size)
+        if windows is not None:
+            start = time.perf_counter()
+            tasks = self._window_tasks(patch_size)
+            mean, source, weight = window_posterior(x, self._lane_blocks(images, label, patch_size), tasks, alpha_bar, patch_size,
+                                                    self.padding, torch.get_num_threads(), provenance)
+            if windows is not self.backend:  # a step the top-k backend left to the exact one
+                pairs = int(((tasks[:, 1] - tasks[:, 0]) * (tasks[:, 3] - tasks[:, 2])).sum()) * images.shape[0] * batch
+                self.backend.count_exact(batch * height * width, pairs, time.perf_counter() - start)
+                path = torch.full((batch, height, width), PATHS.index("exact"), dtype=torch.uint8, device=x.device)
+                return Posterior(mean, source, weight, path)
             return Posterior(mean, source, weight)
         groups = dictionary_groups(self.name, patch_size, height, width)
         query_windows = patch_windows(x, patch_size, self.padding)
@@ -265,6 +274,19 @@ class PatchMachine(Machine):
     def take_report(self) -> dict | None:
         take = getattr(self.backend, "take_report", None)
         return None if take is None else take()
+
+    def _windows_backend(self, x: torch.Tensor, patch_size: int) -> ExactBackend | None:
+        """The exact backend that scores this call by sliding windows (patchdb.windows), or None: the machine's own
+        exact backend where it slides windows on x's device and dtype, or the top-k backend's at the patch sizes it
+        leaves to it (TopKBackend.exact_from_patch_size), which need the windows."""
+        if isinstance(self.backend, ExactBackend):
+            return self.backend if self.store is None and self.backend.uses_windows(x.device, x.dtype) else None
+        if not (isinstance(self.backend, TopKBackend) and self.backend.leaves_to_exact(patch_size)):
+            return None
+        if not self.backend.exact.uses_windows(x.device, x.dtype):
+            raise PatchdbError("--exact-from-patch-size leaves steps to the exact backend's sliding windows, which need a CPU, "
+                               "float32 or float64 and patchdb's compiled kernel; drop the option here")
+        return self.backend.exact
 
     def _lane_blocks(self, images, label, patch_size):
         """The training images laid out for sliding windows (patchdb.windows.LaneImages), in blocks.

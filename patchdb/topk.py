@@ -103,12 +103,17 @@ class TopKBackend:
     estimate_samples: entries in the estimator's uniform sample; estimate_error: the largest standard error of
     an estimated posterior mean (in the values' units: pixels in [-1, 1]) accepted without visiting more
     entries (module docstring); seed: the sampler's generator;
-    scoring: one of SCORINGS, or None for the default (default_scoring).
+    scoring: one of SCORINGS, or None for the default (default_scoring);
+    exact_from_patch_size: patch sizes from which on a whole step is left to the exact backend's sliding windows
+        (patchdb.machines.PatchMachine; a CPU): where the posterior is broad and the patches large, every pixel
+        would fall back anyway, and the windows cost O(1) per patch where scoring a visited patch costs O(P^2).
+        None: never.
     """
 
     def __init__(self, topk: int | None = DEFAULT_TOPK, tol: float = DEFAULT_TOL, fallback: str = DEFAULT_FALLBACK,
                  estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES, estimate_error: float = DEFAULT_ESTIMATE_ERROR,
-                 seed: int = 0, exact: ExactBackend | None = None, scoring: str | None = None):
+                 seed: int = 0, exact: ExactBackend | None = None, scoring: str | None = None,
+                 exact_from_patch_size: int | None = None):
         if topk is not None and topk < 1:
             raise PatchdbError(f"--topk must be at least 1, got {topk}")
         if not 0.0 <= tol < 1.0:
@@ -122,12 +127,23 @@ class TopKBackend:
         if scoring == "compiled" and _clusters is None:
             raise PatchdbError("scoring 'compiled' needs patchdb._clusters, which was not compiled: reinstall patchdb "
                                "with a C compiler (`make setup`), or choose scoring 'runs'")
-        self.scoring = scoring
+        if exact_from_patch_size is not None and exact_from_patch_size < 1:
+            raise PatchdbError(f"--exact-from-patch-size must be a patch size (at least 1), got {exact_from_patch_size}")
+        self.scoring, self.exact_from_patch_size = scoring, exact_from_patch_size
         self.topk, self.tol, self.fallback = topk, tol, fallback
         self.estimate_samples, self.estimate_error = estimate_samples, estimate_error
         self.generator = torch.Generator().manual_seed(seed)
         self.exact = exact or ExactBackend()
         self._report = _new_report()
+
+    def leaves_to_exact(self, patch_size: int) -> bool:
+        """Whether a step at this patch size is left to the exact backend (exact_from_patch_size)."""
+        return self.exact_from_patch_size is not None and patch_size >= self.exact_from_patch_size
+
+    def count_exact(self, pixels: int, entries: int, seconds: float) -> None:
+        """Report a step that the exact backend scored: pixels on the exact path, entries scored in all, its seconds."""
+        self._count(torch.full((pixels,), PATHS.index("exact"), dtype=torch.uint8), entries)
+        self._report["seconds"]["rescore"] += seconds
 
     def reads_patches_in_place(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this backend's scoring reads the clustered entries' patches where they lie in the training images

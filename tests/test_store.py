@@ -6,6 +6,7 @@ import torch
 
 import patchdb.build
 import patchdb.topk
+import patchdb.windows
 from patchdb.build import build_store
 from patchdb.errors import PatchdbError
 from patchdb.engine import PatchDictionary
@@ -196,3 +197,24 @@ def test_compiled_scoring_reads_the_stored_patches_in_place_with_the_matrix_prod
     expected, got = runs.posterior(x, 0.4, None, 3), compiled.posterior(x, 0.4, None, 3)
     torch.testing.assert_close(got.mean, expected.mean, rtol=0, atol=1e-4)
     assert torch.equal(got.path, expected.path) and torch.equal(got.source, expected.source)
+
+
+@pytest.mark.skipif(not patchdb.windows.compiled(), reason="patchdb._windows was not compiled")
+def test_steps_left_to_the_exact_backend_are_its_sliding_windows_posterior_and_reported_as_exact(dataset, store):
+    backend = TopKBackend(topk=50, tol=1e-2, fallback="estimate", exact_from_patch_size=5)
+    indexed = make_machine("bbels", dataset, store=store, backend=backend)
+    exact = make_machine("bbels", dataset)
+    x = noisy_batch(dataset, 0.6, seed=2).float()
+    left, expected = indexed.posterior(x, 0.6, None, 5), exact.posterior(x, 0.6, None, 5)
+    assert torch.equal(left.mean, expected.mean) and torch.equal(left.source, expected.source)
+    assert (left.path == PATHS.index("exact")).all()
+    report = indexed.take_report()
+    assert report["paths"] == {"exact": x.shape[0] * 10 * 10} and report["seconds"]["rescore"] > 0
+    # every pixel pairs with every patch of its dictionary: len(dataset) images times the dictionary's positions
+    groups = dictionary_groups("bbels", 5, 10, 10)
+    pairs = sum(len(group.query_pixels) * (1 if group.same_location else len(group.key_pixels)) for group in groups)
+    assert report["entries_scored"] == x.shape[0] * len(dataset) * pairs
+    smaller = indexed.posterior(x, 0.3, None, 3)  # below the threshold: the top-k backend as usual
+    assert (smaller.path != PATHS.index("exact")).any()
+    with pytest.raises(PatchdbError, match="exact-from-patch-size"):
+        TopKBackend(exact_from_patch_size=0)
