@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from patchdb.engine import PatchDictionary
 from patchdb.patches import gather_sources
@@ -188,9 +187,10 @@ def patch_layout(entries: "PatchDictionary | GatheredEntries") -> PatchLayout:
         if column_stride != 1 or patch_column_stride != 1:
             raise ValueError("gathered entries need windows over contiguous rows of pixels")
         buffer = windows.as_strided((windows.untyped_storage().nbytes() // windows.element_size(),), (1,), 0)
-        starts = (windows.storage_offset() + entries.sources[:, 0] * image_stride + entries.sources[:, 1] * row_stride
-                  + entries.sources[:, 2] * column_stride)
-        norms = entries.norm_maps[entries.sources[:, 0], entries.sources[:, 1], entries.sources[:, 2]]
+        image, row, column = entries.sources.T
+        starts = image.mul(image_stride).add_(row, alpha=row_stride).add_(column, alpha=column_stride).add_(windows.storage_offset())
+        height, width = windows.shape[2:4]
+        norms = entries.norm_maps.view(-1).take(image.mul(height).add_(row).mul_(width).add_(column))
         return PatchLayout(buffer, starts.contiguous(), norms.float().contiguous(), channel_stride, patch_row_stride,
                            windows.shape[1], windows.shape[-1])
     keys = entries.keys.contiguous()
@@ -205,17 +205,17 @@ NORM_MAP_IMAGES = 4096
 
 
 def squared_norm_maps(windows: torch.Tensor) -> torch.Tensor:
-    """(M, H, W) ||patch||^2 of every patch of a patch_windows view (M, C, H, W, P, P) of padded images: box sums of
-    the squared images, from running sums in float64 (whose differences keep the float32 norms' precision)."""
+    """(M, H, W) ||patch||^2 of every patch of a patch_windows view (M, C, H, W, P, P) of padded images: window sums
+    of the squared images along the rows, then the columns (direct sums, which keep the precision that differences
+    of running sums would lose)."""
     count, channels, height, width, size, _ = windows.shape
     image_stride, channel_stride, row_stride = windows.stride()[:3]
     padded = windows.as_strided((count, channels, height + size - 1, width + size - 1), (image_stride, channel_stride, row_stride, 1),
                                 windows.storage_offset())
     maps = windows.new_empty(count, height, width)
     for first in range(0, count, NORM_MAP_IMAGES):
-        sums = F.pad(padded[first:first + NORM_MAP_IMAGES].double().square().sum(dim=1).cumsum(1).cumsum(2), (1, 0, 1, 0))
-        maps[first:first + NORM_MAP_IMAGES] = (sums[:, size:, size:] - sums[:, :-size, size:] - sums[:, size:, :-size]
-                                               + sums[:, :-size, :-size])
+        squares = padded[first:first + NORM_MAP_IMAGES].square().sum(dim=1)
+        maps[first:first + NORM_MAP_IMAGES] = squares.unfold(1, size, 1).sum(-1).unfold(2, size, 1).sum(-1)
     return maps
 
 

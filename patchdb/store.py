@@ -237,7 +237,7 @@ class PatchStore:
 def _read_dictionary(node: h5py.Group, windows: torch.Tensor, norm_maps: torch.Tensor, centre: torch.Tensor, in_memory: bool
                      ) -> ClusteredDictionary | PatchDictionary:
     device, dtype = windows.device, windows.dtype
-    sources = torch.from_numpy(node["sources"][...].astype(np.int64)).to(device)
+    sources = torch.from_numpy(node["sources"][...]).to(device=device, dtype=torch.int64)
     log_multiplicity = torch.from_numpy(node["multiplicity"][...]).to(device=device, dtype=dtype).log()
     merged = bool((log_multiplicity > 0).any())
     entries = GatheredEntries(windows, norm_maps, sources, log_multiplicity, centre, merged)

@@ -29,13 +29,16 @@ Scoring is in one of three ways (``scoring``):
   visited cluster in turn, reads its entries' patches where they lie (the in-memory keys, or the
   training images themselves for gathered entries) and scores them against the queries that visit
   it, folding the weights into the queries' running softmax as it goes: nothing is copied or masked;
-- 'runs' (the CPU's default otherwise), by the engine's matrix products: runs of consecutive clusters (clusters with nearby numbers lie near
-  each other) against every query that visits one of them, masking the clusters a query does not
-  visit: few wasted products, many small ones;
-- 'gathered' (a GPU's default), by matrix products too: each query's visited entries gathered into one padded row, and all
-  rows of a block scored by one batched product: a few large operations per fold, whatever the
-  number of clusters, at the price of copying the entries (queries whose entries do not fit one
-  chunk are scored in runs).
+- 'runs' (the CPU's default otherwise), by the engine's matrix products: runs of consecutive
+  clusters (clusters with nearby numbers lie near each other) against every query that visits one
+  of them, masking the clusters a query does not visit: few wasted products, many small ones;
+- 'gathered' (a GPU's default), by matrix products too: each query's visited entries gathered into
+  one padded row, and all rows of a block scored by one batched product: a few large operations per
+  fold, whatever the number of clusters, at the price of copying the entries (queries whose entries
+  do not fit one chunk are scored in runs).
+
+With ``exact_from_patch_size``, the steps at that patch size and above are not searched at all: the
+patch machine hands them to the exact backend's sliding windows (where every pixel would fall back).
 """
 
 import math
