@@ -189,6 +189,15 @@ def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
         assert abs(sum(step["fraction_of_pixels"].values()) - 1) < 1e-9 and set(step["seconds"]) == {"search", "rescore", "estimate", "other"}
         assert step["estimate_standard_error"] is None and step["deepenings_per_pixel"] == 0  # every entry fit topk: nothing estimated
     assert np.load(out / "paths.npy").shape == (3, 3, 32, 32)
+    # steps left to the exact backend (every step here): the exact run's samples, every pixel on the exact path
+    left = tmp_path / "left"
+    result = sample(data_specs["labelled"], left, "--num", "3", "--seed", "5", "--conditional", "--index", str(store),
+                    "--exact-from-patch-size", "3")
+    assert result.exit_code == 0, result.output
+    assert np.allclose(np.load(left / "samples.npy"), np.load(batch / "samples.npy"), atol=1e-4)
+    record = json.loads((left / "run.json").read_text())
+    assert record["arguments"]["exact_from_patch_size"] == 3
+    assert all(step["fraction_of_pixels"] == {"exact": 1.0} for step in record["index_steps"])
     # a store built for other data or another machine is refused with the reason
     mismatched = sample(data_specs["unlabelled"], tmp_path / "refused", "--index", str(store))
     assert mismatched.exit_code == 1 and "fingerprint" in mismatched.output and "Traceback" not in mismatched.output
