@@ -161,7 +161,8 @@ class ClusteredDictionary:
     @functools.cached_property
     def cumulative_patches(self) -> torch.Tensor:
         """(K,) int64 on the CPU: patches (multiplicities summed) in entries 0..k, for drawing patches uniformly."""
-        return self.entries.log_multiplicity.double().exp().round().to(torch.int64).cumsum(0).cpu()
+        # multiplicities below 2^23 come back exactly from a float32 exp once rounded
+        return self.entries.log_multiplicity.float().exp().round().to(torch.int64).cumsum(0).cpu()
 
 
 @dataclass
@@ -412,6 +413,14 @@ def flat_index(centroids: "torch.Tensor | np.ndarray") -> faiss.IndexFlatL2:
 def cluster_of_entries(sizes: torch.Tensor) -> torch.Tensor:
     """(K,) int64 cluster of each entry of entries sorted by cluster, from the clusters' sizes (C,)."""
     return torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
+
+
+def cluster_log_mass_of_counts(offsets: torch.Tensor, multiplicity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C,) log of the summed multiplicities of each cluster of entries sorted by cluster (offsets (C + 1,) int64,
+    multiplicity (K,) integer counts), in dtype: differences of the counts' running sum, in integers."""
+    patches_before = torch.zeros(len(multiplicity) + 1, dtype=torch.int64, device=multiplicity.device)
+    patches_before[1:] = multiplicity.to(torch.int64).cumsum(0)
+    return (patches_before[offsets[1:]] - patches_before[offsets[:-1]]).to(dtype).log()
 
 
 def cluster_log_mass(member_cluster: torch.Tensor, num_clusters: int, log_multiplicity: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import patchdb
 from patchdb.data import Dataset
 from patchdb.engine import PatchDictionary
 from patchdb.errors import PatchdbError
-from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, cluster_log_mass, cluster_of_entries, squared_norm_maps,
+from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, cluster_log_mass_of_counts, squared_norm_maps,
                            take_entries)
 from patchdb.patches import DictionaryGroup, centre_indices, patch_windows
 
@@ -238,7 +238,8 @@ def _read_dictionary(node: h5py.Group, windows: torch.Tensor, norm_maps: torch.T
                      ) -> ClusteredDictionary | PatchDictionary:
     device, dtype = windows.device, windows.dtype
     sources = torch.from_numpy(node["sources"][...]).to(device=device, dtype=torch.int64)
-    log_multiplicity = torch.from_numpy(node["multiplicity"][...]).to(device=device, dtype=dtype).log()
+    multiplicity = torch.from_numpy(node["multiplicity"][...]).to(device)
+    log_multiplicity = multiplicity.to(dtype).log()
     merged = bool((log_multiplicity > 0).any())
     entries = GatheredEntries(windows, norm_maps, sources, log_multiplicity, centre, merged)
     if in_memory:
@@ -248,6 +249,6 @@ def _read_dictionary(node: h5py.Group, windows: torch.Tensor, norm_maps: torch.T
     offsets = torch.from_numpy(node["offsets"][...]).to(device)
     clusters = EntryClusters(offsets, torch.from_numpy(node["centroids"][...]).to(device=device, dtype=dtype),
                              torch.from_numpy(node["radii"][...]).to(device=device, dtype=dtype),
-                             cluster_log_mass(cluster_of_entries(offsets.diff()), len(offsets) - 1, log_multiplicity),
+                             cluster_log_mass_of_counts(offsets, multiplicity, dtype),
                              torch.from_numpy(node["medoids"][...]).to(device))
     return ClusteredDictionary(entries, clusters)
