@@ -440,7 +440,7 @@ def default_scoring(device: torch.device, dtype: torch.dtype) -> str:
 def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: ClusteredDictionary, visit: torch.Tensor,
                     alpha_bar: float) -> int:
     """'compiled' scoring (module docstring): the visits as lists of rows per cluster, folded by patchdb._clusters,
-    the rows split between torch's threads. Returns the entries scored."""
+    each of torch's threads folding one range of rows. Returns the entries scored."""
     if queries.dtype != torch.float32 or queries.device.type != "cpu":
         raise PatchdbError("scoring 'compiled' runs on a CPU in float32; choose scoring 'runs' for other dtypes")
     clusters, layout = dictionary.clusters, dictionary.patch_layout
@@ -459,8 +459,8 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
     def fold(max_bits, normaliser, weighted, best_bits, best_entry):
         def rows(begin, end):
             _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(),
-                           None if log_multiplicity is None else log_multiplicity.numpy(),
-                           layout.channels, layout.patch_size, layout.channel_stride, layout.row_stride, clusters.offsets.numpy(), visit_starts.numpy(),
+                           None if log_multiplicity is None else log_multiplicity.numpy(), layout.channels, layout.patch_size,
+                           layout.channel_stride, layout.row_stride, clusters.offsets.numpy(), visit_starts.numpy(),
                            visit_rows.numpy(), begin, end, queries.numpy(), signal / noise_variance * LOG2_E,
                            alpha_bar / (2 * noise_variance) * LOG2_E, max_bits.numpy(), normaliser.numpy(), weighted.numpy(),
                            best_bits.numpy(), best_entry.numpy())
