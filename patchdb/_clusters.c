@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "_buffers.h"
+#include "_exp2.h"
 
 #define ENTRY_BLOCK 64   /* entries scored before their weights are folded: one rescale per block and row */
 #define ROW_BLOCK 128    /* rows whose state is held in a contiguous block while a cluster is scored */
@@ -40,18 +41,15 @@
 #define CLONES
 #endif
 
-/* (ln 2)^k / k!: the Taylor coefficients of 2^f = e^(f ln 2), f in [-1/2, 1/2] (relative error below 2e-7) */
-static const float EXP2_TAYLOR[] = {1.0f, 0.6931471805599453f, 0.2402265069591007f, 0.055504108664821576f,
-                                    0.009618129107628477f, 0.0013333558146428441f, 0.00015403530393381606f};
-
-/* 2^t for t <= 1, 0 below WEIGHT_FLOOR_BITS (and for -inf); branch-free, so that loops of it vectorise */
+/* 2^t for t <= 1, 0 below WEIGHT_FLOOR_BITS (and for -inf); branch-free, so that loops of it vectorise. The Taylor
+ * polynomial of degree 6 on [-1/2, 1/2]: relative error below 2e-7. */
 static inline float exp2_weight(float t) {
     const float kept = t >= WEIGHT_FLOOR_BITS ? 1.0f : 0.0f;
     t = t >= WEIGHT_FLOOR_BITS ? t : WEIGHT_FLOOR_BITS;
     const float whole = (t + ROUND_MAGIC) - ROUND_MAGIC;
     const float fraction = t - whole;
-    float power = EXP2_TAYLOR[6];
-    for (int k = 5; k >= 0; k--) power = power * fraction + EXP2_TAYLOR[k];
+    float power = (float)EXP2_TAYLOR[6];
+    for (int k = 5; k >= 0; k--) power = power * fraction + (float)EXP2_TAYLOR[k];
     /* (n + 127) * 2^23 is an integer that a float holds exactly: its conversion gives the bits of 2^n */
     const int32_t bits = (int32_t)((whole + 127.0f) * 8388608.0f);
     float scale;
@@ -211,7 +209,8 @@ static void fold_clusters(const struct fold_args *a, struct scratch *s) {
         row_range(rows, a->visit_starts[c + 1] - a->visit_starts[c], a->row_begin, a->row_end, &first_row, &last_row);
         for (Py_ssize_t block = first_row; block < last_row; block += ROW_BLOCK) {
             const Py_ssize_t count = last_row - block < ROW_BLOCK ? last_row - block : ROW_BLOCK;
-            for (Py_ssize_t j = 0; j < ROW_BLOCK; j++) {
+            const Py_ssize_t columns = (count + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN; /* as score_block reads */
+            for (Py_ssize_t j = 0; j < columns; j++) {
                 const int64_t r = j < count ? rows[block + j] : -1;
                 s->shift[j] = r < 0 ? -INFINITY : a->max_bits[r];
                 s->normaliser[j] = r < 0 ? 0.0f : a->normaliser[r];

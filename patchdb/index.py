@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 import torch
 
-from patchdb.engine import PatchDictionary
+from patchdb.engine import LOG2_E, PatchDictionary
 from patchdb.patches import gather_sources
 
 CLUSTER_SIZE = 1024
@@ -121,8 +121,14 @@ class GatheredEntries:
         """The entries at index (n,) int64 as an in-memory PatchDictionary."""
         sources = self.sources[index]
         keys = gather_sources(self.windows, sources)
-        return PatchDictionary(keys, keys[:, self.centre], self.norm_maps[sources[:, 0], sources[:, 1], sources[:, 2]],
-                               self.log_multiplicity[index], sources, self.merged)
+        return PatchDictionary(keys, keys[:, self.centre], self.squared_norms_at(sources), self.log_multiplicity[index], sources,
+                               self.merged)
+
+    def squared_norms_at(self, sources: torch.Tensor) -> torch.Tensor:
+        """(n,) ||k||^2 of the patches at sources (n, 3) int64, from the norm maps."""
+        image, row, column = sources.T
+        height, width = self.norm_maps.shape[1:]
+        return self.norm_maps.view(-1).take(image.mul(height).add_(row).mul_(width).add_(column))
 
     def __len__(self) -> int:
         return self.sources.shape[0]
@@ -156,7 +162,7 @@ class ClusteredDictionary:
         """(K,) float32 log2 of each entry's multiplicity, for the compiled scoring; None where no entry was merged."""
         if not self.entries.merged:
             return None
-        return (self.entries.log_multiplicity.float() / math.log(2.0)).contiguous()
+        return (self.entries.log_multiplicity.float() * LOG2_E).contiguous()
 
     @functools.cached_property
     def cumulative_patches(self) -> torch.Tensor:
@@ -190,10 +196,8 @@ def patch_layout(entries: "PatchDictionary | GatheredEntries") -> PatchLayout:
         buffer = windows.as_strided((windows.untyped_storage().nbytes() // windows.element_size(),), (1,), 0)
         image, row, column = entries.sources.T
         starts = image.mul(image_stride).add_(row, alpha=row_stride).add_(column, alpha=column_stride).add_(windows.storage_offset())
-        height, width = windows.shape[2:4]
-        norms = entries.norm_maps.view(-1).take(image.mul(height).add_(row).mul_(width).add_(column))
-        return PatchLayout(buffer, starts.contiguous(), norms.float().contiguous(), channel_stride, patch_row_stride,
-                           windows.shape[1], windows.shape[-1])
+        return PatchLayout(buffer, starts.contiguous(), entries.squared_norms_at(entries.sources).float().contiguous(),
+                           channel_stride, patch_row_stride, windows.shape[1], windows.shape[-1])
     keys = entries.keys.contiguous()
     channels = entries.values.shape[1]
     size = math.isqrt(keys.shape[1] // channels)
@@ -388,7 +392,7 @@ class Partition:
         position[order] = torch.arange(num_entries, device=device)
         found = (rows[entry] == nearest_rows) & (entry_cluster[entry] == torch.arange(len(present), device=device))
         medoids = torch.where(found, position[entry], offsets[:-1])
-        log_mass = cluster_log_mass(entry_cluster[order], len(sizes), log_multiplicity[order])
+        log_mass = cluster_log_mass(offsets, log_multiplicity[order].double().exp().round(), log_multiplicity.dtype)
         return order, EntryClusters(offsets, centroids, radii, log_mass, medoids)
 
 
@@ -415,7 +419,7 @@ def cluster_of_entries(sizes: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
 
 
-def cluster_log_mass_of_counts(offsets: torch.Tensor, multiplicity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def cluster_log_mass(offsets: torch.Tensor, multiplicity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(C,) log of the summed multiplicities of each cluster of entries sorted by cluster (offsets (C + 1,) int64,
     multiplicity (K,) integer counts), in dtype: differences of the counts' running sum, in integers."""
     patches_before = torch.zeros(len(multiplicity) + 1, dtype=torch.int64, device=multiplicity.device)
@@ -423,8 +427,3 @@ def cluster_log_mass_of_counts(offsets: torch.Tensor, multiplicity: torch.Tensor
     return (patches_before[offsets[1:]] - patches_before[offsets[:-1]]).to(dtype).log()
 
 
-def cluster_log_mass(member_cluster: torch.Tensor, num_clusters: int, log_multiplicity: torch.Tensor) -> torch.Tensor:
-    """(C,) log of the summed multiplicities of each cluster's entries (member_cluster, log_multiplicity: (K,))."""
-    mass = torch.zeros(num_clusters, dtype=torch.float64, device=member_cluster.device)
-    mass.index_add_(0, member_cluster, log_multiplicity.double().exp())
-    return mass.log().to(log_multiplicity.dtype)

@@ -35,8 +35,7 @@ import patchdb
 from patchdb.data import Dataset
 from patchdb.engine import PatchDictionary
 from patchdb.errors import PatchdbError
-from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, cluster_log_mass_of_counts, squared_norm_maps,
-                           take_entries)
+from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, cluster_log_mass, squared_norm_maps, take_entries
 from patchdb.patches import DictionaryGroup, centre_indices, patch_windows
 
 FORMAT_VERSION = 2
@@ -249,6 +248,6 @@ def _read_dictionary(node: h5py.Group, windows: torch.Tensor, norm_maps: torch.T
     offsets = torch.from_numpy(node["offsets"][...]).to(device)
     clusters = EntryClusters(offsets, torch.from_numpy(node["centroids"][...]).to(device=device, dtype=dtype),
                              torch.from_numpy(node["radii"][...]).to(device=device, dtype=dtype),
-                             cluster_log_mass_of_counts(offsets, multiplicity, dtype),
+                             cluster_log_mass(offsets, multiplicity, dtype),
                              torch.from_numpy(node["medoids"][...]).to(device))
     return ClusteredDictionary(entries, clusters)

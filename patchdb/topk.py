@@ -151,7 +151,11 @@ class TopKBackend:
     def reads_patches_in_place(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this backend's scoring reads the clustered entries' patches where they lie in the training images
         ('compiled'), so that the store need not copy them into memory (patchdb.store.PatchStore.dictionaries)."""
-        return (self.scoring or default_scoring(device, dtype)) == "compiled"
+        return self._scoring(device, dtype) == "compiled"
+
+    def _scoring(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The scoring used for queries on device in dtype: the one asked for, or the default there."""
+        return self.scoring or default_scoring(device, dtype)
 
     def fold(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary, alpha_bar: float) -> torch.Tensor:
         """Fold dictionary into accumulator for queries (Q, D); returns each query's path code (Q,) uint8."""
@@ -288,7 +292,7 @@ class TopKBackend:
     def _score(self, accumulator, queries, dictionary: ClusteredDictionary, visit: torch.Tensor, alpha_bar: float) -> int:
         """Score exactly, for each query, the entries of the clusters visit (Q, C) marks; returns the entries scored."""
         entries, clusters = dictionary.entries, dictionary.clusters
-        scoring = self.scoring or default_scoring(queries.device, queries.dtype)
+        scoring = self._scoring(queries.device, queries.dtype)
         if scoring == "compiled":
             return _score_compiled(accumulator, queries, dictionary, visit, alpha_bar)
         if scoring == "runs":
@@ -402,7 +406,8 @@ class TopKBackend:
         the values' units: by the delta method, tail_patches * sd(w_i (v_i - mean)) / sqrt(draws) / normaliser, over
         the drawn (R,) draws i in the row's tail, of weight w_i and value v_i (logits (R, m) in bits, -inf outside
         it; values (m, V)). The weights, at most 1, and their moments are in the logits' dtype: with values in a
-        bounded range, as pixels are, float32 loses at most a few digits of a variance that matters (module tests)."""
+        bounded range, as pixels are, the moments' cancellation costs float32 at most a few of its digits where the
+        variance is not negligible against them."""
         running_max = accumulator.running_max[rows] * LOG2_E
         shift = torch.maximum(running_max, logits.amax(dim=1))
         weights = (logits - shift[:, None]).exp2_()  # (R, m), 0 outside the tail
