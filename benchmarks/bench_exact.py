@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from patchdb import windows  # noqa: E402
+from patchdb import fused, windows  # noqa: E402
 from patchdb.comparison import image_statistics  # noqa: E402
 from patchdb.data import load_dataset  # noqa: E402
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS, ExactBackend  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
 @click.option("--method", type=click.Choice(EXACT_METHODS), default="auto", show_default=True,
-              help="The exact backend's method: sliding windows (CPU), matrix products, or auto (windows where it can).")
+              help="The exact backend's method: sliding windows (CPU), matrix products, the fused kernel (CUDA, Triton), or auto (windows on a CPU, fused on a GPU).")
 @click.option("--block-pruning/--no-block-pruning", default=True, show_default=True, help="The products method's block pruning.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="torch threads (also the windows method's); 0 keeps torch's default. On a shared machine 1 thread gives steadier figures.")
@@ -62,7 +62,9 @@ def main() -> None:
               help="The machine's memory budget (dictionaries or image layouts cached per scale when they fit in 3/4 of it).")
 @click.option("--save", type=click.Path(path_type=Path), default=None,
               help="Save noise, samples, seconds and device to this .pt file (bench_topk.py --exact-samples reads it).")
-def run(images, label, batch, machine, scales, steps, seed, data_dir, method, block_pruning, threads, device, memory_gib, save) -> None:
+@click.option("--progress/--no-progress", default=False, show_default=True, help="A progress bar over the steps (on stderr).")
+def run(images, label, batch, machine, scales, steps, seed, data_dir, method, block_pruning, threads, device, memory_gib, save,
+        progress) -> None:
     """Sample once and print one JSON line with the timings and peak memory."""
     if threads:
         torch.set_num_threads(threads)
@@ -73,15 +75,16 @@ def run(images, label, batch, machine, scales, steps, seed, data_dir, method, bl
     backend = ExactBackend(block_pruning=block_pruning, method=method)
     score_model = make_machine(machine, dataset, device=device, memory_budget=int(memory_gib * 1024**3), backend=backend)
     start = time.perf_counter()
-    generation = generate(score_model, noise.to(device), scale_list, steps, labels, progress=False)
+    generation = generate(score_model, noise.to(device), scale_list, steps, labels, progress=progress)
     total = time.perf_counter() - start
     if save is not None:
         save.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"noise": noise, "samples": generation.samples.cpu(), "seconds": total, "device": device_name(device)}, save)
     windowed = machine in ("ls", "els", "bbels") and backend.uses_windows(torch.device(device), torch.float32)
+    fuses = method == "fused" or (method == "auto" and device == "cuda" and fused.available(torch.device(device)))
     print(json.dumps({
         "images": len(dataset) if label is None else f"class {label}: {len(dataset.indices_of_label(label))}",
-        "batch": batch, "method": "windows" if windowed else "products", "isa": windows.best_isa() if windowed else None,
+        "batch": batch, "method": "windows" if windowed else "fused" if fuses else "products", "isa": windows.best_isa() if windowed else None,
         "block_pruning": block_pruning, "machine": machine, "scales": scales, "steps": steps, "seed": seed,
         "device": device_name(device), "seconds": round(total, 2), "seconds_per_sample": round(total / batch, 3),
         "step_seconds": [round(s, 3) for s in generation.seconds_per_step],

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks and figures, in one run on a machine with a CUDA GPU (a lent one has no internet):
 #   benchmarks/gpu_suite.sh DATA_DIR OUT_DIR [SECONDS [STEPS]]
-# DATA_DIR holds fashion-mnist/train-*-ubyte.gz; faiss must be importable. Within SECONDS (default 480),
-# most important first, each step cut short when the time is spent:
-#   1. the whole test suite, with the CUDA tests that CI skips;
-#   2. the exact backend on the GPU: bbELS, paper scales, 20 steps, the first 1,000 images (1 sample),
-#      all 60,000 (2 seeds, saved as exact references for bench_topk.py --exact-samples; 100 seeds
-#      too when 2 took under a second each), class 0 (20 seeds, saved likewise), 1,000 images (16 samples);
-#   3. the top-k backend against the exact one on the GPU, class 0, 20 seeds (store built on the CPU).
+# DATA_DIR holds fashion-mnist/train-*-ubyte.gz; torch (CUDA), Triton, faiss, h5py and click must be importable.
+# Within SECONDS (default 480), most important first, each step cut short when the time is spent:
+#   1. the GPU tests that CI skips (the fused kernel against a direct posterior; machines, CLI and the indexed
+#      backend on CUDA against the CPU);
+#   2. the exact backend on the GPU, bbELS, paper scales, 20 steps: 1,000 images, 8 samples, with the fused
+#      method and with matrix products (their ratio and agreement); all 60,000 images, 100 samples (fused);
+#      class 0, 20 seeds (fused); each saved as OUT_DIR/exact-*.pt for comparison with the CPU's exact samples;
+#   3. the whole test suite; 4. the top-k backend on the GPU, class 0, 20 seeds (store built on the CPU).
 # STEPS: a regular expression; only the steps whose names match it run (default: all).
 # Everything goes to OUT_DIR/gpu.log (JSON lines from the benchmarks) and OUT_DIR/*.pt.
 set -uo pipefail
@@ -16,7 +17,7 @@ out=$2
 deadline=$(( $(date +%s) + ${3:-480} ))
 only=${4:-.}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PATCHDB_DATA="$data"
 exec > >(tee -a "$out/gpu.log") 2>&1
 
 step() {  # step NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds (less if the deadline is nearer)
@@ -34,18 +35,17 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds (l
 }
 
 nvidia-smi -L
-python3 -c "import torch, faiss, h5py, numpy; print('torch', torch.__version__, torch.cuda.get_device_name(), 'faiss', faiss.__version__, 'numpy', numpy.__version__)"
-exact=(python3 benchmarks/bench_exact.py run --device cuda --memory-gib 64 --data-dir "$data")
+python3 -c "import torch, triton, faiss, h5py, numpy; print('torch', torch.__version__, torch.cuda.get_device_name(), 'triton', triton.__version__, 'faiss', faiss.__version__, 'numpy', numpy.__version__)"
+python3 setup.py -q build_ext --inplace > "$out/build.log" 2>&1 &  # the CPU kernels, for the CPU side of the tests
+exact=(python3 benchmarks/bench_exact.py run --device cuda --memory-gib 100 --data-dir "$data")
+step gpu-tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_fused.py tests/test_machines.py tests/test_cli.py tests/test_store.py -k "fused or gpu"
+wait
+step exact-1000-8-fused 60 "${exact[@]}" --images 1000 --batch 8 --method fused --save "$out/exact-1000-8-fused.pt"
+step exact-1000-8-products 90 "${exact[@]}" --images 1000 --batch 8 --method products --save "$out/exact-1000-8-products.pt"
+step exact-60000-100 240 "${exact[@]}" --images 60000 --batch 100 --method fused --progress --save "$out/exact-60k-100-fused.pt"
+step exact-class0-20 60 "${exact[@]}" --label 0 --batch 20 --method fused --save "$out/exact-class0-20-fused.pt"
 step tests 150 python3 -m pytest -q -p no:cacheprovider tests
-step exact-60000-8 150 "${exact[@]}" --images 60000 --batch 8
-step exact-1000 60 "${exact[@]}" --images 1000
-step exact-60000-2 150 "${exact[@]}" --images 60000 --batch 2 --save "$out/exact-60k-2seeds.pt"
-if python3 -c "import torch, sys; sys.exit(torch.load('$out/exact-60k-2seeds.pt')['seconds'] > 2.0)" 2>/dev/null; then
-    step exact-60000-100 120 "${exact[@]}" --images 60000 --batch 100
-fi
-step exact-class0-20 120 "${exact[@]}" --label 0 --batch 20 --save "$out/exact-class0-20seeds.pt"
-step exact-1000-16 60 "${exact[@]}" --images 1000 --batch 16
 step topk-class0 250 python3 benchmarks/bench_topk.py --label 0 --seeds 20 --device cuda --memory-gib 48 --threads 0 \
-    --data-dir "$data" --store-dir /tmp/stores --setting topk=4096,tol=1e-2,fallback=estimate --setting topk=16384,tol=1e-2,fallback=estimate --setting topk=65536,tol=1e-2,fallback=estimate \
+    --data-dir "$data" --store-dir /tmp/stores --setting topk=4096,tol=1e-2,fallback=estimate --setting topk=16384,tol=1e-2,fallback=estimate \
     --out "$out/topk-class0-gpu.json"
 echo "== done $(date +%T)"

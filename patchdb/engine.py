@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from patchdb import windows
+from patchdb import fused, windows
 from patchdb.duplicates import unique_rows
 from patchdb.errors import PatchdbError
 
@@ -258,6 +258,7 @@ class PatchDictionary:
     sources: torch.Tensor
     merged: bool = False
     blocks: "EntryBlocks | None" = None
+    fused_keys: "fused.FusedKeys | None" = None
 
     @classmethod
     def from_entries(cls, keys: torch.Tensor, values: torch.Tensor, sources: torch.Tensor, merge_duplicates: bool = True):
@@ -331,9 +332,10 @@ class PatchDictionary:
         return sum(t.element_size() * t.numel() for t in (keys, self.values, self.squared_norms, self.log_multiplicity, self.sources))
 
 
-EXACT_METHODS = ("auto", "windows", "products")
-"""How the exact backend scores patch machines: 'windows' (patchdb.windows: sliding-window correlations, compiled,
-CPU only), 'products' (matrix products of copied patches, any device), 'auto' (windows where it can, else products)."""
+EXACT_METHODS = ("auto", "windows", "products", "fused")
+"""How the exact backend scores: 'windows' (patch machines: patchdb.windows, sliding-window correlations, compiled,
+CPU only), 'products' (matrix products of copied entries, any device), 'fused' (patchdb.fused: product and softmax in
+one Triton kernel, CUDA GPUs), 'auto' (windows on a CPU, fused on a GPU in float32 where Triton is installed, else products)."""
 
 
 def check_exact_method(method: str) -> None:
@@ -363,7 +365,7 @@ class ExactBackend:
 
     def uses_windows(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether patch machines on device and dtype are scored by sliding windows (method 'windows', or 'auto' where possible)."""
-        if self.method == "products":
+        if self.method in ("products", "fused"):
             return False
         usable = windows.available(device, dtype)
         if self.method == "windows" and not usable:
@@ -375,12 +377,29 @@ class ExactBackend:
     def _chunk_bytes(self, device: torch.device) -> int:
         return self.chunk_bytes or logit_chunk_bytes(device)
 
+    def fuses(self, queries: torch.Tensor, dictionary: PatchDictionary) -> bool:
+        """Whether dictionary (a plain, unstacked one) is scored by the fused kernel (method 'fused', or 'auto' on a GPU in float32)."""
+        plain = isinstance(dictionary.keys, torch.Tensor) and dictionary.keys.ndim == 2
+        if self.method == "fused":
+            if not fused.available(queries.device):
+                raise PatchdbError("the exact method 'fused' needs a CUDA GPU and Triton (which torch's CUDA builds bring); "
+                                   "choose the method 'products' or 'auto'")
+            return plain
+        return self.method == "auto" and plain and queries.dtype == torch.float32 and queries.is_cuda and fused.available(queries.device)
+
     def fold(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: PatchDictionary, alpha_bar: float) -> None:
         """Fold every entry of dictionary into accumulator at noise level alpha_bar.
 
         queries: (Q, D); for a stacked dictionary (G, B, D), accumulated as rows g * B + b.
         A dictionary with blocks skips, per query, whole blocks that the bound proves negligible.
         """
+        if self.fuses(queries, dictionary):
+            if dictionary.fused_keys is None:
+                dictionary.fused_keys = fused.FusedKeys.from_keys(dictionary.keys)
+            fused.fold(accumulator, queries, dictionary.fused_keys, dictionary.squared_norms,
+                       dictionary.log_multiplicity if dictionary.merged else None, dictionary.values, dictionary.sources,
+                       alpha_bar, -NEGLIGIBLE_LOG_WEIGHT * LOG2_E)
+            return
         if (self.block_pruning and dictionary.keys.ndim == 2 and len(dictionary) >= MIN_BLOCKED_ENTRIES
                 and alpha_bar >= BLOCK_PRUNING_MIN_ALPHA_BAR):
             dictionary.sort_into_blocks()
