@@ -26,6 +26,8 @@ import torch
 
 from patchdb.errors import PatchdbError
 
+LOG2_E = 1.0 / math.log(2.0)
+
 KEY_LATTICE = 255.0
 """Keys k with k * KEY_LATTICE integral (to float32 rounding) are multiplied as those integers, exactly."""
 
@@ -34,11 +36,12 @@ MAX_LATTICE_INTEGER = 2048
 
 FLOAT16_MAX = 65504.0
 
-BLOCK_ROWS = 128
-"""Queries per program, for sizing the grid (the tuned configurations use 64 or 128)."""
+CONFIGS = ((128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4))
+"""(queries per program, entries per block, warps, pipeline stages): the kernel configurations timed at each depth."""
 
-TUNED_CONFIGS = ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2))
-"""(queries, entries per block, warps, pipeline stages) that Triton's autotuner times at each patch length."""
+TUNING_QUERIES = 4096
+TUNING_ENTRIES = 1 << 17
+TUNING_REPEATS = 3
 
 PROGRAMS_PER_PROCESSOR = 4
 """Enough programs per multiprocessor that a kernel fills the GPU even for few queries (then entries are split)."""
@@ -122,66 +125,94 @@ def fold(accumulator, queries: torch.Tensor, keys: FusedKeys, squared_norms: tor
     """
     if queries.shape[1] != keys.dim:
         raise ValueError(f"queries of {queries.shape[1]} values against keys of {keys.dim}")
-    log2_e = 1.0 / math.log(2.0)
     signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
-    operand = keys.queries(queries)
-    norm_bias = ((-alpha_bar * log2_e / (2 * noise_variance)) * squared_norms).float().contiguous()
-    merged = log_multiplicity is not None
-    log_multiplicity_bits = (log_multiplicity * log2_e).float().contiguous() if merged else norm_bias
-    values = values.float().contiguous()
-    num_rows, num_entries = operand.shape[1], keys.parts.shape[0]
+    norm_bias = ((-alpha_bar * LOG2_E / (2 * noise_variance)) * squared_norms).float().contiguous()
+    log_multiplicity_bits = (torch.zeros_like(norm_bias) if log_multiplicity is None else (log_multiplicity * LOG2_E).float().contiguous())
+    split_state = _launch(keys.queries(queries), keys, norm_bias, log_multiplicity_bits, values.float().contiguous(),
+                          signal * LOG2_E / noise_variance * keys.scale, negligible_bits)
+    accumulator.fold_in_place(lambda *state: _merge_splits(split_state, *state), sources)
+
+
+def _launch(operand: torch.Tensor, keys: FusedKeys, norm_bias: torch.Tensor, log_multiplicity_bits: torch.Tensor, values: torch.Tensor,
+            scale: float, negligible_bits: float, config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """Run the kernel (with config, else the tuned one for the keys' depth) and return the splits' states, each (S, Q) or
+    (S, Q, V): maximum, normaliser, weighted sum, best logit (bits) and best entry."""
+    num_rows, num_entries, depth = operand.shape[1], keys.parts.shape[0], keys.parts.shape[1]
     channels = values.shape[1]
-    row_blocks = math.ceil(num_rows / BLOCK_ROWS)
-    processors = torch.cuda.get_device_properties(queries.device).multi_processor_count if queries.is_cuda else 1
-    splits = max(1, min(math.ceil(PROGRAMS_PER_PROCESSOR * processors / row_blocks), math.ceil(num_entries / (4 * BLOCK_ROWS))))
-    entries_per_split = math.ceil(math.ceil(num_entries / splits) / BLOCK_ROWS) * BLOCK_ROWS
+    device = operand.device
+    if config is None:
+        config = _tuned_config(depth, channels, device.index or 0) if device.type == "cuda" else CONFIGS[0]
+    block_rows, block_entries, warps, stages = config
+    row_blocks = math.ceil(num_rows / block_rows)
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    splits = max(1, min(math.ceil(PROGRAMS_PER_PROCESSOR * processors / row_blocks), math.ceil(num_entries / (4 * block_entries))))
+    entries_per_split = math.ceil(math.ceil(num_entries / splits) / block_entries) * block_entries
     splits = math.ceil(num_entries / entries_per_split)
-    float32 = dict(dtype=torch.float32, device=queries.device)
-    split_max = torch.empty(splits, num_rows, **float32)
-    split_normaliser = torch.empty(splits, num_rows, **float32)
-    split_weighted = torch.empty(splits, num_rows, channels, **float32)
-    split_best = torch.empty(splits, num_rows, **float32)
-    split_best_entry = torch.empty(splits, num_rows, dtype=torch.int64, device=queries.device)
-    _kernel()[lambda meta: (math.ceil(num_rows / meta["BLOCK_ROWS"]), splits)](
-        operand, keys.parts, norm_bias, log_multiplicity_bits, values,
-        split_max, split_normaliser, split_weighted, split_best, split_best_entry,
-        num_rows, num_entries, keys.parts.shape[1], operand[1].storage_offset(), entries_per_split, signal * log2_e / noise_variance * keys.scale,
-        negligible_bits, CHANNELS=channels, CHANNELS_PADDED=max(2, 1 << (channels - 1).bit_length()), MERGED=merged,
-        BLOCK_DEPTH=_depth_block(keys.parts.shape[1]))
+    float32 = dict(dtype=torch.float32, device=device)
+    state = (torch.empty(splits, num_rows, **float32), torch.empty(splits, num_rows, **float32),
+             torch.empty(splits, num_rows, channels, **float32), torch.empty(splits, num_rows, **float32),
+             torch.empty(splits, num_rows, dtype=torch.int64, device=device))
+    _kernel()[(row_blocks, splits)](
+        operand, keys.parts, norm_bias, log_multiplicity_bits, values, *state,
+        num_rows, num_entries, depth, operand[1].storage_offset(), entries_per_split, scale, negligible_bits,
+        CHANNELS=channels, CHANNELS_PADDED=max(2, 1 << (channels - 1).bit_length()), BLOCK_ROWS=block_rows,
+        BLOCK_ENTRIES=block_entries, BLOCK_DEPTH=_depth_block(depth), num_warps=warps, num_stages=stages)
+    return state
 
-    def merge(max_bits, normaliser, weighted_sum, best_bits, best_entry):
-        new_max = torch.maximum(max_bits, split_max.amax(dim=0))
-        rescale = torch.exp2(max_bits - new_max).to(max_bits.dtype)
-        split_rescale = torch.exp2(split_max - new_max.float())
-        normaliser.mul_(rescale).add_((split_normaliser * split_rescale).sum(dim=0).to(normaliser.dtype))
-        weighted_sum.mul_(rescale[:, None]).add_((split_weighted * split_rescale[:, :, None]).sum(dim=0).to(weighted_sum.dtype))
-        max_bits.copy_(new_max)
-        best, split = split_best.max(dim=0)
-        improved = best.to(best_bits.dtype) > best_bits
-        best_bits.copy_(torch.where(improved, best.to(best_bits.dtype), best_bits))
-        best_entry.copy_(torch.where(improved, split_best_entry.gather(0, split[None]).squeeze(0), best_entry))
 
-    accumulator.fold_in_place(merge, sources)
+def _merge_splits(split_state, max_bits, normaliser, weighted_sum, best_bits, best_entry) -> None:
+    """Fold the splits' states into an accumulator's (SoftmaxAccumulator.fold_in_place's convention)."""
+    split_max, split_normaliser, split_weighted, split_best, split_best_entry = split_state
+    new_max = torch.maximum(max_bits, split_max.amax(dim=0).to(max_bits.dtype))
+    rescale = torch.exp2(max_bits - new_max)
+    split_rescale = torch.exp2(split_max - new_max.float())
+    normaliser.mul_(rescale).add_((split_normaliser * split_rescale).sum(dim=0).to(normaliser.dtype))
+    weighted_sum.mul_(rescale[:, None]).add_((split_weighted * split_rescale[:, :, None]).sum(dim=0).to(weighted_sum.dtype))
+    max_bits.copy_(new_max)
+    best, split = split_best.max(dim=0)
+    improved = best.to(best_bits.dtype) > best_bits
+    best_bits.copy_(torch.where(improved, best.to(best_bits.dtype), best_bits))
+    best_entry.copy_(torch.where(improved, split_best_entry.gather(0, split[None]).squeeze(0), best_entry))
+
+
+@functools.cache
+def _tuned_config(depth: int, channels: int, device_index: int) -> tuple[int, int, int, int]:
+    """The fastest of CONFIGS at this depth on one GPU, timed once per process on random operands of
+    TUNING_QUERIES x TUNING_ENTRIES (a few milliseconds each: timing the first real call instead, as Triton's
+    autotuner does, cost 95 s per patch size at 60,000 images)."""
+    if len(CONFIGS) == 1:
+        return CONFIGS[0]
+    device = torch.device("cuda", device_index)
+    generator = torch.Generator(device).manual_seed(0)
+    keys = FusedKeys(torch.randn(TUNING_ENTRIES, depth, generator=generator, device=device).half(), False, 1.0, depth)
+    operand = torch.randn(2, TUNING_QUERIES, depth, generator=generator, device=device).half()
+    zeros = torch.zeros(TUNING_ENTRIES, device=device)
+    values = torch.rand(TUNING_ENTRIES, channels, generator=generator, device=device)
+    timings = {}
+    for config in CONFIGS:
+        launch = functools.partial(_launch, operand, keys, zeros, zeros, values, 1.0 / depth, math.inf, config)
+        launch()  # compiles
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(TUNING_REPEATS):
+            launch()
+        stop.record()
+        stop.synchronize()
+        timings[config] = start.elapsed_time(stop)
+    return min(timings, key=timings.get)
 
 
 @functools.cache
 def _kernel():
-    """The Triton kernel, defined on first use (Triton is imported only then). It compiles per patch length
-    and configuration; the autotuner times TUNED_CONFIGS at the first call of each patch length (the
-    interpreter, for tests, takes the first only)."""
+    """The Triton kernel, defined on first use (Triton is imported only then); it compiles per configuration and depth block."""
     import triton
     import triton.language as tl
 
-    tuned = TUNED_CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else TUNED_CONFIGS
-    configs = [triton.Config({"BLOCK_ROWS": rows, "BLOCK_ENTRIES": entries}, num_warps=warps, num_stages=stages)
-               for rows, entries, warps, stages in tuned]
-
-    @triton.autotune(configs=configs, key=["depth"])
     @triton.jit(do_not_specialize=["num_rows", "num_entries"])
     def posterior_fold(query_ptr, key_ptr, norm_bias_ptr, log_multiplicity_ptr, value_ptr,
                        max_ptr, normaliser_ptr, weighted_ptr, best_ptr, best_entry_ptr,
                        num_rows, num_entries, depth, low_offset, entries_per_split, scale, negligible_bits,
-                       CHANNELS: tl.constexpr, CHANNELS_PADDED: tl.constexpr, MERGED: tl.constexpr,
+                       CHANNELS: tl.constexpr, CHANNELS_PADDED: tl.constexpr,
                        BLOCK_ROWS: tl.constexpr, BLOCK_ENTRIES: tl.constexpr, BLOCK_DEPTH: tl.constexpr):
         """One block of queries against one split of the entries: logits in bits, folded online."""
         row_block = tl.program_id(0)
@@ -198,37 +229,41 @@ def _kernel():
         best = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         best_entry = tl.full([BLOCK_ROWS], -1, tl.int64)
         query_rows = query_ptr + rows.to(tl.int64)[:, None] * depth
-        for start in range(first, stop, BLOCK_ENTRIES):
+        # one flat loop over (entry block, depth block) pairs, so that Triton pipelines the loads across entry blocks
+        chunks = depth // BLOCK_DEPTH
+        products = tl.zeros([BLOCK_ROWS, BLOCK_ENTRIES], tl.float32)
+        for step in range(0, tl.cdiv(stop - first, BLOCK_ENTRIES) * chunks):
+            block = step // chunks
+            offset = (step - block * chunks) * BLOCK_DEPTH
+            start = first + block * BLOCK_ENTRIES
             entries = start + tl.arange(0, BLOCK_ENTRIES)
             entry_ok = entries < stop
-            key_columns = key_ptr + entries.to(tl.int64)[None, :] * depth
-            products = tl.zeros([BLOCK_ROWS, BLOCK_ENTRIES], tl.float32)
-            for offset in range(0, depth, BLOCK_DEPTH):
-                key = tl.load(key_columns + offset + depth_offsets[:, None], mask=entry_ok[None, :], other=0.0)
-                high = tl.load(query_rows + offset + depth_offsets[None, :], mask=row_ok[:, None], other=0.0)
-                products = tl.dot(high, key, products)
-                low = tl.load(query_rows + low_offset + offset + depth_offsets[None, :], mask=row_ok[:, None], other=0.0)
-                products = tl.dot(low, key, products)
-            logits = products * scale + tl.load(norm_bias_ptr + entries, mask=entry_ok, other=float("-inf"))[None, :]
-            tile_max = tl.where(row_ok, tl.max(logits, axis=1), float("-inf"))
-            improved = tile_max > best
-            if tl.max(improved.to(tl.int32), axis=0) > 0:
-                best_entry = tl.where(improved, (start + tl.argmax(logits, axis=1)).to(tl.int64), best_entry)
-                best = tl.where(improved, tile_max, best)
-            if MERGED:
+            key = tl.load(key_ptr + entries.to(tl.int64)[None, :] * depth + offset + depth_offsets[:, None], mask=entry_ok[None, :], other=0.0)
+            high = tl.load(query_rows + offset + depth_offsets[None, :], mask=row_ok[:, None], other=0.0)
+            low = tl.load(query_rows + low_offset + offset + depth_offsets[None, :], mask=row_ok[:, None], other=0.0)
+            products = tl.dot(high, key, products)
+            products = tl.dot(low, key, products)
+            if offset + BLOCK_DEPTH == depth:  # the entry block is scored: fold it in
+                logits = products * scale + tl.load(norm_bias_ptr + entries, mask=entry_ok, other=float("-inf"))[None, :]
+                products = tl.zeros([BLOCK_ROWS, BLOCK_ENTRIES], tl.float32)
+                tile_max = tl.where(row_ok, tl.max(logits, axis=1), float("-inf"))
+                improved = tile_max > best
+                if tl.max(improved.to(tl.int32), axis=0) > 0:  # the dominant copy (multiplicity aside) changes
+                    best_entry = tl.where(improved, (start + tl.argmax(logits, axis=1)).to(tl.int64), best_entry)
+                    best = tl.where(improved, tile_max, best)
                 logits += tl.load(log_multiplicity_ptr + entries, mask=entry_ok, other=0.0)[None, :]
                 tile_max = tl.where(row_ok, tl.max(logits, axis=1), float("-inf"))
-            new_max = tl.maximum(running_max, tile_max)
-            # a tile every one of whose rows lies negligible_bits below its running maximum is skipped
-            if tl.max((tile_max > new_max - negligible_bits).to(tl.int32), axis=0) > 0:
-                rescale = tl.exp2(running_max - new_max)
-                weights = tl.exp2(logits - new_max[:, None])
-                normaliser = normaliser * rescale + tl.sum(weights, axis=1)
-                weighted = weighted * rescale[:, None]
-                for c in tl.static_range(CHANNELS):
-                    value = tl.load(value_ptr + entries * CHANNELS + c, mask=entry_ok, other=0.0)
-                    weighted += tl.where(channel[None, :] == c, tl.sum(weights * value[None, :], axis=1)[:, None], 0.0)
-                running_max = new_max
+                new_max = tl.maximum(running_max, tile_max)
+                # a block every one of whose rows lies negligible_bits below its running maximum is skipped
+                if tl.max((tile_max > new_max - negligible_bits).to(tl.int32), axis=0) > 0:
+                    rescale = tl.exp2(running_max - new_max)
+                    weights = tl.exp2(logits - new_max[:, None])
+                    normaliser = normaliser * rescale + tl.sum(weights, axis=1)
+                    weighted = weighted * rescale[:, None]
+                    for c in tl.static_range(CHANNELS):
+                        value = tl.load(value_ptr + entries * CHANNELS + c, mask=entry_ok, other=0.0)
+                        weighted += tl.where(channel[None, :] == c, tl.sum(weights * value[None, :], axis=1)[:, None], 0.0)
+                    running_max = new_max
         out = split * num_rows + rows
         tl.store(max_ptr + out, running_max, mask=row_ok)
         tl.store(normaliser_ptr + out, normaliser, mask=row_ok)
