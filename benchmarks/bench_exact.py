@@ -63,8 +63,10 @@ def main() -> None:
 @click.option("--save", type=click.Path(path_type=Path), default=None,
               help="Save noise, samples, seconds and device to this .pt file (bench_topk.py --exact-samples reads it).")
 @click.option("--progress/--no-progress", default=False, show_default=True, help="A progress bar over the steps (on stderr).")
+@click.option("--profile-step", type=click.IntRange(1), default=None,
+              help="Profile the sampler's call number N (torch.profiler) and write the costliest operations to stderr.")
 def run(images, label, batch, machine, scales, steps, seed, data_dir, method, block_pruning, threads, device, memory_gib, save,
-        progress) -> None:
+        progress, profile_step) -> None:
     """Sample once and print one JSON line with the timings and peak memory."""
     if threads:
         torch.set_num_threads(threads)
@@ -74,6 +76,8 @@ def run(images, label, batch, machine, scales, steps, seed, data_dir, method, bl
     labels = None if label is None else torch.full((batch,), label, device=device)
     backend = ExactBackend(block_pruning=block_pruning, method=method)
     score_model = make_machine(machine, dataset, device=device, memory_budget=int(memory_gib * 1024**3), backend=backend)
+    if profile_step is not None:
+        score_model = ProfiledCall(score_model, profile_step)
     start = time.perf_counter()
     generation = generate(score_model, noise.to(device), scale_list, steps, labels, progress=progress)
     total = time.perf_counter() - start
@@ -92,6 +96,30 @@ def run(images, label, batch, machine, scales, steps, seed, data_dir, method, bl
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2) if device == "cuda" else None,
         "threads": torch.get_num_threads(),
     }))
+
+
+class ProfiledCall:
+    """A machine whose call number `call` (from 1) runs under torch.profiler; the table of its costliest operations goes to stderr."""
+
+    def __init__(self, machine, call: int):
+        self.machine, self.call, self.calls = machine, call, 0
+
+    def posterior(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls != self.call:
+            return self.machine.posterior(*args, **kwargs)
+        cuda = self.machine.device.type == "cuda"
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as profile:
+            posterior = self.machine.posterior(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+        table = profile.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
+        print(f"call {self.call} profiled:\n{table}", file=sys.stderr, flush=True)
+        return posterior
+
+    def take_report(self):
+        return self.machine.take_report()
 
 
 @main.command()

@@ -48,7 +48,7 @@ wait "$build"
 step fused-kernels 90 sh -c "python3 benchmarks/bench_fused.py --images 6000 --batch 100 | tee '$out/fused-kernels.jsonl'"
 step exact-1000-8-fused 40 "${exact[@]}" --images 1000 --batch 8 --method fused --save "$out/exact-1000-8-fused.pt"
 step exact-1000-8-products 60 "${exact[@]}" --images 1000 --batch 8 --method products --save "$out/exact-1000-8-products.pt"
-step exact-60000-100 200 "${exact[@]}" --images 60000 --batch 100 --method fused --progress --save "$out/exact-60k-100-fused.pt"
+step exact-60000-100 200 "${exact[@]}" --images 60000 --batch 100 --method fused --progress --profile-step 2 --save "$out/exact-60k-100-fused.pt"
 step exact-class0-20 60 "${exact[@]}" --label 0 --batch 20 --method fused --save "$out/exact-class0-20-fused.pt"
 step tests 150 python3 -m pytest -q -p no:cacheprovider tests
 step topk-class0 250 python3 benchmarks/bench_topk.py --label 0 --seeds 20 --device cuda --memory-gib 48 --threads 0 \

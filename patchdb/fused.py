@@ -111,7 +111,8 @@ def _padded(columns: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _depth_block(width: int) -> int:
-    return 32 if width <= 64 else 64
+    """The kernel's depth block for operands of this width: 64, unless 32 pads less (a width of 81 pads to 96, not 128)."""
+    return 64 if math.ceil(width / 64) * 64 == math.ceil(width / 32) * 32 else 32
 
 
 def fold(accumulator, queries: torch.Tensor, keys: FusedKeys, squared_norms: torch.Tensor, log_multiplicity: torch.Tensor | None,
@@ -228,7 +229,10 @@ def _kernel():
         weighted = tl.zeros([BLOCK_ROWS, CHANNELS_PADDED], tl.float32)
         best = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         best_entry = tl.full([BLOCK_ROWS], -1, tl.int64)
-        query_rows = query_ptr + rows.to(tl.int64)[:, None] * depth
+        # 64-bit bases once per block, 32-bit offsets within it
+        query_block = query_ptr + (row_block * BLOCK_ROWS).to(tl.int64) * depth
+        query_offsets = tl.arange(0, BLOCK_ROWS)[:, None] * depth + depth_offsets[None, :]
+        key_offsets = tl.arange(0, BLOCK_ENTRIES)[None, :] * depth + depth_offsets[:, None]
         # one flat loop over (entry block, depth block) pairs, so that Triton pipelines the loads across entry blocks
         chunks = depth // BLOCK_DEPTH
         products = tl.zeros([BLOCK_ROWS, BLOCK_ENTRIES], tl.float32)
@@ -238,9 +242,9 @@ def _kernel():
             start = first + block * BLOCK_ENTRIES
             entries = start + tl.arange(0, BLOCK_ENTRIES)
             entry_ok = entries < stop
-            key = tl.load(key_ptr + entries.to(tl.int64)[None, :] * depth + offset + depth_offsets[:, None], mask=entry_ok[None, :], other=0.0)
-            high = tl.load(query_rows + offset + depth_offsets[None, :], mask=row_ok[:, None], other=0.0)
-            low = tl.load(query_rows + low_offset + offset + depth_offsets[None, :], mask=row_ok[:, None], other=0.0)
+            key = tl.load(key_ptr + start.to(tl.int64) * depth + offset + key_offsets, mask=entry_ok[None, :], other=0.0)
+            high = tl.load(query_block + offset + query_offsets, mask=row_ok[:, None], other=0.0)
+            low = tl.load(query_block + low_offset + offset + query_offsets, mask=row_ok[:, None], other=0.0)
             products = tl.dot(high, key, products)
             products = tl.dot(low, key, products)
             if offset + BLOCK_DEPTH == depth:  # the entry block is scored: fold it in
