@@ -39,6 +39,9 @@ FLOAT16_MAX = 65504.0
 CONFIGS = ((128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4))
 """(queries per program, entries per block, warps, pipeline stages): the kernel configurations timed at each depth."""
 
+KEY_BLOCK = 1 << 20
+"""Keys converted to the kernel's operand at a time."""
+
 TUNING_QUERIES = 4096
 TUNING_ENTRIES = 1 << 17
 TUNING_REPEATS = 3
@@ -63,9 +66,10 @@ def available(device: torch.device) -> bool:
 class FusedKeys:
     """A dictionary's keys as the kernel's float16 operand, and how queries meet it.
 
-    parts: (K, depth) float16: the keys as lattice integers (depth D, padded), or their high and low float16
-        parts side by side (2D, padded). The kernel adds two products per key: the query's high part against
-        parts, and its second operand (the low part; beside zeros when the keys are split) against parts.
+    parts: (K, depth) float16: the keys as lattice integers (D columns, zero-padded to depth), or, when split,
+        their high and low float16 parts side by side (2D columns, padded). The kernel adds two products per
+        key: the query's first operand against parts, and its second (see queries) against parts.
+    split: whether the keys are split (not on the lattice).
     scale: what the products are multiplied by (1 / KEY_LATTICE for lattice keys, else 1).
     dim: D, the keys' length.
     """
@@ -77,37 +81,48 @@ class FusedKeys:
 
     @classmethod
     def from_keys(cls, keys: torch.Tensor) -> "FusedKeys":
-        """keys: (K, D) float32 or float64."""
-        scaled = keys * KEY_LATTICE
-        integers = scaled.round()
-        if bool((scaled - integers).abs().max() <= 1e-3) and bool(integers.abs().max() <= MAX_LATTICE_INTEGER):
-            return cls(_padded([integers.half()]), False, 1.0 / KEY_LATTICE, keys.shape[1])
-        if bool(keys.abs().max() > FLOAT16_MAX):
+        """keys: (K, D) float32 or float64, converted KEY_BLOCK rows at a time (a whole scaled copy would double the peak memory)."""
+        num_keys, dim = keys.shape
+        blocks = keys.split(KEY_BLOCK)
+        split = not all(_on_lattice(block) for block in blocks)
+        if split and any(bool(block.abs().max() > FLOAT16_MAX) for block in blocks):
             raise PatchdbError("the fused exact method needs keys below 65504 in magnitude; use --exact-method products")
-        high = keys.half()
-        return cls(_padded([high, (keys - high.to(keys.dtype)).half()]), True, 1.0, keys.shape[1])
+        parts = _padded_zeros(num_keys, 2 * dim if split else dim, keys.device)
+        for start, block in zip(range(0, num_keys, KEY_BLOCK), blocks):
+            rows = parts[start:start + block.shape[0]]
+            if split:
+                high = block.half()
+                rows[:, :dim] = high
+                rows[:, dim:2 * dim] = block - high.to(block.dtype)
+            else:
+                rows[:, :dim] = (block * KEY_LATTICE).round()
+        return cls(parts, split, 1.0 if split else 1.0 / KEY_LATTICE, dim)
 
     def queries(self, queries: torch.Tensor) -> torch.Tensor:
-        """(2, Q, depth) float16: the two query operands for queries (Q, D) (q_hi.k_hi + q_lo.k_hi + q_hi.k_lo when split)."""
+        """(2, Q, depth) float16: the two query operands for queries (Q, D): the high and low float16 parts of the
+        queries, against lattice keys; [high, high] and [low, 0] against split keys (q_hi.k_hi + q_hi.k_lo + q_lo.k_hi)."""
+        dim = self.dim
+        operands = _padded_zeros(queries.shape[0], self.parts.shape[1], queries.device, leading=2)
         high = queries.half()
-        low = (queries - high.to(queries.dtype)).half()
+        operands[0, :, :dim] = high
+        operands[1, :, :dim] = queries - high.to(queries.dtype)
         if self.split:
-            first, second = _padded([high, high]), _padded([low, torch.zeros_like(low)])
-        else:
-            first, second = _padded([high]), _padded([low])
-        return torch.stack([first, second])
+            operands[0, :, dim:2 * dim] = high
+        return operands
 
 
-def _padded(columns: list[torch.Tensor]) -> torch.Tensor:
-    """The columns side by side, zero-padded to a multiple of the kernel's depth block, float16."""
-    width = sum(column.shape[1] for column in columns)
+def _on_lattice(keys: torch.Tensor) -> bool:
+    """Whether every key of keys (n, D) is an integer of at most MAX_LATTICE_INTEGER over KEY_LATTICE (to float32 rounding)."""
+    scaled = keys * KEY_LATTICE
+    return bool((scaled - scaled.round()).abs().max() <= 1e-3) and bool(scaled.abs().max() <= MAX_LATTICE_INTEGER)
+
+
+def _padded_zeros(rows: int, width: int, device: torch.device, leading: int | None = None) -> torch.Tensor:
+    """float16 zeros (rows, width padded to a multiple of the kernel's depth block), with a leading dimension if given;
+    a width given as already padded stays as it is."""
     depth = _depth_block(width)
-    out = torch.zeros(columns[0].shape[0], math.ceil(width / depth) * depth, dtype=torch.float16, device=columns[0].device)
-    start = 0
-    for column in columns:
-        out[:, start:start + column.shape[1]] = column
-        start += column.shape[1]
-    return out
+    shape = (rows, math.ceil(width / depth) * depth)
+    return torch.zeros((leading, *shape) if leading else shape, dtype=torch.float16, device=device)
 
 
 def _depth_block(width: int) -> int:

@@ -108,3 +108,18 @@ def test_lattice_keys_are_exact_in_float16():
     halves = operand.queries(queries)
     assert halves.shape == (2, 7, 32)
     assert torch.allclose(halves[0, :, :9].double() + halves[1, :, :9].double(), queries.double(), rtol=2**-21, atol=2**-24)  # float16 subnormals: absolute 2^-25
+
+
+@pytest.mark.parametrize("kind", ["lattice", "gaussian"])
+def test_keys_convert_in_blocks_as_at_once(kind, monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    keys = (torch.randint(0, 256, (50, 9), generator=generator).float() / 127.5 - 1 if kind == "lattice"
+            else torch.randn(50, 9, generator=generator))
+    at_once = fused.FusedKeys.from_keys(keys)
+    monkeypatch.setattr(fused, "KEY_BLOCK", 7)
+    in_blocks = fused.FusedKeys.from_keys(keys)
+    assert in_blocks.split == at_once.split == (kind == "gaussian")
+    assert torch.equal(in_blocks.parts, at_once.parts)
+    if kind == "gaussian":
+        rebuilt = in_blocks.parts[:, :9].double() + in_blocks.parts[:, 9:18].double()
+        assert torch.allclose(rebuilt, keys.double(), rtol=2**-21, atol=2**-24)
