@@ -243,7 +243,8 @@ class PatchDictionary:
     Stacked form: G groups of one pixel each (LS, bbELS corners) share one dictionary object whose
     tensors all have a leading group dimension G (keys (G, K, D), ...), never merged.
 
-    keys: (K, D) entries (patches or images), in the machine's dtype and device.
+    keys: (K, D) entries (patches or images), in the machine's dtype and device; or RegionKeys (stacked); or, once
+        the fused exact method has scored the dictionary, fused.FusedKeys (its float16 operand, which replaces them).
     values: (K, V) what each entry contributes to the mean (its centre pixel, or the whole image).
     squared_norms: (K,) ||key||^2.
     log_multiplicity: (K,) log of how many identical entries each row stands for (0 when unmerged).
@@ -258,7 +259,6 @@ class PatchDictionary:
     sources: torch.Tensor
     merged: bool = False
     blocks: "EntryBlocks | None" = None
-    fused_keys: "fused.FusedKeys | None" = None
 
     @classmethod
     def from_entries(cls, keys: torch.Tensor, values: torch.Tensor, sources: torch.Tensor, merge_duplicates: bool = True):
@@ -328,7 +328,7 @@ class PatchDictionary:
 
     @property
     def nbytes(self) -> int:
-        keys = self.keys.regions if isinstance(self.keys, RegionKeys) else self.keys
+        keys = self.keys.regions if isinstance(self.keys, RegionKeys) else self.keys.parts if isinstance(self.keys, fused.FusedKeys) else self.keys
         return sum(t.element_size() * t.numel() for t in (keys, self.values, self.squared_norms, self.log_multiplicity, self.sources))
 
 
@@ -379,7 +379,7 @@ class ExactBackend:
 
     def fuses(self, queries: torch.Tensor, dictionary: PatchDictionary) -> bool:
         """Whether dictionary (a plain, unstacked one) is scored by the fused kernel (method 'fused', or 'auto' on a GPU in float32)."""
-        plain = isinstance(dictionary.keys, torch.Tensor) and dictionary.keys.ndim == 2
+        plain = isinstance(dictionary.keys, fused.FusedKeys) or (isinstance(dictionary.keys, torch.Tensor) and dictionary.keys.ndim == 2)
         if self.method == "fused":
             if not fused.available(queries.device):
                 raise PatchdbError("the exact method 'fused' needs a CUDA GPU and Triton (which torch's CUDA builds bring); "
@@ -394,9 +394,10 @@ class ExactBackend:
         A dictionary with blocks skips, per query, whole blocks that the bound proves negligible.
         """
         if self.fuses(queries, dictionary):
-            if dictionary.fused_keys is None:
-                dictionary.fused_keys = fused.FusedKeys.from_keys(dictionary.keys)
-            fused.fold(accumulator, queries, dictionary.fused_keys, dictionary.squared_norms,
+            if not isinstance(dictionary.keys, fused.FusedKeys):
+                # the float keys are freed: a dictionary this backend fuses is never scored otherwise (half the memory)
+                dictionary.keys = fused.FusedKeys.from_keys(dictionary.keys)
+            fused.fold(accumulator, queries, dictionary.keys, dictionary.squared_norms,
                        dictionary.log_multiplicity if dictionary.merged else None, dictionary.values, dictionary.sources,
                        alpha_bar, -NEGLIGIBLE_LOG_WEIGHT * LOG2_E)
             return

@@ -79,6 +79,11 @@ class FusedKeys:
     scale: float
     dim: int
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(K, D), as the float keys it stands for."""
+        return self.parts.shape[0], self.dim
+
     @classmethod
     def from_keys(cls, keys: torch.Tensor) -> "FusedKeys":
         """keys: (K, D) float32 or float64, converted KEY_BLOCK rows at a time (a whole scaled copy would double the peak memory)."""

@@ -57,11 +57,13 @@ def check_fused_agrees(device: str) -> None:
         assert dictionary.merged == (kind == "few values"), name
         picks = torch.randint(0, num_entries, (num_queries,), generator=generator)
         queries = math.sqrt(alpha_bar) * keys[picks] + math.sqrt(1 - alpha_bar) * torch.randn(num_queries, dim, generator=generator)
+        float_keys = dictionary.keys.cpu()
         accumulator = SoftmaxAccumulator(num_queries, channels, torch.float32, torch.device(device))
         ExactBackend(method="fused").fold(accumulator, queries.to(device), dictionary, alpha_bar)
-        assert dictionary.fused_keys.split == (kind == "gaussian"), name
+        assert isinstance(dictionary.keys, fused.FusedKeys) and dictionary.keys.split == (kind == "gaussian"), name
+        assert len(dictionary) == num_entries if kind != "few values" else len(dictionary) < num_entries, name
         got = accumulator.summary()
-        mean, best, best_weight = direct_posterior(queries, dictionary.keys.cpu(), dictionary.log_multiplicity.cpu(), dictionary.values.cpu(), alpha_bar)
+        mean, best, best_weight = direct_posterior(queries, float_keys, dictionary.log_multiplicity.cpu(), dictionary.values.cpu(), alpha_bar)
         assert torch.allclose(got.mean.cpu().double(), mean, atol=2e-5), name
         assert torch.equal(got.best_source[:, 0].cpu(), dictionary.sources[best.to(device), 0].cpu()), name
         assert torch.allclose(got.best_weight.cpu().double(), best_weight, atol=2e-5), name
