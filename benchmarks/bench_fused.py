@@ -5,7 +5,8 @@ query patches against images x (29 - P)^2 training patches (lattice keys, as 8-b
 the paper's step for that scale. Prints one JSON line per patch size: seconds per call for every configuration (and
 the one the tuner picks), pairs per second, tensor-core TFLOP/s, and the products method's seconds on the same data.
 
-    python benchmarks/bench_fused.py --images 6000 --batch 100
+    python benchmarks/bench_fused.py time --images 6000 --batch 100
+    python benchmarks/bench_fused.py workload --images 60000 --batch 100    # no GPU: what a whole run asks of it
 """
 
 import json
@@ -41,7 +42,33 @@ def seconds(call, repeats: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-@click.command()
+@click.group()
+def cli() -> None:
+    """Time the fused kernel (time), or count a whole run's workload (workload)."""
+
+
+@cli.command()
+@click.option("--images", type=click.IntRange(1), default=60000, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=100, show_default=True)
+def workload(images, batch) -> None:
+    """Per patch size of the paper's 20 steps: (query, patch) pairs of bbELS at 28x28 and the kernel's float16 TFLOP."""
+    from patchdb.patches import dictionary_groups
+    from patchdb.scales import parse_scales
+    scales = parse_scales("paper:fashion-mnist-resnet-zeros-conditional", 20)[1:]  # the machine loop's steps 1..19
+    total_pairs = total_flops = 0
+    for patch_size in sorted(set(scales), reverse=True):
+        groups = dictionary_groups("bbels", patch_size, 28, 28)
+        # same-location groups: each pixel against its own location's patches only
+        pairs = sum(len(group.query_pixels) * (1 if group.same_location else len(group.key_pixels)) for group in groups) * images * batch
+        depth = math.ceil(patch_size**2 / fused._depth_block(patch_size**2)) * fused._depth_block(patch_size**2)
+        steps = scales.count(patch_size)
+        total_pairs, total_flops = total_pairs + steps * pairs, total_flops + steps * pairs * 4 * depth
+        print(json.dumps({"patch_size": patch_size, "steps": steps, "pairs_per_step": pairs, "depth": depth,
+                          "tflop_per_step": round(pairs * 4 * depth / 1e12, 1)}))
+    print(json.dumps({"images": images, "batch": batch, "pairs": total_pairs, "tflop": round(total_flops / 1e12)}))
+
+
+@cli.command("time")
 @click.option("--images", type=click.IntRange(1), default=6000, show_default=True, help="Training images the dictionary is cut from (random 8-bit).")
 @click.option("--batch", type=click.IntRange(1), default=100, show_default=True, help="Samples whose patches query it.")
 @click.option("--patch-sizes", default="3,5,7,9,11,13,15,17", show_default=True)
@@ -49,7 +76,7 @@ def seconds(call, repeats: int, device: torch.device) -> float:
 @click.option("--products/--no-products", default=True, show_default=True, help="Also time the matrix-product method.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="cpu: Triton's interpreter (TRITON_INTERPRET=1), to check this script with tiny sizes, not to time.")
-def main(images, batch, patch_sizes, repeats, products, device) -> None:
+def time_kernels(images, batch, patch_sizes, repeats, products, device) -> None:
     """One JSON line per patch size."""
     device = torch.device(device)
     if not fused.available(device):
@@ -91,4 +118,4 @@ def main(images, batch, patch_sizes, repeats, products, device) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()
