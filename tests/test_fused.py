@@ -39,6 +39,7 @@ CASES = {
     "merged duplicates": (5000, 300, 4, 1, "few values", 0.9),
     "split keys, three channels": (2500, 130, 25, 3, "gaussian", 0.3),
     "late step, tiles skipped": (4000, 150, 9, 1, "lattice", 0.999),
+    "whole images (the ideal machine)": (300, 20, 784, 1, "lattice", 0.9),
 }
 
 
