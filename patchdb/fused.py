@@ -253,41 +253,38 @@ def _kernel():
         query_block = query_ptr + (row_block * BLOCK_ROWS).to(tl.int64) * depth
         query_offsets = tl.arange(0, BLOCK_ROWS)[:, None] * depth + depth_offsets[None, :]
         key_offsets = tl.arange(0, BLOCK_ENTRIES)[None, :] * depth + depth_offsets[:, None]
-        # one flat loop over (entry block, depth block) pairs, so that Triton pipelines the loads across entry blocks
-        chunks = depth // BLOCK_DEPTH
-        products = tl.zeros([BLOCK_ROWS, BLOCK_ENTRIES], tl.float32)
-        for step in range(0, tl.cdiv(stop - first, BLOCK_ENTRIES) * chunks):
-            block = step // chunks
-            offset = (step - block * chunks) * BLOCK_DEPTH
-            start = first + block * BLOCK_ENTRIES
+        for start in range(first, stop, BLOCK_ENTRIES):
             entries = start + tl.arange(0, BLOCK_ENTRIES)
             entry_ok = entries < stop
-            key = tl.load(key_ptr + start.to(tl.int64) * depth + offset + key_offsets, mask=entry_ok[None, :], other=0.0)
-            high = tl.load(query_block + offset + query_offsets, mask=row_ok[:, None], other=0.0)
-            low = tl.load(query_block + low_offset + offset + query_offsets, mask=row_ok[:, None], other=0.0)
-            products = tl.dot(high, key, products)
-            products = tl.dot(low, key, products)
-            if offset + BLOCK_DEPTH == depth:  # the entry block is scored: fold it in
-                logits = products * scale + tl.load(norm_bias_ptr + entries, mask=entry_ok, other=float("-inf"))[None, :]
-                products = tl.zeros([BLOCK_ROWS, BLOCK_ENTRIES], tl.float32)
-                tile_max = tl.where(row_ok, tl.max(logits, axis=1), float("-inf"))
-                improved = tile_max > best
-                if tl.max(improved.to(tl.int32), axis=0) > 0:  # the dominant copy (multiplicity aside) changes
-                    best_entry = tl.where(improved, (start + tl.argmax(logits, axis=1)).to(tl.int64), best_entry)
-                    best = tl.where(improved, tile_max, best)
-                logits += tl.load(log_multiplicity_ptr + entries, mask=entry_ok, other=0.0)[None, :]
-                tile_max = tl.where(row_ok, tl.max(logits, axis=1), float("-inf"))
-                new_max = tl.maximum(running_max, tile_max)
-                # a block every one of whose rows lies negligible_bits below its running maximum is skipped
-                if tl.max((tile_max > new_max - negligible_bits).to(tl.int32), axis=0) > 0:
-                    rescale = tl.exp2(running_max - new_max)
-                    weights = tl.exp2(logits - new_max[:, None])
-                    normaliser = normaliser * rescale + tl.sum(weights, axis=1)
-                    weighted = weighted * rescale[:, None]
-                    for c in tl.static_range(CHANNELS):
-                        value = tl.load(value_ptr + entries * CHANNELS + c, mask=entry_ok, other=0.0)
-                        weighted += tl.where(channel[None, :] == c, tl.sum(weights * value[None, :], axis=1)[:, None], 0.0)
-                    running_max = new_max
+            key_block = key_ptr + tl.cast(start, tl.int64) * depth
+            products = tl.zeros([BLOCK_ROWS, BLOCK_ENTRIES], tl.float32)
+            # the depth loop is the one Triton pipelines; one flat loop over (entry block, depth block) pairs, tried,
+            # made it wait for each tensor-core instruction before issuing the next (its accumulator is reset inside it)
+            for offset in range(0, depth, BLOCK_DEPTH):
+                key = tl.load(key_block + offset + key_offsets, mask=entry_ok[None, :], other=0.0)
+                high = tl.load(query_block + offset + query_offsets, mask=row_ok[:, None], other=0.0)
+                low = tl.load(query_block + low_offset + offset + query_offsets, mask=row_ok[:, None], other=0.0)
+                products = tl.dot(high, key, products)
+                products = tl.dot(low, key, products)
+            logits = products * scale + tl.load(norm_bias_ptr + entries, mask=entry_ok, other=float("-inf"))[None, :]
+            tile_max = tl.where(row_ok, tl.max(logits, axis=1), float("-inf"))
+            improved = tile_max > best
+            if tl.max(improved.to(tl.int32), axis=0) > 0:  # the dominant copy (multiplicity aside) changes
+                best_entry = tl.where(improved, (start + tl.argmax(logits, axis=1)).to(tl.int64), best_entry)
+                best = tl.where(improved, tile_max, best)
+            logits += tl.load(log_multiplicity_ptr + entries, mask=entry_ok, other=0.0)[None, :]
+            tile_max = tl.where(row_ok, tl.max(logits, axis=1), float("-inf"))
+            new_max = tl.maximum(running_max, tile_max)
+            # a block every one of whose rows lies negligible_bits below its running maximum is skipped
+            if tl.max((tile_max > new_max - negligible_bits).to(tl.int32), axis=0) > 0:
+                rescale = tl.exp2(running_max - new_max)
+                weights = tl.exp2(logits - new_max[:, None])
+                normaliser = normaliser * rescale + tl.sum(weights, axis=1)
+                weighted = weighted * rescale[:, None]
+                for c in tl.static_range(CHANNELS):
+                    value = tl.load(value_ptr + entries * CHANNELS + c, mask=entry_ok, other=0.0)
+                    weighted += tl.where(channel[None, :] == c, tl.sum(weights * value[None, :], axis=1)[:, None], 0.0)
+                running_max = new_max
         out = split * num_rows + rows
         tl.store(max_ptr + out, running_max, mask=row_ok)
         tl.store(normaliser_ptr + out, normaliser, mask=row_ok)
