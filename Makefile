@@ -19,7 +19,7 @@ setup: $(STAMP)
 
 # torch is pinned and installed before the package so that pip takes the CPU build on disk;
 # an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): setup.cfg setup.py pyproject.toml patchdb/_buffers.h patchdb/_exp2.h patchdb/_clusters.c patchdb/_windows.c patchdb/_windows_isa.h patchdb/_windows_kernel.h
+$(STAMP): setup.cfg setup.py pyproject.toml patchdb/_buffers.h patchdb/_exp2.h patchdb/_clusters.c patchdb/_clusters_kernel.h patchdb/_windows.c patchdb/_windows_isa.h patchdb/_windows_kernel.h
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
 	$(VENV_PYTHON) -m pip install torch==2.13.0
 	$(VENV_PYTHON) -m pip install -e '.[test]'

@@ -16,6 +16,7 @@
  *       block of entries raises it); best_bits the largest l without its multiplicity, best_entry (Q,) int64
  *       the entry that set it (rows whose best did not change keep their value).
  * Weights below 2^WEIGHT_FLOOR_BITS of the row's maximum count as 0 (the engine floors them there).
+ * An optional last argument names the instruction set (one of isas(); default the fastest), for tests.
  * The GIL is released while it runs: threads may fold disjoint row ranges of the same state.
  */
 
@@ -31,15 +32,12 @@
 
 #define ENTRY_BLOCK 64   /* entries scored before their weights are folded: one rescale per block and row */
 #define ROW_BLOCK 128    /* rows whose state is held in a contiguous block while a cluster is scored */
-#define ROW_ALIGN 16     /* rows are scored in groups of this many (a vector of AVX-512 floats) */
+#define ROW_ALIGN 16     /* rows are scored in groups of this many (one AVX-512 vector of floats, two AVX2 ones, four SSE ones) */
 #define WEIGHT_FLOOR_BITS (-115.0f) /* patchdb.engine.LOG_WEIGHT_FLOOR (-80 nats) in bits */
 #define ROUND_MAGIC 12582912.0f     /* 1.5 * 2^23: adding it rounds a float to an integer */
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
 
 /* 2^t for t <= 1, 0 below WEIGHT_FLOOR_BITS (and for -inf); branch-free, so that loops of it vectorise. The Taylor
  * polynomial of degree 6 on [-1/2, 1/2]: relative error below 2e-7. */
@@ -91,35 +89,6 @@ struct scratch {
     Py_ssize_t *runs, *centre_offsets, num_runs, run_length;
 };
 
-/* ROW_ALIGN floats; GCC lowers it to the clone's native vectors (one AVX-512 register, two AVX2 ones, ...) */
-typedef float row_vector __attribute__((vector_size(ROW_ALIGN * sizeof(float)), aligned(sizeof(float))));
-
-/* logits[e * ROW_BLOCK + j] = <query j, patch e> for ENTRIES patches starting at patches[e], whose num_rows runs of
- * size pixels start at the offsets rows[0..num_rows), and the query rows j of [0, GROUPS * ROW_ALIGN) (queries column-major,
- * ROW_BLOCK per dimension): ENTRIES x GROUPS independent vector sums held in registers, enough of them to hide the
- * latency of the multiply-adds */
-#define INNER_PRODUCTS(ENTRIES, GROUPS)                                                                              \
-    static inline void inner_products_##ENTRIES##_##GROUPS(const float *restrict queries, const float *const *patches, \
-                                                           const Py_ssize_t *rows, Py_ssize_t num_rows, Py_ssize_t size, \
-                                                           float *restrict logits) {                                 \
-        row_vector sums[ENTRIES][GROUPS];                                                                             \
-        for (int e = 0; e < ENTRIES; e++)                                                                             \
-            for (int g = 0; g < GROUPS; g++) sums[e][g] = (row_vector){0};                                            \
-        for (Py_ssize_t r = 0; r < num_rows; r++) {                                                                   \
-            const float *row[ENTRIES];                                                                                \
-            for (int e = 0; e < ENTRIES; e++) row[e] = patches[e] + rows[r];                                          \
-            for (Py_ssize_t dx = 0; dx < size; dx++) {                                                                \
-                const row_vector *column = (const row_vector *)(queries + (r * size + dx) * ROW_BLOCK);               \
-                for (int e = 0; e < ENTRIES; e++)                                                                     \
-                    for (int g = 0; g < GROUPS; g++) sums[e][g] += row[e][dx] * column[g];                            \
-            }                                                                                                         \
-        }                                                                                                             \
-        for (int e = 0; e < ENTRIES; e++)                                                                             \
-            for (int g = 0; g < GROUPS; g++) ((row_vector *)(logits + e * ROW_BLOCK))[g] = sums[e][g];                \
-    }
-INNER_PRODUCTS(4, 1)
-INNER_PRODUCTS(2, 4)
-
 /* Ask for the pixel runs of entries [first, last): patches read in place lie scattered over the images, and asking
  * for a whole block ahead of its use lets the cache misses overlap instead of stalling the inner products. */
 static void prefetch_patches(const struct fold_args *a, const struct scratch *s, Py_ssize_t first, Py_ssize_t last) {
@@ -130,70 +99,56 @@ static void prefetch_patches(const struct fold_args *a, const struct scratch *s,
         }
 }
 
-/* Score entries [first, last) of a cluster (at most ENTRY_BLOCK) against the block's rows [0, count) and fold
- * their weights into the rows' state; columns up to count rounded up to ROW_ALIGN are computed and ignored.
- * A patch is s->num_rows runs of s->run_length contiguous pixels (one run when the patches are contiguous,
- * else one per row of P pixels) at the offsets s->runs from its start; its centre pixels at s->centre_offsets. */
-CLONES static void score_block(const struct fold_args *a, struct scratch *s, Py_ssize_t first, Py_ssize_t last, Py_ssize_t count) {
-    const Py_ssize_t channels = a->channels;
-    const Py_ssize_t entries = last - first, columns = (count + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
-    const float *patch_of[ENTRY_BLOCK];
-    for (Py_ssize_t i = 0; i < entries; i++) {
-        patch_of[i] = a->patches + a->starts[first + i];
-        for (Py_ssize_t ch = 0; ch < channels; ch++) s->centres[i * channels + ch] = patch_of[i][s->centre_offsets[ch]];
-    }
-    for (Py_ssize_t i = entries; i < ENTRY_BLOCK; i++) patch_of[i] = patch_of[0]; /* scored, never folded */
-    /* the block's inner products: two entries at a time against 4 x ROW_ALIGN rows, or four against ROW_ALIGN */
-    for (Py_ssize_t j = 0; j < columns;) {
-        const int wide = columns - j >= 4 * ROW_ALIGN;
-        for (Py_ssize_t i = 0; i < entries; i += wide ? 2 : 4) {
-            if (wide) inner_products_2_4(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
-            else inner_products_4_1(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
-        }
-        j += wide ? 4 * ROW_ALIGN : ROW_ALIGN;
-    }
-    for (Py_ssize_t i = 0; i < entries; i++) {
-        float *logits = s->logits + i * ROW_BLOCK;
-        const float multiplicity = a->log_multiplicity == NULL ? 0.0f : a->log_multiplicity[first + i];
-        const float bias = -a->c2 * a->squared_norms[first + i];
-        const int64_t entry = first + i;
-        for (Py_ssize_t j = 0; j < columns; j++) {
-            const float logit = a->c1 * logits[j] + bias;
-            const int better = logit > s->best[j];
-            s->best[j] = better ? logit : s->best[j];
-            s->best_entry[j] = better ? entry : s->best_entry[j];
-            logits[j] = logit + multiplicity;
-        }
-    }
-    float *block_max = s->biases; /* the row maxima of this block's logits */
-    for (Py_ssize_t j = 0; j < columns; j++) block_max[j] = -INFINITY;
-    for (Py_ssize_t i = 0; i < entries; i++)
-        for (Py_ssize_t j = 0; j < columns; j++) {
-            const float logit = s->logits[i * ROW_BLOCK + j];
-            block_max[j] = logit > block_max[j] ? logit : block_max[j];
-        }
-    float *rescale = block_max; /* overwritten in place */
-    for (Py_ssize_t j = 0; j < columns; j++) {
-        const float raised = block_max[j] > s->shift[j] ? block_max[j] : s->shift[j];
-        rescale[j] = exp2_weight(s->shift[j] - raised);
-        s->shift[j] = raised;
-        s->normaliser[j] *= rescale[j];
-    }
-    for (Py_ssize_t ch = 0; ch < channels; ch++)
-        for (Py_ssize_t j = 0; j < columns; j++) s->weighted[ch * ROW_BLOCK + j] *= rescale[j];
-    for (Py_ssize_t i = 0; i < entries; i++) {
-        float *weights = s->logits + i * ROW_BLOCK; /* the logits become their weights */
-        for (Py_ssize_t j = 0; j < columns; j++) weights[j] = exp2_weight(weights[j] - s->shift[j]);
-        for (Py_ssize_t j = 0; j < columns; j++) s->normaliser[j] += weights[j];
-        for (Py_ssize_t ch = 0; ch < channels; ch++) {
-            const float centre = s->centres[i * channels + ch];
-            float *weighted = s->weighted + ch * ROW_BLOCK;
-            for (Py_ssize_t j = 0; j < columns; j++) weighted[j] += weights[j] * centre;
-        }
-    }
+/* score_block, one per instruction set (_clusters_kernel.h), each compiled for it so that its vectors are native
+ * registers and its inner products' sums fit in them (GCC keeps wider generic vectors in memory). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define X86_ISAS 1
+#else
+#define X86_ISAS 0
+#endif
+#define ISA generic
+#define VECTOR_FLOATS 4
+#define WIDE_GROUPS 1
+#include "_clusters_kernel.h"
+#if X86_ISAS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define ISA avx2
+#define VECTOR_FLOATS 8
+#define WIDE_GROUPS 2
+#include "_clusters_kernel.h"
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma")
+#define ISA avx512
+#define VECTOR_FLOATS 16
+#define WIDE_GROUPS 4
+#include "_clusters_kernel.h"
+#pragma GCC pop_options
+#endif
+
+typedef void (*score_function)(const struct fold_args *, struct scratch *, Py_ssize_t, Py_ssize_t, Py_ssize_t);
+
+/* The instruction sets this processor runs, fastest first, and their score_block. */
+struct isa_kernel {
+    const char *name;
+    score_function score_block;
+};
+
+static int supported_isas(struct isa_kernel *out) {
+    int count = 0;
+#if X86_ISAS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+        out[count++] = (struct isa_kernel){"avx512", score_block_avx512};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        out[count++] = (struct isa_kernel){"avx2", score_block_avx2};
+#endif
+    out[count++] = (struct isa_kernel){"generic", score_block_generic};
+    return count;
 }
 
-static void fold_clusters(const struct fold_args *a, struct scratch *s) {
+static void fold_clusters(const struct fold_args *a, struct scratch *s, score_function score_block) {
     const Py_ssize_t channels = a->channels, size = a->patch_size, dims = channels * size * size;
     const int contiguous = a->channel_stride == size * size && a->row_stride == size;
     s->num_runs = contiguous ? 1 : channels * size;
@@ -273,12 +228,22 @@ static PyObject *fold(PyObject *self, PyObject *args) {
     PyObject *objects[NUM_BUFFERS];
     Py_ssize_t channels, patch_size, channel_stride, row_stride, row_begin, row_end;
     double c1, c2;
+    const char *isa = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOnnnnOOOnnOddOOOOO", &objects[PATCHES], &objects[STARTS], &objects[NORMS],
+    if (!PyArg_ParseTuple(args, "OOOOnnnnOOOnnOddOOOOO|z", &objects[PATCHES], &objects[STARTS], &objects[NORMS],
                           &objects[MULTIPLICITY], &channels, &patch_size, &channel_stride, &row_stride, &objects[OFFSETS],
                           &objects[VISIT_STARTS], &objects[VISIT_ROWS], &row_begin, &row_end, &objects[QUERIES], &c1, &c2,
-                          &objects[MAX_BITS], &objects[NORMALISER], &objects[WEIGHTED], &objects[BEST_BITS], &objects[BEST_ENTRY]))
+                          &objects[MAX_BITS], &objects[NORMALISER], &objects[WEIGHTED], &objects[BEST_BITS], &objects[BEST_ENTRY],
+                          &isa))
         return NULL;
+    struct isa_kernel kernels[3];
+    const int num_kernels = supported_isas(kernels);
+    int chosen = 0;  /* the fastest, unless isa names another */
+    while (isa != NULL && chosen < num_kernels && strcmp(kernels[chosen].name, isa) != 0) chosen++;
+    if (chosen == num_kernels) {
+        PyErr_Format(PyExc_ValueError, "instruction set %s is not one this processor runs (see isas())", isa);
+        return NULL;
+    }
     static const char *names[NUM_BUFFERS] = {"patches", "starts", "squared_norms", "log_multiplicity", "offsets", "visit_starts",
                                              "visit_rows", "queries", "max_bits", "normaliser", "weighted", "best_bits",
                                              "best_entry"};
@@ -335,8 +300,9 @@ static PyObject *fold(PyObject *self, PyObject *args) {
     s.logits = s.queries + ROW_BLOCK * dims;
     s.centres = s.logits + ENTRY_BLOCK * ROW_BLOCK;
     s.biases = s.centres + ENTRY_BLOCK * channels;
+    const score_function score_block = kernels[chosen].score_block;
     Py_BEGIN_ALLOW_THREADS
-    fold_clusters(&a, &s);
+    fold_clusters(&a, &s, score_block);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -347,8 +313,19 @@ done:
     return result;
 }
 
+static PyObject *isas(PyObject *self, PyObject *noargs) {
+    struct isa_kernel kernels[3];
+    const int count = supported_isas(kernels);
+    (void)self;
+    (void)noargs;
+    PyObject *names = PyList_New(count);
+    for (int i = 0; names != NULL && i < count; i++) PyList_SET_ITEM(names, i, PyUnicode_FromString(kernels[i].name));
+    return names;
+}
+
 static PyMethodDef methods[] = {
     {"fold", fold, METH_VARARGS, "Fold the visited clusters' logits into a running softmax state (see the module's source)."},
+    {"isas", isas, METH_NOARGS, "The instruction sets fold can use on this processor, fastest (its default) first."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_clusters", NULL, -1, methods, NULL, NULL, NULL, NULL};

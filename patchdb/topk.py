@@ -443,9 +443,10 @@ def default_scoring(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: ClusteredDictionary, visit: torch.Tensor,
-                    alpha_bar: float) -> int:
+                    alpha_bar: float, isa: str | None = None) -> int:
     """'compiled' scoring (module docstring): the visits as lists of rows per cluster, folded by patchdb._clusters,
-    each of torch's threads folding one range of rows. Returns the entries scored."""
+    each of torch's threads folding one range of rows, with the instruction set isa (one of _clusters.isas(); default
+    the fastest). Returns the entries scored."""
     if queries.dtype != torch.float32 or queries.device.type != "cpu":
         raise PatchdbError("scoring 'compiled' runs on a CPU in float32; choose scoring 'runs' for other dtypes")
     clusters, layout = dictionary.clusters, dictionary.patch_layout
@@ -468,7 +469,7 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
                            layout.channel_stride, layout.row_stride, clusters.offsets.numpy(), visit_starts.numpy(),
                            visit_rows.numpy(), begin, end, queries.numpy(), signal / noise_variance * LOG2_E,
                            alpha_bar / (2 * noise_variance) * LOG2_E, max_bits.numpy(), normaliser.numpy(), weighted.numpy(),
-                           best_bits.numpy(), best_entry.numpy())
+                           best_bits.numpy(), best_entry.numpy(), isa)
         if threads == 1:
             rows(0, queries.shape[0])
             return

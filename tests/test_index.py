@@ -1,5 +1,6 @@
 """The index backend: cluster bounds, the certified top-k softmax and its fallbacks, duplicate merging in blocks."""
 
+import functools
 import math
 
 import pytest
@@ -238,13 +239,19 @@ def indexed32(dictionary):
     return clustered(float32_dictionary(dictionary), cluster_size=32)
 
 
+CLUSTER_ISAS = patchdb.topk._clusters.isas() if patchdb.topk._clusters is not None else []
+
+
 @pytest.mark.skipif(patchdb.topk._clusters is None, reason="patchdb._clusters was not compiled")
+@pytest.mark.parametrize("isa", CLUSTER_ISAS)
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("fallback", FALLBACKS)
-def test_compiled_scoring_equals_runs(dictionary, indexed32, fallback, threads, monkeypatch):
-    """The compiled kernel (every visited cluster read in place, rows split between threads) gives the matrix
-    products' posterior in float32: same paths, same dominant entries, the same entries scored."""
+def test_compiled_scoring_equals_runs(dictionary, indexed32, fallback, threads, isa, monkeypatch):
+    """The compiled kernel (every visited cluster read in place, rows split between threads), in each instruction set
+    this processor runs, gives the matrix products' posterior in float32: same paths, same dominant entries, the same
+    entries scored."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(patchdb.topk, "_score_compiled", functools.partial(patchdb.topk._score_compiled, isa=isa))
     for alpha_bar in (0.3, 0.9, 0.99):
         assert_scoring_equals_runs("compiled", noisy_queries(dictionary, alpha_bar, count=200).float(), indexed32, fallback,
                                    alpha_bar, atol=1e-4)
@@ -292,6 +299,11 @@ def test_compiled_kernel_refuses_buffers_and_visits_that_do_not_fit(indexed32, d
                        *(part.numpy() for part in state))
 
     fold()  # as given, it folds
+    with pytest.raises(ValueError, match="not one this processor runs"):
+        _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(), None, 1, 3, layout.channel_stride,
+                       layout.row_stride, clusters.offsets.numpy(), torch.zeros(len(clusters) + 1, dtype=torch.int64).numpy(),
+                       torch.zeros(0, dtype=torch.int64).numpy(), 0, 4, queries.numpy(), 1.0, 0.5, *(part.numpy() for part in state),
+                       "sse1")
     assert torch.isfinite(state[0][[0, 3]]).all() and torch.isinf(state[0][[1, 2]]).all()
     bad_starts = layout.starts.clone()
     bad_starts[5] = layout.buffer.numel() - 2

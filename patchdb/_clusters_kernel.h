@@ -1,0 +1,104 @@
+/* score_block and its inner products for the instruction set ISA (VECTOR_FLOATS floats per native vector, WIDE_GROUPS
+ * groups of ROW_ALIGN rows in the wide inner products); included by _clusters.c once per instruction set, inside
+ * that instruction set's target pragma, and undefining its parameters at the end. */
+
+/* One native vector of VECTOR_FLOATS floats; a group of ROW_ALIGN rows is PARTS of them. */
+#define VECTOR CAT(vector_, ISA)
+#define PARTS (ROW_ALIGN / VECTOR_FLOATS)
+typedef float VECTOR __attribute__((vector_size(VECTOR_FLOATS * sizeof(float)), aligned(sizeof(float))));
+
+/* logits[e * ROW_BLOCK + j] = <query j, patch e> for ENTRIES patches starting at patches[e], whose num_rows runs of
+ * size pixels start at the offsets rows[0..num_rows), and the query rows j of [0, GROUPS * ROW_ALIGN) (queries column-major,
+ * ROW_BLOCK per dimension): ENTRIES x GROUPS independent vector sums held in registers, enough of them to hide the
+ * latency of the multiply-adds */
+#define INNER_PRODUCTS(FUNCTION, ENTRIES, GROUPS)                                                                    \
+    static inline void FUNCTION(const float *restrict queries, const float *const *patches,                          \
+                                                           const Py_ssize_t *rows, Py_ssize_t num_rows, Py_ssize_t size, \
+                                                           float *restrict logits) {                                 \
+        VECTOR sums[ENTRIES][GROUPS * PARTS];                                                                         \
+        for (int e = 0; e < ENTRIES; e++)                                                                             \
+            for (int g = 0; g < GROUPS * PARTS; g++) sums[e][g] = (VECTOR){0};                                        \
+        for (Py_ssize_t r = 0; r < num_rows; r++) {                                                                   \
+            const float *row[ENTRIES];                                                                                \
+            for (int e = 0; e < ENTRIES; e++) row[e] = patches[e] + rows[r];                                          \
+            for (Py_ssize_t dx = 0; dx < size; dx++) {                                                                \
+                const VECTOR *column = (const VECTOR *)(queries + (r * size + dx) * ROW_BLOCK);                       \
+                for (int e = 0; e < ENTRIES; e++)                                                                     \
+                    for (int g = 0; g < GROUPS * PARTS; g++) sums[e][g] += row[e][dx] * column[g];                    \
+            }                                                                                                         \
+        }                                                                                                             \
+        for (int e = 0; e < ENTRIES; e++)                                                                             \
+            for (int g = 0; g < GROUPS * PARTS; g++) ((VECTOR *)(logits + e * ROW_BLOCK))[g] = sums[e][g];            \
+    }
+INNER_PRODUCTS(CAT(narrow_products_, ISA), 4, 1)
+INNER_PRODUCTS(CAT(wide_products_, ISA), 2, WIDE_GROUPS)
+#undef INNER_PRODUCTS
+
+/* Score entries [first, last) of a cluster (at most ENTRY_BLOCK) against the block's rows [0, count) and fold
+ * their weights into the rows' state; columns up to count rounded up to ROW_ALIGN are computed and ignored.
+ * A patch is s->num_rows runs of s->run_length contiguous pixels (one run when the patches are contiguous,
+ * else one per row of P pixels) at the offsets s->runs from its start; its centre pixels at s->centre_offsets. */
+static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s, Py_ssize_t first, Py_ssize_t last, Py_ssize_t count) {
+    const Py_ssize_t channels = a->channels;
+    const Py_ssize_t entries = last - first, columns = (count + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
+    const float *patch_of[ENTRY_BLOCK];
+    for (Py_ssize_t i = 0; i < entries; i++) {
+        patch_of[i] = a->patches + a->starts[first + i];
+        for (Py_ssize_t ch = 0; ch < channels; ch++) s->centres[i * channels + ch] = patch_of[i][s->centre_offsets[ch]];
+    }
+    for (Py_ssize_t i = entries; i < ENTRY_BLOCK; i++) patch_of[i] = patch_of[0]; /* scored, never folded */
+    /* the block's inner products: two entries at a time against WIDE_GROUPS x ROW_ALIGN rows, or four against ROW_ALIGN */
+    for (Py_ssize_t j = 0; j < columns;) {
+        const int wide = WIDE_GROUPS > 1 && columns - j >= WIDE_GROUPS * ROW_ALIGN;
+        for (Py_ssize_t i = 0; i < entries; i += wide ? 2 : 4) {
+            if (wide) CAT(wide_products_, ISA)(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
+            else CAT(narrow_products_, ISA)(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
+        }
+        j += wide ? WIDE_GROUPS * ROW_ALIGN : ROW_ALIGN;
+    }
+    for (Py_ssize_t i = 0; i < entries; i++) {
+        float *logits = s->logits + i * ROW_BLOCK;
+        const float multiplicity = a->log_multiplicity == NULL ? 0.0f : a->log_multiplicity[first + i];
+        const float bias = -a->c2 * a->squared_norms[first + i];
+        const int64_t entry = first + i;
+        for (Py_ssize_t j = 0; j < columns; j++) {
+            const float logit = a->c1 * logits[j] + bias;
+            const int better = logit > s->best[j];
+            s->best[j] = better ? logit : s->best[j];
+            s->best_entry[j] = better ? entry : s->best_entry[j];
+            logits[j] = logit + multiplicity;
+        }
+    }
+    float *block_max = s->biases; /* the row maxima of this block's logits */
+    for (Py_ssize_t j = 0; j < columns; j++) block_max[j] = -INFINITY;
+    for (Py_ssize_t i = 0; i < entries; i++)
+        for (Py_ssize_t j = 0; j < columns; j++) {
+            const float logit = s->logits[i * ROW_BLOCK + j];
+            block_max[j] = logit > block_max[j] ? logit : block_max[j];
+        }
+    float *rescale = block_max; /* overwritten in place */
+    for (Py_ssize_t j = 0; j < columns; j++) {
+        const float raised = block_max[j] > s->shift[j] ? block_max[j] : s->shift[j];
+        rescale[j] = exp2_weight(s->shift[j] - raised);
+        s->shift[j] = raised;
+        s->normaliser[j] *= rescale[j];
+    }
+    for (Py_ssize_t ch = 0; ch < channels; ch++)
+        for (Py_ssize_t j = 0; j < columns; j++) s->weighted[ch * ROW_BLOCK + j] *= rescale[j];
+    for (Py_ssize_t i = 0; i < entries; i++) {
+        float *weights = s->logits + i * ROW_BLOCK; /* the logits become their weights */
+        for (Py_ssize_t j = 0; j < columns; j++) weights[j] = exp2_weight(weights[j] - s->shift[j]);
+        for (Py_ssize_t j = 0; j < columns; j++) s->normaliser[j] += weights[j];
+        for (Py_ssize_t ch = 0; ch < channels; ch++) {
+            const float centre = s->centres[i * channels + ch];
+            float *weighted = s->weighted + ch * ROW_BLOCK;
+            for (Py_ssize_t j = 0; j < columns; j++) weighted[j] += weights[j] * centre;
+        }
+    }
+}
+
+#undef VECTOR
+#undef PARTS
+#undef ISA
+#undef VECTOR_FLOATS
+#undef WIDE_GROUPS
