@@ -1,7 +1,18 @@
-/* Checked access to the buffers of the compiled kernels' arguments (_windows.c, _clusters.c). */
+/* Checked access to the buffers of the compiled kernels' arguments (_windows.c, _clusters.c), and the macros both
+ * use to compile a kernel once per instruction set. */
 
 #ifndef PATCHDB_BUFFERS_H
 #define PATCHDB_BUFFERS_H
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+
+/* Whether kernels are also compiled for x86's vector instruction sets (GCC's target pragmas), chosen at run time. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define X86_ISAS 1
+#else
+#define X86_ISAS 0
+#endif
 
 /* One argument's buffer, checked: C-contiguous, of the expected item format and dimensions. */
 static inline int get_buffer(PyObject *object, Py_buffer *view, const char *name, char format, int ndim, int writable) {

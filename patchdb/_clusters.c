@@ -36,8 +36,6 @@
 #define WEIGHT_FLOOR_BITS (-115.0f) /* patchdb.engine.LOG_WEIGHT_FLOOR (-80 nats) in bits */
 #define ROUND_MAGIC 12582912.0f     /* 1.5 * 2^23: adding it rounds a float to an integer */
 
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
 
 /* 2^t for t <= 1, 0 below WEIGHT_FLOOR_BITS (and for -inf); branch-free, so that loops of it vectorise. The Taylor
  * polynomial of degree 6 on [-1/2, 1/2]: relative error below 2e-7. */
@@ -101,11 +99,6 @@ static void prefetch_patches(const struct fold_args *a, const struct scratch *s,
 
 /* score_block, one per instruction set (_clusters_kernel.h), each compiled for it so that its vectors are native
  * registers and its inner products' sums fit in them (GCC keeps wider generic vectors in memory). */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define X86_ISAS 1
-#else
-#define X86_ISAS 0
-#endif
 #define ISA generic
 #define VECTOR_FLOATS 4
 #define WIDE_GROUPS 1

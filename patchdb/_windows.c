@@ -29,8 +29,6 @@
 
 #define EXP2_FLOOR (-96.0)   /* weights below 2^-96 of the shift count as 0 */
 #define EXP2_CEILING 30.0    /* a logit may exceed its pixel's shift by this many bits before the shift is raised */
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
 
 struct fold_args {
     Py_ssize_t batch, channels, height, width, patch_size, groups, num_tasks, group_offset;
@@ -43,11 +41,6 @@ struct fold_args {
 
 /* The kernels, one per instruction set and scalar type (_windows_isa.h includes both types), each
  * compiled for its instruction set so that a vector is one native register. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define X86_ISAS 1
-#else
-#define X86_ISAS 0
-#endif
 #define ISA generic
 #define VECTOR_BYTES 16
 #include "_windows_isa.h"
