@@ -45,7 +45,7 @@ build=$!
 exact=(python3 benchmarks/bench_exact.py run --device cuda --memory-gib 72 --data-dir "$data")  # 72 GiB: every scale's dictionaries at 60,000 images stay cached, within an H100's 80 GB (the peak is reported)
 step gpu-tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_fused.py tests/test_machines.py tests/test_cli.py tests/test_store.py -k "fused or gpu"
 wait "$build"
-step fused-kernels 90 sh -c "python3 benchmarks/bench_fused.py time --images 6000 --batch 100 | tee '$out/fused-kernels.jsonl'"
+step fused-kernels 90 sh -c "python3 benchmarks/bench_fused.py time --images 3000 --batch 100 | tee '$out/fused-kernels.jsonl'"
 step exact-1000-8-fused 40 "${exact[@]}" --images 1000 --batch 8 --method fused --save "$out/exact-1000-8-fused.pt"
 step exact-1000-8-products 60 "${exact[@]}" --images 1000 --batch 8 --method products --save "$out/exact-1000-8-products.pt"
 step exact-60000-100 200 "${exact[@]}" --images 60000 --batch 100 --method fused --progress --profile-step 2 --save "$out/exact-60k-100-fused.pt"
