@@ -377,15 +377,21 @@ class ExactBackend:
     def _chunk_bytes(self, device: torch.device) -> int:
         return self.chunk_bytes or logit_chunk_bytes(device)
 
-    def fuses(self, queries: torch.Tensor, dictionary: PatchDictionary) -> bool:
-        """Whether dictionary (a plain, unstacked one) is scored by the fused kernel (method 'fused', or 'auto' on a GPU in float32)."""
-        plain = isinstance(dictionary.keys, fused.FusedKeys) or (isinstance(dictionary.keys, torch.Tensor) and dictionary.keys.ndim == 2)
+    def plain_method(self, device: torch.device, dtype: torch.dtype) -> str:
+        """How plain (unstacked) dictionaries are scored on device in dtype: 'fused' (method 'fused', or 'auto' on a GPU in
+        float32 where Triton is installed) or 'products'; the patch machines ask uses_windows first."""
         if self.method == "fused":
-            if not fused.available(queries.device):
+            if not fused.available(device):
                 raise PatchdbError("the exact method 'fused' needs a CUDA GPU and Triton (which torch's CUDA builds bring); "
                                    "choose the method 'products' or 'auto'")
-            return plain
-        return self.method == "auto" and plain and queries.dtype == torch.float32 and queries.is_cuda and fused.available(queries.device)
+            return "fused"
+        automatic = self.method == "auto" and device.type == "cuda" and dtype == torch.float32 and fused.available(device)
+        return "fused" if automatic else "products"
+
+    def fuses(self, queries: torch.Tensor, dictionary: PatchDictionary) -> bool:
+        """Whether dictionary is scored by the fused kernel: a plain one, where plain_method says so."""
+        plain = isinstance(dictionary.keys, fused.FusedKeys) or (isinstance(dictionary.keys, torch.Tensor) and dictionary.keys.ndim == 2)
+        return plain and self.plain_method(queries.device, queries.dtype) == "fused"
 
     def fold(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: PatchDictionary, alpha_bar: float) -> None:
         """Fold every entry of dictionary into accumulator at noise level alpha_bar.

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import patchdb
-from patchdb import windows
+from patchdb import fused, windows
 from patchdb.data import Dataset, load_dataset
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, check_exact_method
 from patchdb.errors import PatchdbError
@@ -243,11 +243,14 @@ def index_steps(generation: Generation, steps: list[int], scales: list[int], num
 
 
 def backend_name(machine: Machine) -> str:
-    """How the machine scores: 'top-k', 'exact: windows (ISA)' or 'exact: products' (whole images, for IS and ES)."""
+    """How the machine scores: 'top-k', 'exact: windows (ISA)', 'exact: fused' (the patch machines' plain dictionaries;
+    the same-location ones by products) or 'exact: products' (also whole images, for IS and ES)."""
     backend = getattr(machine, "backend", None)
     if isinstance(backend, ExactBackend) and backend.uses_windows(machine.device, machine.dtype):
         return f"exact: windows ({windows.best_isa()})"
-    return "exact: products" if backend is None or isinstance(backend, ExactBackend) else "top-k"
+    if isinstance(backend, ExactBackend):
+        return f"exact: {backend.plain_method(machine.device, machine.dtype)}"
+    return "exact: products" if backend is None else "top-k"
 
 
 def versions() -> dict[str, str | None]:
@@ -280,6 +283,9 @@ def _check_config(config: SampleConfig) -> None:
     if config.steps < 2:
         raise PatchdbError(f"--steps must be at least 2, got {config.steps}")
     check_exact_method(config.exact_method)
+    if config.exact_method == "fused" and not fused.available(torch.device(config.device)):
+        raise PatchdbError("--exact-method fused needs --device cuda, a CUDA GPU and Triton (which torch's CUDA builds bring); "
+                           "choose --exact-method auto or products")
     if config.memory_budget_gib <= 0:
         raise PatchdbError(f"--memory-budget must be positive, got {config.memory_budget_gib} GiB")
 

@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import PatchdbGroup, main
+from patchdb import fused
 from patchdb.errors import PatchdbError
 
 from conftest import quantised_images
@@ -90,6 +91,13 @@ def test_exact_methods_give_the_same_samples_and_provenance(batch, data_specs, t
     np.testing.assert_allclose(np.load(tmp_path / "samples.npy"), np.load(batch / "samples.npy"), rtol=0, atol=1e-4)
     with np.load(tmp_path / "provenance.npz") as products, np.load(batch / "provenance.npz") as windows:
         np.testing.assert_allclose(products["weight"], windows["weight"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU may run the fused method")
+def test_fused_method_without_a_gpu_is_refused_before_sampling(data_specs, tmp_path):
+    result = sample(data_specs["labelled"], tmp_path, "--num", "1", "--exact-method", "fused")
+    assert result.exit_code == 1 and "--exact-method fused needs --device cuda" in result.output
+    assert not (tmp_path / "samples.npy").exists()
 
 
 def test_sample_k_regenerates_alone_from_seed_plus_k(batch, data_specs, tmp_path):
@@ -219,7 +227,9 @@ def test_sample_on_the_gpu_gives_the_cpu_batch(batch, data_specs, tmp_path):
         result = sample(data_specs["labelled"], tmp_path / name, "--num", "3", "--seed", "5", "--conditional", *options)
         assert result.exit_code == 0, result.output
         assert np.array_equal(np.load(tmp_path / name / "labels.npy"), np.load(batch / "labels.npy"))
-    assert json.loads((tmp_path / "exact" / "run.json").read_text())["device"] == torch.cuda.get_device_name()
+    exact_record = json.loads((tmp_path / "exact" / "run.json").read_text())
+    assert exact_record["device"] == torch.cuda.get_device_name()
+    assert exact_record["backend"] == ("exact: fused" if fused.available(torch.device("cuda")) else "exact: products")
     np.testing.assert_allclose(np.load(tmp_path / "exact" / "samples.npy"), np.load(batch / "samples.npy"), atol=1e-3)
     np.testing.assert_allclose(np.load(tmp_path / "indexed-gpu" / "samples.npy"), np.load(tmp_path / "indexed-cpu" / "samples.npy"), atol=1e-6)
     assert np.array_equal(np.load(tmp_path / "indexed-gpu" / "paths.npy"), np.load(tmp_path / "indexed-cpu" / "paths.npy"))
