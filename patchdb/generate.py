@@ -376,7 +376,22 @@ def _atomic_path(path: Path) -> Iterator[Path]:
 
 
 def device_name(device: str) -> str:
-    """The device in words, as run.json records it: the GPU's name, or the CPU's kind and cores."""
+    """The device in words, as run.json records it: the GPU's name, or the CPU's model (where Linux names it), kind,
+    the widest instruction set of the compiled kernels, and cores (figures depend on all of them)."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {sys.platform})"
+    model = _cpu_model()
+    isa = f", {windows.best_isa()}" if windows.compiled() else ""
+    return f"cpu ({model + ', ' if model else ''}{platform.processor() or platform.machine()}{isa}, {os.cpu_count()} cores, {sys.platform})"
+
+
+def _cpu_model() -> str | None:
+    """The processor's model name from /proc/cpuinfo, or None where there is none."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
