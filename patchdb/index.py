@@ -90,10 +90,11 @@ class EntryClusters:
         points = queries / signal
         point_norms = points.square().sum(dim=1, keepdim=True)
         centroid_norms = self.centroids.square().sum(dim=1)
-        squared = torch.addmm(point_norms + centroid_norms, points, self.centroids.T, alpha=-2.0).clamp_min_(0)
+        # in place wherever it can be: each new (Q, C) tensor costs a fresh allocation's page faults, more than the pass
+        squared = torch.addmm(centroid_norms, points, self.centroids.T, alpha=-2.0).add_(point_norms).clamp_min_(0)
         distances = squared.sqrt_()
         # the rounding slack DISTANCE_SLACK * (||p|| + ||centroid||) is at least DISTANCE_SLACK * sqrt(||p||^2 + ||centroid||^2)
-        member_distances = (distances - (self.radii + DISTANCE_SLACK * centroid_norms.sqrt()))
+        member_distances = torch.sub(distances, self.radii + DISTANCE_SLACK * centroid_norms.sqrt())
         member_distances.sub_(DISTANCE_SLACK * point_norms.sqrt()).clamp_min_(0)
         query_norms = queries.square().sum(dim=1, keepdim=True)
         bounds = member_distances.square_().mul_(-alpha_bar / (2 * noise_variance)).add_(query_norms / (2 * noise_variance))
@@ -169,6 +170,12 @@ class ClusteredDictionary:
         """(K,) int64 on the CPU: patches (multiplicities summed) in entries 0..k, for drawing patches uniformly."""
         # multiplicities below 2^23 come back exactly from a float32 exp once rounded
         return self.entries.log_multiplicity.float().exp().round().to(torch.int64).cumsum(0).cpu()
+
+    @functools.cached_property
+    def cluster_patches(self) -> torch.Tensor:
+        """(C,) int64 on the clusters' device: patches (multiplicities summed) in each cluster."""
+        patches_before = torch.cat([torch.zeros(1, dtype=torch.int64), self.cumulative_patches])
+        return patches_before[self.clusters.offsets.cpu()].diff().to(self.clusters.offsets.device)
 
 
 @dataclass

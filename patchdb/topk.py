@@ -90,7 +90,8 @@ PROBE_MARGIN = 4
 
 MASS_ROUNDING = 1e-6
 """Added, relative to itself, to every sum of clusters' mass bounds: the bounds, relative to the largest, are float32
-(each rounded by less than 3e-7 of itself by the exponential) and summed directly in float64 (never as a difference)."""
+(each rounded by less than 3e-7 of itself by the exponential) and summed directly (never as a difference), in float32
+with the bound on its rounding (_summed_masses) or in float64."""
 
 RUN_ENTRIES = 2048
 """Consecutive clusters are scored together in runs of about this many entries (and the rows in
@@ -217,7 +218,8 @@ class TopKBackend:
         if not rows.numel() or self.tol == 0:
             return rows
         log_normaliser = accumulator.running_max[rows] + accumulator.normaliser[rows].log()
-        unvisited_mass = plan.masses[rows].masked_fill_(plan.visit[rows], 0.0).sum(dim=1, dtype=torch.float64) * (1 + MASS_ROUNDING)
+        # over all rows, in place (the visited clusters' bounds are not needed again): cheaper than copying most rows
+        unvisited_mass = _summed_masses(plan.masses.masked_fill_(plan.visit, 0.0))[rows] * (1 + MASS_ROUNDING)
         proven = unvisited_mass <= self.tol * (log_normaliser - plan.mass_shift[rows]).double().exp()
         plan.certified[rows[proven]] = True
         plan.path[rows[proven]] = PATHS.index("certified")
@@ -245,12 +247,15 @@ class TopKBackend:
         log_normaliser = _log_sum_exp(medoid_logits.add_(entries.log_multiplicity[clusters.medoids] * LOG2_E)) * LN_2  # C actual entries
         nearest = _nearest_clusters(centroid_distances, clusters, topk)
         probes = nearest.shape[1]
+        shift = mass_bounds.amax(dim=1, keepdim=True)
+        # clusters whose whole mass is below e^-60 of the normaliser are negligible (the exact backend's rule)
+        relevant = mass_bounds > (log_normaliser + NEGLIGIBLE_LOG_WEIGHT)[:, None]
+        # (Q, C) in [0, 1], in place: a new (Q, C) tensor costs more in page faults than the pass
+        masses = mass_bounds.sub_(shift).mul_(LOG2_E).exp2_()
         # the mass bound of the clusters beyond each prefix of the probe order: those never probed, summed with the
         # probed ones beyond the prefix
-        shift = mass_bounds.amax(dim=1, keepdim=True)
-        masses = (mass_bounds - shift).mul_(LOG2_E).exp2_()  # (Q, C) in [0, 1]
         probed = masses.gather(1, nearest)
-        never_probed = masses.scatter_(1, nearest, 0.0).sum(dim=1, keepdim=True, dtype=torch.float64)
+        never_probed = _summed_masses(masses.scatter_(1, nearest, 0.0))[:, None]
         masses.scatter_(1, nearest, probed)
         beyond = probed.double().flip(1).cumsum(dim=1).flip(1)  # (Q, probes): ranks j.. of the probe order
         tail = (never_probed + torch.cat([beyond[:, 1:], torch.zeros_like(beyond[:, :1])], dim=1)) * (1 + MASS_ROUNDING)
@@ -262,8 +267,6 @@ class TopKBackend:
         affordable = (prefix_entries <= topk).sum(dim=1).clamp_min(1)
         head = torch.where(certified, needed, affordable)
         visit = _first_clusters(nearest, head, len(clusters))
-        # clusters whose whole mass is below e^-60 of the normaliser are negligible (the exact backend's rule)
-        relevant = mass_bounds > (log_normaliser + NEGLIGIBLE_LOG_WEIGHT)[:, None]
         if self.fallback == "exact":
             visit = torch.where(certified[:, None], visit, relevant)
         path = torch.where(certified, PATHS.index("certified"), PATHS.index(_UNCERTIFIED_PATH[self.fallback])).to(torch.uint8)
@@ -376,16 +379,20 @@ class TopKBackend:
         patches = torch.randint(int(cumulative[-1]), (self.estimate_samples,), generator=self.generator)
         draws = torch.searchsorted(cumulative, patches.sort().values, right=True).to(rows.device)
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
-        unvisited = ~plan.visit[rows]  # (R, C)
-        in_tail = unvisited[:, draw_cluster]  # (R, m)
-        # draws and patches in each row's unvisited clusters, by products with the counts per cluster (exact in
-        # float32 up to 2^24 patches; beyond, rounded by 6e-8 of the tail's size, which only reweights the estimate)
-        per_cluster = torch.stack([torch.bincount(draw_cluster, minlength=len(clusters)).to(torch.float32),
-                                   clusters.log_mass.exp().to(torch.float32)], dim=1)
-        drawn, tail_patches = (unvisited.to(torch.float32) @ per_cluster).double().unbind(1)
-        drawn = drawn.round().long()
+        # the visited clusters as (row, cluster) pairs, a few per row: the tail is everything else, so the draws and
+        # patches in it are totals less the visited ones (in integers) and (R, C) masks are not needed
+        pair_rows, pair_clusters = torch.nonzero(plan.visit[rows]).unbind(1)
+        draws_in = torch.bincount(draw_cluster, minlength=len(clusters))  # (C,), each cluster's draws consecutive
+        pair_draws = draws_in[pair_clusters]
+        drawn = len(draws) - torch.zeros_like(rows).index_add_(0, pair_rows, pair_draws)
+        visited_patches = torch.zeros_like(rows).index_add_(0, pair_rows, dictionary.cluster_patches[pair_clusters])
+        tail_patches = (int(cumulative[-1]) - visited_patches).double()
         sample = take_entries(entries, draws)
-        logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar, bits=True).masked_fill_(~in_tail, -math.inf)
+        logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar, bits=True)
+        draw_of = cluster_of_entries(pair_draws)  # (n,) the pair of each visited draw
+        first_draw = (draws_in.cumsum(0) - draws_in)[pair_clusters][draw_of]
+        rank = torch.arange(len(draw_of), device=draw_of.device) - (pair_draws.cumsum(0) - pair_draws)[draw_of]
+        logits.view(-1).index_fill_(0, pair_rows[draw_of] * len(draws) + first_draw + rank, -math.inf)
         standard_error = self._standard_error(accumulator, rows, logits, sample.values, drawn, tail_patches)
         accept = drawn > 0
         if strict:
@@ -426,6 +433,14 @@ class TopKBackend:
         variance = (second - count[:, None] * (tail_mean_sum - mean * tail_mean[:, None]).square()).clamp_min(0)
         variance /= (count - 1).clamp_min(1)[:, None]
         return (tail_patches[:, None] * (variance / count[:, None]).sqrt() / normaliser[:, None]).amax(dim=1)
+
+
+def _summed_masses(masses: torch.Tensor) -> torch.Tensor:
+    """(Q,) float64 upper bounds on the row sums of masses (Q, n), non-negative float32. Summed in float32, in whatever
+    order torch takes: any order's sum of n non-negative terms lies within gamma = (n - 1) 2^-24 / (1 - (n - 1) 2^-24) of
+    the true sum s, so s <= sum / (1 - gamma); a float64 sum would cost a (Q, n) float64 copy."""
+    unit = (masses.shape[1] - 1) * 2.0**-24
+    return masses.sum(dim=1).double() / (1 - unit / (1 - unit))
 
 
 def _log_sum_exp(x: torch.Tensor) -> torch.Tensor:
@@ -485,7 +500,7 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
 class _Plan:
     """Per query of a fold: visit (Q, C) the clusters scored exactly so far; relevant (Q, C) the clusters
     not provably negligible; masses (Q, C) float32 the clusters' mass bounds relative to the largest, whose
-    log is mass_shift (Q,); centroid_distances (Q, C) the search
+    log is mass_shift (Q,) (set to 0 where visited once the visits are scored); centroid_distances (Q, C) the search
     order's distances; certified (Q,); path (Q,) uint8 code."""
 
     visit: torch.Tensor

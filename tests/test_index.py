@@ -77,6 +77,19 @@ def test_cluster_mass_bounds_hold_for_every_cluster(indexed, alpha_bar):
     assert len(clusters) > 20  # the bounds were tested on many clusters
 
 
+def test_summed_masses_bound_the_exact_sums_from_above():
+    generator = torch.Generator().manual_seed(0)
+    # rows that float32 sums get wrong: a few large terms among many that each round away against them
+    spread = torch.exp2(-40 * torch.rand(64, 5000, generator=generator))
+    spikes = torch.full((64, 5000), 2.0**-25)
+    spikes[:, ::997] = 1.0
+    for masses in (spread, spikes):
+        exact = masses.double().sum(dim=1)
+        bound = patchdb.topk._summed_masses(masses)
+        assert (bound >= exact).all()
+        assert (bound <= exact * (1 + 5000 * 2.0**-22)).all()  # and within the rounding bound's own width
+
+
 def test_clustering_keeps_every_entry_once(dictionary, indexed):
     assert torch.equal(indexed.clusters.offsets[-1], torch.tensor(len(dictionary)))
     assert sorted(map(tuple, indexed.entries.sources.tolist())) == sorted(map(tuple, dictionary.sources.tolist()))
