@@ -176,6 +176,24 @@ class SoftmaxAccumulator:
         changed = torch.nonzero(best_entry >= 0).squeeze(1)
         self.best_source[changed] = sources[best_entry[changed]]
 
+    def merge(self, parts: tuple[torch.Tensor, ...], sources: torch.Tensor) -> None:
+        """Fold in S states computed apart, stacked, in fold_in_place's convention: maximum (S, Q), normaliser (S, Q),
+        weighted sum (S, Q, V), best logit (S, Q) in bits and best entry (S, Q) int64, a row of sources (n, 3) wherever
+        that part's best logit is finite."""
+        part_max, part_normaliser, part_weighted, part_best, part_best_entry = parts
+        dtype = self._max_bits.dtype
+        new_max = torch.maximum(self._max_bits, part_max.amax(dim=0).to(dtype))
+        # a row that neither this state nor a part has seen stays at -inf, and 2^(-inf - -inf) scales its zeros by 0
+        rescale = torch.exp2(self._max_bits - new_max).nan_to_num_(0.0)
+        part_rescale = torch.exp2(part_max - new_max.to(part_max.dtype)).nan_to_num_(0.0)
+        self._normaliser.mul_(rescale).add_((part_normaliser * part_rescale).sum(dim=0).to(dtype))
+        self._weighted_sum.mul_(rescale[:, None]).add_((part_weighted * part_rescale[:, :, None]).sum(dim=0).to(dtype))
+        self._max_bits.copy_(new_max)
+        best, part = part_best.max(dim=0)
+        improved = torch.nonzero(best.to(dtype) > self._best_bits).squeeze(1)
+        self._best_bits[improved] = best[improved].to(dtype)
+        self.best_source[improved] = sources[part_best_entry.gather(0, part[None])[0][improved]]
+
     def summary(self) -> PosteriorSummary:
         """The posterior mean, dominant entry and its weight for every query."""
         mean = self._weighted_sum / self._normaliser[:, None]

@@ -151,7 +151,7 @@ def fold(accumulator, queries: torch.Tensor, keys: FusedKeys, squared_norms: tor
     log_multiplicity_bits = (torch.zeros_like(norm_bias) if log_multiplicity is None else (log_multiplicity * LOG2_E).float().contiguous())
     split_state = _launch(keys.queries(queries), keys, norm_bias, log_multiplicity_bits, values.float().contiguous(),
                           signal * LOG2_E / noise_variance * keys.scale, negligible_bits)
-    accumulator.fold_in_place(lambda *state: _merge_splits(split_state, *state), sources)
+    accumulator.merge(split_state, sources)
 
 
 def _launch(operand: torch.Tensor, keys: FusedKeys, norm_bias: torch.Tensor, log_multiplicity_bits: torch.Tensor, values: torch.Tensor,
@@ -179,21 +179,6 @@ def _launch(operand: torch.Tensor, keys: FusedKeys, norm_bias: torch.Tensor, log
         CHANNELS=channels, CHANNELS_PADDED=max(2, 1 << (channels - 1).bit_length()), BLOCK_ROWS=block_rows,
         BLOCK_ENTRIES=block_entries, BLOCK_DEPTH=_depth_block(depth), num_warps=warps, num_stages=stages)
     return state
-
-
-def _merge_splits(split_state, max_bits, normaliser, weighted_sum, best_bits, best_entry) -> None:
-    """Fold the splits' states into an accumulator's (SoftmaxAccumulator.fold_in_place's convention)."""
-    split_max, split_normaliser, split_weighted, split_best, split_best_entry = split_state
-    new_max = torch.maximum(max_bits, split_max.amax(dim=0).to(max_bits.dtype))
-    rescale = torch.exp2(max_bits - new_max)
-    split_rescale = torch.exp2(split_max - new_max.float())
-    normaliser.mul_(rescale).add_((split_normaliser * split_rescale).sum(dim=0).to(normaliser.dtype))
-    weighted_sum.mul_(rescale[:, None]).add_((split_weighted * split_rescale[:, :, None]).sum(dim=0).to(weighted_sum.dtype))
-    max_bits.copy_(new_max)
-    best, split = split_best.max(dim=0)
-    improved = best.to(best_bits.dtype) > best_bits
-    best_bits.copy_(torch.where(improved, best.to(best_bits.dtype), best_bits))
-    best_entry.copy_(torch.where(improved, split_best_entry.gather(0, split[None]).squeeze(0), best_entry))
 
 
 @functools.cache

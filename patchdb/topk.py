@@ -459,9 +459,11 @@ def default_scoring(device: torch.device, dtype: torch.dtype) -> str:
 
 def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: ClusteredDictionary, visit: torch.Tensor,
                     alpha_bar: float, isa: str | None = None) -> int:
-    """'compiled' scoring (module docstring): the visits as lists of rows per cluster, folded by patchdb._clusters,
-    each of torch's threads folding one range of rows, with the instruction set isa (one of _clusters.isas(); default
-    the fastest). Returns the entries scored."""
+    """'compiled' scoring (module docstring): the visits as lists of rows per cluster, folded by patchdb._clusters with
+    the instruction set isa (one of _clusters.isas(); default the fastest). Each of torch's threads folds one range
+    of clusters, of about equal (row, entry) pairs, into a state of its own, merged afterwards: splitting the rows
+    instead would split every cluster's visitors, and the kernel pads each cluster's group of them to ROW_ALIGN.
+    Returns the entries scored."""
     if queries.dtype != torch.float32 or queries.device.type != "cpu":
         raise PatchdbError("scoring 'compiled' runs on a CPU in float32; choose scoring 'runs' for other dtypes")
     clusters, layout = dictionary.clusters, dictionary.patch_layout
@@ -474,25 +476,36 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
     signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
     log_multiplicity = dictionary.log_multiplicity_bits
     queries = queries.contiguous()
-    threads = max(1, min(torch.get_num_threads(), queries.shape[0]))
-    bounds = [queries.shape[0] * part // threads for part in range(threads + 1)]
+    threads = max(1, min(torch.get_num_threads(), len(clusters)))
+    pairs = (visit_starts.diff() * clusters.sizes).cumsum(0)
+    cuts = torch.searchsorted(pairs, pairs[-1] * torch.arange(1, threads) // threads, right=True).tolist()
+    ranges = list(zip([0, *cuts], [*cuts, len(clusters)]))
+    num_rows, channels = queries.shape[0], layout.channels
+    parts = (torch.full((threads - 1, num_rows), -math.inf), torch.zeros(threads - 1, num_rows),
+             torch.zeros(threads - 1, num_rows, channels), torch.full((threads - 1, num_rows), -math.inf),
+             torch.full((threads - 1, num_rows), -1, dtype=torch.int64))
 
-    def fold(max_bits, normaliser, weighted, best_bits, best_entry):
-        def rows(begin, end):
-            _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(),
-                           None if log_multiplicity is None else log_multiplicity.numpy(), layout.channels, layout.patch_size,
-                           layout.channel_stride, layout.row_stride, clusters.offsets.numpy(), visit_starts.numpy(),
-                           visit_rows.numpy(), begin, end, queries.numpy(), signal / noise_variance * LOG2_E,
-                           alpha_bar / (2 * noise_variance) * LOG2_E, max_bits.numpy(), normaliser.numpy(), weighted.numpy(),
-                           best_bits.numpy(), best_entry.numpy(), isa)
+    def fold_clusters(state, first, last):
+        starts = visit_starts[first:last + 1]
+        _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(),
+                       None if log_multiplicity is None else log_multiplicity.numpy(), layout.channels, layout.patch_size,
+                       layout.channel_stride, layout.row_stride, clusters.offsets[first:last + 1].numpy(),
+                       (starts - starts[0]).numpy(), visit_rows[int(starts[0]):int(starts[-1])].numpy(), 0, num_rows,
+                       queries.numpy(), signal / noise_variance * LOG2_E, alpha_bar / (2 * noise_variance) * LOG2_E,
+                       *(tensor.numpy() for tensor in state), isa)
+
+    def fold(*state):
         if threads == 1:
-            rows(0, queries.shape[0])
+            fold_clusters(state, 0, len(clusters))
             return
+        states = [state, *zip(*parts)]  # the accumulator's own, then one of parts per further thread
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            for job in [pool.submit(rows, begin, end) for begin, end in zip(bounds, bounds[1:])]:
+            for job in [pool.submit(fold_clusters, part, first, last) for part, (first, last) in zip(states, ranges)]:
                 job.result()
 
     accumulator.fold_in_place(fold, dictionary.entries.sources)
+    if threads > 1:
+        accumulator.merge(parts, dictionary.entries.sources)
     return int(clusters.sizes[pair_clusters].sum())
 
 
