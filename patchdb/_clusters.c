@@ -37,22 +37,6 @@
 #define ROUND_MAGIC 12582912.0f     /* 1.5 * 2^23: adding it rounds a float to an integer */
 
 
-/* 2^t for t <= 1, 0 below WEIGHT_FLOOR_BITS (and for -inf); branch-free, so that loops of it vectorise. The Taylor
- * polynomial of degree 6 on [-1/2, 1/2]: relative error below 2e-7. */
-static inline float exp2_weight(float t) {
-    const float kept = t >= WEIGHT_FLOOR_BITS ? 1.0f : 0.0f;
-    t = t >= WEIGHT_FLOOR_BITS ? t : WEIGHT_FLOOR_BITS;
-    const float whole = (t + ROUND_MAGIC) - ROUND_MAGIC;
-    const float fraction = t - whole;
-    float power = (float)EXP2_TAYLOR[6];
-    for (int k = 5; k >= 0; k--) power = power * fraction + (float)EXP2_TAYLOR[k];
-    /* (n + 127) * 2^23 is an integer that a float holds exactly: its conversion gives the bits of 2^n */
-    const int32_t bits = (int32_t)((whole + 127.0f) * 8388608.0f);
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return power * scale * kept;
-}
-
 struct fold_args {
     const float *patches, *squared_norms, *log_multiplicity, *queries;
     const int64_t *starts, *offsets, *visit_starts, *visit_rows;

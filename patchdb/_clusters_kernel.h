@@ -6,6 +6,13 @@
 #define VECTOR CAT(vector_, ISA)
 #define PARTS (ROW_ALIGN / VECTOR_FLOATS)
 typedef float VECTOR __attribute__((vector_size(VECTOR_FLOATS * sizeof(float)), aligned(sizeof(float))));
+#define INTEGER_VECTOR CAT(integer_vector_, ISA)
+typedef int32_t INTEGER_VECTOR __attribute__((vector_size(VECTOR_FLOATS * sizeof(int32_t)), aligned(sizeof(int32_t))));
+
+/* the weights' 2^t, 0 below WEIGHT_FLOOR_BITS (and for -inf), a native vector at a time: GCC does not vectorise a loop
+ * of a scalar version for AVX2 */
+#define EXP2 CAT(exp2_, ISA)
+DEFINE_EXP2(EXP2, VECTOR, INTEGER_VECTOR, float, int32_t, WEIGHT_FLOOR_BITS, 6, 23, 127, ROUND_MAGIC, 0x4B400000)
 
 /* logits[e * ROW_BLOCK + j] = <query j, patch e> for ENTRIES patches starting at patches[e], whose num_rows runs of
  * size pixels start at the offsets rows[0..num_rows), and the query rows j of [0, GROUPS * ROW_ALIGN) (queries column-major,
@@ -76,18 +83,21 @@ static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s,
             const float logit = s->logits[i * ROW_BLOCK + j];
             block_max[j] = logit > block_max[j] ? logit : block_max[j];
         }
-    float *rescale = block_max; /* overwritten in place */
-    for (Py_ssize_t j = 0; j < columns; j++) {
-        const float raised = block_max[j] > s->shift[j] ? block_max[j] : s->shift[j];
-        rescale[j] = exp2_weight(s->shift[j] - raised);
-        s->shift[j] = raised;
-        s->normaliser[j] *= rescale[j];
+    float *rescale = block_max; /* overwritten in place; columns is a multiple of ROW_ALIGN and so of VECTOR_FLOATS */
+    for (Py_ssize_t j = 0; j < columns; j += VECTOR_FLOATS) {
+        VECTOR *shift = (VECTOR *)(s->shift + j), *factor = (VECTOR *)(rescale + j);
+        const INTEGER_VECTOR higher = *factor > *shift;
+        const VECTOR raised = (VECTOR)(((INTEGER_VECTOR)*factor & higher) | ((INTEGER_VECTOR)*shift & ~higher));
+        *factor = EXP2(*shift - raised);
+        *shift = raised;
+        *(VECTOR *)(s->normaliser + j) *= *factor;
     }
     for (Py_ssize_t ch = 0; ch < channels; ch++)
         for (Py_ssize_t j = 0; j < columns; j++) s->weighted[ch * ROW_BLOCK + j] *= rescale[j];
     for (Py_ssize_t i = 0; i < entries; i++) {
         float *weights = s->logits + i * ROW_BLOCK; /* the logits become their weights */
-        for (Py_ssize_t j = 0; j < columns; j++) weights[j] = exp2_weight(weights[j] - s->shift[j]);
+        for (Py_ssize_t j = 0; j < columns; j += VECTOR_FLOATS)
+            *(VECTOR *)(weights + j) = EXP2(*(VECTOR *)(weights + j) - *(const VECTOR *)(s->shift + j));
         for (Py_ssize_t j = 0; j < columns; j++) s->normaliser[j] += weights[j];
         for (Py_ssize_t ch = 0; ch < channels; ch++) {
             const float centre = s->centres[i * channels + ch];
@@ -97,6 +107,8 @@ static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s,
     }
 }
 
+#undef EXP2
+#undef INTEGER_VECTOR
 #undef VECTOR
 #undef PARTS
 #undef ISA

@@ -32,26 +32,9 @@ INLINE int NAME(any_)(IVEC mask) {
     return any != 0;
 }
 
-/* 2^t for t in [EXP2_FLOOR, EXP2_CEILING]; exactly 0 where t < EXP2_FLOOR (also for -inf and NaN).
- * t is rounded to the nearest integer n with the magic-number trick; 2^(t - n) is the Taylor
- * polynomial of e^((t - n) ln 2) on [-1/2, 1/2] (relative error below 2e-7 for float, 1e-17 for
- * double) and 2^n is made from its exponent bits. */
-INLINE VEC NAME(exp2_)(VEC t) {
-    IVEC kept = t >= (SCALAR)EXP2_FLOOR;
-    VEC shifted = t + (SCALAR)ROUND_MAGIC;
-    VEC whole = shifted - (SCALAR)ROUND_MAGIC;
-    VEC fraction = t - whole;
-    VEC power = (VEC){0} + (SCALAR)EXP2_TAYLOR[EXP2_DEGREE];
-    for (int k = EXP2_DEGREE - 1; k >= 0; k--) power = power * fraction + (SCALAR)EXP2_TAYLOR[k];
-#if MANTISSA_BITS == 23
-    /* (n + 127) * 2^23 is an integer that a float holds exactly: converting it gives the bits of 2^n
-     * without integer arithmetic, which AVX lacks at this width */
-    IVEC scale = __builtin_convertvector((whole + (SCALAR)EXPONENT_BIAS) * (SCALAR)(1 << MANTISSA_BITS), IVEC);
-#else
-    IVEC scale = ((IVEC)shifted - (INTEGER)ROUND_MAGIC_BITS + (INTEGER)EXPONENT_BIAS) << MANTISSA_BITS;
-#endif
-    return (VEC)((IVEC)(power * (VEC)scale) & kept);
-}
+/* 2^t for t in [EXP2_FLOOR, EXP2_CEILING]; exactly 0 where t < EXP2_FLOOR (also for -inf and NaN) */
+DEFINE_EXP2(NAME(exp2_), VEC, IVEC, SCALAR, INTEGER, EXP2_FLOOR, EXP2_DEGREE, MANTISSA_BITS, EXPONENT_BIAS, ROUND_MAGIC,
+            ROUND_MAGIC_BITS)
 
 /* One output row of a task: fold the row's logits into the state of its pixels.
  * sums: inner products (cols), first moved down one row (+ entering - leaving) unless leaving is NULL;
