@@ -30,7 +30,7 @@
 #include "_buffers.h"
 #include "_exp2.h"
 
-#define ENTRY_BLOCK 64   /* entries scored before their weights are folded: one rescale per block and row */
+#define ENTRY_BLOCK 48   /* entries scored before their weights are folded: one rescale per block and row (a multiple of 2, 4 and 6) */
 #define ROW_BLOCK 128    /* rows whose state is held in a contiguous block while a cluster is scored */
 #define ROW_ALIGN 16     /* rows are scored in groups of this many (one AVX-512 vector of floats, two AVX2 ones, four SSE ones) */
 #define WEIGHT_FLOOR_BITS (-115.0f) /* patchdb.engine.LOG_WEIGHT_FLOOR (-80 nats) in bits */
@@ -86,13 +86,17 @@ static void prefetch_patches(const struct fold_args *a, const struct scratch *s,
 #define ISA generic
 #define VECTOR_FLOATS 4
 #define WIDE_GROUPS 1
+#define NARROW_ENTRIES 4
 #include "_clusters_kernel.h"
 #if X86_ISAS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+/* only narrow products, six entries at a time: twelve sums in registers hide the multiply-adds' latency, and each
+ * vector of queries loaded from the level-2 cache (where a block of large patches' queries lies) serves six entries */
 #define ISA avx2
 #define VECTOR_FLOATS 8
-#define WIDE_GROUPS 2
+#define WIDE_GROUPS 1
+#define NARROW_ENTRIES 6
 #include "_clusters_kernel.h"
 #pragma GCC pop_options
 #pragma GCC push_options
@@ -100,6 +104,7 @@ static void prefetch_patches(const struct fold_args *a, const struct scratch *s,
 #define ISA avx512
 #define VECTOR_FLOATS 16
 #define WIDE_GROUPS 4
+#define NARROW_ENTRIES 4
 #include "_clusters_kernel.h"
 #pragma GCC pop_options
 #endif

@@ -1,5 +1,6 @@
-/* score_block and its inner products for the instruction set ISA (VECTOR_FLOATS floats per native vector, WIDE_GROUPS
- * groups of ROW_ALIGN rows in the wide inner products); included by _clusters.c once per instruction set, inside
+/* score_block and its inner products for the instruction set ISA (VECTOR_FLOATS floats per native vector; the narrow
+ * inner products take NARROW_ENTRIES entries against ROW_ALIGN rows, the wide ones, where WIDE_GROUPS > 1, two
+ * entries against WIDE_GROUPS groups of ROW_ALIGN rows); included by _clusters.c once per instruction set, inside
  * that instruction set's target pragma, and undefining its parameters at the end. */
 
 /* One native vector of VECTOR_FLOATS floats; a group of ROW_ALIGN rows is PARTS of them. */
@@ -37,7 +38,7 @@ DEFINE_EXP2(EXP2, VECTOR, INTEGER_VECTOR, float, int32_t, WEIGHT_FLOOR_BITS, 6, 
         for (int e = 0; e < ENTRIES; e++)                                                                             \
             for (int g = 0; g < GROUPS * PARTS; g++) ((VECTOR *)(logits + e * ROW_BLOCK))[g] = sums[e][g];            \
     }
-INNER_PRODUCTS(CAT(narrow_products_, ISA), 4, 1)
+INNER_PRODUCTS(CAT(narrow_products_, ISA), NARROW_ENTRIES, 1)
 INNER_PRODUCTS(CAT(wide_products_, ISA), 2, WIDE_GROUPS)
 #undef INNER_PRODUCTS
 
@@ -54,10 +55,11 @@ static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s,
         for (Py_ssize_t ch = 0; ch < channels; ch++) s->centres[i * channels + ch] = patch_of[i][s->centre_offsets[ch]];
     }
     for (Py_ssize_t i = entries; i < ENTRY_BLOCK; i++) patch_of[i] = patch_of[0]; /* scored, never folded */
-    /* the block's inner products: two entries at a time against WIDE_GROUPS x ROW_ALIGN rows, or four against ROW_ALIGN */
+    /* the block's inner products: two entries at a time against WIDE_GROUPS x ROW_ALIGN rows, or NARROW_ENTRIES against
+     * ROW_ALIGN (ENTRY_BLOCK is a multiple of both) */
     for (Py_ssize_t j = 0; j < columns;) {
         const int wide = WIDE_GROUPS > 1 && columns - j >= WIDE_GROUPS * ROW_ALIGN;
-        for (Py_ssize_t i = 0; i < entries; i += wide ? 2 : 4) {
+        for (Py_ssize_t i = 0; i < entries; i += wide ? 2 : NARROW_ENTRIES) {
             if (wide) CAT(wide_products_, ISA)(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
             else CAT(narrow_products_, ISA)(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
         }
@@ -114,3 +116,4 @@ static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s,
 #undef ISA
 #undef VECTOR_FLOATS
 #undef WIDE_GROUPS
+#undef NARROW_ENTRIES
