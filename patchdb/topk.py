@@ -397,14 +397,15 @@ class TopKBackend:
         accept = drawn > 0
         if strict:
             accept &= standard_error <= self.estimate_error
-        kept = torch.nonzero(accept).squeeze(1)
+        kept, rejected = torch.nonzero(accept).squeeze(1), torch.nonzero(~accept).squeeze(1)
         if kept.numel():
             self._report["standard_errors"].append(standard_error[kept].cpu())
-            log_multiplicity = (tail_patches[kept] / drawn[kept]).log().to(logits.dtype)[:, None]  # (R', 1)
-            # the draws stand for patches: their own multiplicity is already in the sampling
-            accumulator.update(logits if kept.numel() == rows.numel() else logits[kept], lambda weights, _: weights @ sample.values,
-                               sample.sources, log_multiplicity, rows=rows[kept], bits=True)
-        return rows[~accept], rows.numel() * len(draws)
+            log_multiplicity = (tail_patches / drawn.clamp_min(1)).log().to(logits.dtype)[:, None]  # (R, 1)
+            # the draws stand for patches: their own multiplicity is already in the sampling; the rejected rows are left
+            # out by their logits (the accumulator keeps their state), cheaper than copying the kept rows'
+            accumulator.update(logits.index_fill_(0, rejected, -math.inf), lambda weights, _: weights @ sample.values,
+                               sample.sources, log_multiplicity, rows=rows, bits=True)
+        return rows[rejected], rows.numel() * len(draws)
 
     @staticmethod
     def _standard_error(accumulator, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, drawn: torch.Tensor,

@@ -73,6 +73,38 @@ def test_logits_in_bits_or_nats_give_the_same_state():
     torch.testing.assert_close(states[0].summary().mean, states[1].summary().mean, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("left_out", [2, 9], ids=["most-rows-live", "most-rows-left-out"])
+def test_rows_a_chunk_leaves_out_keep_their_state(left_out):
+    """A chunk folded into some accumulator rows (rows=) whose logits are -inf for some of them, or negligible (far
+    below their maximum), must leave those rows exactly as they were, whether the accumulator folds every row and
+    restores them or copies the others: the same state as folding the other rows alone."""
+    generator = torch.Generator().manual_seed(3)
+    num_rows, entries = 12, 40
+    first = torch.randn(num_rows, entries, generator=generator, dtype=torch.float64)
+    values = torch.randn(entries, 2, generator=generator, dtype=torch.float64)
+    sources = torch.zeros(entries, 3, dtype=torch.int64)
+    sources[:, 0] = torch.arange(entries)
+    rows = torch.tensor([0, 2, 3, 5, 6, 7, 8, 9, 10, 11])  # row 1 and row 4 are not in the chunk at all
+    second = torch.randn(len(rows), entries, generator=generator, dtype=torch.float64)
+    out = torch.randperm(len(rows), generator=generator)[:left_out]
+    second[out[::2]] = -math.inf
+    second[out[1::2]] -= 500.0  # negligible: more than 60 below the rows' maximum
+    kept = torch.tensor([row for row in range(len(rows)) if row not in out.tolist()])
+    states = []
+    for chunk, chunk_rows in ((None, None), (second, rows), (second[kept], rows[kept])):
+        accumulator = SoftmaxAccumulator(num_rows, 2, torch.float64, torch.device("cpu"))
+        accumulator.update(first.clone(), lambda weights, _: weights @ values, sources)
+        if chunk is not None:
+            accumulator.update(chunk.clone(), lambda weights, _: weights @ values, sources, rows=chunk_rows)
+        states.append(accumulator)
+    before, folded, alone = states
+    untouched = torch.tensor([1, 4, *rows[out].tolist()])
+    for name in ("running_max", "normaliser", "weighted_sum", "best_logit", "best_source"):
+        assert torch.equal(getattr(folded, name)[untouched], getattr(before, name)[untouched]), name
+        torch.testing.assert_close(getattr(folded, name)[rows[kept]], getattr(alone, name)[rows[kept]], rtol=1e-12, atol=0)
+    assert not torch.equal(folded.normaliser[rows[kept]], before.normaliser[rows[kept]])  # the chunk was folded there
+
+
 def test_exact_backend_over_many_chunks_equals_the_direct_posterior():
     generator = torch.Generator().manual_seed(1)
     keys = torch.randn(1000, 12, generator=generator, dtype=torch.float64)
