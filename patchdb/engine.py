@@ -136,12 +136,7 @@ class SoftmaxAccumulator:
             logits.mul_(LOG2_E)
         state_rows = slice(None) if rows is None else rows
         chunk_max = logits.amax(dim=1)
-        improved = torch.nonzero(chunk_max > self._best_bits[state_rows]).squeeze(1)
-        if improved.numel():  # argmax is slow on CPU: only where the best entry changes
-            target = improved if rows is None else rows[improved]
-            self._best_bits[target] = chunk_max[improved]
-            entries = logits[improved].argmax(dim=1)
-            self.best_source[target] = sources[entries] if row_groups is None else sources[row_groups[target], entries]
+        self._track_best(logits, chunk_max, sources, rows, row_groups)
         if log_multiplicity is not None:
             log_multiplicity = log_multiplicity * LOG2_E
             logits.add_(log_multiplicity)
@@ -163,6 +158,38 @@ class SoftmaxAccumulator:
         kept_state = self._max_bits[dead], self._normaliser[dead], self._weighted_sum[dead]
         self._fold_rows(state_rows, logits, new_max, contract)
         self._max_bits[dead], self._normaliser[dead], self._weighted_sum[dead] = kept_state
+
+    def fold_sums(self, sums: torch.Tensor, shift_bits: torch.Tensor, logits: torch.Tensor, chunk_max: torch.Tensor,
+                  sources: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Fold in a chunk whose weights were summed elsewhere: sums (R, V + 1), over its entries, of 2^(logit - shift_bits)
+        times (value, 1), shift_bits (R,) in bits (-inf for a row the chunk leaves out); logits (R, n) in bits and their
+        row maxima chunk_max (R,) (-inf where left out) are read for the dominant entry only; rows as in update."""
+        self._track_best(logits, chunk_max, sources, rows)
+        self._add_sums(slice(None) if rows is None else rows, shift_bits[None], sums[None, :, -1], sums[None, :, :-1])
+
+    def _track_best(self, logits: torch.Tensor, chunk_max: torch.Tensor, sources: torch.Tensor, rows: torch.Tensor | None,
+                    row_groups: torch.Tensor | None = None) -> None:
+        """Take the best logit and source from a chunk's logits (R, n) in bits, whose row maxima are chunk_max (R,), where
+        they beat the rows' (sources, row_groups and rows as in update)."""
+        improved = torch.nonzero(chunk_max > self._best_bits[slice(None) if rows is None else rows]).squeeze(1)
+        if improved.numel():  # argmax is slow on CPU: only where the best entry changes
+            target = improved if rows is None else rows[improved]
+            self._best_bits[target] = chunk_max[improved]
+            entries = logits[improved].argmax(dim=1)
+            self.best_source[target] = sources[entries] if row_groups is None else sources[row_groups[target], entries]
+
+    def _add_sums(self, rows, part_max: torch.Tensor, part_normaliser: torch.Tensor, part_weighted: torch.Tensor) -> None:
+        """Add S parts' normalisers (S, R) and weighted sums (S, R, V), relative to 2^part_max (S, R), to rows (an index
+        tensor, or slice(None) for all)."""
+        dtype, max_bits = self._max_bits.dtype, self._max_bits[rows]
+        new_max = torch.maximum(max_bits, part_max.amax(dim=0).to(dtype))
+        # a row that neither this state nor a part has seen stays at -inf, and 2^(-inf - -inf) scales its zeros by 0
+        rescale = torch.exp2(max_bits - new_max).nan_to_num_(0.0)
+        part_rescale = torch.exp2(part_max - new_max.to(part_max.dtype)).nan_to_num_(0.0)
+        self._normaliser[rows] = self._normaliser[rows] * rescale + (part_normaliser * part_rescale).sum(dim=0).to(dtype)
+        self._weighted_sum[rows] = (self._weighted_sum[rows] * rescale[:, None]
+                                    + (part_weighted * part_rescale[:, :, None]).sum(dim=0).to(dtype))
+        self._max_bits[rows] = new_max
 
     def _fold_rows(self, rows, logits: torch.Tensor, new_max: torch.Tensor, contract) -> None:
         """Fold logits (R, n), in bits and overwritten, into rows, whose new maximum is new_max (R,)."""
@@ -190,13 +217,7 @@ class SoftmaxAccumulator:
         that part's best logit is finite."""
         part_max, part_normaliser, part_weighted, part_best, part_best_entry = parts
         dtype = self._max_bits.dtype
-        new_max = torch.maximum(self._max_bits, part_max.amax(dim=0).to(dtype))
-        # a row that neither this state nor a part has seen stays at -inf, and 2^(-inf - -inf) scales its zeros by 0
-        rescale = torch.exp2(self._max_bits - new_max).nan_to_num_(0.0)
-        part_rescale = torch.exp2(part_max - new_max.to(part_max.dtype)).nan_to_num_(0.0)
-        self._normaliser.mul_(rescale).add_((part_normaliser * part_rescale).sum(dim=0).to(dtype))
-        self._weighted_sum.mul_(rescale[:, None]).add_((part_weighted * part_rescale[:, :, None]).sum(dim=0).to(dtype))
-        self._max_bits.copy_(new_max)
+        self._add_sums(slice(None), part_max, part_normaliser, part_weighted)
         best, part = part_best.max(dim=0)
         improved = torch.nonzero(best.to(dtype) > self._best_bits).squeeze(1)
         self._best_bits[improved] = best[improved].to(dtype)

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from patchdb.engine import LN_2, LOG2_E, NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits, logit_chunk_bytes
+from patchdb.engine import LN_2, LOG2_E, LOG_WEIGHT_FLOOR, NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits, logit_chunk_bytes
 from patchdb.errors import PatchdbError
 from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, cluster_of_entries, take_entries
 
@@ -393,32 +393,39 @@ class TopKBackend:
         first_draw = (draws_in.cumsum(0) - draws_in)[pair_clusters][draw_of]
         rank = torch.arange(len(draw_of), device=draw_of.device) - (pair_draws.cumsum(0) - pair_draws)[draw_of]
         logits.view(-1).index_fill_(0, pair_rows[draw_of] * len(draws) + first_draw + rank, -math.inf)
-        standard_error = self._standard_error(accumulator, rows, logits, sample.values, drawn, tail_patches)
+        shift, chunk_max, sums, standard_error = self._tail_estimate(accumulator, rows, logits, sample.values, drawn, tail_patches)
         accept = drawn > 0
         if strict:
             accept &= standard_error <= self.estimate_error
         kept, rejected = torch.nonzero(accept).squeeze(1), torch.nonzero(~accept).squeeze(1)
         if kept.numel():
             self._report["standard_errors"].append(standard_error[kept].cpu())
-            log_multiplicity = (tail_patches / drawn.clamp_min(1)).log().to(logits.dtype)[:, None]  # (R, 1)
-            # the draws stand for patches: their own multiplicity is already in the sampling; the rejected rows are left
-            # out by their logits (the accumulator keeps their state), cheaper than copying the kept rows'
-            accumulator.update(logits.index_fill_(0, rejected, -math.inf), lambda weights, _: weights @ sample.values,
-                               sample.sources, log_multiplicity, rows=rows, bits=True)
+            # each draw stands for tail_patches / drawn patches (its own multiplicity is already in the sampling); the
+            # rejected rows are left out by a shift of -inf
+            shift_bits = (shift.double() + (tail_patches / drawn.clamp_min(1)).log2()).index_fill_(0, rejected, -math.inf)
+            accumulator.fold_sums(sums, shift_bits, logits, chunk_max.index_fill_(0, rejected, -math.inf), sample.sources,
+                                  rows=rows)
         return rows[rejected], rows.numel() * len(draws)
 
     @staticmethod
-    def _standard_error(accumulator, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, drawn: torch.Tensor,
-                        tail_patches: torch.Tensor) -> torch.Tensor:
-        """(R,) the standard error of each row's estimated posterior mean (the largest over the value channels), in
-        the values' units: by the delta method, tail_patches * sd(w_i (v_i - mean)) / sqrt(draws) / normaliser, over
-        the drawn (R,) draws i in the row's tail, of weight w_i and value v_i (logits (R, m) in bits, -inf outside
-        it; values (m, V)). The weights, at most 1, and their moments are in the logits' dtype: with values in a
-        bounded range, as pixels are, the moments' cancellation costs float32 at most a few of its digits where the
+    def _tail_estimate(accumulator, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, drawn: torch.Tensor,
+                       tail_patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The draws' sums and the estimate's standard error for rows (R,), from the logits (R, m) in bits of the m
+        draws (-inf outside each row's tail), their values (m, V), the draws in each row's tail drawn (R,) and the
+        patches there tail_patches (R,) float64.
+
+        Returns shift (R,) in bits, the logits' row maxima (R,), the sums (R, V + 1) float64 of the weights
+        w_i = 2^(logit_i - shift) times (value_i, 1) (what the accumulator folds, SoftmaxAccumulator.fold_sums), and
+        the standard error (R,) of each row's estimated posterior mean (the largest over the value channels), in the
+        values' units: by the delta method, tail_patches * sd(w_i (v_i - mean)) / sqrt(drawn) / normaliser over the
+        draws i in the row's tail. The weights, at most 1, and their moments are in the logits' dtype: with values in
+        a bounded range, as pixels are, the moments' cancellation costs float32 at most a few of its digits where the
         variance is not negligible against them."""
         running_max = accumulator.running_max[rows] * LOG2_E
-        shift = torch.maximum(running_max, logits.amax(dim=1))
-        weights = (logits - shift[:, None]).exp2_()  # (R, m), 0 outside the tail
+        chunk_max = logits.amax(dim=1)
+        shift = torch.maximum(running_max, chunk_max)
+        # (R, m), at most 1; floored like the accumulator's weights (LOG_WEIGHT_FLOOR), as subnormals are slow on x86
+        weights = (logits - shift[:, None]).clamp_(min=LOG_WEIGHT_FLOOR * LOG2_E).exp2_()
         count = drawn.clamp_min(1).double()
         scale = torch.exp2(running_max.double() - shift.double())
         known, known_sum = accumulator.normaliser[rows].double() * scale, accumulator.weighted_sum[rows].double() * scale[:, None]
@@ -433,7 +440,8 @@ class TopKBackend:
         second = squares[:, :channels] - 2 * mean * squares[:, channels:-1] + mean.square() * squares[:, -1:]
         variance = (second - count[:, None] * (tail_mean_sum - mean * tail_mean[:, None]).square()).clamp_min(0)
         variance /= (count - 1).clamp_min(1)[:, None]
-        return (tail_patches[:, None] * (variance / count[:, None]).sqrt() / normaliser[:, None]).amax(dim=1)
+        standard_error = (tail_patches[:, None] * (variance / count[:, None]).sqrt() / normaliser[:, None]).amax(dim=1)
+        return shift, chunk_max, tail_sums, standard_error
 
 
 def _summed_masses(masses: torch.Tensor) -> torch.Tensor:
