@@ -93,6 +93,11 @@ MASS_ROUNDING = 1e-6
 (each rounded by less than 3e-7 of itself by the exponential) and summed directly (never as a difference), in float32
 with the bound on its rounding (_summed_masses) or in float64."""
 
+THREAD_MULTIPLY_ADDS = 2**27
+"""The compiled scoring takes one thread per this many multiply-adds ((row, entry) pairs times the patches' dimension;
+some 20 ms of work), up to torch's threads: on less, starting the threads and merging their states costs about what
+they save (benchmarks/bench_clusters.py)."""
+
 RUN_ENTRIES = 2048
 """Consecutive clusters are scored together in runs of about this many entries (and the rows in
 blocks that keep each run's logits within the engine's chunk size, patchdb.engine.logit_chunk_bytes)."""
@@ -485,8 +490,9 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
     signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
     log_multiplicity = dictionary.log_multiplicity_bits
     queries = queries.contiguous()
-    threads = max(1, min(torch.get_num_threads(), len(clusters)))
     pairs = (visit_starts.diff() * clusters.sizes).cumsum(0)
+    multiply_adds = int(pairs[-1]) * queries.shape[1]
+    threads = max(1, min(torch.get_num_threads(), len(clusters), multiply_adds // THREAD_MULTIPLY_ADDS))
     cuts = torch.searchsorted(pairs, pairs[-1] * torch.arange(1, threads) // threads, right=True).tolist()
     ranges = list(zip([0, *cuts], [*cuts, len(clusters)]))
     num_rows, channels = queries.shape[0], layout.channels

@@ -260,10 +260,11 @@ CLUSTER_ISAS = patchdb.topk._clusters.isas() if patchdb.topk._clusters is not No
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("fallback", FALLBACKS)
 def test_compiled_scoring_equals_runs(dictionary, indexed32, fallback, threads, isa, monkeypatch):
-    """The compiled kernel (every visited cluster read in place, rows split between threads), in each instruction set
-    this processor runs, gives the matrix products' posterior in float32: same paths, same dominant entries, the same
-    entries scored."""
+    """The compiled kernel (every visited cluster read in place, clusters split between threads, however few the
+    pairs), in each instruction set this processor runs, gives the matrix products' posterior in float32: same paths,
+    same dominant entries, the same entries scored."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(patchdb.topk, "THREAD_MULTIPLY_ADDS", 1)
     monkeypatch.setattr(patchdb.topk, "_score_compiled", functools.partial(patchdb.topk._score_compiled, isa=isa))
     for alpha_bar in (0.3, 0.9, 0.99):
         assert_scoring_equals_runs("compiled", noisy_queries(dictionary, alpha_bar, count=200).float(), indexed32, fallback,
