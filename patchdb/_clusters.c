@@ -1,9 +1,9 @@
 /* patchdb._clusters: the top-k backend's exact scores of the clusters each query visits (patchdb/topk.py).
  *
  * fold(patches, starts, squared_norms, log_multiplicity, channels, patch_size, channel_stride, row_stride, offsets,
- *      visit_starts, visit_rows, row_begin, row_end, queries, c1, c2, max_bits, normaliser, weighted, best_bits, best_entry)
- * scores, for every cluster c and every query row r listed in visit_rows[visit_starts[c]:visit_starts[c + 1]]
- * (ascending) with row_begin <= r < row_end, every entry e of offsets[c]:offsets[c + 1], and folds the
+ *      visit_starts, visit_rows, queries, c1, c2, max_bits, normaliser, weighted, best_bits, best_entry)
+ * scores, for every cluster c and every query row r listed in visit_rows[visit_starts[c]:visit_starts[c + 1]],
+ * every entry e of offsets[c]:offsets[c + 1], and folds the
  * logits into row r's running softmax (the state of patchdb.engine.SoftmaxAccumulator, in bits):
  *   patches: float32 buffer that holds every entry's patch, entry e's (C, P, P) patch at
  *       patches[starts[e] + ch * channel_stride + dy * row_stride + dx] (an in-memory dictionary's keys,
@@ -17,7 +17,8 @@
  *       the entry that set it (rows whose best did not change keep their value).
  * Weights below 2^WEIGHT_FLOOR_BITS of the row's maximum count as 0 (the engine floors them there).
  * An optional last argument names the instruction set (one of isas(); default the fastest), for tests.
- * The GIL is released while it runs: threads may fold disjoint row ranges of the same state.
+ * The GIL is released while it runs: threads may fold disjoint sets of clusters, each into a state of its own
+ * (patchdb.topk merges them).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -40,28 +41,11 @@
 struct fold_args {
     const float *patches, *squared_norms, *log_multiplicity, *queries;
     const int64_t *starts, *offsets, *visit_starts, *visit_rows;
-    Py_ssize_t channels, patch_size, channel_stride, row_stride, num_clusters, row_begin, row_end;
+    Py_ssize_t channels, patch_size, channel_stride, row_stride, num_clusters;
     float c1, c2;
     float *max_bits, *normaliser, *weighted, *best_bits;
     int64_t *best_entry;
 };
-
-/* The rows of one cluster's visits in [begin, end): a sub-range of the ascending list rows[0:count]. */
-static void row_range(const int64_t *rows, Py_ssize_t count, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t *first,
-                      Py_ssize_t *last) {
-    Py_ssize_t low = 0, high = count;
-    while (low < high) {
-        Py_ssize_t middle = (low + high) / 2;
-        if (rows[middle] < begin) low = middle + 1; else high = middle;
-    }
-    *first = low;
-    high = count;
-    while (low < high) {
-        Py_ssize_t middle = (low + high) / 2;
-        if (rows[middle] < end) low = middle + 1; else high = middle;
-    }
-    *last = low;
-}
 
 /* Working memory of one call: a block of rows' state and queries (row j of the block in column j: rows are the
  * vectorised dimension), a block of entries' centre pixels and logits, and where a patch's pixels lie. */
@@ -142,9 +126,8 @@ static void fold_clusters(const struct fold_args *a, struct scratch *s, score_fu
     s->runs[0] = 0;
     for (Py_ssize_t c = 0; c < a->num_clusters; c++) {
         const int64_t *rows = a->visit_rows + a->visit_starts[c];
-        Py_ssize_t first_row, last_row;
-        row_range(rows, a->visit_starts[c + 1] - a->visit_starts[c], a->row_begin, a->row_end, &first_row, &last_row);
-        for (Py_ssize_t block = first_row; block < last_row; block += ROW_BLOCK) {
+        const Py_ssize_t last_row = a->visit_starts[c + 1] - a->visit_starts[c];
+        for (Py_ssize_t block = 0; block < last_row; block += ROW_BLOCK) {
             const Py_ssize_t count = last_row - block < ROW_BLOCK ? last_row - block : ROW_BLOCK;
             const Py_ssize_t columns = (count + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN; /* as score_block reads */
             for (Py_ssize_t j = 0; j < columns; j++) {
@@ -208,13 +191,13 @@ static PyObject *fold(PyObject *self, PyObject *args) {
     enum { PATCHES, STARTS, NORMS, MULTIPLICITY, OFFSETS, VISIT_STARTS, VISIT_ROWS, QUERIES, MAX_BITS, NORMALISER, WEIGHTED,
            BEST_BITS, BEST_ENTRY, NUM_BUFFERS };
     PyObject *objects[NUM_BUFFERS];
-    Py_ssize_t channels, patch_size, channel_stride, row_stride, row_begin, row_end;
+    Py_ssize_t channels, patch_size, channel_stride, row_stride;
     double c1, c2;
     const char *isa = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOnnnnOOOnnOddOOOOO|z", &objects[PATCHES], &objects[STARTS], &objects[NORMS],
+    if (!PyArg_ParseTuple(args, "OOOOnnnnOOOOddOOOOO|z", &objects[PATCHES], &objects[STARTS], &objects[NORMS],
                           &objects[MULTIPLICITY], &channels, &patch_size, &channel_stride, &row_stride, &objects[OFFSETS],
-                          &objects[VISIT_STARTS], &objects[VISIT_ROWS], &row_begin, &row_end, &objects[QUERIES], &c1, &c2,
+                          &objects[VISIT_STARTS], &objects[VISIT_ROWS], &objects[QUERIES], &c1, &c2,
                           &objects[MAX_BITS], &objects[NORMALISER], &objects[WEIGHTED], &objects[BEST_BITS], &objects[BEST_ENTRY],
                           &isa))
         return NULL;
@@ -246,9 +229,8 @@ static PyObject *fold(PyObject *self, PyObject *args) {
     const Py_ssize_t num_rows = views[QUERIES].shape[0], num_clusters = views[OFFSETS].shape[0] - 1;
     const Py_ssize_t row_shape[1] = {num_rows}, entry_shape[1] = {num_entries}, weighted_shape[2] = {num_rows, channels};
     if (channels < 1 || patch_size < 1 || patch_size % 2 == 0 || views[QUERIES].shape[1] != dims || num_clusters < 0 ||
-        views[VISIT_STARTS].shape[0] != num_clusters + 1 || row_begin < 0 || row_end > num_rows || row_begin > row_end) {
-        PyErr_SetString(PyExc_ValueError, "queries must be (Q, C * P * P) for odd P, visit_starts like offsets, "
-                                          "and 0 <= row_begin <= row_end <= Q");
+        views[VISIT_STARTS].shape[0] != num_clusters + 1) {
+        PyErr_SetString(PyExc_ValueError, "queries must be (Q, C * P * P) for odd P, and visit_starts like offsets");
         goto done;
     }
     if (same_shape(&views[NORMS], names[NORMS], 1, entry_shape) < 0 ||
@@ -259,8 +241,8 @@ static PyObject *fold(PyObject *self, PyObject *args) {
         if (i != WEIGHTED && same_shape(&views[i], names[i], 1, row_shape) < 0) goto done;
     struct fold_args a = {views[PATCHES].buf, views[NORMS].buf, weighted_entries ? views[MULTIPLICITY].buf : NULL,
                           views[QUERIES].buf, views[STARTS].buf, views[OFFSETS].buf, views[VISIT_STARTS].buf,
-                          views[VISIT_ROWS].buf, channels, patch_size, channel_stride, row_stride, num_clusters, row_begin,
-                          row_end, (float)c1, (float)c2, views[MAX_BITS].buf, views[NORMALISER].buf, views[WEIGHTED].buf,
+                          views[VISIT_ROWS].buf, channels, patch_size, channel_stride, row_stride, num_clusters,
+                          (float)c1, (float)c2, views[MAX_BITS].buf, views[NORMALISER].buf, views[WEIGHTED].buf,
                           views[BEST_BITS].buf, views[BEST_ENTRY].buf};
     if (check_layout(&a, num_entries, views[VISIT_ROWS].shape[0], num_rows, views[PATCHES].shape[0]) < 0) goto done;
     const size_t floats = (size_t)ROW_BLOCK * (4 + (size_t)channels + (size_t)dims) +

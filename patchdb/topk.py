@@ -474,9 +474,10 @@ def default_scoring(device: torch.device, dtype: torch.dtype) -> str:
 def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: ClusteredDictionary, visit: torch.Tensor,
                     alpha_bar: float, isa: str | None = None) -> int:
     """'compiled' scoring (module docstring): the visits as lists of rows per cluster, folded by patchdb._clusters with
-    the instruction set isa (one of _clusters.isas(); default the fastest). Each of torch's threads folds one range
-    of clusters, of about equal (row, entry) pairs, into a state of its own, merged afterwards: splitting the rows
-    instead would split every cluster's visitors, and the kernel pads each cluster's group of them to ROW_ALIGN.
+    the instruction set isa (one of _clusters.isas(); default the fastest). Each of torch's threads (at most one per
+    THREAD_MULTIPLY_ADDS) folds one range of clusters, of about equal (row, entry) pairs, into a state of its own,
+    merged afterwards: splitting the rows instead would split every cluster's visitors, and the kernel pads each
+    cluster's group of them to ROW_ALIGN.
     Returns the entries scored."""
     if queries.dtype != torch.float32 or queries.device.type != "cpu":
         raise PatchdbError("scoring 'compiled' runs on a CPU in float32; choose scoring 'runs' for other dtypes")
@@ -505,8 +506,8 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
         _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(),
                        None if log_multiplicity is None else log_multiplicity.numpy(), layout.channels, layout.patch_size,
                        layout.channel_stride, layout.row_stride, clusters.offsets[first:last + 1].numpy(),
-                       (starts - starts[0]).numpy(), visit_rows[int(starts[0]):int(starts[-1])].numpy(), 0, num_rows,
-                       queries.numpy(), signal / noise_variance * LOG2_E, alpha_bar / (2 * noise_variance) * LOG2_E,
+                       (starts - starts[0]).numpy(), visit_rows[int(starts[0]):int(starts[-1])].numpy(), queries.numpy(),
+                       signal / noise_variance * LOG2_E, alpha_bar / (2 * noise_variance) * LOG2_E,
                        *(tensor.numpy() for tensor in state), isa)
 
     def fold(*state):

@@ -303,28 +303,26 @@ def test_compiled_kernel_refuses_buffers_and_visits_that_do_not_fit(indexed32, d
     state = [torch.full((4,), -math.inf), torch.zeros(4), torch.zeros(4, 1), torch.full((4,), -math.inf),
              torch.full((4,), -1, dtype=torch.int64)]
 
-    def fold(starts=layout.starts, offsets=clusters.offsets, visit_starts=None, visit_rows=torch.tensor([0, 3]), patch_size=3,
-             row_end=4):
+    def fold(starts=layout.starts, offsets=clusters.offsets, visit_starts=None, visit_rows=torch.tensor([0, 3]), patch_size=3):
         if visit_starts is None:
             visit_starts = torch.zeros(len(clusters) + 1, dtype=torch.int64)
             visit_starts[1:] = len(visit_rows)
         _clusters.fold(layout.buffer.numpy(), starts.numpy(), layout.squared_norms.numpy(), None, 1, patch_size, layout.channel_stride, layout.row_stride,
-                       offsets.numpy(), visit_starts.numpy(), visit_rows.numpy(), 0, row_end, queries.numpy(), 1.0, 0.5,
+                       offsets.numpy(), visit_starts.numpy(), visit_rows.numpy(), queries.numpy(), 1.0, 0.5,
                        *(part.numpy() for part in state))
 
     fold()  # as given, it folds
     with pytest.raises(ValueError, match="not one this processor runs"):
         _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(), None, 1, 3, layout.channel_stride,
                        layout.row_stride, clusters.offsets.numpy(), torch.zeros(len(clusters) + 1, dtype=torch.int64).numpy(),
-                       torch.zeros(0, dtype=torch.int64).numpy(), 0, 4, queries.numpy(), 1.0, 0.5, *(part.numpy() for part in state),
+                       torch.zeros(0, dtype=torch.int64).numpy(), queries.numpy(), 1.0, 0.5, *(part.numpy() for part in state),
                        "sse1")
     assert torch.isfinite(state[0][[0, 3]]).all() and torch.isinf(state[0][[1, 2]]).all()
     bad_starts = layout.starts.clone()
     bad_starts[5] = layout.buffer.numel() - 2
     for arguments, message in (({"starts": bad_starts}, "leaves the patches buffer"), ({"visit_rows": torch.tensor([0, 4])}, "not a query row"),
                                ({"offsets": clusters.offsets.flip(0)}, "must not decrease"), ({"offsets": clusters.offsets + 1}, "span the entries"),
-                               ({"patch_size": 5}, "odd P"),
-                               ({"row_end": 5}, "row_end")):
+                               ({"patch_size": 5}, "odd P")):
         with pytest.raises(ValueError, match=message):
             fold(**arguments)
 
