@@ -83,7 +83,8 @@ def run(images, label, batch, machine, scales, steps, seed, data_dir, method, bl
     total = time.perf_counter() - start
     if save is not None:
         save.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"noise": noise, "samples": generation.samples.cpu(), "seconds": total, "device": device_name(device)}, save)
+        torch.save({"noise": noise, "samples": generation.samples.cpu(), "seconds": total, "device": device_name(device),
+                    "threads": torch.get_num_threads()}, save)
     windowed = machine in ("ls", "els", "bbels") and backend.uses_windows(torch.device(device), torch.float32)
     fuses = method == "fused" or (method == "auto" and device == "cuda" and fused.available(torch.device(device)))
     print(json.dumps({

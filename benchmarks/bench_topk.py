@@ -133,7 +133,12 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_
         if saved["noise"].shape != noise.shape or not torch.equal(saved["noise"], noise):
             raise click.UsageError(f"{exact_samples} holds the exact samples of other noise: delete it or pass another file")
         exact_result, exact_seconds = saved["samples"], saved["seconds"]
-        print(f"exact: {exact_seconds:.1f} s for {seeds} samples on {saved.get('device', 'cpu')} (loaded from {exact_samples})", flush=True)
+        print(f"exact: {exact_seconds:.1f} s for {seeds} samples on {saved.get('device', 'cpu')}, "
+              f"{saved.get('threads', 'unknown')} threads (loaded from {exact_samples})", flush=True)
+        if not exact_timing_seeds and saved.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+            raise click.UsageError(f"{exact_samples} was timed on {saved['threads']} threads and this run has "
+                                   f"{torch.get_num_threads()}: pass --threads {saved['threads']}, or --exact-timing-seeds N "
+                                   "to time the exact backend here")
         if exact_timing_seeds:
             # samples made elsewhere (a GPU): time the exact backend here on the first seeds, per sample
             timed, timed_seconds = run(exact_machine, exact_timing_seeds)
@@ -147,7 +152,8 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_
         print(f"exact: {exact_seconds:.1f} s for {seeds} samples", flush=True)
         if exact_samples is not None:
             exact_samples.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"noise": noise, "samples": exact_result, "seconds": exact_seconds, "device": device_name(device)}, exact_samples)
+            torch.save({"noise": noise, "samples": exact_result, "seconds": exact_seconds, "device": device_name(device),
+                        "threads": torch.get_num_threads()}, exact_samples)
     results = {"data": spec if label is None else f"{spec}, class {label}", "seeds": seeds, "threads": torch.get_num_threads(),
                "device": device_name(device),
                "store": str(store_path), "store_build_seconds": build_seconds,
