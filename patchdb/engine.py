@@ -143,21 +143,13 @@ class SoftmaxAccumulator:
             chunk_max = chunk_max + log_multiplicity.max()  # an upper bound is as good a shift as the maximum
         new_max = torch.maximum(self._max_bits[state_rows], chunk_max)
         live = chunk_max > new_max + NEGLIGIBLE_LOG_WEIGHT * LOG2_E
-        if bool(live.all()):
-            self._fold_rows(state_rows, logits, new_max, contract)
-            return
-        # Rows for which every entry of this chunk weighs < e^-60 of the row's maximum (or that it leaves out: logits of
-        # -inf) keep their state: the mass skipped is below 1e-26 per entry (the engine's only truncation). Where most
-        # rows are live, folding every row and restoring the others' state costs less than copying the live rows' logits.
-        kept = torch.nonzero(live).squeeze(1)
-        if 2 * kept.numel() < live.numel():
+        if not bool(live.all()):
+            # Rows for which every entry of this chunk weighs < e^-60 of the row's maximum (or that it leaves out: logits
+            # of -inf) keep their state: the mass skipped is below 1e-26 per entry (the engine's only truncation).
+            kept = torch.nonzero(live).squeeze(1)
             self._fold_rows(kept if rows is None else rows[kept], logits[kept], new_max[kept], contract)
             return
-        dead = torch.nonzero(~live).squeeze(1)
-        dead = dead if rows is None else rows[dead]
-        kept_state = self._max_bits[dead], self._normaliser[dead], self._weighted_sum[dead]
         self._fold_rows(state_rows, logits, new_max, contract)
-        self._max_bits[dead], self._normaliser[dead], self._weighted_sum[dead] = kept_state
 
     def fold_sums(self, sums: torch.Tensor, shift_bits: torch.Tensor, logits: torch.Tensor, chunk_max: torch.Tensor,
                   sources: torch.Tensor, rows: torch.Tensor | None = None) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from patchdb.errors import PatchdbError
 
-LOG2_E = 1.0 / math.log(2.0)
+LOG2_E = 1.0 / math.log(2.0)  # as patchdb.engine.LOG2_E: engine imports this module, not the other way
 
 KEY_LATTICE = 255.0
 """Keys k with k * KEY_LATTICE integral (to float32 rounding) are multiplied as those integers, exactly."""

@@ -76,8 +76,8 @@ def test_logits_in_bits_or_nats_give_the_same_state():
 @pytest.mark.parametrize("left_out", [2, 9], ids=["most-rows-live", "most-rows-left-out"])
 def test_rows_a_chunk_leaves_out_keep_their_state(left_out):
     """A chunk folded into some accumulator rows (rows=) whose logits are -inf for some of them, or negligible (far
-    below their maximum), must leave those rows exactly as they were, whether the accumulator folds every row and
-    restores them or copies the others: the same state as folding the other rows alone."""
+    below their maximum), must leave those rows exactly as they were, whether few or most rows are left out: the same
+    state as folding the other rows alone."""
     generator = torch.Generator().manual_seed(3)
     num_rows, entries = 12, 40
     first = torch.randn(num_rows, entries, generator=generator, dtype=torch.float64)
