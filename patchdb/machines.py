@@ -24,8 +24,8 @@ import torch
 from patchdb.data import Dataset
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, PatchDictionary, RegionKeys, SoftmaxAccumulator, logit_chunk_bytes
 from patchdb.errors import PatchdbError
-from patchdb.patches import (PATCH_MACHINES, centre_indices, dictionary_groups, gather_patches, padding_mode, patch_windows,
-                             same_location_regions)
+from patchdb.patches import (PATCH_MACHINES, centre_indices, dictionary_groups, extracted_bytes_per_image, gather_patches,
+                             padding_mode, patch_windows, same_location_regions)
 from patchdb.schedule import alpha_bar
 from patchdb.store import PatchStore
 from patchdb.topk import PATHS, TopKBackend
@@ -336,8 +336,9 @@ class PatchMachine(Machine):
             self._stored[label] = self._stored_dictionaries(images, label, patch_size, groups)
         stored = self._stored.get(label, [None] * len(groups))
         extract = [group for group, dictionary in zip(groups, stored) if dictionary is None]
-        entry_bytes = self.image_shape[0] * patch_size**2 * images.element_size() + 32
-        image_bytes = max(1, sum(len(group.key_pixels) for group in extract)) * entry_bytes
+        channels, _, width = self.image_shape
+        image_bytes = max(1, sum(extracted_bytes_per_image(group, patch_size, channels, width, images.element_size())
+                                 for group in extract))
         cached_images = sum(self._training_images(cached)[0].shape[0] for cached in self._cache)
         if (cached_images + images.shape[0]) * image_bytes <= self.memory_budget * 3 // 4:
             self._cache[label] = next(self._with_stored(stored, images, patch_size, extract, images.shape[0]))

@@ -165,25 +165,14 @@ REGION_MAX_WASTE = 2.5
 patch (P >= 13 for 8 x 8 tiles): there one product against the region costs little more than the patches'."""
 
 
-def same_location_regions(images: torch.Tensor, pixels: torch.Tensor, patch_size: int, padding: str
-                          ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, int, int]]] | None:
-    """The patches of same-location pixels (M,) in images (N, C, H, W) as regions, or None where that saves little.
-
-    The pixels are split into tiles of REGION_TILE x REGION_TILE; all patches centred in a tile lie in
-    one region of the padded image (the pixels' bounding box grown by P - 1), so instead of M patches
-    per image it keeps the tiles' regions: regions (N, A), every tile's region flattened in (channel,
-    row, column) order and concatenated; embedding (M, D) int64, the position in A of each element of
-    pixel m's patch; tiles, per tile (members (T,) int64 positions in pixels, first, stop) its slice of A.
-    None when some tile's region holds more than REGION_MAX_WASTE patches' worth of pixels.
-    """
-    width, device = images.shape[-1], images.device
-    padded = padded_images(images, patch_size, padding)
-    pixels = pixels.to(device)
+def region_tiles(pixels: torch.Tensor, patch_size: int, width: int) -> list[tuple[torch.Tensor, int, int, int, int]] | None:
+    """How same_location_regions keeps the patches of same-location pixels (M,) of a grid width pixels wide: per tile
+    of REGION_TILE x REGION_TILE pixels, (members (T,) int64 positions in pixels, top, left, height, side) of the
+    region of the padded image that holds their patches; None when some region holds more than REGION_MAX_WASTE
+    patches' worth of pixels (then the patches are copied)."""
     rows, columns = pixels // width, pixels % width
     tile_of = (rows // REGION_TILE) * (width // REGION_TILE + 1) + columns // REGION_TILE
-    offsets = torch.arange(patch_size, device=device)
-    regions, tiles, first = [], [], 0
-    embedding = torch.empty(len(pixels), images.shape[1] * patch_size**2, dtype=torch.int64, device=device)
+    tiles = []
     for tile in tile_of.unique().tolist():
         members = torch.nonzero(tile_of == tile).squeeze(1)
         top, left = int(rows[members].min()), int(columns[members].min())
@@ -191,6 +180,31 @@ def same_location_regions(images: torch.Tensor, pixels: torch.Tensor, patch_size
         side = int(columns[members].max()) - left + patch_size
         if height * side > REGION_MAX_WASTE * patch_size**2:
             return None
+        tiles.append((members, top, left, height, side))
+    return tiles
+
+
+def same_location_regions(images: torch.Tensor, pixels: torch.Tensor, patch_size: int, padding: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, int, int]]] | None:
+    """The patches of same-location pixels (M,) in images (N, C, H, W) as regions, or None where that saves little.
+
+    The pixels are split into tiles (region_tiles); all patches centred in a tile lie in one region of
+    the padded image (the pixels' bounding box grown by P - 1), so instead of M patches per image it
+    keeps the tiles' regions: regions (N, A), every tile's region flattened in (channel, row, column)
+    order and concatenated; embedding (M, D) int64, the position in A of each element of pixel m's
+    patch; tiles, per tile (members (T,) int64 positions in pixels, first, stop) its slice of A.
+    """
+    width, device = images.shape[-1], images.device
+    pixels = pixels.to(device)
+    layout = region_tiles(pixels, patch_size, width)
+    if layout is None:
+        return None
+    padded = padded_images(images, patch_size, padding)
+    rows, columns = pixels // width, pixels % width
+    offsets = torch.arange(patch_size, device=device)
+    regions, tiles, first = [], [], 0
+    embedding = torch.empty(len(pixels), images.shape[1] * patch_size**2, dtype=torch.int64, device=device)
+    for members, top, left, height, side in layout:
         region = padded[:, :, top:top + height, left:left + side]
         channel = torch.arange(images.shape[1], device=device)[:, None, None] * height * side
         within = channel + offsets[None, :, None] * side + offsets[None, None, :]  # (C, P, P) relative to the patch's corner
@@ -200,6 +214,19 @@ def same_location_regions(images: torch.Tensor, pixels: torch.Tensor, patch_size
         tiles.append((members, first, first + region[0].numel()))
         first += region[0].numel()
     return torch.cat(regions, dim=1), embedding, tiles
+
+
+def extracted_bytes_per_image(group: DictionaryGroup, patch_size: int, channels: int, width: int, element_size: int) -> int:
+    """Bytes that each training image adds to group's extracted dictionary (patchdb.engine.PatchDictionary.nbytes, before
+    merging duplicates): its patches at the group's key pixels (or, for a same-location group kept as regions,
+    same_location_regions, its regions), and per entry its value, squared norm, multiplicity and source (three int64)."""
+    entry_bytes = (channels + 2) * element_size + 3 * 8
+    tiles = region_tiles(group.key_pixels, patch_size, width) if group.same_location else None
+    if tiles is None:
+        key_elements = len(group.key_pixels) * channels * patch_size**2
+    else:
+        key_elements = sum(height * side for _, _, _, height, side in tiles) * channels
+    return key_elements * element_size + len(group.key_pixels) * entry_bytes
 
 
 def gather_sources(windows: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,11 @@ from conftest import noisy_batch
 import patchdb.machines
 import patchdb.patches
 from patchdb.data import make_dataset
-from patchdb.engine import ExactBackend
+from patchdb.engine import ExactBackend, RegionKeys
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES, make_machine
-from patchdb.patches import MAX_SLICED_BOXES, dictionary_groups, gather_patches, gather_sources, patch_windows, pixel_boxes
+from patchdb.patches import (MAX_SLICED_BOXES, dictionary_groups, extracted_bytes_per_image, gather_patches, gather_sources,
+                             patch_windows, pixel_boxes)
 from patchdb.sampler import sample_ddim
 from patchdb.schedule import alpha_bar, machine_steps
 
@@ -368,6 +369,20 @@ def test_regions_serve_large_patches_only():
     regions, embedding, tiles = patchdb.patches.same_location_regions(images, corners.key_pixels, 17, "zeros")
     assert len(tiles) == 4 and regions.shape == (2, 4 * 24 * 24) and embedding.shape == (256, 289)
     assert patchdb.patches.same_location_regions(images, torch.arange(1024), 3, "zeros") is None  # 10 x 10 regions for 3 x 3 patches
+
+
+@pytest.mark.parametrize("name, patch_size, dtype, as_regions", [("ls", 3, torch.float32, False), ("bbels", 5, torch.float32, True),
+                                                                 ("bbels", 17, torch.float64, True)])
+def test_extracted_bytes_per_image_are_the_dictionaries_bytes(name, patch_size, dtype, as_regions):
+    """The machine caches extracted dictionaries by this estimate: it must be their size, whether their same-location
+    patches are copied (LS at P = 3) or kept as regions (the bbELS corners), not the copied patches' size regardless."""
+    images = torch.rand(6, 2, 32, 32, generator=torch.Generator().manual_seed(0))  # no duplicates to merge
+    machine = make_machine(name, make_dataset(images, torch.zeros(6, dtype=torch.int64), "bytes"), dtype=dtype, merge_duplicates=False)
+    groups = dictionary_groups(name, patch_size, 32, 32)
+    dictionaries = next(machine._extract_blocks(machine.images, patch_size, groups, 6))
+    for group, dictionary in zip(groups, dictionaries):
+        assert isinstance(dictionary.keys, RegionKeys) == (as_regions and group.same_location)
+        assert 6 * extracted_bytes_per_image(group, patch_size, 2, 32, dtype.itemsize) == dictionary.nbytes
 
 
 @pytest.mark.parametrize("padding", ["zeros", "circular"])
