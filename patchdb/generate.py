@@ -47,7 +47,7 @@ from patchdb.sampler import sample_ddim
 from patchdb.scales import parse_scales
 from patchdb.schedule import full_steps, machine_steps
 from patchdb.store import PatchStore
-from patchdb.topk import DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, TopKBackend
+from patchdb.topk import DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, PATHS, TopKBackend
 
 DEFAULT_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
 LOOPS = {"machine": machine_steps, "full": full_steps}
@@ -227,17 +227,19 @@ def _backend_options(config: SampleConfig, dataset: Dataset, scales: list[int], 
 
 
 def index_steps(generation: Generation, steps: list[int], scales: list[int], num_steps: int) -> list[dict]:
-    """Per model call of an indexed run: t, patch size, fraction of pixels per path, entries scored per pixel, the
-    deepenings and estimates' standard errors (patchdb.topk.TopKBackend.take_report), and its seconds split into search,
-    rescore, estimate and other (loading dictionaries, same-location groups, the score)."""
+    """Per model call of an indexed run: t, patch size, fraction of pixels per path (from the call's path map: the
+    backend counts a pixel at each fold, and a dictionary too large to cache is folded in several blocks), entries
+    scored per pixel, the deepenings and estimates' standard errors (patchdb.topk.TopKBackend.take_report), and its
+    seconds split into search, rescore, estimate and other (loading dictionaries, same-location groups, the score)."""
     records = []
-    for i, report, seconds in zip(steps, generation.backend_reports, generation.seconds_per_step):
-        queries = max(1, report["queries"])
+    for i, report, path, seconds in zip(steps, generation.backend_reports, generation.paths, generation.seconds_per_step):
+        pixels = path.numel()
+        counts = torch.bincount(path.flatten().long(), minlength=len(PATHS)).tolist()
         split = dict(report["seconds"], other=max(0.0, seconds - sum(report["seconds"].values())))
         records.append({"t": i / num_steps, "patch_size": scales[min(i, num_steps - 1)],
-                        "fraction_of_pixels": {path: count / queries for path, count in report["paths"].items()},
-                        "entries_scored_per_pixel": report["entries_scored"] / queries,
-                        "deepenings_per_pixel": report["deepenings"] / queries,
+                        "fraction_of_pixels": {name: count / pixels for name, count in zip(PATHS, counts) if count},
+                        "entries_scored_per_pixel": report["entries_scored"] / pixels,
+                        "deepenings_per_pixel": report["deepenings"] / pixels,
                         "estimate_standard_error": report["estimate_standard_error"], "seconds": split})
     return records
 

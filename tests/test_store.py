@@ -10,8 +10,10 @@ import patchdb.windows
 from patchdb.build import build_store
 from patchdb.errors import PatchdbError
 from patchdb.engine import PatchDictionary
+from patchdb.generate import generate, index_steps
 from patchdb.index import ClusteredDictionary, GatheredEntries
 from patchdb.patches import dictionary_groups
+from patchdb.schedule import machine_steps
 from patchdb.machines import make_machine
 from patchdb.store import STORE_FILE, PatchStore, scale_file
 from patchdb.topk import FALLBACKS, PATHS, TopKBackend
@@ -168,6 +170,17 @@ def test_dictionaries_over_the_memory_budget_are_gathered_on_demand_with_the_sam
     assert len(list(gathered._dictionary_blocks(dataset.images.double(), None, 3, groups))) == len(dataset)
     expected, got = in_memory.posterior(x, 0.4, None, 3), gathered.posterior(x, 0.4, None, 3)
     assert torch.allclose(got.mean, expected.mean, atol=1e-12) and torch.equal(got.path, expected.path)
+
+
+def test_run_records_count_each_pixel_once_when_a_dictionary_comes_in_blocks(dataset, store):
+    """The corners are folded image by image within a 1-byte budget: each pixel still counts once per step."""
+    backend = TopKBackend(topk=200, tol=1e-2, fallback="estimate", seed=7)
+    machine = make_machine("bbels", dataset, store=store, backend=backend, memory_budget=1)
+    noise = torch.randn(2, *dataset.images.shape[1:], generator=torch.Generator().manual_seed(4))
+    generation = generate(machine, noise, [3, 3, 5], 3, progress=False)
+    for step, path in zip(index_steps(generation, machine_steps(3), [3, 3, 5], 3), generation.paths):
+        assert step["fraction_of_pixels"] == {PATHS[code]: int((path == code).sum()) / path.numel() for code in path.unique().tolist()}
+        assert "exact" in step["fraction_of_pixels"]  # the corners
 
 
 def test_a_build_killed_outright_leaves_a_temporary_that_the_next_build_removes(dataset, tmp_path):
