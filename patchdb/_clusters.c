@@ -30,10 +30,15 @@
 
 #include "_buffers.h"
 #include "_exp2.h"
+#if X86_ISAS
+#include <immintrin.h>
+#endif
 
 #define ENTRY_BLOCK 48   /* entries scored before their weights are folded: one rescale per block and row (a multiple of 2, 4 and 6) */
 #define ROW_BLOCK 128    /* rows whose state is held in a contiguous block while a cluster is scored */
 #define ROW_ALIGN 16     /* rows are scored in groups of this many (one AVX-512 vector of floats, two AVX2 ones, four SSE ones) */
+#define ROW_ENTRIES 8    /* entries scored together against one row by the row products (a divisor of ENTRY_BLOCK) */
+#define RUN_ALIGN 16     /* a row's query runs are padded to a multiple of this many floats (the widest vector) */
 #define WEIGHT_FLOOR_BITS (-115.0f) /* patchdb.engine.LOG_WEIGHT_FLOOR (-80 nats) in bits */
 #define ROUND_MAGIC 12582912.0f     /* 1.5 * 2^23: adding it rounds a float to an integer */
 
@@ -48,11 +53,13 @@ struct fold_args {
 };
 
 /* Working memory of one call: a block of rows' state and queries (row j of the block in column j: rows are the
- * vectorised dimension), a block of entries' centre pixels and logits, and where a patch's pixels lie. */
+ * vectorised dimension), the queries of the rows beyond its last whole group of ROW_ALIGN row by row (each run of
+ * run_length pixels padded with zeros to run_stride), a block of entries' centre pixels and logits, and where a
+ * patch's pixels lie. */
 struct scratch {
-    float *shift, *normaliser, *weighted, *best, *queries, *logits, *centres, *biases;
+    float *shift, *normaliser, *weighted, *best, *queries, *row_queries, *logits, *centres, *biases;
     int64_t *best_entry;
-    Py_ssize_t *runs, *centre_offsets, num_runs, run_length;
+    Py_ssize_t *runs, *centre_offsets, num_runs, run_length, run_stride;
 };
 
 /* Ask for the pixel runs of entries [first, last): patches read in place lie scattered over the images, and asking
@@ -67,20 +74,37 @@ static void prefetch_patches(const struct fold_args *a, const struct scratch *s,
 
 /* score_block, one per instruction set (_clusters_kernel.h), each compiled for it so that its vectors are native
  * registers and its inner products' sums fit in them (GCC keeps wider generic vectors in memory). */
+static inline float reduce_add_generic(const float *lanes, int count) {
+    float total = 0.0f;
+    for (int lane = 0; lane < count; lane++) total += lanes[lane];
+    return total;
+}
 #define ISA generic
 #define VECTOR_FLOATS 4
 #define WIDE_GROUPS 1
 #define NARROW_ENTRIES 4
+#define LOAD_TAIL(pointer, lanes) ({ vector_generic tail_ = {0}; for (Py_ssize_t l_ = 0; l_ < (lanes); l_++) tail_[l_] = (pointer)[l_]; tail_; })
+#define REDUCE_ADD(vector) ({ vector_generic sum_ = (vector); reduce_add_generic((const float *)&sum_, 4); })
+#define REDUCE_COST 4
 #include "_clusters_kernel.h"
 #if X86_ISAS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 /* only narrow products, six entries at a time: twelve sums in registers hide the multiply-adds' latency, and each
  * vector of queries loaded from the level-2 cache (where a block of large patches' queries lies) serves six entries */
+static inline float reduce_add_avx2(__m256 vector) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(vector), _mm256_extractf128_ps(vector, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
 #define ISA avx2
 #define VECTOR_FLOATS 8
 #define WIDE_GROUPS 1
 #define NARROW_ENTRIES 6
+#define LOAD_TAIL(pointer, lanes) \
+    ((vector_avx2)_mm256_maskload_ps((pointer), _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lanes)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))))
+#define REDUCE_ADD(vector) reduce_add_avx2((__m256)(vector))
+#define REDUCE_COST 6
 #include "_clusters_kernel.h"
 #pragma GCC pop_options
 #pragma GCC push_options
@@ -89,6 +113,9 @@ static void prefetch_patches(const struct fold_args *a, const struct scratch *s,
 #define VECTOR_FLOATS 16
 #define WIDE_GROUPS 4
 #define NARROW_ENTRIES 4
+#define LOAD_TAIL(pointer, lanes) ((vector_avx512)_mm512_maskz_loadu_ps((__mmask16)((1u << (lanes)) - 1u), (pointer)))
+#define REDUCE_ADD(vector) _mm512_reduce_add_ps((__m512)(vector))
+#define REDUCE_COST 8
 #include "_clusters_kernel.h"
 #pragma GCC pop_options
 #endif
@@ -119,6 +146,7 @@ static void fold_clusters(const struct fold_args *a, struct scratch *s, score_fu
     const int contiguous = a->channel_stride == size * size && a->row_stride == size;
     s->num_runs = contiguous ? 1 : channels * size;
     s->run_length = contiguous ? dims : size;
+    s->run_stride = (s->run_length + RUN_ALIGN - 1) / RUN_ALIGN * RUN_ALIGN;
     for (Py_ssize_t ch = 0; ch < channels; ch++) {
         for (Py_ssize_t dy = 0; dy < size && !contiguous; dy++) s->runs[ch * size + dy] = ch * a->channel_stride + dy * a->row_stride;
         s->centre_offsets[ch] = ch * a->channel_stride + size / 2 * (a->row_stride + 1);
@@ -138,6 +166,13 @@ static void fold_clusters(const struct fold_args *a, struct scratch *s, score_fu
                 s->best[j] = r < 0 ? -INFINITY : a->best_bits[r];
                 s->best_entry[j] = -1;
                 for (Py_ssize_t d = 0; d < dims; d++) s->queries[d * ROW_BLOCK + j] = r < 0 ? 0.0f : a->queries[r * dims + d];
+            }
+            for (Py_ssize_t j = count / ROW_ALIGN * ROW_ALIGN; j < count; j++) { /* for the row products */
+                float *runs = s->row_queries + (j % ROW_ALIGN) * s->num_runs * s->run_stride;
+                memset(runs, 0, (size_t)(s->num_runs * s->run_stride) * sizeof(float));
+                for (Py_ssize_t run = 0; run < s->num_runs; run++)
+                    memcpy(runs + run * s->run_stride, a->queries + rows[block + j] * dims + run * s->run_length,
+                           (size_t)s->run_length * sizeof(float));
             }
             const int64_t end = a->offsets[c + 1];
             prefetch_patches(a, s, a->offsets[c], a->offsets[c] + ENTRY_BLOCK < end ? a->offsets[c] + ENTRY_BLOCK : end);
@@ -245,7 +280,10 @@ static PyObject *fold(PyObject *self, PyObject *args) {
                           (float)c1, (float)c2, views[MAX_BITS].buf, views[NORMALISER].buf, views[WEIGHTED].buf,
                           views[BEST_BITS].buf, views[BEST_ENTRY].buf};
     if (check_layout(&a, num_entries, views[VISIT_ROWS].shape[0], num_rows, views[PATCHES].shape[0]) < 0) goto done;
-    const size_t floats = (size_t)ROW_BLOCK * (4 + (size_t)channels + (size_t)dims) +
+    /* the row queries of either patch layout (fold_clusters): one run of all dims, or one of P pixels per channel and row */
+    const Py_ssize_t padded = (patch_size + RUN_ALIGN - 1) / RUN_ALIGN * RUN_ALIGN, padded_dims = (dims + RUN_ALIGN - 1) / RUN_ALIGN * RUN_ALIGN;
+    const size_t row_query_floats = (size_t)ROW_ALIGN * (size_t)(channels * patch_size * padded > padded_dims ? channels * patch_size * padded : padded_dims);
+    const size_t floats = (size_t)ROW_BLOCK * (4 + (size_t)channels + (size_t)dims) + row_query_floats +
                           (size_t)ENTRY_BLOCK * (ROW_BLOCK + (size_t)channels) + ROW_BLOCK;
     memory = malloc((size_t)ROW_BLOCK * sizeof(int64_t) + (size_t)(channels * patch_size + channels) * sizeof(Py_ssize_t) +
                     floats * sizeof(float));
@@ -261,7 +299,8 @@ static PyObject *fold(PyObject *self, PyObject *args) {
     s.best = s.normaliser + ROW_BLOCK;
     s.weighted = s.best + ROW_BLOCK;
     s.queries = s.weighted + ROW_BLOCK * channels;
-    s.logits = s.queries + ROW_BLOCK * dims;
+    s.row_queries = s.queries + ROW_BLOCK * dims;
+    s.logits = s.row_queries + row_query_floats;
     s.centres = s.logits + ENTRY_BLOCK * ROW_BLOCK;
     s.biases = s.centres + ENTRY_BLOCK * channels;
     const score_function score_block = kernels[chosen].score_block;

@@ -1,6 +1,8 @@
 /* score_block and its inner products for the instruction set ISA (VECTOR_FLOATS floats per native vector; the narrow
  * inner products take NARROW_ENTRIES entries against ROW_ALIGN rows, the wide ones, where WIDE_GROUPS > 1, two
- * entries against WIDE_GROUPS groups of ROW_ALIGN rows); included by _clusters.c once per instruction set, inside
+ * entries against WIDE_GROUPS groups of ROW_ALIGN rows, the row products one row at a time; LOAD_TAIL(pointer, lanes)
+ * loads the first lanes floats at pointer into a vector, zeros in the others, reading no further; REDUCE_ADD(vector)
+ * sums its lanes, in about REDUCE_COST instructions); included by _clusters.c once per instruction set, inside
  * that instruction set's target pragma, and undefining its parameters at the end. */
 
 /* One native vector of VECTOR_FLOATS floats; a group of ROW_ALIGN rows is PARTS of them. */
@@ -42,6 +44,31 @@ INNER_PRODUCTS(CAT(narrow_products_, ISA), NARROW_ENTRIES, 1)
 INNER_PRODUCTS(CAT(wide_products_, ISA), 2, WIDE_GROUPS)
 #undef INNER_PRODUCTS
 
+/* logits[e * ROW_BLOCK + first_row + j] = <query j, patch e> for the ENTRY_BLOCK patches and the rows j < count (the
+ * rows of a block beyond its last whole group of ROW_ALIGN), one row at a time, vectorised along each run of a patch's
+ * pixels: s->row_queries holds row j's runs at (j * num_runs + run) * s->run_stride, each padded with zeros. With few
+ * rows a group of ROW_ALIGN would mostly score padding; here a row costs a patch's vectors and a sum of lanes. */
+static inline void CAT(row_products_, ISA)(const struct scratch *s, const float *const *patches, Py_ssize_t entries,
+                                           Py_ssize_t first_row, Py_ssize_t count, float *restrict logits) {
+    const Py_ssize_t run_vectors = (s->run_length + VECTOR_FLOATS - 1) / VECTOR_FLOATS;
+    const Py_ssize_t last = (run_vectors - 1) * VECTOR_FLOATS, tail = s->run_length - last;
+    for (Py_ssize_t j = 0; j < count; j++)
+        for (Py_ssize_t i = 0; i < entries; i += ROW_ENTRIES) {
+            VECTOR sums[ROW_ENTRIES];
+            for (int e = 0; e < ROW_ENTRIES; e++) sums[e] = (VECTOR){0};
+            for (Py_ssize_t r = 0; r < s->num_runs; r++) {
+                const float *query = s->row_queries + (j * s->num_runs + r) * s->run_stride;
+                for (Py_ssize_t v = 0; v < last; v += VECTOR_FLOATS) {
+                    const VECTOR q = *(const VECTOR *)(query + v);
+                    for (int e = 0; e < ROW_ENTRIES; e++) sums[e] += *(const VECTOR *)(patches[i + e] + s->runs[r] + v) * q;
+                }
+                const VECTOR q = *(const VECTOR *)(query + last);
+                for (int e = 0; e < ROW_ENTRIES; e++) sums[e] += LOAD_TAIL(patches[i + e] + s->runs[r] + last, tail) * q;
+            }
+            for (int e = 0; e < ROW_ENTRIES; e++) logits[(i + e) * ROW_BLOCK + first_row + j] = REDUCE_ADD(sums[e]);
+        }
+}
+
 /* Score entries [first, last) of a cluster (at most ENTRY_BLOCK) against the block's rows [0, count) and fold
  * their weights into the rows' state; columns up to count rounded up to ROW_ALIGN are computed and ignored.
  * A patch is s->num_rows runs of s->run_length contiguous pixels (one run when the patches are contiguous,
@@ -55,10 +82,21 @@ static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s,
         for (Py_ssize_t ch = 0; ch < channels; ch++) s->centres[i * channels + ch] = patch_of[i][s->centre_offsets[ch]];
     }
     for (Py_ssize_t i = entries; i < ENTRY_BLOCK; i++) patch_of[i] = patch_of[0]; /* scored, never folded */
+    /* the rows beyond the last whole group go one at a time where that costs fewer vector instructions than a group
+     * (a patch's dimensions times PARTS) */
+    const Py_ssize_t grouped = count / ROW_ALIGN * ROW_ALIGN, rest = count - grouped;
+    const Py_ssize_t row_cost = s->num_runs * ((s->run_length + VECTOR_FLOATS - 1) / VECTOR_FLOATS) + REDUCE_COST;
+    const int by_rows = rest > 0 && rest * row_cost < channels * a->patch_size * a->patch_size * PARTS;
+    if (by_rows) {
+        CAT(row_products_, ISA)(s, patch_of, entries, grouped, rest, s->logits);
+        for (Py_ssize_t i = 0; i < entries; i++)
+            for (Py_ssize_t j = count; j < columns; j++) s->logits[i * ROW_BLOCK + j] = 0.0f; /* computed and ignored */
+    }
     /* the block's inner products: two entries at a time against WIDE_GROUPS x ROW_ALIGN rows, or NARROW_ENTRIES against
      * ROW_ALIGN (ENTRY_BLOCK is a multiple of both) */
-    for (Py_ssize_t j = 0; j < columns;) {
-        const int wide = WIDE_GROUPS > 1 && columns - j >= WIDE_GROUPS * ROW_ALIGN;
+    const Py_ssize_t in_groups = by_rows ? grouped : columns;
+    for (Py_ssize_t j = 0; j < in_groups;) {
+        const int wide = WIDE_GROUPS > 1 && in_groups - j >= WIDE_GROUPS * ROW_ALIGN;
         for (Py_ssize_t i = 0; i < entries; i += wide ? 2 : NARROW_ENTRIES) {
             if (wide) CAT(wide_products_, ISA)(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
             else CAT(narrow_products_, ISA)(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
@@ -117,3 +155,6 @@ static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s,
 #undef VECTOR_FLOATS
 #undef WIDE_GROUPS
 #undef NARROW_ENTRIES
+#undef LOAD_TAIL
+#undef REDUCE_ADD
+#undef REDUCE_COST
