@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from patchdb.engine import LOG2_E, PatchDictionary
 from patchdb.patches import gather_sources
@@ -218,16 +219,16 @@ NORM_MAP_IMAGES = 4096
 
 def squared_norm_maps(windows: torch.Tensor) -> torch.Tensor:
     """(M, H, W) ||patch||^2 of every patch of a patch_windows view (M, C, H, W, P, P) of padded images: window sums
-    of the squared images along the rows, then the columns (direct sums, which keep the precision that differences
-    of running sums would lose)."""
+    of the squared images (average pooling without its division, which sums in float64 on a CPU and so keeps the
+    precision that differences of running sums would lose)."""
     count, channels, height, width, size, _ = windows.shape
     image_stride, channel_stride, row_stride = windows.stride()[:3]
     padded = windows.as_strided((count, channels, height + size - 1, width + size - 1), (image_stride, channel_stride, row_stride, 1),
                                 windows.storage_offset())
     maps = windows.new_empty(count, height, width)
     for first in range(0, count, NORM_MAP_IMAGES):
-        squares = padded[first:first + NORM_MAP_IMAGES].square().sum(dim=1)
-        maps[first:first + NORM_MAP_IMAGES] = squares.unfold(1, size, 1).sum(-1).unfold(2, size, 1).sum(-1)
+        squares = padded[first:first + NORM_MAP_IMAGES].square().sum(dim=1, keepdim=True)
+        maps[first:first + NORM_MAP_IMAGES] = F.avg_pool2d(squares, size, stride=1, divisor_override=1)[:, 0]
     return maps
 
 
@@ -427,10 +428,7 @@ def cluster_of_entries(sizes: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_log_mass(offsets: torch.Tensor, multiplicity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(C,) log of the summed multiplicities of each cluster of entries sorted by cluster (offsets (C + 1,) int64,
-    multiplicity (K,) integer counts), in dtype: differences of the counts' running sum, in integers."""
-    patches_before = torch.zeros(len(multiplicity) + 1, dtype=torch.int64, device=multiplicity.device)
-    patches_before[1:] = multiplicity.to(torch.int64).cumsum(0)
-    return (patches_before[offsets[1:]] - patches_before[offsets[:-1]]).to(dtype).log()
-
-
+    """(C,) log of the summed multiplicities of each cluster of entries sorted by cluster (offsets (C + 1,) int64, every
+    cluster holding an entry; multiplicity (K,) integer counts), in dtype: summed in int64 in one pass (numpy)."""
+    counts = np.add.reduceat(multiplicity.cpu().numpy().astype(np.int64, copy=False), offsets[:-1].cpu().numpy(), dtype=np.int64)
+    return torch.from_numpy(counts).to(device=offsets.device, dtype=dtype).log()
