@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from patchdb.engine import LOG2_E, PatchDictionary
 from patchdb.patches import gather_sources
@@ -219,16 +218,16 @@ NORM_MAP_IMAGES = 4096
 
 def squared_norm_maps(windows: torch.Tensor) -> torch.Tensor:
     """(M, H, W) ||patch||^2 of every patch of a patch_windows view (M, C, H, W, P, P) of padded images: window sums
-    of the squared images (average pooling without its division, which sums in float64 on a CPU and so keeps the
-    precision that differences of running sums would lose)."""
+    of the squared images along the rows, then the columns (direct sums, which keep the precision that differences
+    of running sums would lose)."""
     count, channels, height, width, size, _ = windows.shape
     image_stride, channel_stride, row_stride = windows.stride()[:3]
     padded = windows.as_strided((count, channels, height + size - 1, width + size - 1), (image_stride, channel_stride, row_stride, 1),
                                 windows.storage_offset())
     maps = windows.new_empty(count, height, width)
     for first in range(0, count, NORM_MAP_IMAGES):
-        squares = padded[first:first + NORM_MAP_IMAGES].square().sum(dim=1, keepdim=True)
-        maps[first:first + NORM_MAP_IMAGES] = F.avg_pool2d(squares, size, stride=1, divisor_override=1)[:, 0]
+        squares = padded[first:first + NORM_MAP_IMAGES].square().sum(dim=1)
+        maps[first:first + NORM_MAP_IMAGES] = squares.unfold(1, size, 1).sum(-1).unfold(2, size, 1).sum(-1)
     return maps
 
 
