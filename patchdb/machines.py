@@ -365,7 +365,7 @@ class PatchMachine(Machine):
         width = self.image_shape[2]
         for start in range(0, images.shape[0], images_per_block):
             block = images[start:start + images_per_block]
-            windows = patch_windows(block, patch_size, self.padding)
+            windows = None  # padded and unfolded only if a group gathers patches: corners kept as regions do not
             dictionaries = []
             for group in groups:
                 key_pixels = group.key_pixels.to(images.device)
@@ -378,6 +378,8 @@ class PatchMachine(Machine):
                     values = keys.regions[:, keys.embedding[:, centre]].transpose(0, 1).contiguous()  # (K, n, C)
                     dictionaries.append(PatchDictionary.stacked(keys, values, sources.transpose(0, 1)))
                     continue
+                if windows is None:
+                    windows = patch_windows(block, patch_size, self.padding)
                 keys = gather_patches(windows, key_pixels)  # (n, K, D)
                 if group.same_location:
                     keys, sources = keys.transpose(0, 1), sources.transpose(0, 1)  # one dictionary per pixel
