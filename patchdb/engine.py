@@ -197,11 +197,11 @@ class SoftmaxAccumulator:
         """Let a compiled kernel fold entries into the state: fold(max_bits, normaliser, weighted_sum, best_bits, best_entry)
         updates the first four (Q,), (Q,), (Q, V), (Q,) in place in this class's convention (bits; any shift at least
         the largest logit) and sets best_entry (Q,) int64, -1 on entry, to the entry (a row of sources (n, 3)) that
-        raised a row's best logit."""
+        raised a row's best logit (sources: integers of any dtype)."""
         best_entry = torch.full(self._best_bits.shape, -1, dtype=torch.int64, device=self._best_bits.device)
         fold(self._max_bits, self._normaliser, self._weighted_sum, self._best_bits, best_entry)
         changed = torch.nonzero(best_entry >= 0).squeeze(1)
-        self.best_source[changed] = sources[best_entry[changed]]
+        self.best_source[changed] = sources[best_entry[changed]].to(self.best_source.dtype)
 
     def merge(self, parts: tuple[torch.Tensor, ...], sources: torch.Tensor) -> None:
         """Fold in S states computed apart, stacked, in fold_in_place's convention: maximum (S, Q), normaliser (S, Q),
@@ -213,7 +213,7 @@ class SoftmaxAccumulator:
         best, part = part_best.max(dim=0)
         improved = torch.nonzero(best.to(dtype) > self._best_bits).squeeze(1)
         self._best_bits[improved] = best[improved].to(dtype)
-        self.best_source[improved] = sources[part_best_entry.gather(0, part[None])[0][improved]]
+        self.best_source[improved] = sources[part_best_entry.gather(0, part[None])[0][improved]].to(self.best_source.dtype)
 
     def summary(self) -> PosteriorSummary:
         """The posterior mean, dominant entry and its weight for every query."""

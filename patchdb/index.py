@@ -106,7 +106,7 @@ class GatheredEntries:
     """Dictionary entries that are not held in memory: each access gathers their patches from the images.
 
     windows: a patch_windows view (M, C, H, W, P, P) of the training images; norm_maps: (M, H, W) every patch's
-    ||k||^2 (squared_norm_maps(windows)); sources: (K, 3) int64 (image, centre row, centre column);
+    ||k||^2 (squared_norm_maps(windows)); sources: (K, 3) int32 as stored, or int64 (image, centre row, centre column);
     log_multiplicity: (K,); centre: (C,) positions of the centre pixel in a flattened patch. For dictionaries too
     large to keep (tens of GB at 60,000 images), at the price of one gather per access.
     """
@@ -120,7 +120,7 @@ class GatheredEntries:
 
     def take(self, index: torch.Tensor) -> PatchDictionary:
         """The entries at index (n,) int64 as an in-memory PatchDictionary."""
-        sources = self.sources[index]
+        sources = self.sources[index].long()
         keys = gather_sources(self.windows, sources)
         return PatchDictionary(keys, keys[:, self.centre], self.squared_norms_at(sources), self.log_multiplicity[index], sources,
                                self.merged)
@@ -129,7 +129,7 @@ class GatheredEntries:
         """(n,) ||k||^2 of the patches at sources (n, 3) int64, from the norm maps."""
         image, row, column = sources.T
         height, width = self.norm_maps.shape[1:]
-        return self.norm_maps.view(-1).take(image.mul(height).add_(row).mul_(width).add_(column))
+        return self.norm_maps.view(-1).take(image.to(torch.int64, copy=True).mul_(height).add_(row).mul_(width).add_(column))
 
     def __len__(self) -> int:
         return self.sources.shape[0]
@@ -152,6 +152,14 @@ class ClusteredDictionary:
 
     entries: "PatchDictionary | GatheredEntries"
     clusters: EntryClusters
+    cumulative_patches: torch.Tensor | None = None
+    """(K,) int64 on the CPU: patches (multiplicities summed) in entries 0..k, for drawing patches uniformly; derived
+    from the entries' log multiplicities unless given (the store gives it from the counts it holds)."""
+
+    def __post_init__(self):
+        if self.cumulative_patches is None:
+            # multiplicities below 2^23 come back exactly from a float32 exp once rounded
+            self.cumulative_patches = cumulative_counts(self.entries.log_multiplicity.float().exp().round())
 
     @functools.cached_property
     def patch_layout(self) -> "PatchLayout":
@@ -166,16 +174,9 @@ class ClusteredDictionary:
         return (self.entries.log_multiplicity.float() * LOG2_E).contiguous()
 
     @functools.cached_property
-    def cumulative_patches(self) -> torch.Tensor:
-        """(K,) int64 on the CPU: patches (multiplicities summed) in entries 0..k, for drawing patches uniformly."""
-        # multiplicities below 2^23 come back exactly from a float32 exp once rounded
-        return self.entries.log_multiplicity.float().exp().round().to(torch.int64).cumsum(0).cpu()
-
-    @functools.cached_property
     def cluster_patches(self) -> torch.Tensor:
         """(C,) int64 on the clusters' device: patches (multiplicities summed) in each cluster."""
-        patches_before = torch.cat([torch.zeros(1, dtype=torch.int64), self.cumulative_patches])
-        return patches_before[self.clusters.offsets.cpu()].diff().to(self.clusters.offsets.device)
+        return cluster_patch_counts(self.clusters.offsets, self.cumulative_patches).to(self.clusters.offsets.device)
 
 
 @dataclass
@@ -202,7 +203,7 @@ def patch_layout(entries: "PatchDictionary | GatheredEntries") -> PatchLayout:
             raise ValueError("gathered entries need windows over contiguous rows of pixels")
         buffer = windows.as_strided((windows.untyped_storage().nbytes() // windows.element_size(),), (1,), 0)
         image, row, column = entries.sources.T
-        starts = image.mul(image_stride).add_(row, alpha=row_stride).add_(column, alpha=column_stride).add_(windows.storage_offset())
+        starts = image.to(torch.int64, copy=True).mul_(image_stride).add_(row, alpha=row_stride).add_(column, alpha=column_stride).add_(windows.storage_offset())
         return PatchLayout(buffer, starts.contiguous(), entries.squared_norms_at(entries.sources).float().contiguous(),
                            channel_stride, patch_row_stride, windows.shape[1], windows.shape[-1])
     keys = entries.keys.contiguous()
@@ -399,7 +400,7 @@ class Partition:
         position[order] = torch.arange(num_entries, device=device)
         found = (rows[entry] == nearest_rows) & (entry_cluster[entry] == torch.arange(len(present), device=device))
         medoids = torch.where(found, position[entry], offsets[:-1])
-        log_mass = cluster_log_mass(offsets, log_multiplicity[order].double().exp().round(), log_multiplicity.dtype)
+        log_mass = cluster_log_mass(offsets, cumulative_counts(log_multiplicity[order].double().exp().round()), log_multiplicity.dtype)
         return order, EntryClusters(offsets, centroids, radii, log_mass, medoids)
 
 
@@ -426,8 +427,18 @@ def cluster_of_entries(sizes: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
 
 
-def cluster_log_mass(offsets: torch.Tensor, multiplicity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(C,) log of the summed multiplicities of each cluster of entries sorted by cluster (offsets (C + 1,) int64, every
-    cluster holding an entry; multiplicity (K,) integer counts), in dtype: summed in int64 in one pass (numpy)."""
-    counts = np.add.reduceat(multiplicity.cpu().numpy().astype(np.int64, copy=False), offsets[:-1].cpu().numpy(), dtype=np.int64)
-    return torch.from_numpy(counts).to(device=offsets.device, dtype=dtype).log()
+def cumulative_counts(multiplicity: torch.Tensor) -> torch.Tensor:
+    """(K,) int64 on the CPU: patches in entries 0..k, from each entry's multiplicity (K,) (integer counts, any dtype)."""
+    return multiplicity.cpu().cumsum(0, dtype=torch.int64)
+
+
+def cluster_patch_counts(offsets: torch.Tensor, cumulative: torch.Tensor) -> torch.Tensor:
+    """(C,) int64 on the CPU: patches in each cluster of entries sorted by cluster (offsets (C + 1,) int64 from 0, every
+    cluster holding an entry), from their cumulative_counts (K,)."""
+    ends = cumulative[offsets[1:].cpu() - 1]
+    return ends.diff(prepend=ends.new_zeros(1))
+
+
+def cluster_log_mass(offsets: torch.Tensor, cumulative: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C,) log of each cluster's patches (cluster_patch_counts), in dtype on the offsets' device."""
+    return cluster_patch_counts(offsets, cumulative).to(device=offsets.device, dtype=dtype).log()

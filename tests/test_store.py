@@ -83,6 +83,24 @@ def test_every_stored_patch_lies_within_its_clusters_radius_and_each_medoid_is_a
         assert torch.equal(member[clusters.medoids], torch.arange(len(clusters)))
 
 
+def test_dictionaries_read_in_place_count_each_clusters_stored_patches(dataset, store):
+    groups = dictionary_groups("bbels", 3, 10, 10)
+    loaded = store.dictionaries(3, None, groups, dataset.images, memory_budget=0)  # every patch gathered at each access
+    with h5py.File(scale_file(store.path, 3), "r") as file:
+        stored = file["label-all/interior"]
+        multiplicity, sources = torch.from_numpy(stored["multiplicity"][...]), torch.from_numpy(stored["sources"][...])
+    interior = loaded[[group.boundary_class for group in groups].index("interior")]
+    assert isinstance(interior.entries, GatheredEntries) and bool((multiplicity > 1).any())
+    per_cluster = torch.stack([part.sum() for part in multiplicity.split(interior.clusters.sizes.tolist())]).long()
+    assert torch.equal(interior.cluster_patches, per_cluster)
+    assert torch.allclose(interior.clusters.log_mass, per_cluster.float().log())
+    assert torch.equal(interior.cumulative_patches, multiplicity.long().cumsum(0))
+    rows = torch.tensor([0, len(sources) // 2, len(sources) - 1])
+    taken = interior.entries.take(rows)
+    assert taken.sources.dtype == torch.int64 and torch.equal(taken.sources, sources[rows].long())
+    assert torch.allclose(taken.squared_norms, taken.keys.square().sum(dim=1))
+
+
 def test_interrupted_build_leaves_no_partial_scale_and_resumes(dataset, tmp_path, monkeypatch):
     out = tmp_path / "store"
     real = patchdb.build._build_scale
