@@ -193,7 +193,8 @@ static void fold_clusters(const struct fold_args *a, struct scratch *s, score_fu
     }
 }
 
-/* Every visit's row, every cluster's entries and every entry's patch lie inside their buffers. */
+/* Every visit's row and every cluster's entries lie inside their buffers, and so does the patch of every entry that a
+ * visit scores (only those: the others may be millions, checked at every call for nothing). */
 static int check_layout(const struct fold_args *a, Py_ssize_t num_entries, Py_ssize_t num_visits, Py_ssize_t num_rows,
                         Py_ssize_t patches_size) {
     const Py_ssize_t size = a->patch_size;
@@ -214,11 +215,12 @@ static int check_layout(const struct fold_args *a, Py_ssize_t num_entries, Py_ss
             return -1;
         }
     const Py_ssize_t extent = (a->channels - 1) * a->channel_stride + (size - 1) * a->row_stride + size;
-    for (Py_ssize_t e = 0; e < num_entries; e++)
-        if (a->starts[e] < 0 || a->starts[e] + extent > patches_size) {
-            PyErr_Format(PyExc_ValueError, "entry %zd: its patch leaves the patches buffer", e);
-            return -1;
-        }
+    for (Py_ssize_t c = 0; c < a->num_clusters; c++)
+        for (int64_t e = a->visit_starts[c + 1] > a->visit_starts[c] ? a->offsets[c] : a->offsets[c + 1]; e < a->offsets[c + 1]; e++)
+            if (a->starts[e] < 0 || a->starts[e] + extent > patches_size) {
+                PyErr_Format(PyExc_ValueError, "entry %lld: its patch leaves the patches buffer", (long long)e);
+                return -1;
+            }
     return 0;
 }
 

@@ -358,8 +358,11 @@ def test_compiled_kernel_refuses_buffers_and_visits_that_do_not_fit(indexed32, d
                        torch.zeros(0, dtype=torch.int64).numpy(), queries.numpy(), 1.0, 0.5, *(part.numpy() for part in state),
                        "sse1")
     assert torch.isfinite(state[0][[0, 3]]).all() and torch.isinf(state[0][[1, 2]]).all()
-    bad_starts = layout.starts.clone()
-    bad_starts[5] = layout.buffer.numel() - 2
+    # only cluster 0 is visited: a patch out of the buffer in cluster 1 is never read, one in cluster 0 is refused
+    assert len(clusters) > 1
+    unread_starts, bad_starts = layout.starts.clone(), layout.starts.clone()
+    unread_starts[clusters.offsets[1]] = bad_starts[clusters.offsets[1] - 1] = layout.buffer.numel() - 2
+    fold(starts=unread_starts)
     for arguments, message in (({"starts": bad_starts}, "leaves the patches buffer"), ({"visit_rows": torch.tensor([0, 4])}, "not a query row"),
                                ({"offsets": clusters.offsets.flip(0)}, "must not decrease"), ({"offsets": clusters.offsets + 1}, "span the entries"),
                                ({"patch_size": 5}, "odd P")):
