@@ -181,13 +181,21 @@ class ClusteredDictionary:
 
 @dataclass
 class PatchLayout:
-    """Entry e's (C, P, P) patch is buffer[starts[e] + c * channel_stride + dy * row_stride + dx]: buffer (flat) is
-    an in-memory dictionary's keys, or the padded training images of gathered entries (nothing copied);
-    squared_norms (n,) float32 ||patch||^2."""
+    """Where each entry's patch and squared norm lie, without a per-entry array of either (tens of millions of entries
+    at 60,000 images): entry e's (C, P, P) patch is buffer[start + c * channel_stride + dy * row_stride + dx] and its
+    ||patch||^2 is norms[<coordinates[e], norm_strides>], where start = patch_offset + <coordinates[e], patch_strides>.
+
+    buffer (flat, float32): an in-memory dictionary's keys, or the padded training images of gathered entries (nothing
+    copied); coordinates: (K, n) int32, a gathered dictionary's sources (image, row, column), or None for an in-memory
+    one, whose coordinate is the entry's index; patch_strides, norm_strides: (n,) int64; norms (flat, float32): the
+    keys' squared norms, or the norm maps of the images."""
 
     buffer: torch.Tensor
-    starts: torch.Tensor
-    squared_norms: torch.Tensor
+    coordinates: torch.Tensor | None
+    patch_strides: torch.Tensor
+    patch_offset: int
+    norms: torch.Tensor
+    norm_strides: torch.Tensor
     channel_stride: int
     row_stride: int
     channels: int
@@ -202,15 +210,16 @@ def patch_layout(entries: "PatchDictionary | GatheredEntries") -> PatchLayout:
         if column_stride != 1 or patch_column_stride != 1:
             raise ValueError("gathered entries need windows over contiguous rows of pixels")
         buffer = windows.as_strided((windows.untyped_storage().nbytes() // windows.element_size(),), (1,), 0)
-        image, row, column = entries.sources.T
-        starts = image.to(torch.int64, copy=True).mul_(image_stride).add_(row, alpha=row_stride).add_(column, alpha=column_stride).add_(windows.storage_offset())
-        return PatchLayout(buffer, starts.contiguous(), entries.squared_norms_at(entries.sources).float().contiguous(),
-                           channel_stride, patch_row_stride, windows.shape[1], windows.shape[-1])
+        height, width = entries.norm_maps.shape[1:]
+        return PatchLayout(buffer, entries.sources.to(torch.int32).contiguous(), torch.tensor([image_stride, row_stride, column_stride]),
+                           windows.storage_offset(), entries.norm_maps.float().contiguous().view(-1),
+                           torch.tensor([height * width, width, 1]), channel_stride, patch_row_stride, windows.shape[1],
+                           windows.shape[-1])
     keys = entries.keys.contiguous()
     channels = entries.values.shape[1]
     size = math.isqrt(keys.shape[1] // channels)
-    return PatchLayout(keys.view(-1), torch.arange(keys.shape[0], device=keys.device) * keys.shape[1],
-                       entries.squared_norms.float().contiguous(), size * size, size, channels, size)
+    return PatchLayout(keys.view(-1), None, torch.tensor([keys.shape[1]]), 0, entries.squared_norms.float().contiguous(),
+                       torch.tensor([1]), size * size, size, channels, size)
 
 
 NORM_MAP_IMAGES = 4096

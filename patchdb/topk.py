@@ -503,7 +503,8 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
 
     def fold_clusters(state, first, last):
         starts = visit_starts[first:last + 1]
-        _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(),
+        _clusters.fold(layout.buffer.numpy(), None if layout.coordinates is None else layout.coordinates.numpy(),
+                       layout.patch_strides.numpy(), layout.patch_offset, layout.norms.numpy(), layout.norm_strides.numpy(),
                        None if log_multiplicity is None else log_multiplicity.numpy(), layout.channels, layout.patch_size,
                        layout.channel_stride, layout.row_stride, clusters.offsets[first:last + 1].numpy(),
                        (starts - starts[0]).numpy(), visit_rows[int(starts[0]):int(starts[-1])].numpy(), queries.numpy(),
