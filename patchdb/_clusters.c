@@ -1,20 +1,14 @@
 /* patchdb._clusters: the top-k backend's exact scores of the clusters each query visits (patchdb/topk.py).
  *
- * fold(patches, coordinates, patch_strides, patch_offset, norms, norm_strides, log_multiplicity, channels, patch_size,
- *      channel_stride, row_stride, offsets, visit_starts, visit_rows, queries, c1, c2, max_bits, normaliser, weighted,
- *      best_bits, best_entry)
+ * fold(patches, starts, squared_norms, log_multiplicity, channels, patch_size, channel_stride, row_stride, offsets,
+ *      visit_starts, visit_rows, queries, c1, c2, max_bits, normaliser, weighted, best_bits, best_entry)
  * scores, for every cluster c and every query row r listed in visit_rows[visit_starts[c]:visit_starts[c + 1]],
  * every entry e of offsets[c]:offsets[c + 1], and folds the
  * logits into row r's running softmax (the state of patchdb.engine.SoftmaxAccumulator, in bits):
  *   patches: float32 buffer that holds every entry's patch, entry e's (C, P, P) patch at
- *       patches[start_e + ch * channel_stride + dy * row_stride + dx] (an in-memory dictionary's keys,
- *       or the padded training images themselves, so that no patch is copied out of them), where
- *       start_e = patch_offset + <coordinates[e], patch_strides>;
- *   coordinates (K, n) int32, n <= MAX_COORDINATES (a gathered entry's image, row and column), or None: entry e's
- *       one coordinate is e; patch_strides, norm_strides (n,) int64;
- *   norms float32: ||k_e||^2 = norms[<coordinates[e], norm_strides>] (a squared norm per entry, or maps of them per
- *       image), so that no per-entry start or norm is built for the millions of entries a call does not visit;
- *   log_multiplicity (K,) float32, in bits, or None (every entry one patch);
+ *       patches[starts[e] + ch * channel_stride + dy * row_stride + dx] (an in-memory dictionary's keys,
+ *       or the padded training images themselves, so that no patch is copied out of them);
+ *   squared_norms (n,) float32: ||k_e||^2; log_multiplicity (n,) float32, in bits, or None (every entry one patch);
  *   queries (Q, C * P * P) float32;
  *   logit in bits: l_e = c1 <q, k_e> - c2 ||k_e||^2 + log_multiplicity[e];
  *   max_bits, normaliser, best_bits (Q,), weighted (Q, C) float32: normaliser = sum 2^(l - max_bits),
@@ -47,15 +41,12 @@
 #define RUN_ALIGN 16     /* a row's query runs are padded to a multiple of this many floats (the widest vector) */
 #define WEIGHT_FLOOR_BITS (-115.0f) /* patchdb.engine.LOG_WEIGHT_FLOOR (-80 nats) in bits */
 #define ROUND_MAGIC 12582912.0f     /* 1.5 * 2^23: adding it rounds a float to an integer */
-#define MAX_COORDINATES 3           /* an entry's coordinates: image, row and column */
 
 
 struct fold_args {
-    const float *patches, *norms, *log_multiplicity, *queries;
-    const int32_t *coordinates; /* NULL: entry e's one coordinate is e */
-    int64_t patch_strides[MAX_COORDINATES], norm_strides[MAX_COORDINATES], patch_offset;
-    const int64_t *offsets, *visit_starts, *visit_rows;
-    Py_ssize_t num_coordinates, channels, patch_size, channel_stride, row_stride, num_clusters;
+    const float *patches, *squared_norms, *log_multiplicity, *queries;
+    const int64_t *starts, *offsets, *visit_starts, *visit_rows;
+    Py_ssize_t channels, patch_size, channel_stride, row_stride, num_clusters;
     float c1, c2;
     float *max_bits, *normaliser, *weighted, *best_bits;
     int64_t *best_entry;
@@ -71,32 +62,14 @@ struct scratch {
     Py_ssize_t *runs, *centre_offsets, num_runs, run_length, run_stride;
 };
 
-/* <coordinates of entry e, strides> */
-static inline int64_t entry_offset(const struct fold_args *a, int64_t e, const int64_t *strides) {
-    if (a->coordinates == NULL) return e * strides[0];
-    const int32_t *coordinates = a->coordinates + e * a->num_coordinates;
-    int64_t offset = 0;
-    for (Py_ssize_t j = 0; j < a->num_coordinates; j++) offset += (int64_t)coordinates[j] * strides[j];
-    return offset;
-}
-
-/* where entry e's patch starts in patches, and its ||k||^2 */
-static inline const float *entry_patch(const struct fold_args *a, int64_t e) {
-    return a->patches + a->patch_offset + entry_offset(a, e, a->patch_strides);
-}
-
-static inline float entry_norm(const struct fold_args *a, int64_t e) { return a->norms[entry_offset(a, e, a->norm_strides)]; }
-
 /* Ask for the pixel runs of entries [first, last): patches read in place lie scattered over the images, and asking
  * for a whole block ahead of its use lets the cache misses overlap instead of stalling the inner products. */
 static void prefetch_patches(const struct fold_args *a, const struct scratch *s, Py_ssize_t first, Py_ssize_t last) {
-    for (Py_ssize_t e = first; e < last; e++) {
-        const float *patch = entry_patch(a, e);
+    for (Py_ssize_t e = first; e < last; e++)
         for (Py_ssize_t r = 0; r < s->num_runs; r++) {
-            __builtin_prefetch(patch + s->runs[r]);
-            __builtin_prefetch(patch + s->runs[r] + s->run_length - 1);
+            __builtin_prefetch(a->patches + a->starts[e] + s->runs[r]);
+            __builtin_prefetch(a->patches + a->starts[e] + s->runs[r] + s->run_length - 1);
         }
-    }
 }
 
 /* score_block, one per instruction set (_clusters_kernel.h), each compiled for it so that its vectors are native
@@ -220,10 +193,10 @@ static void fold_clusters(const struct fold_args *a, struct scratch *s, score_fu
     }
 }
 
-/* Every visit's row and every cluster's entries lie inside their buffers, and so do the patch and the norm of every
- * entry that a visit scores (only those: the others may be millions, checked at every call for nothing). */
+/* Every visit's row and every cluster's entries lie inside their buffers, and so does the patch of every entry that a
+ * visit scores (only those: the others may be millions, checked at every call for nothing). */
 static int check_layout(const struct fold_args *a, Py_ssize_t num_entries, Py_ssize_t num_visits, Py_ssize_t num_rows,
-                        Py_ssize_t patches_size, Py_ssize_t norms_size) {
+                        Py_ssize_t patches_size) {
     const Py_ssize_t size = a->patch_size;
     if (a->visit_starts[0] != 0 || a->visit_starts[a->num_clusters] != num_visits || a->offsets[0] < 0 ||
         a->offsets[a->num_clusters] > num_entries) {
@@ -243,33 +216,27 @@ static int check_layout(const struct fold_args *a, Py_ssize_t num_entries, Py_ss
         }
     const Py_ssize_t extent = (a->channels - 1) * a->channel_stride + (size - 1) * a->row_stride + size;
     for (Py_ssize_t c = 0; c < a->num_clusters; c++)
-        for (int64_t e = a->visit_starts[c + 1] > a->visit_starts[c] ? a->offsets[c] : a->offsets[c + 1]; e < a->offsets[c + 1]; e++) {
-            const int64_t start = a->patch_offset + entry_offset(a, e, a->patch_strides), norm = entry_offset(a, e, a->norm_strides);
-            if (start < 0 || start + extent > patches_size) {
+        for (int64_t e = a->visit_starts[c + 1] > a->visit_starts[c] ? a->offsets[c] : a->offsets[c + 1]; e < a->offsets[c + 1]; e++)
+            if (a->starts[e] < 0 || a->starts[e] + extent > patches_size) {
                 PyErr_Format(PyExc_ValueError, "entry %lld: its patch leaves the patches buffer", (long long)e);
                 return -1;
             }
-            if (norm < 0 || norm >= norms_size) {
-                PyErr_Format(PyExc_ValueError, "entry %lld: its squared norm lies outside norms", (long long)e);
-                return -1;
-            }
-        }
     return 0;
 }
 
 static PyObject *fold(PyObject *self, PyObject *args) {
-    enum { PATCHES, COORDINATES, PATCH_STRIDES, NORMS, NORM_STRIDES, MULTIPLICITY, OFFSETS, VISIT_STARTS, VISIT_ROWS, QUERIES,
-           MAX_BITS, NORMALISER, WEIGHTED, BEST_BITS, BEST_ENTRY, NUM_BUFFERS };
+    enum { PATCHES, STARTS, NORMS, MULTIPLICITY, OFFSETS, VISIT_STARTS, VISIT_ROWS, QUERIES, MAX_BITS, NORMALISER, WEIGHTED,
+           BEST_BITS, BEST_ENTRY, NUM_BUFFERS };
     PyObject *objects[NUM_BUFFERS];
-    Py_ssize_t patch_offset, channels, patch_size, channel_stride, row_stride;
+    Py_ssize_t channels, patch_size, channel_stride, row_stride;
     double c1, c2;
     const char *isa = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOnOOOnnnnOOOOddOOOOO|z", &objects[PATCHES], &objects[COORDINATES], &objects[PATCH_STRIDES],
-                          &patch_offset, &objects[NORMS], &objects[NORM_STRIDES], &objects[MULTIPLICITY], &channels, &patch_size,
-                          &channel_stride, &row_stride, &objects[OFFSETS], &objects[VISIT_STARTS], &objects[VISIT_ROWS],
-                          &objects[QUERIES], &c1, &c2, &objects[MAX_BITS], &objects[NORMALISER], &objects[WEIGHTED],
-                          &objects[BEST_BITS], &objects[BEST_ENTRY], &isa))
+    if (!PyArg_ParseTuple(args, "OOOOnnnnOOOOddOOOOO|z", &objects[PATCHES], &objects[STARTS], &objects[NORMS],
+                          &objects[MULTIPLICITY], &channels, &patch_size, &channel_stride, &row_stride, &objects[OFFSETS],
+                          &objects[VISIT_STARTS], &objects[VISIT_ROWS], &objects[QUERIES], &c1, &c2,
+                          &objects[MAX_BITS], &objects[NORMALISER], &objects[WEIGHTED], &objects[BEST_BITS], &objects[BEST_ENTRY],
+                          &isa))
         return NULL;
     struct isa_kernel kernels[3];
     const int num_kernels = supported_isas(kernels);
@@ -279,55 +246,42 @@ static PyObject *fold(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "instruction set %s is not one this processor runs (see isas())", isa);
         return NULL;
     }
-    static const char *names[NUM_BUFFERS] = {"patches", "coordinates", "patch_strides", "norms", "norm_strides", "log_multiplicity",
-                                             "offsets", "visit_starts", "visit_rows", "queries", "max_bits", "normaliser",
-                                             "weighted", "best_bits", "best_entry"};
-    static const char formats[NUM_BUFFERS] = {'f', 'i', 'q', 'f', 'q', 'f', 'q', 'q', 'q', 'f', 'f', 'f', 'f', 'f', 'q'};
-    static const int ndims[NUM_BUFFERS] = {1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 2, 1, 1};
+    static const char *names[NUM_BUFFERS] = {"patches", "starts", "squared_norms", "log_multiplicity", "offsets", "visit_starts",
+                                             "visit_rows", "queries", "max_bits", "normaliser", "weighted", "best_bits",
+                                             "best_entry"};
+    static const char formats[NUM_BUFFERS] = {'f', 'q', 'f', 'f', 'q', 'q', 'q', 'f', 'f', 'f', 'f', 'f', 'q'};
+    static const int ndims[NUM_BUFFERS] = {1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 2, 1, 1};
     Py_buffer views[NUM_BUFFERS];
-    int held = 0, present[NUM_BUFFERS];
+    int held = 0;
     PyObject *result = NULL;
     struct scratch s = {0};
     void *memory = NULL;
+    const int weighted_entries = objects[MULTIPLICITY] != Py_None;
+    views[MULTIPLICITY].buf = NULL;
     for (; held < NUM_BUFFERS; held++) {
-        present[held] = objects[held] != Py_None || (held != COORDINATES && held != MULTIPLICITY);  /* those two may be None */
-        if (present[held] &&
-            get_buffer(objects[held], &views[held], names[held], formats[held], ndims[held], held >= MAX_BITS) < 0) goto done;
+        if (held == MULTIPLICITY && !weighted_entries) continue;
+        if (get_buffer(objects[held], &views[held], names[held], formats[held], ndims[held], held >= MAX_BITS) < 0) goto done;
     }
-    const Py_ssize_t dims = channels * patch_size * patch_size, num_rows = views[QUERIES].shape[0];
-    const Py_ssize_t num_entries = present[COORDINATES] ? views[COORDINATES].shape[0] : views[NORMS].shape[0];
-    const Py_ssize_t num_coordinates = present[COORDINATES] ? views[COORDINATES].shape[1] : 1;
-    const Py_ssize_t num_clusters = views[OFFSETS].shape[0] - 1;
+    const Py_ssize_t dims = channels * patch_size * patch_size, num_entries = views[STARTS].shape[0];
+    const Py_ssize_t num_rows = views[QUERIES].shape[0], num_clusters = views[OFFSETS].shape[0] - 1;
     const Py_ssize_t row_shape[1] = {num_rows}, entry_shape[1] = {num_entries}, weighted_shape[2] = {num_rows, channels};
-    const Py_ssize_t stride_shape[1] = {num_coordinates};
     if (channels < 1 || patch_size < 1 || patch_size % 2 == 0 || views[QUERIES].shape[1] != dims || num_clusters < 0 ||
         views[VISIT_STARTS].shape[0] != num_clusters + 1) {
         PyErr_SetString(PyExc_ValueError, "queries must be (Q, C * P * P) for odd P, and visit_starts like offsets");
         goto done;
     }
-    if (num_coordinates < 1 || num_coordinates > MAX_COORDINATES) {
-        PyErr_Format(PyExc_ValueError, "coordinates: an entry has 1 to %d of them, got %zd", MAX_COORDINATES, num_coordinates);
-        goto done;
-    }
-    if (same_shape(&views[PATCH_STRIDES], names[PATCH_STRIDES], 1, stride_shape) < 0 ||
-        same_shape(&views[NORM_STRIDES], names[NORM_STRIDES], 1, stride_shape) < 0 ||
-        (present[MULTIPLICITY] && same_shape(&views[MULTIPLICITY], names[MULTIPLICITY], 1, entry_shape) < 0) ||
+    if (same_shape(&views[NORMS], names[NORMS], 1, entry_shape) < 0 ||
+        (weighted_entries && same_shape(&views[MULTIPLICITY], names[MULTIPLICITY], 1, entry_shape) < 0) ||
         same_shape(&views[WEIGHTED], names[WEIGHTED], 2, weighted_shape) < 0)
         goto done;
     for (int i = MAX_BITS; i < NUM_BUFFERS; i++)
         if (i != WEIGHTED && same_shape(&views[i], names[i], 1, row_shape) < 0) goto done;
-    struct fold_args a = {.patches = views[PATCHES].buf, .norms = views[NORMS].buf,
-                          .log_multiplicity = present[MULTIPLICITY] ? views[MULTIPLICITY].buf : NULL, .queries = views[QUERIES].buf,
-                          .coordinates = present[COORDINATES] ? views[COORDINATES].buf : NULL, .patch_offset = patch_offset,
-                          .offsets = views[OFFSETS].buf, .visit_starts = views[VISIT_STARTS].buf, .visit_rows = views[VISIT_ROWS].buf,
-                          .num_coordinates = num_coordinates, .channels = channels, .patch_size = patch_size,
-                          .channel_stride = channel_stride, .row_stride = row_stride, .num_clusters = num_clusters,
-                          .c1 = (float)c1, .c2 = (float)c2, .max_bits = views[MAX_BITS].buf, .normaliser = views[NORMALISER].buf,
-                          .weighted = views[WEIGHTED].buf, .best_bits = views[BEST_BITS].buf, .best_entry = views[BEST_ENTRY].buf};
-    memcpy(a.patch_strides, views[PATCH_STRIDES].buf, (size_t)num_coordinates * sizeof(int64_t));
-    memcpy(a.norm_strides, views[NORM_STRIDES].buf, (size_t)num_coordinates * sizeof(int64_t));
-    if (check_layout(&a, num_entries, views[VISIT_ROWS].shape[0], num_rows, views[PATCHES].shape[0], views[NORMS].shape[0]) < 0)
-        goto done;
+    struct fold_args a = {views[PATCHES].buf, views[NORMS].buf, weighted_entries ? views[MULTIPLICITY].buf : NULL,
+                          views[QUERIES].buf, views[STARTS].buf, views[OFFSETS].buf, views[VISIT_STARTS].buf,
+                          views[VISIT_ROWS].buf, channels, patch_size, channel_stride, row_stride, num_clusters,
+                          (float)c1, (float)c2, views[MAX_BITS].buf, views[NORMALISER].buf, views[WEIGHTED].buf,
+                          views[BEST_BITS].buf, views[BEST_ENTRY].buf};
+    if (check_layout(&a, num_entries, views[VISIT_ROWS].shape[0], num_rows, views[PATCHES].shape[0]) < 0) goto done;
     /* the row queries of either patch layout (fold_clusters): one run of all dims, or one of P pixels per channel and row */
     const Py_ssize_t padded = (patch_size + RUN_ALIGN - 1) / RUN_ALIGN * RUN_ALIGN, padded_dims = (dims + RUN_ALIGN - 1) / RUN_ALIGN * RUN_ALIGN;
     const size_t row_query_floats = (size_t)ROW_ALIGN * (size_t)(channels * patch_size * padded > padded_dims ? channels * patch_size * padded : padded_dims);
@@ -360,7 +314,7 @@ static PyObject *fold(PyObject *self, PyObject *args) {
 done:
     free(memory);
     for (int i = 0; i < held; i++)
-        if (present[i]) PyBuffer_Release(&views[i]);
+        if (i != MULTIPLICITY || weighted_entries) PyBuffer_Release(&views[i]);
     return result;
 }
 

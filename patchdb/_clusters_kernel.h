@@ -78,7 +78,7 @@ static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s,
     const Py_ssize_t entries = last - first, columns = (count + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
     const float *patch_of[ENTRY_BLOCK];
     for (Py_ssize_t i = 0; i < entries; i++) {
-        patch_of[i] = entry_patch(a, first + i);
+        patch_of[i] = a->patches + a->starts[first + i];
         for (Py_ssize_t ch = 0; ch < channels; ch++) s->centres[i * channels + ch] = patch_of[i][s->centre_offsets[ch]];
     }
     for (Py_ssize_t i = entries; i < ENTRY_BLOCK; i++) patch_of[i] = patch_of[0]; /* scored, never folded */
@@ -106,7 +106,7 @@ static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s,
     for (Py_ssize_t i = 0; i < entries; i++) {
         float *logits = s->logits + i * ROW_BLOCK;
         const float multiplicity = a->log_multiplicity == NULL ? 0.0f : a->log_multiplicity[first + i];
-        const float bias = -a->c2 * entry_norm(a, first + i);
+        const float bias = -a->c2 * a->squared_norms[first + i];
         const int64_t entry = first + i;
         for (Py_ssize_t j = 0; j < columns; j++) {
             const float logit = a->c1 * logits[j] + bias;

@@ -163,8 +163,9 @@ class ClusteredDictionary:
 
     @functools.cached_property
     def patch_layout(self) -> "PatchLayout":
-        """Where each entry's patch lies in memory, for the compiled scoring (patchdb.topk)."""
-        return patch_layout(self.entries)
+        """Where each entry's patch lies in memory, for the compiled scoring (patchdb.topk): call its prepare(clusters)
+        before scoring clusters."""
+        return patch_layout(self.entries, self.clusters.offsets)
 
     @functools.cached_property
     def log_multiplicity_bits(self) -> torch.Tensor | None:
@@ -181,45 +182,65 @@ class ClusteredDictionary:
 
 @dataclass
 class PatchLayout:
-    """Where each entry's patch and squared norm lie, without a per-entry array of either (tens of millions of entries
-    at 60,000 images): entry e's (C, P, P) patch is buffer[start + c * channel_stride + dy * row_stride + dx] and its
-    ||patch||^2 is norms[<coordinates[e], norm_strides>], where start = patch_offset + <coordinates[e], patch_strides>.
+    """Entry e's (C, P, P) patch is buffer[starts[e] + c * channel_stride + dy * row_stride + dx]: buffer (flat) is
+    an in-memory dictionary's keys, or the padded training images of gathered entries (nothing copied);
+    squared_norms (K,) float32 ||patch||^2.
 
-    buffer (flat, float32): an in-memory dictionary's keys, or the padded training images of gathered entries (nothing
-    copied); coordinates: (K, n) int32, a gathered dictionary's sources (image, row, column), or None for an in-memory
-    one, whose coordinate is the entry's index; patch_strides, norm_strides: (n,) int64; norms (flat, float32): the
-    keys' squared norms, or the norm maps of the images."""
+    Gathered entries' starts (K,) int64 and squared_norms are filled a cluster at a time, the first time one is
+    scored (prepare; ready (C,) bool marks those filled): a scale's dictionaries hold tens of millions of entries at
+    60,000 images, and a run scores a third of them or less, while filling them all cost seconds at every scale
+    (computing each entry's start and norm in the compiled kernel instead doubled its time: the norms' reads from the
+    norm maps are scattered). In-memory entries are filled at once (ready None)."""
 
     buffer: torch.Tensor
-    coordinates: torch.Tensor | None
-    patch_strides: torch.Tensor
-    patch_offset: int
-    norms: torch.Tensor
-    norm_strides: torch.Tensor
+    starts: torch.Tensor
+    squared_norms: torch.Tensor
     channel_stride: int
     row_stride: int
     channels: int
     patch_size: int
+    gathered: "GatheredEntries | None" = None
+    offsets: torch.Tensor | None = None
+    ready: torch.Tensor | None = None
+
+    def prepare(self, clusters: torch.Tensor) -> None:
+        """Fill the starts and squared norms of the entries of clusters (n,) int64 not filled yet."""
+        if self.ready is None:
+            return
+        new = clusters[~self.ready[clusters]]
+        if len(new) == 0:
+            return
+        self.ready[new] = True
+        firsts, sizes = self.offsets[new], self.offsets[new + 1] - self.offsets[new]
+        ends = sizes.cumsum(0)
+        entries = torch.arange(int(ends[-1])) + torch.repeat_interleave(firsts - (ends - sizes), sizes)
+        sources = self.gathered.sources[entries]
+        windows = self.gathered.windows
+        image_stride, _, row_stride, column_stride = windows.stride()[:4]
+        image, row, column = sources.T
+        self.starts[entries] = (image.to(torch.int64, copy=True).mul_(image_stride).add_(row, alpha=row_stride)
+                                .add_(column, alpha=column_stride).add_(windows.storage_offset()))
+        self.squared_norms[entries] = self.gathered.squared_norms_at(sources).float()
 
 
-def patch_layout(entries: "PatchDictionary | GatheredEntries") -> PatchLayout:
-    """The PatchLayout of a dictionary's entries: (K, D) keys, or a patch_windows view of contiguous padded images."""
+def patch_layout(entries: "PatchDictionary | GatheredEntries", offsets: torch.Tensor) -> PatchLayout:
+    """The PatchLayout of a dictionary's entries, (K, D) keys or a patch_windows view of contiguous padded images,
+    in clusters offsets (C + 1,) int64."""
     if isinstance(entries, GatheredEntries):
         windows = entries.windows
-        image_stride, channel_stride, row_stride, column_stride, patch_row_stride, patch_column_stride = windows.stride()
+        _, channel_stride, _, column_stride, patch_row_stride, patch_column_stride = windows.stride()
         if column_stride != 1 or patch_column_stride != 1:
             raise ValueError("gathered entries need windows over contiguous rows of pixels")
         buffer = windows.as_strided((windows.untyped_storage().nbytes() // windows.element_size(),), (1,), 0)
-        height, width = entries.norm_maps.shape[1:]
-        return PatchLayout(buffer, entries.sources.to(torch.int32).contiguous(), torch.tensor([image_stride, row_stride, column_stride]),
-                           windows.storage_offset(), entries.norm_maps.float().contiguous().view(-1),
-                           torch.tensor([height * width, width, 1]), channel_stride, patch_row_stride, windows.shape[1],
-                           windows.shape[-1])
+        # empty, not zeros: the pages of clusters never scored are never touched
+        return PatchLayout(buffer, torch.empty(len(entries), dtype=torch.int64), torch.empty(len(entries), dtype=torch.float32), channel_stride,
+                           patch_row_stride, windows.shape[1], windows.shape[-1], entries, offsets.cpu(),
+                           torch.zeros(len(offsets) - 1, dtype=torch.bool))
     keys = entries.keys.contiguous()
     channels = entries.values.shape[1]
     size = math.isqrt(keys.shape[1] // channels)
-    return PatchLayout(keys.view(-1), None, torch.tensor([keys.shape[1]]), 0, entries.squared_norms.float().contiguous(),
-                       torch.tensor([1]), size * size, size, channels, size)
+    return PatchLayout(keys.view(-1), torch.arange(keys.shape[0], device=keys.device) * keys.shape[1],
+                       entries.squared_norms.float().contiguous(), size * size, size, channels, size)
 
 
 NORM_MAP_IMAGES = 4096

@@ -484,6 +484,7 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
     clusters, layout = dictionary.clusters, dictionary.patch_layout
     visiting = torch.nonzero(visit.any(dim=1)).squeeze(1)
     pair_rows, pair_clusters = torch.nonzero(visit[visiting]).unbind(1)  # by row, then cluster
+    layout.prepare(torch.nonzero(visit.any(dim=0)).squeeze(1))
     by_cluster = torch.argsort(pair_clusters, stable=True)  # by cluster, then row
     visit_rows = visiting[pair_rows[by_cluster]]
     visit_starts = torch.zeros(len(clusters) + 1, dtype=torch.int64)
@@ -503,8 +504,7 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
 
     def fold_clusters(state, first, last):
         starts = visit_starts[first:last + 1]
-        _clusters.fold(layout.buffer.numpy(), None if layout.coordinates is None else layout.coordinates.numpy(),
-                       layout.patch_strides.numpy(), layout.patch_offset, layout.norms.numpy(), layout.norm_strides.numpy(),
+        _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(),
                        None if log_multiplicity is None else log_multiplicity.numpy(), layout.channels, layout.patch_size,
                        layout.channel_stride, layout.row_stride, clusters.offsets[first:last + 1].numpy(),
                        (starts - starts[0]).numpy(), visit_rows[int(starts[0]):int(starts[-1])].numpy(), queries.numpy(),

@@ -343,39 +343,27 @@ def test_compiled_kernel_refuses_buffers_and_visits_that_do_not_fit(indexed32, d
     state = [torch.full((4,), -math.inf), torch.zeros(4), torch.zeros(4, 1), torch.full((4,), -math.inf),
              torch.full((4,), -1, dtype=torch.int64)]
 
-    dims = layout.patch_strides[0]
-    entry_coordinates = torch.arange(len(layout.norms), dtype=torch.int32)[:, None]  # what None stands for
-
-    def fold(coordinates=None, norms=layout.norms, offsets=clusters.offsets, visit_starts=None, visit_rows=torch.tensor([0, 3]),
-             patch_size=3, isa=None):
+    def fold(starts=layout.starts, offsets=clusters.offsets, visit_starts=None, visit_rows=torch.tensor([0, 3]), patch_size=3):
         if visit_starts is None:
             visit_starts = torch.zeros(len(clusters) + 1, dtype=torch.int64)
             visit_starts[1:] = len(visit_rows)
-        _clusters.fold(layout.buffer.numpy(), None if coordinates is None else coordinates.numpy(), layout.patch_strides.numpy(),
-                       layout.patch_offset, norms.numpy(), layout.norm_strides.numpy(), None, 1, patch_size, layout.channel_stride,
-                       layout.row_stride, offsets.numpy(), visit_starts.numpy(), visit_rows.numpy(), queries.numpy(), 1.0, 0.5,
-                       *(part.numpy() for part in state), isa)
+        _clusters.fold(layout.buffer.numpy(), starts.numpy(), layout.squared_norms.numpy(), None, 1, patch_size, layout.channel_stride, layout.row_stride,
+                       offsets.numpy(), visit_starts.numpy(), visit_rows.numpy(), queries.numpy(), 1.0, 0.5,
+                       *(part.numpy() for part in state))
 
     fold()  # as given, it folds
     with pytest.raises(ValueError, match="not one this processor runs"):
-        fold(visit_starts=torch.zeros(len(clusters) + 1, dtype=torch.int64), visit_rows=torch.zeros(0, dtype=torch.int64), isa="sse1")
+        _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(), None, 1, 3, layout.channel_stride,
+                       layout.row_stride, clusters.offsets.numpy(), torch.zeros(len(clusters) + 1, dtype=torch.int64).numpy(),
+                       torch.zeros(0, dtype=torch.int64).numpy(), queries.numpy(), 1.0, 0.5, *(part.numpy() for part in state),
+                       "sse1")
     assert torch.isfinite(state[0][[0, 3]]).all() and torch.isinf(state[0][[1, 2]]).all()
-    folded = [part.clone() for part in state]
-    for part, initial in zip(state, (-math.inf, 0, 0, -math.inf, -1)):
-        part.fill_(initial)
-    fold(entry_coordinates)  # explicit coordinates, the same entries
-    for part, expected in zip(state, folded):
-        assert torch.equal(part, expected)
     # only cluster 0 is visited: a patch out of the buffer in cluster 1 is never read, one in cluster 0 is refused
     assert len(clusters) > 1
-    unread, bad = entry_coordinates.clone(), entry_coordinates.clone()
-    unread[clusters.offsets[1]] = bad[clusters.offsets[1] - 1] = layout.buffer.numel() // dims
-    fold(unread)
-    for arguments, message in (({"coordinates": bad}, "leaves the patches buffer"),
-                               ({"coordinates": entry_coordinates, "norms": layout.norms[:clusters.offsets[1] - 1]}, "squared norm lies outside norms"),
-                               ({"coordinates": entry_coordinates.repeat(1, 4)}, "1 to 3 of them"),
-                               ({"coordinates": entry_coordinates.repeat(1, 2)}, "patch_strides: dimension 0 is 1, expected 2"),
-                               ({"visit_rows": torch.tensor([0, 4])}, "not a query row"),
+    unread_starts, bad_starts = layout.starts.clone(), layout.starts.clone()
+    unread_starts[clusters.offsets[1]] = bad_starts[clusters.offsets[1] - 1] = layout.buffer.numel() - 2
+    fold(starts=unread_starts)
+    for arguments, message in (({"starts": bad_starts}, "leaves the patches buffer"), ({"visit_rows": torch.tensor([0, 4])}, "not a query row"),
                                ({"offsets": clusters.offsets.flip(0)}, "must not decrease"), ({"offsets": clusters.offsets + 1}, "span the entries"),
                                ({"patch_size": 5}, "odd P")):
         with pytest.raises(ValueError, match=message):

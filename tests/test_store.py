@@ -211,6 +211,26 @@ def test_a_build_killed_outright_leaves_a_temporary_that_the_next_build_removes(
     assert not stale.exists() and scale_file(out, SCALES[1]).is_file()
 
 
+def test_gathered_patch_layout_fills_a_cluster_where_its_patches_lie_when_first_scored(dataset, store):
+    groups = dictionary_groups("bbels", 3, 10, 10)
+    loaded = store.dictionaries(3, None, groups, dataset.images.float(), memory_budget=0)
+    interior = loaded[[group.boundary_class for group in groups].index("interior")]
+    layout, offsets = interior.patch_layout, interior.clusters.offsets
+    assert len(interior.clusters) > 3 and not layout.ready.any()
+    layout.prepare(torch.tensor([2, 0, 2]))
+    assert layout.ready.tolist() == [True, False, True] + [False] * (len(interior.clusters) - 3)
+    entries = torch.cat([torch.arange(offsets[0], offsets[1]), torch.arange(offsets[2], offsets[3])])
+    expected = interior.entries.take(entries)
+    size, channels = layout.patch_size, layout.channels
+    pixel_offsets = (torch.arange(channels)[:, None, None] * layout.channel_stride + torch.arange(size)[:, None] * layout.row_stride
+                     + torch.arange(size)).reshape(-1)
+    torch.testing.assert_close(layout.buffer[layout.starts[entries, None] + pixel_offsets], expected.keys, rtol=0, atol=0)
+    torch.testing.assert_close(layout.squared_norms[entries], expected.squared_norms, rtol=0, atol=0)
+    layout.starts[entries] = -1
+    layout.prepare(torch.tensor([0]))  # filled once: a cluster already filled is left as it is
+    assert (layout.starts[entries] == -1).all()
+
+
 @pytest.mark.skipif(not patchdb.topk.default_scoring(torch.device("cpu"), torch.float32) == "compiled",
                     reason="patchdb._clusters was not compiled")
 @pytest.mark.parametrize("fallback", FALLBACKS)
