@@ -318,6 +318,76 @@ done:
     return result;
 }
 
+/* fill(sources, patch_strides, patch_offset, norm_maps, norm_strides, offsets, clusters, starts, squared_norms): for
+ * every entry e of the clusters listed (offsets[c]:offsets[c + 1] for c in clusters), where its patch starts in the
+ * images, starts[e] = patch_offset + <sources[e], patch_strides>, and its ||k||^2, squared_norms[e] =
+ * norm_maps[<sources[e], norm_strides>]; sources (K, 3) int32, the strides (3,) int64, offsets (C + 1,) and clusters
+ * (n,) int64, starts (K,) int64 and squared_norms (K,) float32 written in place, the other entries left as they are.
+ * One pass, no temporaries: in torch the same took seconds per scale at 60,000 images (mixed-type strided operations,
+ * the index arrays). */
+static PyObject *fill(PyObject *self, PyObject *args) {
+    enum { SOURCES, PATCH_STRIDES, NORM_MAPS, NORM_STRIDES, OFFSETS, CLUSTERS, STARTS, SQUARED_NORMS, NUM_BUFFERS };
+    static const char *names[NUM_BUFFERS] = {"sources", "patch_strides", "norm_maps", "norm_strides", "offsets", "clusters",
+                                             "starts", "squared_norms"};
+    static const char formats[NUM_BUFFERS] = {'i', 'q', 'f', 'q', 'q', 'q', 'q', 'f'};
+    static const int ndims[NUM_BUFFERS] = {2, 1, 1, 1, 1, 1, 1, 1};
+    PyObject *objects[NUM_BUFFERS];
+    Py_ssize_t patch_offset;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOnOOOOOO", &objects[SOURCES], &objects[PATCH_STRIDES], &patch_offset, &objects[NORM_MAPS],
+                          &objects[NORM_STRIDES], &objects[OFFSETS], &objects[CLUSTERS], &objects[STARTS], &objects[SQUARED_NORMS]))
+        return NULL;
+    Py_buffer views[NUM_BUFFERS];
+    int held = 0;
+    PyObject *result = NULL;
+    for (; held < NUM_BUFFERS; held++)
+        if (get_buffer(objects[held], &views[held], names[held], formats[held], ndims[held], held >= STARTS) < 0) goto done;
+    const Py_ssize_t num_entries = views[SOURCES].shape[0], num_clusters = views[OFFSETS].shape[0] - 1;
+    const Py_ssize_t entry_shape[1] = {num_entries}, three[1] = {3}, two_d[2] = {num_entries, 3};
+    if (same_shape(&views[SOURCES], names[SOURCES], 2, two_d) < 0 || same_shape(&views[PATCH_STRIDES], names[PATCH_STRIDES], 1, three) < 0 ||
+        same_shape(&views[NORM_STRIDES], names[NORM_STRIDES], 1, three) < 0 ||
+        same_shape(&views[STARTS], names[STARTS], 1, entry_shape) < 0 ||
+        same_shape(&views[SQUARED_NORMS], names[SQUARED_NORMS], 1, entry_shape) < 0)
+        goto done;
+    const int32_t *sources = views[SOURCES].buf;
+    const int64_t *patch_strides = views[PATCH_STRIDES].buf, *norm_strides = views[NORM_STRIDES].buf;
+    const int64_t *offsets = views[OFFSETS].buf, *clusters = views[CLUSTERS].buf;
+    const float *norm_maps = views[NORM_MAPS].buf;
+    int64_t *starts = views[STARTS].buf;
+    float *squared_norms = views[SQUARED_NORMS].buf;
+    const Py_ssize_t num_listed = views[CLUSTERS].shape[0], map_size = views[NORM_MAPS].shape[0];
+    for (Py_ssize_t i = 0; i < num_listed; i++) {
+        const int64_t c = clusters[i];
+        if (c < 0 || c >= num_clusters || offsets[c] < 0 || offsets[c] > offsets[c + 1] || offsets[c + 1] > num_entries) {
+            PyErr_Format(PyExc_ValueError, "cluster %lld is not one of the %zd clusters of the entries", (long long)c, num_clusters);
+            goto done;
+        }
+    }
+    int64_t bad_entry = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < num_listed && bad_entry < 0; i++)
+        for (int64_t e = offsets[clusters[i]]; e < offsets[clusters[i] + 1]; e++) {
+            const int32_t *source = sources + 3 * e;
+            const int64_t norm = source[0] * norm_strides[0] + source[1] * norm_strides[1] + source[2] * norm_strides[2];
+            if (norm < 0 || norm >= map_size) {
+                bad_entry = e;
+                break;
+            }
+            squared_norms[e] = norm_maps[norm];
+            starts[e] = patch_offset + source[0] * patch_strides[0] + source[1] * patch_strides[1] + source[2] * patch_strides[2];
+        }
+    Py_END_ALLOW_THREADS
+    if (bad_entry >= 0) {
+        PyErr_Format(PyExc_ValueError, "entry %lld: its source lies outside the norm maps", (long long)bad_entry);
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    return result;
+}
+
 static PyObject *isas(PyObject *self, PyObject *noargs) {
     struct isa_kernel kernels[3];
     const int count = supported_isas(kernels);
@@ -330,6 +400,7 @@ static PyObject *isas(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"fold", fold, METH_VARARGS, "Fold the visited clusters' logits into a running softmax state (see the module's source)."},
+    {"fill", fill, METH_VARARGS, "Fill the starts and squared norms of the listed clusters' gathered entries (see the module's source)."},
     {"isas", isas, METH_NOARGS, "The instruction sets fold can use on this processor, fastest (its default) first."},
     {NULL, NULL, 0, NULL}};
 

@@ -204,23 +204,22 @@ class PatchLayout:
     ready: torch.Tensor | None = None
 
     def prepare(self, clusters: torch.Tensor) -> None:
-        """Fill the starts and squared norms of the entries of clusters (n,) int64 not filled yet."""
+        """Fill the starts and squared norms of the entries of clusters (n,) int64 not filled yet (with the compiled
+        patchdb._clusters.fill: one pass, no temporaries)."""
         if self.ready is None:
             return
         new = clusters[~self.ready[clusters]]
         if len(new) == 0:
             return
-        self.ready[new] = True
-        firsts, sizes = self.offsets[new], self.offsets[new + 1] - self.offsets[new]
-        ends = sizes.cumsum(0)
-        entries = torch.arange(int(ends[-1])) + torch.repeat_interleave(firsts - (ends - sizes), sizes)
-        sources = self.gathered.sources[entries]
-        windows = self.gathered.windows
+        from patchdb import _clusters  # only the compiled scoring, which needs it, prepares layouts
+
+        windows, norm_maps = self.gathered.windows, self.gathered.norm_maps
         image_stride, _, row_stride, column_stride = windows.stride()[:4]
-        image, row, column = sources.T
-        self.starts[entries] = (image.to(torch.int64, copy=True).mul_(image_stride).add_(row, alpha=row_stride)
-                                .add_(column, alpha=column_stride).add_(windows.storage_offset()))
-        self.squared_norms[entries] = self.gathered.squared_norms_at(sources).float()
+        height, width = norm_maps.shape[1:]
+        _clusters.fill(self.gathered.sources.to(torch.int32).numpy(), np.array([image_stride, row_stride, column_stride]),
+                       windows.storage_offset(), norm_maps.float().view(-1).numpy(), np.array([height * width, width, 1]),
+                       self.offsets.numpy(), new.numpy(), self.starts.numpy(), self.squared_norms.numpy())
+        self.ready[new] = True
 
 
 def patch_layout(entries: "PatchDictionary | GatheredEntries", offsets: torch.Tensor) -> PatchLayout:

@@ -1,6 +1,7 @@
 """The patch store: build, load, resume, refuse mismatched runs and corrupt files; indexed machines equal exact ones."""
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -211,6 +212,7 @@ def test_a_build_killed_outright_leaves_a_temporary_that_the_next_build_removes(
     assert not stale.exists() and scale_file(out, SCALES[1]).is_file()
 
 
+@pytest.mark.skipif(patchdb.topk._clusters is None, reason="patchdb._clusters was not compiled")
 def test_gathered_patch_layout_fills_a_cluster_where_its_patches_lie_when_first_scored(dataset, store):
     groups = dictionary_groups("bbels", 3, 10, 10)
     loaded = store.dictionaries(3, None, groups, dataset.images.float(), memory_budget=0)
@@ -229,6 +231,14 @@ def test_gathered_patch_layout_fills_a_cluster_where_its_patches_lie_when_first_
     layout.starts[entries] = -1
     layout.prepare(torch.tensor([0]))  # filled once: a cluster already filled is left as it is
     assert (layout.starts[entries] == -1).all()
+    sources = interior.entries.sources.to(torch.int32)
+    outside = sources.clone()
+    outside[offsets[3], 0] = dataset.images.shape[0]
+    for cluster, given, message in ((len(interior.clusters), sources, "not one of the"), (3, outside, "outside the norm maps")):
+        with pytest.raises(ValueError, match=message):
+            patchdb.topk._clusters.fill(given.numpy(), np.array([0, 0, 0]), 0, interior.entries.norm_maps.view(-1).numpy(),
+                                        np.array([100, 10, 1]), offsets.numpy(), np.array([cluster]), layout.starts.numpy(),
+                                        layout.squared_norms.numpy())
 
 
 @pytest.mark.skipif(not patchdb.topk.default_scoring(torch.device("cpu"), torch.float32) == "compiled",
