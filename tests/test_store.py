@@ -16,7 +16,7 @@ from patchdb.index import ClusteredDictionary, GatheredEntries
 from patchdb.patches import dictionary_groups
 from patchdb.schedule import machine_steps
 from patchdb.machines import make_machine
-from patchdb.store import STORE_FILE, PatchStore, scale_file
+from patchdb.store import STORE_FILE, PatchStore, scale_file, stored_array
 from patchdb.topk import FALLBACKS, PATHS, TopKBackend
 
 from conftest import noisy_batch, tiny_dataset
@@ -210,6 +210,20 @@ def test_a_build_killed_outright_leaves_a_temporary_that_the_next_build_removes(
     stale.write_bytes(b"half a file")
     build(dataset, out)
     assert not stale.exists() and scale_file(out, SCALES[1]).is_file()
+
+
+def test_stored_arrays_are_mapped_from_the_file_where_they_lie_contiguously(tmp_path):
+    values = np.arange(3000, dtype=np.int32).reshape(1000, 3)
+    with h5py.File(tmp_path / "arrays.h5", "w") as file:
+        file["contiguous"], file["empty"] = values, values[:0]
+        file.create_dataset("compressed", data=values, compression="gzip")
+    with h5py.File(tmp_path / "arrays.h5", "r") as file:
+        mapped, compressed, empty = (stored_array(file[name]) for name in ("contiguous", "compressed", "empty"))
+    assert isinstance(mapped, np.memmap) and not isinstance(compressed, np.memmap) and empty.shape == (0, 3)
+    assert np.array_equal(mapped, values) and np.array_equal(compressed, values)
+    mapped[0, 0] = -1  # copy on write: the file keeps its values
+    with h5py.File(tmp_path / "arrays.h5", "r") as file:
+        assert file["contiguous"][0, 0] == 0
 
 
 @pytest.mark.skipif(patchdb.topk._clusters is None, reason="patchdb._clusters was not compiled")
