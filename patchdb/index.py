@@ -107,14 +107,15 @@ class GatheredEntries:
 
     windows: a patch_windows view (M, C, H, W, P, P) of the training images; norm_maps: (M, H, W) every patch's
     ||k||^2 (squared_norm_maps(windows)); sources: (K, 3) int32 as stored, or int64 (image, centre row, centre column);
-    log_multiplicity: (K,); centre: (C,) positions of the centre pixel in a flattened patch. For dictionaries too
-    large to keep (tens of GB at 60,000 images), at the price of one gather per access.
+    multiplicity: (K,) int32 as stored, the identical patches each entry stands for; centre: (C,) positions of the
+    centre pixel in a flattened patch. For dictionaries too large to keep (tens of GB at 60,000 images), at the price
+    of one gather per access.
     """
 
     windows: torch.Tensor
     norm_maps: torch.Tensor
     sources: torch.Tensor
-    log_multiplicity: torch.Tensor
+    multiplicity: torch.Tensor
     centre: torch.Tensor
     merged: bool
 
@@ -122,8 +123,8 @@ class GatheredEntries:
         """The entries at index (n,) int64 as an in-memory PatchDictionary."""
         sources = self.sources[index].long()
         keys = gather_sources(self.windows, sources)
-        return PatchDictionary(keys, keys[:, self.centre], self.squared_norms_at(sources), self.log_multiplicity[index], sources,
-                               self.merged)
+        log_multiplicity = self.multiplicity[index.cpu()].to(device=keys.device, dtype=keys.dtype).log_()
+        return PatchDictionary(keys, keys[:, self.centre], self.squared_norms_at(sources), log_multiplicity, sources, self.merged)
 
     def squared_norms_at(self, sources: torch.Tensor) -> torch.Tensor:
         """(n,) ||k||^2 of the patches at sources (n, 3) int64, from the norm maps."""
@@ -152,14 +153,16 @@ class ClusteredDictionary:
 
     entries: "PatchDictionary | GatheredEntries"
     clusters: EntryClusters
-    cumulative_patches: torch.Tensor | None = None
-    """(K,) int64 on the CPU: patches (multiplicities summed) in entries 0..k, for drawing patches uniformly; derived
-    from the entries' log multiplicities unless given (the store gives it from the counts it holds)."""
+    patch_counts: "PatchCounts | None" = None
+    """The numbering of the entries' patches, for drawing patches uniformly; derived from the entries' multiplicities
+    unless given."""
 
     def __post_init__(self):
-        if self.cumulative_patches is None:
+        if self.patch_counts is None:
             # multiplicities below 2^23 come back exactly from a float32 exp once rounded
-            self.cumulative_patches = cumulative_counts(self.entries.log_multiplicity.float().exp().round())
+            self.patch_counts = PatchCounts.from_multiplicity(
+                self.entries.multiplicity if isinstance(self.entries, GatheredEntries)
+                else self.entries.log_multiplicity.float().exp().round())
 
     @functools.cached_property
     def patch_layout(self) -> "PatchLayout":
@@ -168,33 +171,28 @@ class ClusteredDictionary:
         return patch_layout(self.entries, self.clusters.offsets)
 
     @functools.cached_property
-    def log_multiplicity_bits(self) -> torch.Tensor | None:
-        """(K,) float32 log2 of each entry's multiplicity, for the compiled scoring; None where no entry was merged."""
-        if not self.entries.merged:
-            return None
-        return (self.entries.log_multiplicity.float() * LOG2_E).contiguous()
-
-    @functools.cached_property
     def cluster_patches(self) -> torch.Tensor:
         """(C,) int64 on the clusters' device: patches (multiplicities summed) in each cluster."""
-        return cluster_patch_counts(self.clusters.offsets, self.cumulative_patches).to(self.clusters.offsets.device)
+        return self.patch_counts.cluster_patches(self.clusters.offsets).to(self.clusters.offsets.device)
 
 
 @dataclass
 class PatchLayout:
     """Entry e's (C, P, P) patch is buffer[starts[e] + c * channel_stride + dy * row_stride + dx]: buffer (flat) is
     an in-memory dictionary's keys, or the padded training images of gathered entries (nothing copied);
-    squared_norms (K,) float32 ||patch||^2.
+    squared_norms (K,) float32 ||patch||^2; log_multiplicity (K,) float32 log2 of each entry's multiplicity, None where
+    no entry was merged.
 
-    Gathered entries' starts (K,) int64 and squared_norms are filled a cluster at a time, the first time one is
-    scored (prepare; ready (C,) bool marks those filled): a scale's dictionaries hold tens of millions of entries at
-    60,000 images, and a run scores a third of them or less, while filling them all cost seconds at every scale
-    (computing each entry's start and norm in the compiled kernel instead doubled its time: the norms' reads from the
-    norm maps are scattered). In-memory entries are filled at once (ready None)."""
+    Gathered entries' starts (K,) int64, squared_norms and log_multiplicity are filled a cluster at a time, the first
+    time one is scored (prepare; ready (C,) bool marks those filled): a scale's dictionaries hold tens of millions of
+    entries at 60,000 images, and a run scores a third of them or less, while filling them all cost seconds at every
+    scale (computing each entry's start and norm in the compiled kernel instead doubled its time: the norms' reads from
+    the norm maps are scattered). In-memory entries are filled at once (ready None)."""
 
     buffer: torch.Tensor
     starts: torch.Tensor
     squared_norms: torch.Tensor
+    log_multiplicity: torch.Tensor | None
     channel_stride: int
     row_stride: int
     channels: int
@@ -204,8 +202,8 @@ class PatchLayout:
     ready: torch.Tensor | None = None
 
     def prepare(self, clusters: torch.Tensor) -> None:
-        """Fill the starts and squared norms of the entries of clusters (n,) int64 not filled yet (with the compiled
-        patchdb._clusters.fill: one pass, no temporaries)."""
+        """Fill the starts, squared norms and log multiplicities of the entries of clusters (n,) int64 not filled yet
+        (with the compiled patchdb._clusters.fill: one pass, no temporaries)."""
         if self.ready is None:
             return
         new = clusters[~self.ready[clusters]]
@@ -218,7 +216,9 @@ class PatchLayout:
         height, width = norm_maps.shape[1:]
         _clusters.fill(self.gathered.sources.to(torch.int32).numpy(), np.array([image_stride, row_stride, column_stride]),
                        windows.storage_offset(), norm_maps.float().view(-1).numpy(), np.array([height * width, width, 1]),
-                       self.offsets.numpy(), new.numpy(), self.starts.numpy(), self.squared_norms.numpy())
+                       self.offsets.numpy(), new.numpy(), self.starts.numpy(), self.squared_norms.numpy(),
+                       *((None, None) if self.log_multiplicity is None
+                         else (self.gathered.multiplicity.to(torch.int32).numpy(), self.log_multiplicity.numpy())))
         self.ready[new] = True
 
 
@@ -232,18 +232,21 @@ def patch_layout(entries: "PatchDictionary | GatheredEntries", offsets: torch.Te
             raise ValueError("gathered entries need windows over contiguous rows of pixels")
         buffer = windows.as_strided((windows.untyped_storage().nbytes() // windows.element_size(),), (1,), 0)
         # empty, not zeros: the pages of clusters never scored are never touched
-        return PatchLayout(buffer, torch.empty(len(entries), dtype=torch.int64), torch.empty(len(entries), dtype=torch.float32), channel_stride,
+        return PatchLayout(buffer, torch.empty(len(entries), dtype=torch.int64), torch.empty(len(entries), dtype=torch.float32),
+                           torch.empty(len(entries), dtype=torch.float32) if entries.merged else None, channel_stride,
                            patch_row_stride, windows.shape[1], windows.shape[-1], entries, offsets.cpu(),
                            torch.zeros(len(offsets) - 1, dtype=torch.bool))
     keys = entries.keys.contiguous()
     channels = entries.values.shape[1]
     size = math.isqrt(keys.shape[1] // channels)
+    log_multiplicity = (entries.log_multiplicity.float() * LOG2_E).contiguous() if entries.merged else None
     return PatchLayout(keys.view(-1), torch.arange(keys.shape[0], device=keys.device) * keys.shape[1],
-                       entries.squared_norms.float().contiguous(), size * size, size, channels, size)
+                       entries.squared_norms.float().contiguous(), log_multiplicity, size * size, size, channels, size)
 
 
-NORM_MAP_IMAGES = 4096
-"""squared_norm_maps squares this many padded images at a time."""
+NORM_MAP_IMAGES = 1024
+"""squared_norm_maps squares this many padded images at a time: temporaries of a few MiB, which the allocator reuses
+(4,096 images, tens of MiB, came from fresh memory at each block: 0.2-0.5 s more per scale at 60,000 images)."""
 
 
 def squared_norm_maps(windows: torch.Tensor) -> torch.Tensor:
@@ -429,7 +432,8 @@ class Partition:
         position[order] = torch.arange(num_entries, device=device)
         found = (rows[entry] == nearest_rows) & (entry_cluster[entry] == torch.arange(len(present), device=device))
         medoids = torch.where(found, position[entry], offsets[:-1])
-        log_mass = cluster_log_mass(offsets, cumulative_counts(log_multiplicity[order].double().exp().round()), log_multiplicity.dtype)
+        counts = PatchCounts.from_multiplicity(log_multiplicity[order].double().exp().round())
+        log_mass = cluster_log_mass(offsets, counts, log_multiplicity.dtype)
         return order, EntryClusters(offsets, centroids, radii, log_mass, medoids)
 
 
@@ -456,18 +460,82 @@ def cluster_of_entries(sizes: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
 
 
-def cumulative_counts(multiplicity: torch.Tensor) -> torch.Tensor:
-    """(K,) int64 on the CPU: patches in entries 0..k, from each entry's multiplicity (K,) (integer counts, any dtype)."""
-    return multiplicity.cpu().cumsum(0, dtype=torch.int64)
+COUNT_BLOCK = 1 << 20
+"""PatchCounts.from_multiplicity reads this many multiplicities at a time."""
 
 
-def cluster_patch_counts(offsets: torch.Tensor, cumulative: torch.Tensor) -> torch.Tensor:
-    """(C,) int64 on the CPU: patches in each cluster of entries sorted by cluster (offsets (C + 1,) int64 from 0, every
-    cluster holding an entry), from their cumulative_counts (K,)."""
-    ends = cumulative[offsets[1:].cpu() - 1]
-    return ends.diff(prepend=ends.new_zeros(1))
+@dataclass
+class PatchCounts:
+    """The numbering of a dictionary's patches: entry e stands for multiplicity[e] identical patches, numbered on
+    from those of entries 0..e - 1, so that a uniform patch number draws entries in proportion to their multiplicity.
+
+    Held by the merged entries (multiplicity > 1) alone, a fraction of a percent of the entries at 60,000 images:
+    every entry's cumulative count, (K,) int64, cost a second per scale there, mostly in fresh memory.
+    num_entries: K; merged_entries (M,) int64 ascending; merged_multiplicity (M,) int64; extra_through (M,) int64, the
+    patches beyond one per entry in merged entries 0..i, sum (multiplicity - 1).
+    """
+
+    num_entries: int
+    merged_entries: torch.Tensor
+    merged_multiplicity: torch.Tensor
+    extra_through: torch.Tensor
+
+    @classmethod
+    def from_multiplicity(cls, multiplicity) -> "PatchCounts":
+        """From every entry's multiplicity (K,), integer counts of any dtype: a tensor, an array or a stored (h5py)
+        dataset, read in blocks."""
+        if isinstance(multiplicity, torch.Tensor):
+            multiplicity = multiplicity.cpu().numpy()
+        merged, counts = [], []
+        for first in range(0, len(multiplicity), COUNT_BLOCK):
+            block = np.asarray(multiplicity[first:first + COUNT_BLOCK])
+            where = np.flatnonzero(block > 1)
+            merged.append(torch.from_numpy(where + first))
+            counts.append(torch.from_numpy(block[where].astype(np.int64)))
+        merged_entries = torch.cat(merged) if merged else torch.zeros(0, dtype=torch.int64)
+        merged_multiplicity = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64)
+        return cls(len(multiplicity), merged_entries, merged_multiplicity, (merged_multiplicity - 1).cumsum(0))
+
+    @property
+    def merged(self) -> bool:
+        return len(self.merged_entries) > 0
+
+    @property
+    def total(self) -> int:
+        """Patches in all entries."""
+        return self.num_entries + (int(self.extra_through[-1]) if self.merged else 0)
+
+    def through(self, entries: torch.Tensor) -> torch.Tensor:
+        """(n,) int64: patches in entries 0..e for each of entries (n,) int64 in -1..K - 1."""
+        merged_up_to = torch.searchsorted(self.merged_entries, entries, right=True)  # merged entries <= e
+        return entries + 1 + torch.cat([self.extra_through.new_zeros(1), self.extra_through])[merged_up_to]
+
+    def entries_of(self, patches: torch.Tensor) -> torch.Tensor:
+        """(n,) int64: the entry that holds each of the patch numbers patches (n,) int64 in 0..total - 1."""
+        if not self.merged:
+            return patches.clone()
+        extra_before = self.extra_through - (self.merged_multiplicity - 1)
+        first_patches = self.merged_entries + extra_before  # the first patch number of each merged entry
+        last = torch.searchsorted(first_patches, patches, right=True) - 1  # the last merged entry starting at or before
+        at = last.clamp_min(0)
+        inside = (last >= 0) & (patches < first_patches[at] + self.merged_multiplicity[at])
+        # beyond merged entry `last`, every entry before the patch's own holds one patch past the merged ones' extras
+        unmerged = patches - torch.where(last >= 0, self.extra_through[at], 0)
+        return torch.where(inside, self.merged_entries[at], unmerged)
+
+    def multiplicity_of(self, entries: torch.Tensor) -> torch.Tensor:
+        """(n,) int64 multiplicity of each of entries (n,) int64."""
+        if not self.merged:
+            return torch.ones_like(entries)
+        at = torch.searchsorted(self.merged_entries, entries).clamp_max(len(self.merged_entries) - 1)
+        return torch.where(self.merged_entries[at] == entries, self.merged_multiplicity[at], 1)
+
+    def cluster_patches(self, offsets: torch.Tensor) -> torch.Tensor:
+        """(C,) int64 on the CPU: patches in each cluster of entries sorted by cluster, offsets (C + 1,) int64 from 0."""
+        ends = self.through(offsets.cpu() - 1)
+        return ends[1:] - ends[:-1]
 
 
-def cluster_log_mass(offsets: torch.Tensor, cumulative: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(C,) log of each cluster's patches (cluster_patch_counts), in dtype on the offsets' device."""
-    return cluster_patch_counts(offsets, cumulative).to(device=offsets.device, dtype=dtype).log()
+def cluster_log_mass(offsets: torch.Tensor, counts: PatchCounts, dtype: torch.dtype) -> torch.Tensor:
+    """(C,) log of each cluster's patches (PatchCounts.cluster_patches), in dtype on the offsets' device."""
+    return counts.cluster_patches(offsets).to(device=offsets.device, dtype=dtype).log()

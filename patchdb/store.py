@@ -35,7 +35,7 @@ import patchdb
 from patchdb.data import Dataset
 from patchdb.engine import PatchDictionary
 from patchdb.errors import PatchdbError
-from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, cluster_log_mass, cumulative_counts, squared_norm_maps,
+from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, PatchCounts, cluster_log_mass, squared_norm_maps,
                            take_entries)
 from patchdb.patches import DictionaryGroup, centre_indices, patch_windows
 
@@ -249,18 +249,16 @@ def _read_dictionary(node: h5py.Group, windows: torch.Tensor, norm_maps: torch.T
                      ) -> ClusteredDictionary | PatchDictionary:
     device, dtype = windows.device, windows.dtype
     sources = torch.from_numpy(stored_array(node["sources"])).to(device)  # int32 as stored: int64 would double the largest array
-    multiplicity = torch.from_numpy(stored_array(node["multiplicity"]))
-    log_multiplicity = multiplicity.to(device=device, dtype=dtype).log_()
-    merged = bool((multiplicity > 1).any())
-    entries = GatheredEntries(windows, norm_maps, sources, log_multiplicity, centre, merged)
+    multiplicity = stored_array(node["multiplicity"])
+    counts = PatchCounts.from_multiplicity(node["multiplicity"])  # read in blocks: faulting in all the mapped pages cost more
+    entries = GatheredEntries(windows, norm_maps, sources, torch.from_numpy(multiplicity), centre, counts.merged)
     if in_memory:
         entries = take_entries(entries, slice(None))
     if "offsets" not in node:
         return entries
     offsets = torch.from_numpy(node["offsets"][...]).to(device)
-    cumulative = cumulative_counts(multiplicity)
     clusters = EntryClusters(offsets, torch.from_numpy(node["centroids"][...]).to(device=device, dtype=dtype),
                              torch.from_numpy(node["radii"][...]).to(device=device, dtype=dtype),
-                             cluster_log_mass(offsets, cumulative, dtype),
+                             cluster_log_mass(offsets, counts, dtype),
                              torch.from_numpy(node["medoids"][...]).to(device))
-    return ClusteredDictionary(entries, clusters, cumulative)
+    return ClusteredDictionary(entries, clusters, counts)

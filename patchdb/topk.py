@@ -248,8 +248,9 @@ class TopKBackend:
         simply not certified.
         """
         centroid_distances, mass_bounds = clusters.search(queries, alpha_bar)  # (Q, C) each
-        medoid_logits = _logits(queries, take_entries(entries, clusters.medoids), 0, len(clusters), alpha_bar, bits=True)
-        log_normaliser = _log_sum_exp(medoid_logits.add_(entries.log_multiplicity[clusters.medoids] * LOG2_E)) * LN_2  # C actual entries
+        medoids = take_entries(entries, clusters.medoids)
+        medoid_logits = _logits(queries, medoids, 0, len(clusters), alpha_bar, bits=True)
+        log_normaliser = _log_sum_exp(medoid_logits.add_(medoids.log_multiplicity * LOG2_E)) * LN_2  # C actual entries
         nearest = _nearest_clusters(centroid_distances, clusters, topk)
         probes = nearest.shape[1]
         shift = mass_bounds.amax(dim=1, keepdim=True)
@@ -379,10 +380,9 @@ class TopKBackend:
         posterior mean above estimate_error) and the entries scored.
         """
         entries, clusters = dictionary.entries, dictionary.clusters
-        # patch number u (uniform over all patches) falls in entry e when cumulative[e - 1] <= u < cumulative[e]
-        cumulative = dictionary.cumulative_patches
-        patches = torch.randint(int(cumulative[-1]), (self.estimate_samples,), generator=self.generator)
-        draws = torch.searchsorted(cumulative, patches.sort().values, right=True).to(rows.device)
+        counts = dictionary.patch_counts
+        patches = torch.randint(counts.total, (self.estimate_samples,), generator=self.generator)
+        draws = counts.entries_of(patches.sort().values).to(rows.device)
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
         # the visited clusters as (row, cluster) pairs, a few per row: the tail is everything else, so the draws and
         # patches in it are totals less the visited ones (in integers) and (R, C) masks are not needed
@@ -391,7 +391,7 @@ class TopKBackend:
         pair_draws = draws_in[pair_clusters]
         drawn = len(draws) - torch.zeros_like(rows).index_add_(0, pair_rows, pair_draws)
         visited_patches = torch.zeros_like(rows).index_add_(0, pair_rows, dictionary.cluster_patches[pair_clusters])
-        tail_patches = (int(cumulative[-1]) - visited_patches).double()
+        tail_patches = (counts.total - visited_patches).double()
         sample = take_entries(entries, draws)
         logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar, bits=True)
         draw_of = cluster_of_entries(pair_draws)  # (n,) the pair of each visited draw
@@ -490,7 +490,6 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
     visit_starts = torch.zeros(len(clusters) + 1, dtype=torch.int64)
     visit_starts[1:] = torch.bincount(pair_clusters, minlength=len(clusters)).cumsum(0)
     signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
-    log_multiplicity = dictionary.log_multiplicity_bits
     queries = queries.contiguous()
     pairs = (visit_starts.diff() * clusters.sizes).cumsum(0)
     multiply_adds = int(pairs[-1]) * queries.shape[1]
@@ -505,7 +504,7 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
     def fold_clusters(state, first, last):
         starts = visit_starts[first:last + 1]
         _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(),
-                       None if log_multiplicity is None else log_multiplicity.numpy(), layout.channels, layout.patch_size,
+                       None if layout.log_multiplicity is None else layout.log_multiplicity.numpy(), layout.channels, layout.patch_size,
                        layout.channel_stride, layout.row_stride, clusters.offsets[first:last + 1].numpy(),
                        (starts - starts[0]).numpy(), visit_rows[int(starts[0]):int(starts[-1])].numpy(), queries.numpy(),
                        signal / noise_variance * LOG2_E, alpha_bar / (2 * noise_variance) * LOG2_E,

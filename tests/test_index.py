@@ -90,6 +90,25 @@ def test_summed_masses_bound_the_exact_sums_from_above():
         assert (bound <= exact * (1 + 5000 * 2.0**-22)).all()  # and within the rounding bound's own width
 
 
+@pytest.mark.parametrize("merged_at", [[], [0], [5, 6, 19], [0, 3, 4, 10, 19]])
+def test_patch_counts_number_the_patches_as_the_cumulative_counts_do(merged_at, monkeypatch):
+    """Held by the merged entries alone (read in blocks of 4 here, so merged entries fall at blocks' edges), the
+    numbering of the patches gives every entry's cumulative count, the entry of every patch number, every entry's
+    multiplicity and each cluster's patches as the dense cumulative counts of all entries do."""
+    monkeypatch.setattr(patchdb.index, "COUNT_BLOCK", 4)
+    multiplicity = torch.ones(20, dtype=torch.int32)
+    multiplicity[merged_at] = torch.tensor([3, 2, 7, 4, 2][:len(merged_at)], dtype=torch.int32)
+    counts = patchdb.index.PatchCounts.from_multiplicity(multiplicity.numpy())
+    cumulative = multiplicity.long().cumsum(0)
+    assert counts.merged == bool(merged_at) and counts.total == int(cumulative[-1])
+    assert torch.equal(counts.through(torch.arange(-1, 20)), torch.cat([torch.zeros(1).long(), cumulative]))
+    patches = torch.arange(counts.total)
+    assert torch.equal(counts.entries_of(patches), torch.searchsorted(cumulative, patches, right=True))
+    assert torch.equal(counts.multiplicity_of(torch.arange(20)), multiplicity.long())
+    offsets = torch.tensor([0, 1, 6, 7, 20])
+    assert torch.equal(counts.cluster_patches(offsets), torch.stack([part.sum() for part in multiplicity.long().split(offsets.diff().tolist())]))
+
+
 def test_clustering_keeps_every_entry_once(dictionary, indexed):
     assert torch.equal(indexed.clusters.offsets[-1], torch.tensor(len(dictionary)))
     assert sorted(map(tuple, indexed.entries.sources.tolist())) == sorted(map(tuple, dictionary.sources.tolist()))
@@ -286,7 +305,7 @@ def test_compiled_scoring_of_few_visitors_row_by_row_equals_the_exact_posterior(
     windows = patch_windows(images, patch_size, "zeros")
     image, row, column = torch.meshgrid(torch.arange(5), torch.arange(12), torch.arange(12), indexing="ij")
     sources = torch.stack([image.flatten(), row.flatten(), column.flatten()], dim=1)[:700]
-    gathered = GatheredEntries(windows, squared_norm_maps(windows), sources, torch.zeros(len(sources)),
+    gathered = GatheredEntries(windows, squared_norm_maps(windows), sources, torch.ones(len(sources), dtype=torch.int32),
                                centre_indices(1, patch_size), False)
     in_memory = patchdb.index.take_entries(gathered, slice(None))
     offsets = torch.tensor([0, 48, 100, 300, 301, 700])

@@ -10,7 +10,7 @@ import patchdb.topk
 import patchdb.windows
 from patchdb.build import build_store
 from patchdb.errors import PatchdbError
-from patchdb.engine import PatchDictionary
+from patchdb.engine import LOG2_E, PatchDictionary
 from patchdb.generate import generate, index_steps
 from patchdb.index import ClusteredDictionary, GatheredEntries
 from patchdb.patches import dictionary_groups
@@ -95,7 +95,9 @@ def test_dictionaries_read_in_place_count_each_clusters_stored_patches(dataset, 
     per_cluster = torch.stack([part.sum() for part in multiplicity.split(interior.clusters.sizes.tolist())]).long()
     assert torch.equal(interior.cluster_patches, per_cluster)
     assert torch.allclose(interior.clusters.log_mass, per_cluster.float().log())
-    assert torch.equal(interior.cumulative_patches, multiplicity.long().cumsum(0))
+    cumulative = multiplicity.long().cumsum(0)
+    assert interior.patch_counts.total == int(cumulative[-1])
+    assert torch.equal(interior.patch_counts.through(torch.arange(-1, len(multiplicity))), torch.cat([torch.zeros(1).long(), cumulative]))
     rows = torch.tensor([0, len(sources) // 2, len(sources) - 1])
     taken = interior.entries.take(rows)
     assert taken.sources.dtype == torch.int64 and torch.equal(taken.sources, sources[rows].long())
@@ -242,17 +244,25 @@ def test_gathered_patch_layout_fills_a_cluster_where_its_patches_lie_when_first_
                      + torch.arange(size)).reshape(-1)
     torch.testing.assert_close(layout.buffer[layout.starts[entries, None] + pixel_offsets], expected.keys, rtol=0, atol=0)
     torch.testing.assert_close(layout.squared_norms[entries], expected.squared_norms, rtol=0, atol=0)
+    assert interior.entries.merged  # so the fold weighs entries by the log2 multiplicities filled here
+    torch.testing.assert_close(layout.log_multiplicity[entries], expected.log_multiplicity.float() * LOG2_E, rtol=1e-6, atol=1e-6)
     layout.starts[entries] = -1
     layout.prepare(torch.tensor([0]))  # filled once: a cluster already filled is left as it is
     assert (layout.starts[entries] == -1).all()
-    sources = interior.entries.sources.to(torch.int32)
-    outside = sources.clone()
+    sources, multiplicity = interior.entries.sources.to(torch.int32), interior.entries.multiplicity.to(torch.int32)
+    outside, none = sources.clone(), multiplicity.clone()
     outside[offsets[3], 0] = dataset.images.shape[0]
-    for cluster, given, message in ((len(interior.clusters), sources, "not one of the"), (3, outside, "outside the norm maps")):
+    none[offsets[3]] = 0
+    for cluster, given, counts, message in ((len(interior.clusters), sources, multiplicity, "not one of the"),
+                                            (3, outside, multiplicity, "outside the norm maps"), (3, sources, none, "below 1")):
         with pytest.raises(ValueError, match=message):
             patchdb.topk._clusters.fill(given.numpy(), np.array([0, 0, 0]), 0, interior.entries.norm_maps.view(-1).numpy(),
                                         np.array([100, 10, 1]), offsets.numpy(), np.array([cluster]), layout.starts.numpy(),
-                                        layout.squared_norms.numpy())
+                                        layout.squared_norms.numpy(), counts.numpy(), layout.log_multiplicity.numpy())
+    with pytest.raises(ValueError, match="together"):
+        patchdb.topk._clusters.fill(sources.numpy(), np.array([0, 0, 0]), 0, interior.entries.norm_maps.view(-1).numpy(),
+                                    np.array([100, 10, 1]), offsets.numpy(), np.array([0]), layout.starts.numpy(),
+                                    layout.squared_norms.numpy(), multiplicity.numpy(), None)
 
 
 @pytest.mark.skipif(not patchdb.topk.default_scoring(torch.device("cpu"), torch.float32) == "compiled",
