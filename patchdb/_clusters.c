@@ -327,6 +327,11 @@ done:
  * squared_norms and log_multiplicity (K,) float32 written in place, the other entries left as they are (log_multiplicity
  * None with multiplicity). One pass, no temporaries: in torch the same took seconds per scale at 60,000 images
  * (mixed-type strided operations, the index arrays, whole arrays in fresh memory). */
+/* How far ahead fill asks for an entry's norm: a cluster's entries come from images all over the norm maps (hundreds of
+ * MB), so each read misses the caches; asking 16 entries early, the whole dictionary at P = 9 and 60,000 images
+ * (33 million entries) filled in 0.54 s instead of 0.75 s (8 to 64 ahead: 0.54-0.58 s). */
+#define FILL_PREFETCH_ENTRIES 16
+
 static PyObject *fill(PyObject *self, PyObject *args) {
     enum { SOURCES, PATCH_STRIDES, NORM_MAPS, NORM_STRIDES, OFFSETS, CLUSTERS, MULTIPLICITY, STARTS, SQUARED_NORMS,
            LOG_MULTIPLICITY, NUM_BUFFERS };
@@ -388,6 +393,10 @@ static PyObject *fill(PyObject *self, PyObject *args) {
                 bad_entry = e;
                 problem = norm < 0 || norm >= map_size ? "its source lies outside the norm maps" : "its multiplicity is below 1";
                 break;
+            }
+            if (e + FILL_PREFETCH_ENTRIES < num_entries) {
+                const int32_t *ahead = sources + 3 * (e + FILL_PREFETCH_ENTRIES);
+                __builtin_prefetch(norm_maps + ahead[0] * norm_strides[0] + ahead[1] * norm_strides[1] + ahead[2] * norm_strides[2]);
             }
             squared_norms[e] = norm_maps[norm];
             starts[e] = patch_offset + source[0] * patch_strides[0] + source[1] * patch_strides[1] + source[2] * patch_strides[2];

@@ -51,7 +51,7 @@ import torch
 
 from patchdb.engine import LN_2, LOG2_E, LOG_WEIGHT_FLOOR, NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits, logit_chunk_bytes
 from patchdb.errors import PatchdbError
-from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, cluster_of_entries, take_entries
+from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, balanced_ranges, cluster_of_entries, take_entries
 
 try:
     from patchdb import _clusters
@@ -494,8 +494,7 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
     pairs = (visit_starts.diff() * clusters.sizes).cumsum(0)
     multiply_adds = int(pairs[-1]) * queries.shape[1]
     threads = max(1, min(torch.get_num_threads(), len(clusters), multiply_adds // THREAD_MULTIPLY_ADDS))
-    cuts = torch.searchsorted(pairs, pairs[-1] * torch.arange(1, threads) // threads, right=True).tolist()
-    ranges = list(zip([0, *cuts], [*cuts, len(clusters)]))
+    ranges = balanced_ranges(pairs, threads)
     num_rows, channels = queries.shape[0], layout.channels
     parts = (torch.full((threads - 1, num_rows), -math.inf), torch.zeros(threads - 1, num_rows),
              torch.zeros(threads - 1, num_rows, channels), torch.full((threads - 1, num_rows), -math.inf),

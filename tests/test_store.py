@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import patchdb.build
+import patchdb.index
 import patchdb.topk
 import patchdb.windows
 from patchdb.build import build_store
@@ -229,13 +230,20 @@ def test_stored_arrays_are_mapped_from_the_file_where_they_lie_contiguously(tmp_
 
 
 @pytest.mark.skipif(patchdb.topk._clusters is None, reason="patchdb._clusters was not compiled")
-def test_gathered_patch_layout_fills_a_cluster_where_its_patches_lie_when_first_scored(dataset, store):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gathered_patch_layout_fills_a_cluster_where_its_patches_lie_when_first_scored(dataset, store, monkeypatch, threads):
+    """threads 2: the clusters filled split between two threads (the dictionary here is far smaller than a thread's share)."""
+    monkeypatch.setattr(patchdb.index, "THREAD_FILL_ENTRIES", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    fill, filled = patchdb.topk._clusters.fill, []
+    monkeypatch.setattr(patchdb.topk._clusters, "fill", lambda *arguments: filled.append(arguments[6].tolist()) or fill(*arguments))
     groups = dictionary_groups("bbels", 3, 10, 10)
     loaded = store.dictionaries(3, None, groups, dataset.images.float(), memory_budget=0)
     interior = loaded[[group.boundary_class for group in groups].index("interior")]
     layout, offsets = interior.patch_layout, interior.clusters.offsets
     assert len(interior.clusters) > 3 and not layout.ready.any()
     layout.prepare(torch.tensor([2, 0, 2]))
+    assert filled == ([[0, 2]] if threads == 1 else [[0], [2]])
     assert layout.ready.tolist() == [True, False, True] + [False] * (len(interior.clusters) - 3)
     entries = torch.cat([torch.arange(offsets[0], offsets[1]), torch.arange(offsets[2], offsets[3])])
     expected = interior.entries.take(entries)
