@@ -154,8 +154,9 @@ class SoftmaxAccumulator:
     def fold_sums(self, sums: torch.Tensor, shift_bits: torch.Tensor, logits: torch.Tensor, chunk_max: torch.Tensor,
                   sources: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Fold in a chunk whose weights were summed elsewhere: sums (R, V + 1), over its entries, of 2^(logit - shift_bits)
-        times (value, 1), shift_bits (R,) in bits (-inf for a row the chunk leaves out); logits (R, n) in bits and their
-        row maxima chunk_max (R,) (-inf where left out) are read for the dominant entry only; rows as in update."""
+        times (value, 1), shift_bits (R,) in bits (-inf for a row the chunk leaves out); the logits' row maxima chunk_max
+        (R,) in bits (-inf where left out) and the logits (R, n), or any increasing function of them such as their
+        weights, are read for the dominant entry only (the rows' argmax); rows as in update."""
         self._track_best(logits, chunk_max, sources, rows)
         self._add_sums(slice(None) if rows is None else rows, shift_bits[None], sums[None, :, -1], sums[None, :, :-1])
 

@@ -408,6 +408,7 @@ class TopKBackend:
             # each draw stands for tail_patches / drawn patches (its own multiplicity is already in the sampling); the
             # rejected rows are left out by a shift of -inf
             shift_bits = (shift.double() + (tail_patches / drawn.clamp_min(1)).log2()).index_fill_(0, rejected, -math.inf)
+            # logits now hold the squared weights (_tail_estimate), whose row argmax is the logits'
             accumulator.fold_sums(sums, shift_bits, logits, chunk_max.index_fill_(0, rejected, -math.inf), sample.sources,
                                   rows=rows)
         return rows[rejected], rows.numel() * len(draws)
@@ -423,14 +424,16 @@ class TopKBackend:
         w_i = 2^(logit_i - shift) times (value_i, 1) (what the accumulator folds, SoftmaxAccumulator.fold_sums), and
         the standard error (R,) of each row's estimated posterior mean (the largest over the value channels), in the
         values' units: by the delta method, tail_patches * sd(w_i (v_i - mean)) / sqrt(drawn) / normaliser over the
-        draws i in the row's tail. The weights, at most 1, and their moments are in the logits' dtype: with values in
+        draws i in the row's tail. The logits are overwritten by the squared weights, an increasing function of them
+        with the same row argmax (the dominant entry), as a new (R, m) tensor costs more in page faults than the pass
+        that fills it. The weights, at most 1, and their moments are in the logits' dtype: with values in
         a bounded range, as pixels are, the moments' cancellation costs float32 at most a few of its digits where the
         variance is not negligible against them."""
         running_max = accumulator.running_max[rows] * LOG2_E
         chunk_max = logits.amax(dim=1)
         shift = torch.maximum(running_max, chunk_max)
         # (R, m), at most 1; floored like the accumulator's weights (LOG_WEIGHT_FLOOR), as subnormals are slow on x86
-        weights = (logits - shift[:, None]).clamp_(min=LOG_WEIGHT_FLOOR * LOG2_E).exp2_()
+        weights = logits.sub_(shift[:, None]).clamp_(min=LOG_WEIGHT_FLOOR * LOG2_E).exp2_()
         count = drawn.clamp_min(1).double()
         scale = torch.exp2(running_max.double() - shift.double())
         known, known_sum = accumulator.normaliser[rows].double() * scale, accumulator.weighted_sum[rows].double() * scale[:, None]
@@ -439,8 +442,10 @@ class TopKBackend:
         tail_mean, tail_mean_sum = tail_sums[:, -1] / count, tail_sums[:, :-1] / count[:, None]
         normaliser = known + tail_patches * tail_mean
         mean = (known_sum + tail_patches[:, None] * tail_mean_sum) / normaliser[:, None]  # (R, V)
-        # the sample variance of d_i = w_i (v_i - mean) from the sums of w^2, w^2 v and w^2 v^2
-        squares = (weights.square_() @ torch.cat([values.square(), values, ones], dim=1)).double()  # (R, 2 V + 1)
+        # the sample variance of d_i = w_i (v_i - mean) from the sums of w^2, w^2 v and w^2 v^2; the weights are floored
+        # at e^(LOG_WEIGHT_FLOOR / 2) first, so that their squares are not subnormal either (which made this product
+        # and the squaring slower than the rest of the estimate), adding at most e^LOG_WEIGHT_FLOOR per draw
+        squares = (weights.clamp_(min=math.exp(LOG_WEIGHT_FLOOR / 2)).square_() @ torch.cat([values.square(), values, ones], dim=1)).double()  # (R, 2 V + 1)
         channels = values.shape[1]
         second = squares[:, :channels] - 2 * mean * squares[:, channels:-1] + mean.square() * squares[:, -1:]
         variance = (second - count[:, None] * (tail_mean_sum - mean * tail_mean[:, None]).square()).clamp_min(0)

@@ -178,6 +178,24 @@ def test_estimator_is_close_and_auto_falls_back_to_exact(dictionary, indexed):
     assert (path == PATHS.index("exact")).all() and torch.allclose(exact_fallback, exact, atol=1e-10)
 
 
+def test_estimated_rows_take_the_dominant_entry_of_their_visited_entries_and_draws(dictionary, indexed):
+    """With draws enough to hold every patch, each estimated row's dominant entry is the exact one, also where the
+    visited clusters alone (the truncated softmax) miss it."""
+    alpha_bar = 0.3
+    queries = noisy_queries(dictionary, alpha_bar)
+    exact = ExactBackend().summarize(queries, [dictionary], alpha_bar).best_source
+    draws = 20 * int(dictionary.log_multiplicity.exp().sum().round())  # each patch missed with probability e^-20
+    results = {}
+    for fallback in ("estimate", "none"):
+        backend = TopKBackend(topk=64, tol=1e-6, fallback=fallback, estimate_samples=draws, estimate_error=10.0)
+        accumulator = SoftmaxAccumulator(queries.shape[0], 1, queries.dtype, queries.device)
+        path = backend.fold(accumulator, queries, indexed, alpha_bar)
+        assert (path == PATHS.index("estimated" if fallback == "estimate" else "truncated")).all()
+        results[fallback] = accumulator.summary().best_source
+    assert (results["none"] != exact).any(dim=1).any()  # some dominant entries lie outside the visited clusters
+    assert torch.equal(results["estimate"], exact)
+
+
 def test_a_poor_estimate_visits_more_entries(dictionary, indexed):
     alpha_bar = 0.3
     queries = noisy_queries(dictionary, alpha_bar)
