@@ -445,7 +445,8 @@ class TopKBackend:
         # the sample variance of d_i = w_i (v_i - mean) from the sums of w^2, w^2 v and w^2 v^2; the weights are floored
         # at e^(LOG_WEIGHT_FLOOR / 2) first, so that their squares are not subnormal either (which made this product
         # and the squaring slower than the rest of the estimate), adding at most e^LOG_WEIGHT_FLOOR per draw
-        squares = (weights.clamp_(min=math.exp(LOG_WEIGHT_FLOOR / 2)).square_() @ torch.cat([values.square(), values, ones], dim=1)).double()  # (R, 2 V + 1)
+        squared_weights = weights.clamp_(min=math.exp(LOG_WEIGHT_FLOOR / 2)).square_()
+        squares = (squared_weights @ torch.cat([values.square(), values, ones], dim=1)).double()  # (R, 2 V + 1)
         channels = values.shape[1]
         second = squares[:, :channels] - 2 * mean * squares[:, channels:-1] + mean.square() * squares[:, -1:]
         variance = (second - count[:, None] * (tail_mean_sum - mean * tail_mean[:, None]).square()).clamp_min(0)
