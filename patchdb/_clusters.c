@@ -329,7 +329,8 @@ done:
  * (mixed-type strided operations, the index arrays, whole arrays in fresh memory). */
 /* How far ahead fill asks for an entry's norm: a cluster's entries come from images all over the norm maps (hundreds of
  * MB), so each read misses the caches; asking 16 entries early, the whole dictionary at P = 9 and 60,000 images
- * (33 million entries) filled in 0.54 s instead of 0.75 s (8 to 64 ahead: 0.54-0.58 s). */
+ * (33 million entries) filled in 0.54 s instead of 0.75 s on one thread (8 to 64 ahead: 0.54-0.58 s; measured once,
+ * by a throwaway script; benchmarks/bench_fill.py times the fill as it is). */
 #define FILL_PREFETCH_ENTRIES 16
 
 static PyObject *fill(PyObject *self, PyObject *args) {

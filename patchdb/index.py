@@ -234,7 +234,7 @@ class PatchLayout:
 THREAD_FILL_ENTRIES = 2**20
 """PatchLayout.prepare fills this many entries per thread at least, up to torch's threads (some 15 ms of work each): the
 fill waits on reads scattered over the norm maps, which the threads overlap (the dictionary at P = 9 and 60,000 images
-0.54 s on one thread, 0.27 s on two)."""
+0.52 s on one thread, 0.26 s on two: benchmarks/bench_fill.py)."""
 
 
 def balanced_ranges(cumulative: torch.Tensor, parts: int) -> list[tuple[int, int]]:
