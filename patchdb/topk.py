@@ -488,13 +488,14 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
     if queries.dtype != torch.float32 or queries.device.type != "cpu":
         raise PatchdbError("scoring 'compiled' runs on a CPU in float32; choose scoring 'runs' for other dtypes")
     clusters, layout = dictionary.clusters, dictionary.patch_layout
-    visiting = torch.nonzero(visit.any(dim=1)).squeeze(1)
-    pair_rows, pair_clusters = torch.nonzero(visit[visiting]).unbind(1)  # by row, then cluster
-    layout.prepare(torch.nonzero(visit.any(dim=0)).squeeze(1))
+    # one pass over visit: its (row, cluster) pairs, from which the visited clusters and their visitors follow
+    pair_rows, pair_clusters = torch.nonzero(visit).unbind(1)  # by row, then cluster
+    visitors = torch.bincount(pair_clusters, minlength=len(clusters))  # (C,)
+    layout.prepare(torch.nonzero(visitors).squeeze(1))
     by_cluster = torch.argsort(pair_clusters, stable=True)  # by cluster, then row
-    visit_rows = visiting[pair_rows[by_cluster]]
+    visit_rows = pair_rows[by_cluster]
     visit_starts = torch.zeros(len(clusters) + 1, dtype=torch.int64)
-    visit_starts[1:] = torch.bincount(pair_clusters, minlength=len(clusters)).cumsum(0)
+    visit_starts[1:] = visitors.cumsum(0)
     signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
     queries = queries.contiguous()
     pairs = (visit_starts.diff() * clusters.sizes).cumsum(0)
