@@ -34,7 +34,7 @@
 #include <immintrin.h>
 #endif
 
-#define ENTRY_BLOCK 48   /* entries scored before their weights are folded: one rescale per block and row (a multiple of 2, 4 and 6) */
+#define ENTRY_BLOCK 48   /* entries scored before their weights are folded: one rescale per block and row (a multiple of every instruction set's WIDE_ENTRIES and NARROW_ENTRIES) */
 #define ROW_BLOCK 128    /* rows whose state is held in a contiguous block while a cluster is scored */
 #define ROW_ALIGN 16     /* rows are scored in groups of this many (one AVX-512 vector of floats, two AVX2 ones, four SSE ones) */
 #define ROW_ENTRIES 8    /* entries scored together against one row by the row products (a divisor of ENTRY_BLOCK) */
@@ -52,8 +52,9 @@ struct fold_args {
     int64_t *best_entry;
 };
 
-/* Working memory of one call: a block of rows' state and queries (row j of the block in column j: rows are the
- * vectorised dimension), the queries of the rows beyond its last whole group of ROW_ALIGN row by row (each run of
+/* Working memory of one call: a block of rows' state (row j of the block in column j) and queries (rows the vectorised
+ * dimension: in groups of ROW_ALIGN rows, each group's dimensions one after another, so that a group's queries are read
+ * in one sequential stream, which the hardware prefetches, rather than a stride of ROW_BLOCK floats), the queries of the rows beyond its last whole group of ROW_ALIGN row by row (each run of
  * run_length pixels padded with zeros to run_stride), a block of entries' centre pixels and logits, and where a
  * patch's pixels lie. */
 struct scratch {
@@ -82,6 +83,7 @@ static inline float reduce_add_generic(const float *lanes, int count) {
 #define ISA generic
 #define VECTOR_FLOATS 4
 #define WIDE_GROUPS 1
+#define WIDE_ENTRIES 1
 #define NARROW_ENTRIES 4
 #define LOAD_TAIL(pointer, lanes) ({ vector_generic tail_ = {0}; for (Py_ssize_t l_ = 0; l_ < (lanes); l_++) tail_[l_] = (pointer)[l_]; tail_; })
 #define REDUCE_ADD(vector) ({ vector_generic sum_ = (vector); reduce_add_generic((const float *)&sum_, 4); })
@@ -100,6 +102,7 @@ static inline float reduce_add_avx2(__m256 vector) {
 #define ISA avx2
 #define VECTOR_FLOATS 8
 #define WIDE_GROUPS 1
+#define WIDE_ENTRIES 1
 #define NARROW_ENTRIES 6
 #define LOAD_TAIL(pointer, lanes) \
     ((vector_avx2)_mm256_maskload_ps((pointer), _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lanes)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))))
@@ -109,10 +112,13 @@ static inline float reduce_add_avx2(__m256 vector) {
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
+/* sixteen sums in registers where a cluster has 32 rows or more (eight entries against two groups: ten loads per sixteen
+ * multiply-adds), eight otherwise: with four, the multiply-adds' latency bound the products (benchmarks/RESULTS.md) */
 #define ISA avx512
 #define VECTOR_FLOATS 16
-#define WIDE_GROUPS 4
-#define NARROW_ENTRIES 4
+#define WIDE_GROUPS 2
+#define WIDE_ENTRIES 8
+#define NARROW_ENTRIES 8
 #define LOAD_TAIL(pointer, lanes) ((vector_avx512)_mm512_maskz_loadu_ps((__mmask16)((1u << (lanes)) - 1u), (pointer)))
 #define REDUCE_ADD(vector) _mm512_reduce_add_ps((__m512)(vector))
 #define REDUCE_COST 8
@@ -165,7 +171,8 @@ static void fold_clusters(const struct fold_args *a, struct scratch *s, score_fu
                 for (Py_ssize_t ch = 0; ch < channels; ch++) s->weighted[ch * ROW_BLOCK + j] = r < 0 ? 0.0f : a->weighted[r * channels + ch];
                 s->best[j] = r < 0 ? -INFINITY : a->best_bits[r];
                 s->best_entry[j] = -1;
-                for (Py_ssize_t d = 0; d < dims; d++) s->queries[d * ROW_BLOCK + j] = r < 0 ? 0.0f : a->queries[r * dims + d];
+                for (Py_ssize_t d = 0; d < dims; d++)
+                    s->queries[(j / ROW_ALIGN * dims + d) * ROW_ALIGN + j % ROW_ALIGN] = r < 0 ? 0.0f : a->queries[r * dims + d];
             }
             for (Py_ssize_t j = count / ROW_ALIGN * ROW_ALIGN; j < count; j++) { /* for the row products */
                 float *runs = s->row_queries + (j % ROW_ALIGN) * s->num_runs * s->run_stride;

@@ -1,6 +1,6 @@
 /* score_block and its inner products for the instruction set ISA (VECTOR_FLOATS floats per native vector; the narrow
- * inner products take NARROW_ENTRIES entries against ROW_ALIGN rows, the wide ones, where WIDE_GROUPS > 1, two
- * entries against WIDE_GROUPS groups of ROW_ALIGN rows, the row products one row at a time; LOAD_TAIL(pointer, lanes)
+ * inner products take NARROW_ENTRIES entries against ROW_ALIGN rows, the wide ones, where WIDE_GROUPS > 1,
+ * WIDE_ENTRIES against WIDE_GROUPS groups of ROW_ALIGN rows, the row products one row at a time; LOAD_TAIL(pointer, lanes)
  * loads the first lanes floats at pointer into a vector, zeros in the others, reading no further; REDUCE_ADD(vector)
  * sums its lanes, in about REDUCE_COST instructions); included by _clusters.c once per instruction set, inside
  * that instruction set's target pragma, and undefining its parameters at the end. */
@@ -18,30 +18,33 @@ typedef int32_t INTEGER_VECTOR __attribute__((vector_size(VECTOR_FLOATS * sizeof
 DEFINE_EXP2(EXP2, VECTOR, INTEGER_VECTOR, float, int32_t, WEIGHT_FLOOR_BITS, 6, 23, 127, ROUND_MAGIC, 0x4B400000)
 
 /* logits[e * ROW_BLOCK + j] = <query j, patch e> for ENTRIES patches starting at patches[e], whose num_rows runs of
- * size pixels start at the offsets rows[0..num_rows), and the query rows j of [0, GROUPS * ROW_ALIGN) (queries column-major,
- * ROW_BLOCK per dimension): ENTRIES x GROUPS independent vector sums held in registers, enough of them to hide the
- * latency of the multiply-adds */
+ * size pixels start at the offsets rows[0..num_rows), and the query rows j of [0, GROUPS * ROW_ALIGN) (queries in groups
+ * of ROW_ALIGN rows, each group's dimensions one after another, ROW_ALIGN floats each: struct scratch): ENTRIES x GROUPS
+ * independent vector sums held in registers, enough of them to hide the latency of the multiply-adds */
 #define INNER_PRODUCTS(FUNCTION, ENTRIES, GROUPS)                                                                    \
     static inline void FUNCTION(const float *restrict queries, const float *const *patches,                          \
                                                            const Py_ssize_t *rows, Py_ssize_t num_rows, Py_ssize_t size, \
                                                            float *restrict logits) {                                 \
         VECTOR sums[ENTRIES][GROUPS * PARTS];                                                                         \
+        const Py_ssize_t group_floats = num_rows * size * ROW_ALIGN;                                                  \
         for (int e = 0; e < ENTRIES; e++)                                                                             \
             for (int g = 0; g < GROUPS * PARTS; g++) sums[e][g] = (VECTOR){0};                                        \
         for (Py_ssize_t r = 0; r < num_rows; r++) {                                                                   \
             const float *row[ENTRIES];                                                                                \
             for (int e = 0; e < ENTRIES; e++) row[e] = patches[e] + rows[r];                                          \
             for (Py_ssize_t dx = 0; dx < size; dx++) {                                                                \
-                const VECTOR *column = (const VECTOR *)(queries + (r * size + dx) * ROW_BLOCK);                       \
+                const float *column = queries + (r * size + dx) * ROW_ALIGN;                                          \
                 for (int e = 0; e < ENTRIES; e++)                                                                     \
-                    for (int g = 0; g < GROUPS * PARTS; g++) sums[e][g] += row[e][dx] * column[g];                    \
+                    for (int g = 0; g < GROUPS * PARTS; g++)                                                          \
+                        sums[e][g] += row[e][dx] * *(const VECTOR *)(column + g / PARTS * group_floats                \
+                                                                     + g % PARTS * VECTOR_FLOATS);                    \
             }                                                                                                         \
         }                                                                                                             \
         for (int e = 0; e < ENTRIES; e++)                                                                             \
             for (int g = 0; g < GROUPS * PARTS; g++) ((VECTOR *)(logits + e * ROW_BLOCK))[g] = sums[e][g];            \
     }
 INNER_PRODUCTS(CAT(narrow_products_, ISA), NARROW_ENTRIES, 1)
-INNER_PRODUCTS(CAT(wide_products_, ISA), 2, WIDE_GROUPS)
+INNER_PRODUCTS(CAT(wide_products_, ISA), WIDE_ENTRIES, WIDE_GROUPS)
 #undef INNER_PRODUCTS
 
 /* logits[e * ROW_BLOCK + first_row + j] = <query j, patch e> for the ENTRY_BLOCK patches and the rows j < count (the
@@ -92,17 +95,18 @@ static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s,
         for (Py_ssize_t i = 0; i < entries; i++)
             for (Py_ssize_t j = count; j < columns; j++) s->logits[i * ROW_BLOCK + j] = 0.0f; /* computed and ignored */
     }
-    /* the block's inner products: two entries at a time against WIDE_GROUPS x ROW_ALIGN rows, or NARROW_ENTRIES against
-     * ROW_ALIGN (ENTRY_BLOCK is a multiple of both) */
+    /* the block's inner products: WIDE_ENTRIES at a time against WIDE_GROUPS x ROW_ALIGN rows, then NARROW_ENTRIES against
+     * ROW_ALIGN for the rows left (ENTRY_BLOCK is a multiple of both); entries outside, so that their patches stay in the
+     * level-1 cache while the rows' queries stream past them */
     const Py_ssize_t in_groups = by_rows ? grouped : columns;
-    for (Py_ssize_t j = 0; j < in_groups;) {
-        const int wide = WIDE_GROUPS > 1 && in_groups - j >= WIDE_GROUPS * ROW_ALIGN;
-        for (Py_ssize_t i = 0; i < entries; i += wide ? 2 : NARROW_ENTRIES) {
-            if (wide) CAT(wide_products_, ISA)(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
-            else CAT(narrow_products_, ISA)(s->queries + j, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
-        }
-        j += wide ? WIDE_GROUPS * ROW_ALIGN : ROW_ALIGN;
-    }
+    const Py_ssize_t dims = s->num_runs * s->run_length; /* a group of ROW_ALIGN queries is dims * ROW_ALIGN floats */
+    const Py_ssize_t wide_rows = WIDE_GROUPS > 1 ? in_groups / (WIDE_GROUPS * ROW_ALIGN) * (WIDE_GROUPS * ROW_ALIGN) : 0;
+    for (Py_ssize_t i = 0; wide_rows > 0 && i < entries; i += WIDE_ENTRIES)
+        for (Py_ssize_t j = 0; j < wide_rows; j += WIDE_GROUPS * ROW_ALIGN)
+            CAT(wide_products_, ISA)(s->queries + j * dims, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
+    for (Py_ssize_t i = 0; i < entries; i += NARROW_ENTRIES)
+        for (Py_ssize_t j = wide_rows; j < in_groups; j += ROW_ALIGN)
+            CAT(narrow_products_, ISA)(s->queries + j * dims, patch_of + i, s->runs, s->num_runs, s->run_length, s->logits + i * ROW_BLOCK + j);
     for (Py_ssize_t i = 0; i < entries; i++) {
         float *logits = s->logits + i * ROW_BLOCK;
         const float multiplicity = a->log_multiplicity == NULL ? 0.0f : a->log_multiplicity[first + i];
@@ -154,6 +158,7 @@ static void CAT(score_block_, ISA)(const struct fold_args *a, struct scratch *s,
 #undef ISA
 #undef VECTOR_FLOATS
 #undef WIDE_GROUPS
+#undef WIDE_ENTRIES
 #undef NARROW_ENTRIES
 #undef LOAD_TAIL
 #undef REDUCE_ADD

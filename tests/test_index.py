@@ -312,10 +312,11 @@ def test_compiled_scoring_equals_runs(dictionary, indexed32, fallback, threads, 
 @pytest.mark.parametrize("isa", CLUSTER_ISAS)
 @pytest.mark.parametrize("patch_size", [9, 15, 17])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_compiled_scoring_of_few_visitors_row_by_row_equals_the_exact_posterior(isa, patch_size, in_place):
-    """Clusters visited by fewer rows than a group (1, 2, 5) or a group and a few more (17, 19) are scored row by row
-    where that is cheaper (their patches' runs loaded with masked tails: runs of 9, 15 and 17 pixels against 8- and
-    16-float vectors), from keys in memory or read in place from padded images: the float64 exact posterior."""
+def test_compiled_scoring_of_any_number_of_visitors_equals_the_exact_posterior(isa, patch_size, in_place):
+    """Clusters visited by fewer rows than a group (1, 2, 5) or a group and a few more (17, 19), scored row by row where
+    that is cheaper (their patches' runs loaded with masked tails: runs of 9, 15 and 17 pixels against 8- and 16-float
+    vectors), and by 48, 80 and 150 rows (the wide products over pairs of groups and the narrow ones over the group
+    left; more rows than a block), from keys in memory or read in place from padded images: the float64 exact posterior."""
     from patchdb.index import GatheredEntries, squared_norm_maps
     from patchdb.patches import centre_indices, patch_windows
     generator = torch.Generator().manual_seed(patch_size)
@@ -326,19 +327,20 @@ def test_compiled_scoring_of_few_visitors_row_by_row_equals_the_exact_posterior(
     gathered = GatheredEntries(windows, squared_norm_maps(windows), sources, torch.ones(len(sources), dtype=torch.int32),
                                centre_indices(1, patch_size), False)
     in_memory = patchdb.index.take_entries(gathered, slice(None))
-    offsets = torch.tensor([0, 48, 100, 300, 301, 700])
-    clusters = patchdb.index.EntryClusters(offsets, torch.zeros(5, patch_size**2), torch.zeros(5), torch.zeros(5),
+    offsets = torch.tensor([0, 48, 100, 300, 301, 400, 500, 650, 700])
+    visitor_counts = [1, 2, 5, 17, 19, 48, 80, 150]
+    clusters = patchdb.index.EntryClusters(offsets, torch.zeros(8, patch_size**2), torch.zeros(8), torch.zeros(8),
                                            offsets[:-1].clone())
     indexed = patchdb.index.ClusteredDictionary(gathered if in_place else in_memory, clusters)
     alpha_bar = 0.7
-    queries = noisy_queries(PatchDictionary(in_memory.keys.double(), None, None, None, None), alpha_bar, count=19).float()
-    visit = torch.zeros(19, 5, dtype=torch.bool)
-    for cluster, visitors in enumerate([1, 2, 5, 17, 19]):
+    queries = noisy_queries(PatchDictionary(in_memory.keys.double(), None, None, None, None), alpha_bar, count=150).float()
+    visit = torch.zeros(150, 8, dtype=torch.bool)
+    for cluster, visitors in enumerate(visitor_counts):
         visit[:visitors, cluster] = True
-    accumulator = SoftmaxAccumulator(19, 1, torch.float32, queries.device)
+    accumulator = SoftmaxAccumulator(150, 1, torch.float32, queries.device)
     patchdb.topk._score_compiled(accumulator, queries, indexed, visit, alpha_bar, isa=isa)
     got = accumulator.summary()
-    for rows in (slice(0, 1), slice(1, 2), slice(2, 5), slice(5, 17), slice(17, 19)):
+    for rows in map(slice, [0, *visitor_counts[:-1]], visitor_counts):  # rows that visit the same clusters
         visited = torch.nonzero(visit[rows.start]).squeeze(1)
         entries = torch.cat([torch.arange(int(offsets[c]), int(offsets[c + 1])) for c in visited.tolist()])
         double = PatchDictionary.from_entries(in_memory.keys[entries].double(), in_memory.values[entries].double(),
