@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cli.options import TopK  # noqa: E402
+from patchdb.allocator import retain_freed_memory  # noqa: E402
 from patchdb.build import build_store  # noqa: E402
 from patchdb.comparison import image_statistics, summarize  # noqa: E402
 from patchdb.data import load_dataset  # noqa: E402
@@ -101,6 +102,7 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_
     """Time the exact backend and each top-k setting on one batch; print Pearson r against exact and speed-ups."""
     if (images is None) == (label is None):
         raise click.UsageError("give exactly one of --images N and --label L")
+    retain_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     spec = "fashion-mnist:train" if images is None else f"fashion-mnist:train:{images}"

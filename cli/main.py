@@ -2,6 +2,7 @@
 
 import click
 
+from patchdb.allocator import retain_freed_memory
 from patchdb.errors import PatchdbError
 from cli.data import fetch_data
 from cli.sample import sample
@@ -25,6 +26,7 @@ class PatchdbGroup(click.Group):
 @click.version_option(package_name="patchdb")
 def main() -> None:
     """Analytic patch-mosaic score machines of Kamb & Ganguli (ICML 2025) and the CNNs they explain."""
+    retain_freed_memory()
 
 
 main.add_command(sample)

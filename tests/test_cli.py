@@ -177,6 +177,13 @@ def test_group_turns_any_patchdb_error_into_a_message():
     assert result.output.strip() == "Error: the problem; the fix"
 
 
+def test_every_command_keeps_freed_memory(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr("cli.main.retain_freed_memory", lambda: calls.append(True))
+    CliRunner().invoke(main, ["info", str(tmp_path / "missing")])
+    assert calls == [True]
+
+
 def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
     store = tmp_path / "store"
     built = CliRunner().invoke(main, ["build-index", "--dataset", data_specs["labelled"], "--scales", "3", "--conditional",
