@@ -13,7 +13,6 @@ call retain_freed_memory once at start; a program that imports patchdb decides f
 """
 
 import ctypes
-import ctypes.util
 import sys
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -31,13 +30,9 @@ def retain_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory (module docstring); returns whether it was set (False off glibc)."""
     if not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # only glibc's malloc has these parameters
-    except (OSError, AttributeError, TypeError):
+    libc = ctypes.CDLL(None)  # the symbols already loaded into the process, the C library's among them
+    if not hasattr(libc, "gnu_get_libc_version"):  # only glibc's malloc has these parameters
         return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all(mallopt(parameter, value) == 1
-               for parameter, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+    libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))
+    return all([libc.mallopt(parameter, value) == 1 for parameter, value in settings])
