@@ -60,6 +60,9 @@ MERGE_WORTHWHILE = 0.9
 NEGLIGIBLE_LOG_WEIGHT = -60.0
 """A chunk whose every log-weight lies this far below a query's running maximum is skipped for that query."""
 
+SQUARED_REGION_ROWS = 1024
+"""PatchDictionary.stacked squares region keys this many entries at a time (a few MiB, not a copy of all the regions)."""
+
 
 @dataclass
 class PosteriorSummary:
@@ -317,11 +320,12 @@ class PatchDictionary:
         """A stacked dictionary: keys (G, K, D), or as regions; values (G, K, V), sources (G, K, 3)."""
         if isinstance(keys, RegionKeys):
             squared_norms = torch.empty(keys.shape[:2], dtype=values.dtype, device=values.device)
-            squared_regions = keys.regions.square()
             for members, first, stop in keys.tiles:
                 window = torch.zeros(len(members), stop - first, dtype=values.dtype, device=values.device)
                 window.scatter_(1, keys.embedding[members] - first, 1.0)
-                squared_norms[members] = window @ squared_regions[:, first:stop].T
+                for start in range(0, keys.regions.shape[0], SQUARED_REGION_ROWS):  # temporaries the allocator reuses
+                    rows = slice(start, start + SQUARED_REGION_ROWS)
+                    squared_norms[members, rows] = window @ keys.regions[rows, first:stop].square().T
         else:
             squared_norms = torch.linalg.vector_norm(keys, dim=-1).square()
         zeros = torch.zeros(squared_norms.shape, dtype=values.dtype, device=values.device)

@@ -10,6 +10,7 @@ import torch
 
 import reference
 from conftest import noisy_batch
+import patchdb.engine
 import patchdb.machines
 import patchdb.patches
 from patchdb.data import make_dataset
@@ -354,6 +355,8 @@ def test_same_location_regions_give_the_copied_patches_posterior(name, patch_siz
     expected = [copied.posterior(x, t, labels, patch_size) for labels, t in settings]
     monkeypatch.setattr(patchdb.patches, "REGION_TILE", 5)  # tiles that cut across the corner squares
     monkeypatch.setattr(patchdb.patches, "REGION_MAX_WASTE", 100.0)  # always
+    monkeypatch.setattr(patchdb.patches, "REGION_IMAGES", 4)  # the 9 images' regions copied in blocks of 4, 4 and 1
+    monkeypatch.setattr(patchdb.engine, "SQUARED_REGION_ROWS", 2)  # and their squared norms in blocks of 2 entries
     assert len(patchdb.patches.same_location_regions(images, torch.arange(144), patch_size, "zeros")[2]) == 9
     machine = make_machine(name, dataset, dtype=torch.float64)
     for (labels, t), reference_posterior in zip(settings, expected):
