@@ -26,7 +26,7 @@ class PatchdbGroup(click.Group):
 @click.version_option(package_name="patchdb")
 def main() -> None:
     """Analytic patch-mosaic score machines of Kamb & Ganguli (ICML 2025) and the CNNs they explain."""
-    retain_freed_memory()
+    retain_freed_memory(large_blocks=click.get_current_context().invoked_subcommand != "build-index")  # its budget is a cap
 
 
 main.add_command(sample)

@@ -42,6 +42,32 @@ def test_retained_memory_is_reused_without_page_faults():
     assert page_faults() < 4 * 160 * 1024**2 / 4096 / 10
 
 
+# a block larger than the heap's free top: mapped on its own, or (large_blocks) taken from the heap, which grows
+MAPPED_BLOCKS = """
+import ctypes
+import torch
+from patchdb.allocator import retain_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+assert retain_freed_memory(large_blocks={large_blocks})
+before = mallinfo2().hblks
+block = torch.empty(2 * 1024**3, dtype=torch.uint8)  # never touched: no memory is used
+print(mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting is glibc's malloc's")
+@pytest.mark.parametrize("large_blocks, mapped", [(True, 0), (False, 1)])
+def test_large_blocks_come_from_the_heap_if_asked(large_blocks, mapped):
+    script = MAPPED_BLOCKS.format(large_blocks=large_blocks)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout) == mapped
+
+
 @pytest.mark.skipif(GLIBC, reason="on glibc the setting applies")
 def test_elsewhere_nothing_is_set():
     assert retain_freed_memory() is False
