@@ -202,16 +202,16 @@ def same_location_regions(images: torch.Tensor, pixels: torch.Tensor, patch_size
     num_images, channels = images.shape[:2]
     rows, columns = pixels // width, pixels % width
     offsets = torch.arange(patch_size, device=device)
-    tiles, first = [], 0
+    tiles, length = [], 0
     embedding = torch.empty(len(pixels), channels * patch_size**2, dtype=torch.int64, device=device)
     for members, top, left, height, side in layout:
         channel = torch.arange(channels, device=device)[:, None, None] * height * side
         within = channel + offsets[None, :, None] * side + offsets[None, None, :]  # (C, P, P) relative to the patch's corner
         corner = (rows[members] - top) * side + columns[members] - left
-        embedding[members] = first + corner[:, None] + within.reshape(1, -1)
-        tiles.append((members, first, first + channels * height * side))
-        first += channels * height * side
-    regions = images.new_empty(num_images, first)
+        embedding[members] = length + corner[:, None] + within.reshape(1, -1)
+        tiles.append((members, length, length + channels * height * side))
+        length += channels * height * side
+    regions = images.new_empty(num_images, length)
     for start in range(0, num_images, REGION_IMAGES):
         padded = padded_images(images[start:start + REGION_IMAGES], patch_size, padding)
         for (_, top, left, height, side), (_, first, stop) in zip(layout, tiles):
