@@ -6,13 +6,14 @@ import click
 
 from cli.options import machine_data_options
 from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run, parse_candidates
-from patchdb.machines import MACHINES
+from patchdb.patches import PATCH_MACHINES
 
 
 @click.command("calibrate")
 @click.option("--model", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder of a trained network (from `patchdb train`).")
-@click.option("--machine", type=click.Choice(MACHINES), default="bbels", help="Machine whose scale is calibrated.")
+@click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels",
+              help="Patch machine whose scale is calibrated (IS and ES have none).")
 @click.option("--candidates", default="3,5,...,17", help="Candidate patch sizes: '3,5,7' or '3,5,...,17'.")
 @click.option("--samples", type=click.IntRange(min=1), default=10, help="Reverse trajectories (noise seeds) to follow.")
 @click.option("--metric", type=click.Choice(METRICS), default="cos", help="Score agreement: cosine similarity or L2 distance.")
@@ -22,7 +23,7 @@ from patchdb.machines import MACHINES
 @machine_data_options
 @click.option("--device", default="cpu", help="torch device for the network and the machine: cpu or cuda.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              show_default="RUN_DIR/scales.json", help="Where scales.json goes (scales.png beside it).")
+              show_default="RUN_DIR/scales.json", help="Where the schedule's JSON goes (the same name with .png beside it).")
 def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, data_dir, memory_gb, device, out) -> None:
     """Follow the network's reverse trajectories; per step keep the machine patch size whose score best matches it.
 

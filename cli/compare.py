@@ -12,6 +12,7 @@ from patchdb.comparison import run_comparison
 from patchdb.data import load_dataset
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES
+from patchdb.patches import PATCH_MACHINES
 from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.scales import SCALE_SPEC_HELP, parse_scales
 from patchdb.training import cached_run_dir, is_trained, read_config, train_cached
@@ -24,11 +25,11 @@ from patchdb.training import cached_run_dir, is_trained, read_config, train_cach
               help="Data set spec; picks the cached network for --model resnet|unet. The machines always use "
                    "the network's own training images.")
 @click.option("--padding", type=click.Choice(PADDINGS), default="zeros", help="Padding of the cached network (resnet|unet).")
-@click.option("--conditional/--unconditional", default=None, show_default="the run's",
-              help="Class-conditional network (for resnet|unet; a RUN_DIR knows its own).")
+@click.option("--conditional/--unconditional", default=None, show_default="a RUN_DIR's own; unconditional for resnet|unet",
+              help="Class-conditional network.")
 @click.option("--train", "train_missing", is_flag=True, help="Train a missing cached network with the cpu preset without asking.")
 @click.option("--machine", type=click.Choice(MACHINES), default="bbels", help="The machine compared with the network.")
-@click.option("--scales", "scale_spec", default=None, show_default="calibrated:RUN_DIR (calibrated first if missing)",
+@click.option("--scales", "scale_spec", default=None, show_default="calibrated:RUN_DIR (calibrated first if missing; none for is|es)",
               help=f"Scale schedule: {SCALE_SPEC_HELP}.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=2), default=20, help="Sampling steps n.")
 @click.option("--num", type=click.IntRange(min=1), default=100, help="Number of seeds (samples).")
@@ -45,13 +46,13 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
             batch_size, single_step, test_dataset, data_dir, memory_gb, device, out_dir) -> None:
     """Run the network and the machine (plus the IS machine and a Gaussian baseline) from the same seeds; report r, R^2, MSE."""
     run_dir = _resolve_model(model, dataset_spec, padding, conditional, train_missing, data_dir, device)
-    if scale_spec is None:
+    if scale_spec is None and machine in PATCH_MACHINES:
         scale_spec = f"calibrated:{run_dir}"
         if not (run_dir / "scales.json").is_file():
             click.echo(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
             calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
                           memory_budget=gib_to_bytes(memory_gb))
-    scales = parse_scales(scale_spec, num_steps)
+    scales = None if scale_spec is None else parse_scales(scale_spec, num_steps)
     report = run_comparison(run_dir, out_dir, machine=machine, scales=scales, scales_source=scale_spec,
                             num_steps=num_steps, num=num, seed=seed, batch_size=batch_size,
                             test_dataset=test_dataset, single_step=single_step, data_dir=data_dir, device=device,

@@ -17,6 +17,7 @@ at entry i, the entry the sampler reads at step i.
 import json
 import os
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from patchdb.schedule import full_steps
 
 METRICS = ("cos", "l2")
 CONVENTION = "entry i is the patch size at t = i/n"
-DEFAULT_CANDIDATES = [3, 5, 7, 9, 11, 13, 15, 17]
+DEFAULT_CANDIDATES = (3, 5, 7, 9, 11, 13, 15, 17)
 DEFAULT_SEED = 1000
 """Calibration noise seeds start here, clear of comparison seeds 0-999."""
 
@@ -112,7 +113,7 @@ def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tens
     return {"scales": scales, "per_sample": per_sample, "similarity": similarity, "samples": samples}
 
 
-def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candidates: list[int] = DEFAULT_CANDIDATES,
+def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candidates: Sequence[int] = DEFAULT_CANDIDATES,
                   samples: int = 10, metric: str = "cos", num_steps: int = 20, seed: int = DEFAULT_SEED,
                   data_dir=None, device: str = "cpu", out: str | os.PathLike | None = None,
                   memory_budget: int | None = None) -> tuple[Path, dict]:
@@ -121,8 +122,11 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     memory_budget: the machine's memory bound in bytes (None: its default)."""
     from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine
+    from patchdb.patches import PATCH_MACHINES
     from patchdb.training import load_network, load_training_data
 
+    if machine not in PATCH_MACHINES:
+        raise PatchdbError(f"machine {machine!r} has no patch size to calibrate: choose one of {', '.join(PATCH_MACHINES)}")
     network = load_network(run_dir, device)
     dataset = load_training_data(run_dir, data_dir)
     noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),

@@ -93,10 +93,13 @@ def compare_models(network: ScoreModel, models: dict[str, tuple[ScoreModel, list
 
 def comparison_summary(result: dict, machine: str, baseline: str = "is") -> dict:
     """compare.json's statistics: per model and statistic the summary over seeds, and the fraction
-    of seeds where the machine's pearson_r beats the baseline's (ties count half)."""
+    of seeds where the machine's pearson_r beats the baseline's (ties count half; absent when the
+    machine is the baseline)."""
     stats = result["statistics"]
     summary = {name: {key: summarize(values.tolist()) for key, values in per_model.items()}
                for name, per_model in stats.items()}
+    if machine == baseline:
+        return {"summary": summary}
     fraction = None
     if machine in stats and baseline in stats:
         machine_r, baseline_r = stats[machine]["pearson_r"], stats[baseline]["pearson_r"]
@@ -227,12 +230,12 @@ def held_out_spec(training_spec: str | None, count: int) -> str:
 
 
 def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, machine: str = "bbels",
-                   scales: list[int], scales_source: str, num_steps: int = 20, num: int = 100, seed: int = 0,
+                   scales: list[int] | None, scales_source: str | None, num_steps: int = 20, num: int = 100, seed: int = 0,
                    batch_size: int = 10, test_dataset: str | None = None, single_step: bool = False,
                    data_dir=None, device: str = "cpu", memory_budget: int | None = None,
                    show_progress: bool = True) -> dict:
-    """Compare a run's network with the machine (at the given scale schedule), the IS machine and the
-    Gaussian baseline, all over the run's own training images, on num seeds; write to out_dir
+    """Compare a run's network with the machine (at the given scale schedule; None for IS and ES, which
+    have no patch size), the IS machine and the Gaussian baseline, all over the run's own training images, on num seeds; write to out_dir
     compare.json, outputs.npz (noise, labels, each model's images), scatter.png, pairs.png and,
     with single_step, single_step.png (held-out images from test_dataset or the data set's test split).
     memory_budget: the machines' memory bound in bytes (None: their default). Returns the content of compare.json."""
@@ -254,13 +257,10 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
             raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
     noise, labels = seeded_inputs(seed, num, tuple(dataset.images.shape[1:]), dataset.num_classes if conditional else None)
     options = {"device": device} if memory_budget is None else {"device": device, "memory_budget": memory_budget}
-    models = {
-        machine: (make_machine(machine, dataset, **options), scales),
-        "is": (make_machine("is", dataset, **options), None),
-        "gaussian": (GaussianScore(dataset), None),
-    }
-    if machine == "is":
-        del models["is"]
+    models = {machine: (make_machine(machine, dataset, **options), scales)}
+    if machine != "is":
+        models["is"] = (make_machine("is", dataset, **options), None)
+    models["gaussian"] = (GaussianScore(dataset), None)
     result = compare_models(network, models, noise, labels, num_steps, batch_size=batch_size, show_progress=show_progress)
     stats = result["statistics"]
     seeds = list(range(seed, seed + num))

@@ -84,6 +84,7 @@ def test_commands_report_bad_inputs_without_traceback(tmp_path):
     for arguments in (["compare", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
                       ["calibrate", "--model", str(tmp_path / "missing")],
                       ["calibrate", "--model", str(tmp_path), "--candidates", "3,4"],
+                      ["calibrate", "--model", str(tmp_path), "--machine", "es"],
                       ["train", "--dataset", "file:" + str(tmp_path / "none.npz"), "--out", str(tmp_path / "run")]):
         result = runner.invoke(main, arguments)
         assert result.exit_code != 0 and "Error:" in result.output and result.exception is not None
@@ -117,6 +118,18 @@ def test_tiny_comparison_run_writes_every_output(tmp_path):
     assert np.array_equal(outputs["noise"][1], regenerated[0].numpy()) and outputs["labels"][1] == labels[0]
     for name in ("scatter.png", "pairs.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+    from click.testing import CliRunner
+    from cli.main import main
+
+    # IS has no patch size: compare runs it without calibrating a schedule first
+    result = CliRunner().invoke(main, ["compare", "--model", str(tmp_path / "run"), "--machine", "is", "--steps", "3",
+                                       "--num", "2", "--seed", "4", "--batch-size", "2", "--out", str(tmp_path / "out-is")])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "run" / "scales.json").exists()
+    ideal = json.loads((tmp_path / "out-is" / "compare.json").read_text())
+    assert set(ideal["summary"]) == {"is", "gaussian"} and "fraction_is_beats_is" not in ideal
+    assert ideal["per_seed"][0]["pearson_r"]["is"] == pytest.approx(report["per_seed"][0]["pearson_r"]["is"])
 
 
 def test_single_step_agreement_is_one_for_the_model_itself_and_uses_each_step_scale():
