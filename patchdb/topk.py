@@ -282,15 +282,19 @@ class TopKBackend:
         """Counts since the last call: queries per path, entries scored, deepenings (queries that visited more
         entries after a poor estimate, once per round), seconds in search / rescore / estimate,
         and the standard error of the accepted estimates' posterior means, in the values' units (median, 90th
-        percentile, max; None without estimates)."""
+        percentile and max of the known ones, and the number unknown: rows with one draw in their tail, accepted
+        only in the last round; None without estimates)."""
         report, self._report = self._report, _new_report()
         report["paths"] = {PATHS[code]: count for code, count in sorted(report["paths"].items())}
         errors = report.pop("standard_errors")
         report["estimate_standard_error"] = None
         if errors:
             errors = torch.cat(errors)
-            median, p90, largest = errors.quantile(torch.tensor([0.5, 0.9, 1.0], dtype=errors.dtype)).tolist()
-            report["estimate_standard_error"] = {"median": median, "p90": p90, "max": largest}
+            known = errors[errors.isfinite()]
+            median, p90, largest = (known.quantile(torch.tensor([0.5, 0.9, 1.0], dtype=errors.dtype)).tolist()
+                                    if known.numel() else (None, None, None))
+            report["estimate_standard_error"] = {"median": median, "p90": p90, "max": largest,
+                                                 "unknown": errors.numel() - known.numel()}
         return report
 
     def _count(self, path: torch.Tensor, scored: int) -> None:
@@ -452,6 +456,7 @@ class TopKBackend:
         variance = (second - count[:, None] * (tail_mean_sum - mean * tail_mean[:, None]).square()).clamp_min(0)
         variance /= (count - 1).clamp_min(1)[:, None]
         standard_error = (tail_patches[:, None] * (variance / count[:, None]).sqrt() / normaliser[:, None]).amax(dim=1)
+        standard_error.masked_fill_(drawn < 2, math.inf)  # one draw has no sample variance: its error is unknown
         return shift, chunk_max, tail_sums, standard_error
 
 

@@ -178,6 +178,19 @@ def test_estimator_is_close_and_auto_falls_back_to_exact(dictionary, indexed):
     assert (path == PATHS.index("exact")).all() and torch.allclose(exact_fallback, exact, atol=1e-10)
 
 
+def test_one_draw_gives_no_error_estimate_so_auto_goes_exact(dictionary, indexed):
+    alpha_bar = 0.3
+    queries = noisy_queries(dictionary, alpha_bar)
+    exact = exact_mean(queries, dictionary, alpha_bar)
+    options = {"topk": 64, "tol": 1e-6, "estimate_samples": 1, "estimate_error": 10.0}
+    strict, path = topk_fold(TopKBackend(fallback="auto", **options), queries, indexed, alpha_bar)
+    assert (path == PATHS.index("exact")).all() and torch.allclose(strict, exact, atol=1e-10)
+    backend = TopKBackend(fallback="estimate", **options)  # accepts its last round's estimates, errors unknown
+    _, path = topk_fold(backend, queries, indexed, alpha_bar)
+    errors = backend.take_report()["estimate_standard_error"]
+    assert errors["unknown"] == (path == PATHS.index("estimated")).sum() > 0 and errors["median"] is None
+
+
 def test_estimated_rows_take_the_dominant_entry_of_their_visited_entries_and_draws(dictionary, indexed):
     """With draws enough to hold every patch, each estimated row's dominant entry is the exact one, also where the
     visited clusters alone (the truncated softmax) miss it."""
