@@ -11,6 +11,7 @@ interrupted build resumes.
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from patchdb.duplicates import BLOCK_ROWS, merge_hashed, row_hashes, unique_rows
 from patchdb.index import (CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_ENTRIES, Partition, Quantizer, flat_index,
                            number_of_clusters)
 from patchdb.patches import PATCH_MACHINES, dictionary_groups, gather_patches, gather_sources, padding_mode, patch_windows
-from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, read_settings, scale_file,
-                           write_scale, write_settings)
+from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, differing_settings,
+                           read_settings, scale_file, scale_mismatch, write_scale, write_settings)
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,16 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
     if (out / STORE_FILE).exists():
         existing = read_settings(out)
         if existing != settings:
-            changed = [name for name, value in vars(settings).items() if getattr(existing, name) != value]
+            changed = differing_settings(settings, existing)
             raise PatchdbError(f"{out} holds a store built with other settings ({', '.join(changed)} differ); "
                                f"choose another --out, or delete {out} to rebuild it")
     else:
         write_settings(out, settings, dataset)
     for temporary in out.glob(".*.tmp"):
-        if not _process_alive(int(temporary.suffixes[-2].lstrip("."))):  # left by a build that was killed outright
+        writer = re.fullmatch(r"\.(?:store|scale-\d+)\.h5\.(\d+)\.tmp", temporary.name)
+        if writer and not _process_alive(int(writer[1])):  # left by a build that was killed outright
             temporary.unlink(missing_ok=True)
-    todo = [size for size in scales if not scale_file(out, size).is_file()]
+    todo = [size for size in scales if _missing_or_stale(out, size, settings)]
     if len(todo) < len(scales):
         log.info("resuming %s: patch sizes %s are already built", out, sorted(set(scales) - set(todo)))
     for patch_size in tqdm(todo, desc="build-index", unit="scale", disable=not progress):
@@ -85,6 +87,16 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
         if callback is not None:
             callback(patch_size)
     return PatchStore(out)
+
+
+def _missing_or_stale(out: Path, patch_size: int, settings: StoreSettings) -> bool:
+    """Whether scale-PP.h5 of out must be built: it is absent, or a build with other settings left it."""
+    if not scale_file(out, patch_size).is_file():
+        return True
+    problem = scale_mismatch(out, patch_size, settings)
+    if problem:
+        log.warning("rebuilding patch size %d: %s", patch_size, problem)
+    return problem is not None
 
 
 def _process_alive(pid: int) -> bool:
@@ -111,7 +123,7 @@ def _build_scale(dataset: Dataset, settings: StoreSettings, patch_size: int, out
             log.info("%s at P=%d: %d patches of %d values, about %.2f GiB while building", key, patch_size, num_patches,
                      channels * patch_size**2, num_patches * BYTES_PER_PATCH / 1024**3)
             dictionaries[key] = _build_dictionary(windows, group.key_pixels, settings)
-    write_scale(out, patch_size, dictionaries)
+    write_scale(out, patch_size, dictionaries, settings)
 
 
 def _build_dictionary(windows: torch.Tensor, key_pixels: torch.Tensor, settings: StoreSettings) -> StoredDictionary:

@@ -5,7 +5,9 @@ A store is a folder:
 - ``store.h5``: metadata (attributes, see StoreSettings and BUILD_ATTRIBUTES) and the preprocessed
   training images (N, C, H, W) float32 (plus labels), from which every patch is gathered again at
   load time: storing patches would cost C * P * P floats per entry, tens of GB at 60,000 images.
-- ``scale-PP.h5`` for each patch size P: one HDF5 group per dictionary, ``label-L/<boundary class>``
+- ``scale-PP.h5`` for each patch size P: the settings it was built with (the same attribute as
+  ``store.h5``'s, so that a scale file left by another build is never taken for this one's) and one HDF5
+  group per dictionary, ``label-L/<boundary class>``
   (``label-all`` unconditionally), holding
     ``sources`` (n, 3) int32: training image (index within the label's images), centre row, column
         of each distinct patch (its first occurrence), sorted by cluster;
@@ -39,7 +41,7 @@ from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, 
                            take_entries)
 from patchdb.patches import DictionaryGroup, centre_indices, patch_windows
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 STORE_FILE = "store.h5"
 
 
@@ -113,9 +115,30 @@ def read_settings(store: Path) -> StoreSettings:
     if raw.get("format_version") != FORMAT_VERSION:
         raise PatchdbError(f"{store} has store format {raw.get('format_version')}, this patchdb reads format "
                            f"{FORMAT_VERSION}; rebuild it with `patchdb build-index`")
-    raw["image_shape"], raw["scales"] = tuple(raw["image_shape"]), tuple(raw["scales"])
+    return _settings_from(raw)
+
+
+def _settings_from(raw: dict) -> StoreSettings:
+    raw = {**raw, "image_shape": tuple(raw["image_shape"]), "scales": tuple(raw["scales"])}
     raw["labels"] = None if raw["labels"] is None else tuple(raw["labels"])
     return StoreSettings(**raw)
+
+
+def differing_settings(settings: StoreSettings, other: StoreSettings) -> list[str]:
+    """The names of the settings in which other differs from settings."""
+    return [name for name, value in vars(settings).items() if getattr(other, name) != value]
+
+
+def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str | None:
+    """Why the existing scale-PP.h5 of store is not a part of a store with settings (None when it is)."""
+    path = scale_file(store, patch_size)
+    try:
+        with h5py.File(path, "r") as file:
+            built = _settings_from(json.loads(file.attrs["settings"]))
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        return f"{path.name} is corrupt or from an older patchdb ({error})"
+    changed = differing_settings(settings, built)
+    return f"{path.name} was built with other settings ({', '.join(changed)} differ)" if changed else None
 
 
 @dataclass
@@ -134,9 +157,10 @@ class StoredDictionary:
     coarse_quantizer: np.ndarray | None = None
 
 
-def write_scale(store: Path, patch_size: int, dictionaries: dict[str, StoredDictionary]) -> None:
-    """Write scale-PP.h5 with every dictionary of one patch size (HDF5 key -> dictionary)."""
+def write_scale(store: Path, patch_size: int, dictionaries: dict[str, StoredDictionary], settings: StoreSettings) -> None:
+    """Write scale-PP.h5 with every dictionary of one patch size (HDF5 key -> dictionary) of a store with settings."""
     with atomic_h5(scale_file(store, patch_size)) as file:
+        file.attrs["settings"] = json.dumps(asdict(settings))
         file.attrs["patch_size"] = patch_size
         for key, stored in dictionaries.items():
             group = file.create_group(key)
@@ -161,6 +185,10 @@ class PatchStore:
         if missing:
             raise PatchdbError(f"the store {self.path} is incomplete: patch sizes {missing} were never written (the build "
                                f"was interrupted); rerun the same `patchdb build-index` command to resume it")
+        mismatched = [problem for size in self.settings.scales if (problem := scale_mismatch(self.path, size, self.settings))]
+        if mismatched:
+            raise PatchdbError(f"the store {self.path} mixes builds: {'; '.join(mismatched)}; rerun the `patchdb "
+                               f"build-index` command that made {STORE_FILE} to rebuild those scales")
 
     def check_run(self, dataset: Dataset, machine: str, scales: list[int] | None = None, conditional: bool | None = None,
                   labels: torch.Tensor | None = None) -> None:

@@ -1,5 +1,7 @@
 """The patch store: build, load, resume, refuse mismatched runs and corrupt files; indexed machines equal exact ones."""
 
+import shutil
+
 import h5py
 import numpy as np
 import pytest
@@ -157,10 +159,26 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
     with pytest.raises(PatchdbError, match="corrupt"):
         PatchStore(broken)
     copy = build(dataset, tmp_path / "copy")
-    scale_file(copy.path, 3).write_bytes(b"garbage")
+    with h5py.File(scale_file(copy.path, 3), "a") as file:
+        del file["label-all/interior"]
     machine = make_machine("bbels", dataset, store=PatchStore(copy.path), backend=TopKBackend())
-    with pytest.raises(PatchdbError, match="corrupt"):
+    with pytest.raises(PatchdbError, match="corrupt or lacks a dictionary"):
         machine.posterior(noisy_batch(dataset, 0.5, seed=0).float(), 0.5, None, 3)
+    scale_file(copy.path, 3).write_bytes(b"garbage")
+    with pytest.raises(PatchdbError, match="scale-03.h5 is corrupt"):
+        PatchStore(copy.path)
+
+
+def test_scale_files_of_another_build_are_refused_and_rebuilt(dataset, store, tmp_path, caplog):
+    other = build_store(dataset, "bbels", SCALES, tmp_path / "other", cluster_size=8, min_indexed_entries=64, progress=False)
+    shutil.copy(scale_file(store.path, 5), scale_file(other.path, 5))
+    with pytest.raises(PatchdbError, match="mixes builds: scale-05.h5 was built with other settings .cluster_size differ"):
+        PatchStore(other.path)
+    (other.path / STORE_FILE).unlink()  # store.h5 rewritten for other settings: the scale files left are stale
+    kept = scale_file(other.path, 3).stat().st_mtime_ns
+    rebuilt = build(dataset, other.path)
+    assert "rebuilding patch size 3" in caplog.text and scale_file(other.path, 3).stat().st_mtime_ns != kept
+    assert rebuilt.describe()["scales"] == store.describe()["scales"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the GPU path runs where there is one")
@@ -211,8 +229,12 @@ def test_a_build_killed_outright_leaves_a_temporary_that_the_next_build_removes(
     scale_file(out, SCALES[1]).unlink()
     stale = out / f".{scale_file(out, SCALES[1]).name}.999999999.tmp"  # no such process
     stale.write_bytes(b"half a file")
+    others = [out / ".notes.tmp", out / ".draft.h5.abc.tmp"]  # not a build's: left alone
+    for path in others:
+        path.write_text("someone else's")
     build(dataset, out)
     assert not stale.exists() and scale_file(out, SCALES[1]).is_file()
+    assert all(path.exists() for path in others)
 
 
 def test_stored_arrays_are_mapped_from_the_file_where_they_lie_contiguously(tmp_path):
