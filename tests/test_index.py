@@ -139,6 +139,36 @@ def test_certified_pixels_are_within_tol_times_the_spread(dictionary, indexed, a
     assert report["entries_scored"] < len(path) * len(dictionary)  # the certificate saved work
 
 
+@pytest.mark.parametrize("fallback", ["none", "estimate"])
+def test_pixels_certified_once_their_clusters_are_scored_are_within_tol_times_the_spread(dictionary, indexed, fallback,
+                                                                                      monkeypatch):
+    """The medoids' bound leaves these pixels uncertified; their scored clusters' exact normaliser certifies them."""
+    alpha_bar, tol = 0.99, 1e-2
+    queries = noisy_queries(dictionary, alpha_bar, count=128)
+    late = []
+    real = TopKBackend._certify_scored
+
+    def recording(self, accumulator, plan, rows):
+        left = real(self, accumulator, plan, rows)
+        certified = rows[~torch.isin(rows, left)]
+        late.append((certified, plan.visit[certified].clone()))
+        return left
+
+    monkeypatch.setattr(TopKBackend, "_certify_scored", recording)
+    mean, path = topk_fold(TopKBackend(topk=len(dictionary) // 4, tol=tol, fallback=fallback), queries, indexed, alpha_bar)
+    (late, visited), = late
+    assert late.numel() > 0 and (path[late] == PATHS.index("certified")).all()
+    spread = dictionary.values.max() - dictionary.values.min()
+    assert (mean - exact_mean(queries, dictionary, alpha_bar)).abs()[late].max() <= tol * spread
+    # the certificate's own claim: the exact posterior mass outside the scored clusters is at most tol
+    entries, offsets = indexed.entries, indexed.clusters.offsets
+    logits = (-(queries[late, None, :] - math.sqrt(alpha_bar) * entries.keys).square().sum(-1) / (2 * (1 - alpha_bar))
+              + entries.log_multiplicity)
+    cluster = torch.searchsorted(offsets, torch.arange(len(entries.keys)), right=True) - 1
+    neglected = (logits.softmax(dim=1) * ~visited[:, cluster]).sum(dim=1)
+    assert neglected.max() <= tol
+
+
 def test_estimated_normaliser_is_unbiased(dictionary, indexed):
     alpha_bar = 0.5
     queries = noisy_queries(dictionary, alpha_bar, count=16)
