@@ -8,8 +8,8 @@ VENV_PYTHON := $(VENV)/bin/python
 # (pip compiles patchdb/_windows.c and patchdb/_clusters.c with the system's C compiler).
 STAMP := $(VENV)/.patchdb-installed
 
-# Sixteen samples, a class each (so each sees only its class's 100 training images): bbELS, exact; about
-# 20 s on an idle 2-core machine (benchmarks/RESULTS.md has the engine's figures).
+# Sixteen samples, a class each (so each sees only its class's 100 training images): bbELS, exact (its time:
+# benchmarks/RESULTS.md, "make demo").
 DEMO_OPTIONS := --num 16 --conditional --seed 0
 DEMO_OUT := out/demo
 

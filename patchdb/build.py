@@ -41,7 +41,7 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
     """Build (or resume) the store of machine's dictionaries for dataset at the patch sizes scales, in out.
 
     conditional: one set of dictionaries per class, for the classes labels (default: all of them);
-    cluster_size: entries per k-means cluster; dictionaries with fewer than min_indexed_entries
+    cluster_size: patches (duplicates counted) per k-means cluster; dictionaries with fewer than min_indexed_entries
     distinct patches are stored without clusters (the exact backend scans them); callback(patch_size)
     is called each time a scale's file has been written.
     """

@@ -11,10 +11,11 @@ the softmax-weighted mean of the entries' values (the centre pixel of a patch, o
 the entry with the largest weight and that weight. It never holds more than one chunk of logits:
 a streaming log-sum-exp keeps a running maximum, normaliser and weighted sum per query.
 
-Backends: ``ExactBackend`` computes every entry's logit, by one of two methods: large matrix
+Backends: ``ExactBackend`` computes every entry's logit, by one of three methods: large matrix
 products, skipping the entries that a bound proves negligible (below e^-60 of a query's maximum: see
-EntryBlocks), or, for the patch machines on a CPU, sliding-window correlations of the images
-themselves (patchdb.windows), which cost O(1) per logit instead of O(P^2).
+EntryBlocks); for the patch machines on a CPU, sliding-window correlations of the images
+themselves (patchdb.windows), which cost O(1) per logit instead of O(P^2); or, on a GPU, one Triton
+kernel that scores and folds without writing the logits out (patchdb.fused).
 """
 
 import math
@@ -41,7 +42,7 @@ GPU_LOGIT_CHUNK_BYTES = 256 * 1024**2
 chunk costs kernel launches and a few host synchronisations."""
 
 LOG_WEIGHT_FLOOR = -80.0
-"""Log-weights relative to the running maximum are floored here before exp (see SoftmaxAccumulator.update)."""
+"""Log-weights relative to the running maximum are floored here before exp, as subnormals are slow on x86."""
 
 MIN_BLOCKED_ENTRIES = 65536
 """Only dictionaries at least this large are sorted into blocks for pruning."""
@@ -389,8 +390,9 @@ def check_exact_method(method: str) -> None:
 
 
 class ExactBackend:
-    """Scan every dictionary entry into a streaming softmax: logits by matrix products, chunk by chunk, or
-    (the patch machines on a CPU, method 'windows') by sliding windows over the images (patchdb.windows).
+    """Scan every dictionary entry into a streaming softmax: logits by matrix products, chunk by chunk,
+    (the patch machines on a CPU, method 'windows') by sliding windows over the images (patchdb.windows), or
+    (plain dictionaries on a GPU, method 'fused') by one kernel that scores and folds (patchdb.fused).
 
     With block pruning, a large dictionary at low noise (alpha_bar >= BLOCK_PRUNING_MIN_ALPHA_BAR) is
     sorted into bounded blocks once, and each query skips the blocks whose bound proves them

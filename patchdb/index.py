@@ -160,7 +160,8 @@ class ClusteredDictionary:
 
     def __post_init__(self):
         if self.patch_counts is None:
-            # multiplicities below 2^23 come back exactly from a float32 exp once rounded
+            # from the logs, exact only while a float32 log's rounding stays below half a count (multiplicities below
+            # about 10^6; a store passes its integer multiplicities, patchdb.store)
             self.patch_counts = PatchCounts.from_multiplicity(
                 self.entries.multiplicity if isinstance(self.entries, GatheredEntries)
                 else self.entries.log_multiplicity.float().exp().round())

@@ -157,7 +157,9 @@ class IdealMachine(Machine):
         sources = torch.zeros(images.shape[0], 3, dtype=torch.int64, device=self.device)
         sources[:, 0] = torch.arange(images.shape[0], device=self.device)
         dictionary = PatchDictionary.from_entries(keys, keys, sources)
-        summary = ExactBackend().summarize(x.reshape(batch, -1), [dictionary], alpha_bar)
+        # by products on every device, as run.json says (generate.backend_name): the fused kernel is kept to the
+        # patch machines' dictionaries, the ones it was tested and tuned on
+        summary = ExactBackend(method="products").summarize(x.reshape(batch, -1), [dictionary], alpha_bar)
         rows, cols = _pixel_grid(height, width, self.device)
         source = torch.stack([summary.best_source[:, 0, None, None].expand(batch, height, width),
                               rows.expand(batch, -1, -1), cols.expand(batch, -1, -1)], dim=-1)
@@ -406,7 +408,7 @@ def make_machine(name: str, dataset: Dataset, **options) -> Machine:
     """The machine called name (one of MACHINES) over dataset's training images.
 
     options: dtype (torch.float32 or torch.float64), device, memory_budget (bytes), and for the
-    patch machines backend and merge_duplicates.
+    patch machines backend, merge_duplicates and store (a PatchStore, which the top-k backend needs).
     """
     if name == "is":
         return IdealMachine(dataset, **options)

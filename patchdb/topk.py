@@ -5,7 +5,7 @@ has an upper bound b_c on its members' logits (triangle inequality) and so a bou
 M_c = b_c + log(summed multiplicities) on its share of the posterior's normaliser. The backend
 
 1. orders the clusters by the distance from q / sqrt(alpha_bar) to their centroids, as an IVF
-   search probes them, and scores each cluster's medoid (its entry nearest the centroid): their
+   search probes them, and scores each cluster's medoid (its entry nearest the cluster's k-means centre): their
    summed weight is a lower bound Z on the query's normaliser;
 2. takes the shortest prefix of that order whose complement's mass bound
    logsumexp(M_c over the rest) is at most tol * Z: if that prefix holds at most ``topk`` entries,
