@@ -83,11 +83,14 @@ def dictionary_key(label: int | None, group: DictionaryGroup) -> str:
 
 @contextlib.contextmanager
 def atomic_h5(path: Path) -> Iterator[h5py.File]:
-    """An HDF5 file open for writing under a temporary name, renamed to path only when the block succeeds."""
+    """An HDF5 file open for writing under a temporary name, renamed to path only when the block succeeds
+    and the file is on disk (so that not even a power cut leaves a part that looks whole)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with h5py.File(temporary, "w") as file:
             yield file
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
