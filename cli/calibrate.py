@@ -5,8 +5,9 @@ from pathlib import Path
 import click
 
 from cli.options import machine_data_options
-from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run, parse_candidates
+from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run
 from patchdb.patches import PATCH_MACHINES
+from patchdb.scales import parse_size_list
 
 
 @click.command("calibrate")
@@ -29,7 +30,7 @@ def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, da
 
     Entry i of the schedule is the patch size at t = i/n (what `--scales calibrated:RUN_DIR` reads).
     """
-    path, result = calibrate_run(run_dir, machine=machine, candidates=parse_candidates(candidates), samples=samples,
+    path, result = calibrate_run(run_dir, machine=machine, candidates=parse_size_list(candidates, "candidates"), samples=samples,
                                  metric=metric, num_steps=num_steps, seed=seed, data_dir=data_dir, device=device,
                                  out=out, memory_budget=gib_to_bytes(memory_gb))
     click.echo(f"scales {result['scales']} (entry i at t = i/{num_steps}) -> {path}")

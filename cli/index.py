@@ -20,7 +20,7 @@ from patchdb.store import PatchStore
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
 @click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels", help="The patch machine whose dictionaries to index.")
-@click.option("--scales", default="3,5,7,9,11,13,15,17", help="Patch sizes to index: odd sizes 3,5,... or paper:KEY (its sizes).")
+@click.option("--scales", default="3,5,7,9,11,13,15,17", help="Patch sizes to index: odd sizes '3,5,7', a range '3,5,...,17', or paper:KEY (its sizes).")
 @click.option("--conditional", is_flag=True, help="One set of dictionaries per class (for class-conditional sampling).")
 @click.option("--labels", default=None, help="With --conditional: only these classes, comma-separated (default: all).")
 @click.option("--cluster-size", type=click.IntRange(min=1), default=CLUSTER_SIZE,

@@ -51,22 +51,6 @@ def median_candidate(sizes: list[int], candidates: list[int]) -> int:
     return min(sorted(candidates), key=lambda candidate: abs(candidate - median))
 
 
-def parse_candidates(text: str) -> list[int]:
-    """'3,5,7' or an arithmetic range written '3,5,...,17' -> list of ints."""
-    items = [item.strip() for item in text.split(",")]
-    try:
-        if "..." in items:
-            if len(items) != 4 or items[2] != "...":
-                raise ValueError
-            first, second, last = int(items[0]), int(items[1]), int(items[3])
-            if second <= first or (last - first) % (second - first):
-                raise ValueError
-            return list(range(first, last + 1, second - first))
-        return [int(item) for item in items]
-    except ValueError:
-        raise PatchdbError(f"cannot read candidates {text!r}: write a comma list '3,5,7' or a range '3,5,...,17'") from None
-
-
 def check_candidates(candidates: list[int]) -> list[int]:
     """Candidates as a sorted list of distinct positive odd sizes, or PatchdbError."""
     if not candidates:

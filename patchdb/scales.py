@@ -70,14 +70,29 @@ def check_scales(sizes: list, num_steps: int, source: str = "scales") -> list[in
 
 
 def parse_patch_sizes(spec: str) -> list[int]:
-    """The patch sizes of a comma-separated list ('3,5,7') or of a paper:KEY schedule (checked by their user)."""
+    """The patch sizes of a list ('3,5,7' or '3,5,...,17', see parse_size_list) or of a paper:KEY schedule (checked by
+    their user)."""
     spec = str(spec).strip()
     if spec.startswith("paper:"):
         return _paper_preset(spec)
+    return parse_size_list(spec, "the patch sizes", "or paper:KEY")
+
+
+def parse_size_list(text: str, what: str = "the sizes", alternatives: str = "") -> list[int]:
+    """'3,5,7' or an arithmetic range written '3,5,...,17' -> list of ints; what and alternatives name them in errors."""
+    items = [item.strip() for item in text.split(",")]
     try:
-        return [int(item) for item in spec.split(",")]
+        if "..." in items:
+            if len(items) != 4 or items[2] != "...":
+                raise ValueError
+            first, second, last = int(items[0]), int(items[1]), int(items[3])
+            if second <= first or (last - first) % (second - first):
+                raise ValueError
+            return list(range(first, last + 1, second - first))
+        return [int(item) for item in items]
     except ValueError:
-        raise PatchdbError(f"cannot read the patch sizes {spec!r}: give odd sizes like 3,5,7 or paper:KEY") from None
+        raise PatchdbError(f"cannot read {what} {text!r}: write a comma list '3,5,7' or a range '3,5,...,17' "
+                           f"{alternatives}".rstrip()) from None
 
 
 def _paper_preset(spec: str) -> list[int]:

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from patchdb.calibration import (
-    calibrate_scales, check_candidates, median_candidate, parse_candidates, score_similarity, write_scales,
+    calibrate_scales, check_candidates, median_candidate, score_similarity, write_scales,
 )
 from patchdb.comparison import seeded_inputs
 from patchdb.errors import PatchdbError
 from patchdb.machines import make_machine
-from patchdb.scales import parse_scales
+from patchdb.scales import parse_patch_sizes, parse_scales, parse_size_list
 from tests.conftest import tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -65,12 +65,12 @@ def test_score_similarity_prefers_the_closer_score():
     assert torch.allclose(score_similarity(3 * target, target, "cos"), torch.ones(2, dtype=torch.float64))
 
 
-def test_candidate_parsing():
-    assert parse_candidates("3,5,...,17") == [3, 5, 7, 9, 11, 13, 15, 17]
-    assert parse_candidates("7, 3,5") == [7, 3, 5]
+def test_size_lists_and_ranges():
+    assert parse_size_list("3,5,...,17") == [3, 5, 7, 9, 11, 13, 15, 17] == parse_patch_sizes("3,5,...,17")
+    assert parse_size_list("7, 3,5") == [7, 3, 5]
     for bad in ("3,5,...", "3,x", "3,5,...,16", "5,3,...,17"):
-        with pytest.raises(PatchdbError):
-            parse_candidates(bad)
+        with pytest.raises(PatchdbError, match="cannot read candidates"):
+            parse_size_list(bad, "candidates")
     for bad in ([], [4], [3, -1]):
         with pytest.raises(PatchdbError):
             check_candidates(bad)
