@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import machine_data_options
+from cli.options import DEVICE, SEEDS, machine_data_options
 from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run
 from patchdb.patches import PATCH_MACHINES
 from patchdb.scales import parse_size_list
@@ -19,10 +19,10 @@ from patchdb.scales import parse_size_list
 @click.option("--samples", type=click.IntRange(min=1), default=10, help="Reverse trajectories (noise seeds) to follow.")
 @click.option("--metric", type=click.Choice(METRICS), default="cos", help="Score agreement: cosine similarity or L2 distance.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=2), default=20, help="Sampling steps n.")
-@click.option("--seed", type=click.IntRange(min=0), default=DEFAULT_SEED,
+@click.option("--seed", type=SEEDS, default=DEFAULT_SEED,
               help="Sample k's noise (and label) come from seed + k; the default stays clear of compare's seeds.")
 @machine_data_options
-@click.option("--device", default="cpu", help="torch device for the network and the machine: cpu or cuda.")
+@click.option("--device", type=DEVICE, default="cpu", help="torch device for the network and the machine.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               show_default="RUN_DIR/scales.json", help="Where the schedule's JSON goes (the same name with .png beside it).")
 def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, data_dir, memory_gb, device, out) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from cli.calibrate import gib_to_bytes
-from cli.options import machine_data_options
+from cli.options import DEVICE, SEEDS, machine_data_options
 from patchdb.calibration import calibrate_run
 from patchdb.comparison import run_comparison
 from patchdb.data import load_dataset
@@ -33,13 +33,13 @@ from patchdb.training import cached_run_dir, is_trained, read_config, train_cach
               help=f"Scale schedule: {SCALE_SPEC_HELP}.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=2), default=20, help="Sampling steps n.")
 @click.option("--num", type=click.IntRange(min=1), default=100, help="Number of seeds (samples).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, help="Sample k uses noise (and label) from seed + k.")
+@click.option("--seed", type=SEEDS, default=0, help="Sample k uses noise (and label) from seed + k.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=10, help="Samples generated together.")
 @click.option("--single-step", is_flag=True, help="Also compare scores on the same noised held-out images at each t.")
 @click.option("--test-dataset", default=None, show_default="the data set's test split",
               help="Held-out images for --single-step.")
 @machine_data_options
-@click.option("--device", default="cpu", help="torch device: cpu or cuda.")
+@click.option("--device", type=DEVICE, default="cpu", help="torch device.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: compare.json, outputs.npz, scatter.png, pairs.png[, single_step.png].")
 def compare(model, dataset_spec, padding, conditional, train_missing, machine, scale_spec, num_steps, num, seed,

@@ -1,15 +1,31 @@
 """Click options shared by the commands that build machines from a data set."""
 
+import math
 from pathlib import Path
 
 import click
 
 from patchdb.engine import DEFAULT_MEMORY_BUDGET
+from patchdb.generate import DEVICES
+
+SEEDS = click.IntRange(min=0, max=2**62)
+"""--seed: sample k's generator is seeded with seed + k, which torch takes up to 2^63 - 1."""
+
+
+DEVICE = click.Choice(DEVICES)
+"""--device: the torch device of the machines and networks."""
+
+
+def finite(ctx, param, value):
+    """A click callback refusing NaN and infinity (which FloatRange's bounds let through)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx, param)
+    return value
 
 
 def machine_data_options(command):
     """--data-dir (root of named data sets) and --memory-gb (the machines' memory budget)."""
-    command = click.option("--memory-gb", type=click.FloatRange(min=0.1), default=None,
+    command = click.option("--memory-gb", type=click.FloatRange(min=0.1), default=None, callback=finite,
                            show_default=f"the machine's default ({DEFAULT_MEMORY_BUDGET / 1024**3:g})",
                            help="Memory bound of the machine's patch dictionaries and logits, in GiB.")(command)
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import click
 
-from cli.options import TopK
+from cli.options import DEVICE, SEEDS, TopK, finite
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS
-from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DEVICES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
+from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
 from patchdb.machines import MACHINES
 from patchdb.scales import SCALE_SPEC_HELP
 from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS, DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES,
@@ -24,7 +24,7 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
 @click.option("--steps", type=click.IntRange(min=2), default=20, help="Sampling steps n (the schedule's length).")
 @click.option("--num", type=click.IntRange(min=1), default=None,
               show_default=f"{DEFAULT_NUM}, or the N of --noise", help="Number of samples N.")
-@click.option("--seed", type=click.IntRange(min=0), default=0,
+@click.option("--seed", type=SEEDS, default=0,
               help="Sample k's noise (and --conditional label) come from seed + k: regenerate it alone with --seed S+k --num 1.")
 @click.option("--label", type=click.IntRange(min=0), default=None,
               help="Class of every sample (only that class's training images are used).")
@@ -33,9 +33,9 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
               help="An (N, C, H, W) float .npy used as the starting noise instead of drawing it from --seed.")
 @click.option("--loop", type=click.Choice(tuple(LOOPS)), default="machine",
               help="machine: t = (n-1)/n ... 1/n, as the authors ran the machines; full: t = 1 ... 1/n.")
-@click.option("--device", type=click.Choice(DEVICES), default="cpu", help="torch device.")
+@click.option("--device", type=DEVICE, default="cpu", help="torch device.")
 @click.option("--dtype", type=click.Choice(tuple(DTYPES)), default="float32", help="Floating-point precision of the machine.")
-@click.option("--memory-budget", "memory_budget_gib", type=click.FloatRange(min=0, min_open=True),
+@click.option("--memory-budget", "memory_budget_gib", type=click.FloatRange(min=0, min_open=True), callback=finite,
               default=DEFAULT_MEMORY_BUDGET / GIB, help="GiB the machine may use for dictionaries and logits.")
 @click.option("--exact-method", type=click.Choice(EXACT_METHODS), default="auto", show_default=True,
               help="How the exact backend scores the patch machines: windows (sliding-window correlations, compiled, CPU), "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cli.options import DEVICE, SEEDS
 from patchdb.data import load_dataset
 from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.training import PRESETS, preset_configs, train_network
@@ -23,8 +24,8 @@ from patchdb.training import PRESETS, preset_configs, train_network
               help="cpu: narrow network, data subset, ~20 min on 2 cores; paper: the paper's setting (a GPU job).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, show_default="the preset's",
               help="Number of passes over the training images.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the initial weights, shuffles, times and noise.")
-@click.option("--device", default="cpu", help="torch device: cpu or cuda.")
+@click.option("--seed", type=SEEDS, default=0, help="Seed of the initial weights, shuffles, times and noise.")
+@click.option("--device", type=DEVICE, default="cpu", help="torch device.")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: config.json, checkpoint.pt, loss.png. An unfinished run there is resumed.")
 def train(architecture, dataset_spec, data_dir, padding, conditional, preset, epochs, seed, device, run_dir) -> None:

@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from patchdb.data import Dataset
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, output_folder
 from patchdb.duplicates import BLOCK_ROWS, merge_hashed, row_hashes, unique_rows
 from patchdb.index import (CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_ENTRIES, Partition, Quantizer, flat_index,
                            number_of_clusters)
-from patchdb.patches import PATCH_MACHINES, dictionary_groups, gather_patches, gather_sources, padding_mode, patch_windows
+from patchdb.patches import PATCH_MACHINES, check_patch_size, dictionary_groups, gather_patches, gather_sources, padding_mode, patch_windows
 from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, differing_settings,
                            read_settings, scale_file, scale_mismatch, write_scale, write_settings)
 
@@ -51,6 +51,8 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
     bad = [size for size in scales if size <= 0 or size % 2 == 0]
     if bad:
         raise PatchdbError(f"patch sizes {bad} are invalid: give positive odd sizes, e.g. --scales 3,5,7")
+    for size in scales:
+        check_patch_size(size, padding_mode(machine), *dataset.images.shape[2:])
     if conditional and dataset.labels is None:
         raise PatchdbError(f"--conditional needs class labels but the data set {dataset.name!r} has none")
     if conditional:
@@ -65,8 +67,7 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
                              image_shape=tuple(dataset.images.shape[1:]), machine=machine, padding=padding_mode(machine),
                              scales=tuple(scales), labels=labels, cluster_size=cluster_size,
                              min_indexed_entries=min_indexed_entries, merge_duplicates=merge_duplicates)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     if (out / STORE_FILE).exists():
         existing = read_settings(out)
         if existing != settings:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, output_folder
 from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import full_steps
 
@@ -111,6 +111,8 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
 
     if machine not in PATCH_MACHINES:
         raise PatchdbError(f"machine {machine!r} has no patch size to calibrate: choose one of {', '.join(PATCH_MACHINES)}")
+    path = Path(out or Path(run_dir) / "scales.json")
+    output_folder(path.parent)  # before the long run, so that an unusable --out fails fast
     network = load_network(run_dir, device)
     dataset = load_training_data(run_dir, data_dir)
     noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),
@@ -118,7 +120,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     options = {} if memory_budget is None else {"memory_budget": memory_budget}
     result = calibrate_scales(network, make_machine(machine, dataset, device=device, **options), noise, labels, num_steps,
                               candidates, metric)
-    path = write_scales(out or Path(run_dir) / "scales.json", result, machine=machine, metric=metric,
+    path = write_scales(path, result, machine=machine, metric=metric,
                         candidates=candidates, model=run_dir, seed=seed)
     return path, result
 
@@ -128,7 +130,7 @@ def write_scales(path: str | os.PathLike, result: dict, *, machine: str, metric:
     """Write the schedule as scales.json (readable by --scales FILE.json and calibrated:RUN_DIR)
     and scales.png beside it; both atomically. Returns the JSON path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(path.parent)
     content = {
         "scales": result["scales"], "num_steps": len(result["scales"]), "convention": CONVENTION,
         "machine": machine, "metric": metric, "candidates": check_candidates(candidates),

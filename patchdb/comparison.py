@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, output_folder
 from patchdb.generate import seeded_inputs
 from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import alpha_bar, beta, full_steps, machine_steps
@@ -245,8 +245,7 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     from patchdb.machines import make_machine
     from patchdb.training import load_network, load_training_data, read_config
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir)
     network = load_network(run_dir, device)
     dataset = load_training_data(run_dir, data_dir)
     conditional = network.config.conditional

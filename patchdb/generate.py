@@ -39,7 +39,7 @@ import patchdb
 from patchdb import fused, windows
 from patchdb.data import Dataset, load_dataset
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, check_exact_method
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, output_folder
 from patchdb.machines import MACHINES, Machine, Posterior, make_machine
 from patchdb.patches import PATCH_MACHINES
 from patchdb.plots import image_grid_figure, provenance_figure
@@ -180,11 +180,7 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     noise, labels = _inputs(config, dataset)
     machine = make_machine(config.machine, dataset, dtype=DTYPES[config.dtype], device=config.device,
                            memory_budget=int(config.memory_budget_gib * GIB), **_backend_options(config, dataset, scales, labels))
-    out = Path(config.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise PatchdbError(f"cannot create the output folder {out} ({error.strerror}); choose another --out") from None
+    out = output_folder(config.out)
     device_labels = None if labels is None else labels.to(config.device)
     generation = generate(machine, noise.to(device=config.device, dtype=DTYPES[config.dtype]), scales, config.steps,
                           device_labels, config.loop, progress)
@@ -324,6 +320,8 @@ def read_noise(path: Path, image_shape: tuple[int, ...]) -> torch.Tensor:
         noise = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise PatchdbError(f"noise file {path} is not a readable .npy array ({error})") from None
+    if not isinstance(noise, np.ndarray):
+        raise PatchdbError(f"noise file {path} is an .npz archive, not one array; save the noise alone with np.save")
     if noise.ndim != 4 or tuple(noise.shape[1:]) != image_shape or noise.shape[0] == 0:
         raise PatchdbError(f"noise file {path} holds an array of shape {noise.shape}; the data set needs "
                            f"(N, {', '.join(map(str, image_shape))}) with N >= 1")

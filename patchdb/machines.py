@@ -24,7 +24,7 @@ import torch
 from patchdb.data import Dataset
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, PatchDictionary, RegionKeys, SoftmaxAccumulator, logit_chunk_bytes
 from patchdb.errors import PatchdbError
-from patchdb.patches import (PATCH_MACHINES, centre_indices, dictionary_groups, extracted_bytes_per_image, gather_patches,
+from patchdb.patches import (PATCH_MACHINES, centre_indices, check_patch_size, dictionary_groups, extracted_bytes_per_image, gather_patches,
                              padding_mode, patch_windows, same_location_regions)
 from patchdb.schedule import alpha_bar
 from patchdb.store import PatchStore
@@ -228,9 +228,7 @@ class PatchMachine(Machine):
         if patch_size is None:
             raise PatchdbError(f"the {self.name} machine needs a patch size: give --scales")
         batch, channels, height, width = x.shape
-        if self.padding == "circular" and patch_size > 2 * min(height, width) + 1:
-            raise PatchdbError(f"patch size {patch_size} wraps more than once around a {height}x{width} image; "
-                               f"circular patches can be at most {2 * min(height, width) + 1} wide")
+        check_patch_size(patch_size, self.padding, height, width)
         windows = self._windows_backend(x, patch_size)
         if windows is not None:
             start = time.perf_counter()

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from patchdb.errors import PatchdbError
+
 PATCH_MACHINES = ("ls", "els", "bbels")
 
 
@@ -98,6 +100,13 @@ def extract_patches(images: torch.Tensor, patch_size: int, padding: str, pixels:
     padding: 'zeros' (pixels beyond the border read 0) or 'circular' (they wrap around).
     """
     return gather_patches(patch_windows(images, patch_size, padding), pixels)
+
+
+def check_patch_size(patch_size: int, padding: str, height: int, width: int) -> None:
+    """PatchdbError where patches of patch_size cannot be cut from height x width images with padding."""
+    if padding == "circular" and patch_size > 2 * min(height, width) + 1:
+        raise PatchdbError(f"patch size {patch_size} wraps more than once around a {height}x{width} image; "
+                           f"circular patches can be at most {2 * min(height, width) + 1} wide")
 
 
 def patch_windows(images: torch.Tensor, patch_size: int, padding: str) -> torch.Tensor:

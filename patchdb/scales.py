@@ -48,7 +48,7 @@ def _read_scale_file(path: Path, num_steps: int) -> list[int]:
         raise PatchdbError(f"scale file {path} does not exist; run `patchdb calibrate --out {path}` or give another --scales")
     try:
         content = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PatchdbError(f"scale file {path} is not valid JSON ({error})") from None
     sizes = content.get("scales") if isinstance(content, dict) else content
     if not isinstance(sizes, list):

@@ -113,18 +113,24 @@ def read_settings(store: Path) -> StoreSettings:
     try:
         with h5py.File(path, "r") as file:
             raw = json.loads(file.attrs["settings"])
-    except (OSError, KeyError, ValueError) as error:
+        version = raw.get("format_version")
+        settings = _settings_from(raw) if version == FORMAT_VERSION else None
+    except (OSError, KeyError, ValueError, AttributeError) as error:
         raise PatchdbError(f"{path} is corrupt or not a patchdb store ({error}); delete {store} and build it again") from None
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise PatchdbError(f"{store} has store format {raw.get('format_version')}, this patchdb reads format "
-                           f"{FORMAT_VERSION}; rebuild it with `patchdb build-index`")
-    return _settings_from(raw)
+    if settings is None:
+        raise PatchdbError(f"{store} has store format {version}, this patchdb reads format {FORMAT_VERSION}; "
+                           "rebuild it with `patchdb build-index`")
+    return settings
 
 
 def _settings_from(raw: dict) -> StoreSettings:
-    raw = {**raw, "image_shape": tuple(raw["image_shape"]), "scales": tuple(raw["scales"])}
-    raw["labels"] = None if raw["labels"] is None else tuple(raw["labels"])
-    return StoreSettings(**raw)
+    """StoreSettings from their JSON object; ValueError when it is not one of them."""
+    try:
+        raw = {**raw, "image_shape": tuple(raw["image_shape"]), "scales": tuple(raw["scales"])}
+        raw["labels"] = None if raw["labels"] is None else tuple(raw["labels"])
+        return StoreSettings(**raw)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"its settings are damaged: {error!r}") from None
 
 
 def differing_settings(settings: StoreSettings, other: StoreSettings) -> list[str]:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from patchdb.data import Dataset, load_dataset, make_dataset, user_cache_data_dir
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, output_folder
 from patchdb.networks import NetworkConfig, NetworkScore, build_network
 from patchdb.schedule import alpha_bar_tensor
 
@@ -122,7 +122,7 @@ def train_network(run_dir: str | os.PathLike, dataset: Dataset, dataset_spec: st
     optimizer = torch.optim.AdamW(network.parameters(), lr=training_config.learning_rate,
                                   weight_decay=training_config.weight_decay)
     batches_done, batch_losses = _resume(run_dir, config, network, optimizer)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(run_dir)
     _write_json_atomic(run_dir / CONFIG_FILE, config)
 
     batches_per_epoch = math.ceil(len(data) / training_config.batch_size)

@@ -81,10 +81,18 @@ def test_commands_report_bad_inputs_without_traceback(tmp_path):
     from cli.main import main
 
     runner = CliRunner()
+    np.savez(tmp_path / "noise.npz", noise=np.zeros((1, 1, 32, 32)))
+    (tmp_path / "afile").write_text("a file, not a folder")
     for arguments in (["compare", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
                       ["calibrate", "--model", str(tmp_path / "missing")],
                       ["calibrate", "--model", str(tmp_path), "--candidates", "3,4"],
                       ["calibrate", "--model", str(tmp_path), "--machine", "es"],
+                      ["calibrate", "--model", str(tmp_path), "--device", "bogus"],
+                      ["sample", "--seed", str(10**20), "--out", str(tmp_path / "out")],
+                      ["sample", "--memory-budget", "nan", "--out", str(tmp_path / "out")],
+                      ["sample", "--noise", str(tmp_path / "noise.npz"), "--out", str(tmp_path / "out")],
+                      ["build-index", "--machine", "els", "--scales", "99", "--out", str(tmp_path / "store")],
+                      ["build-index", "--scales", "3", "--out", str(tmp_path / "afile" / "store")],
                       ["train", "--dataset", "file:" + str(tmp_path / "none.npz"), "--out", str(tmp_path / "run")]):
         result = runner.invoke(main, arguments)
         assert result.exit_code != 0 and "Error:" in result.output and result.exception is not None
