@@ -11,7 +11,6 @@ interrupted build resumes.
 
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from patchdb.index import (CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_
                            number_of_clusters)
 from patchdb.patches import PATCH_MACHINES, check_patch_size, dictionary_groups, gather_patches, gather_sources, padding_mode, patch_windows
 from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, differing_settings,
-                           read_settings, scale_file, scale_mismatch, write_scale, write_settings)
+                           read_settings, scale_file, scale_mismatch, temporary_writer, write_scale, write_settings)
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +76,8 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
     else:
         write_settings(out, settings, dataset)
     for temporary in out.glob(".*.tmp"):
-        writer = re.fullmatch(r"\.(?:store|scale-\d+)\.h5\.(\d+)\.tmp", temporary.name)
-        if writer and not _process_alive(int(writer[1])):  # left by a build that was killed outright
+        writer = temporary_writer(temporary)
+        if writer is not None and not _process_alive(writer):  # left by a build that was killed outright
             temporary.unlink(missing_ok=True)
     todo = [size for size in scales if _missing_or_stale(out, size, settings)]
     if len(todo) < len(scales):

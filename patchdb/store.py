@@ -25,6 +25,7 @@ whole; an interrupted build resumes from the scales already written.
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,10 +97,20 @@ def atomic_h5(path: Path) -> Iterator[h5py.File]:
         temporary.unlink(missing_ok=True)
 
 
+def temporary_writer(path: Path) -> int | None:
+    """The process id in the name of a temporary file that atomic_h5 writes (None for any other file)."""
+    match = re.fullmatch(r"\..+\.h5\.(\d+)\.tmp", Path(path).name)
+    return None if match is None else int(match[1])
+
+
+def _settings_json(settings: StoreSettings) -> str:
+    return json.dumps(asdict(settings))
+
+
 def write_settings(store: Path, settings: StoreSettings, dataset: Dataset) -> None:
     """Write store.h5: the settings as attributes, and the preprocessed images and labels."""
     with atomic_h5(Path(store) / STORE_FILE) as file:
-        file.attrs["settings"] = json.dumps(asdict(settings))
+        file.attrs["settings"] = _settings_json(settings)
         file.create_dataset("images", data=dataset.images.numpy())
         if dataset.labels is not None:
             file.create_dataset("labels", data=dataset.labels.numpy())
@@ -169,7 +180,7 @@ class StoredDictionary:
 def write_scale(store: Path, patch_size: int, dictionaries: dict[str, StoredDictionary], settings: StoreSettings) -> None:
     """Write scale-PP.h5 with every dictionary of one patch size (HDF5 key -> dictionary) of a store with settings."""
     with atomic_h5(scale_file(store, patch_size)) as file:
-        file.attrs["settings"] = json.dumps(asdict(settings))
+        file.attrs["settings"] = _settings_json(settings)
         file.attrs["patch_size"] = patch_size
         for key, stored in dictionaries.items():
             group = file.create_group(key)
