@@ -5,7 +5,8 @@ Seeding follows EDM: sample k of a run with seed S has its own generator
 ``conditional``, its label; so sample k of a batch is regenerated alone by seed S + k, num 1.
 Noise is drawn in float32 on the CPU (the same on every device) and then cast.
 
-A run writes into its output folder (every file atomically: a temporary name, then os.replace):
+A run writes into its output folder (every file atomically: a temporary name, then os.replace; run.json is removed
+first and written last, so that a folder without it holds a run interrupted while writing its files):
 
 - samples.npy: (N, C, H, W) float32 in about [-1, 1];
 - noise.npy: (N, C, H, W) the starting noise, in the sampling dtype;
@@ -28,7 +29,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
 
@@ -286,6 +287,24 @@ def _check_config(config: SampleConfig) -> None:
                            "choose --exact-method auto or products")
     if config.memory_budget_gib <= 0:
         raise PatchdbError(f"--memory-budget must be positive, got {config.memory_budget_gib} GiB")
+    defaults = {field.name: field.default for field in fields(SampleConfig)}
+    if config.index is None:
+        ignored = [name for name in INDEX_OPTIONS if getattr(config, name) != defaults[name]]
+        if ignored:
+            raise PatchdbError(f"without --index STORE the exact backend samples, and {', '.join(map(_option, ignored))} "
+                               "(options of the top-k backend) would be ignored: add --index, or drop them")
+    elif config.exact_method != defaults["exact_method"]:
+        raise PatchdbError("--exact-method chooses how the exact backend scores, but --index selects the top-k backend: "
+                           "drop one of them")
+
+
+INDEX_OPTIONS = ("topk", "tol", "fallback", "estimate_samples", "estimate_error", "exact_from_patch_size")
+"""The SampleConfig fields that only the top-k backend (--index) reads."""
+
+
+def _option(field_name: str) -> str:
+    """The command-line option of a SampleConfig field."""
+    return "--" + field_name.replace("_", "-")
 
 
 def _inputs(config: SampleConfig, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -337,6 +356,8 @@ def _write_outputs(out: Path, dataset: Dataset, generation: Generation, noise: t
     samples = generation.samples.float().cpu().numpy()
     source = generation.provenance.source.cpu().numpy()
     weight = generation.provenance.weight.float().cpu().numpy()
+    # run.json goes last: a folder without it holds a run interrupted while writing, whose files may come from two runs
+    (out / "run.json").unlink(missing_ok=True)
     _save_npy(out / "samples.npy", samples)
     _save_npy(out / "noise.npy", noise.cpu().numpy())
     if labels is None:

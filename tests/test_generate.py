@@ -1,11 +1,13 @@
 """The sample job as a library (patchdb.generate) and its figures (patchdb.plots)."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
+import patchdb.generate
 from patchdb.errors import PatchdbError
 from patchdb.generate import PosteriorRecorder, SampleConfig, generate, read_noise, run_sample, seeded_inputs
 from patchdb.machines import make_machine
@@ -96,6 +98,33 @@ def test_run_writes_every_output_atomically(tiny_npz, tmp_path):
     run_sample(SampleConfig(out=str(out), dataset=f"file:{tiny_npz}", machine="els", scales="3", steps=3, num=1),
                progress=False)
     assert not (out / "labels.npy").exists() and np.load(out / "samples.npy").shape == (1, 1, 32, 32)
+
+
+def test_a_run_interrupted_while_writing_leaves_no_run_json(tiny_npz, tmp_path, monkeypatch):
+    """run.json marks a folder whose files all come from one run: removed before the files are replaced, written last."""
+    config = SampleConfig(out=str(tmp_path / "run"), dataset=f"file:{tiny_npz}", machine="els", scales="3", steps=3, num=1)
+    run_sample(config, progress=False)
+    assert (tmp_path / "run" / "run.json").is_file()
+
+    def interrupted(*arguments):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(patchdb.generate, "provenance_figure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sample(SampleConfig(**{**asdict(config), "seed": 1}), progress=False)
+    assert not (tmp_path / "run" / "run.json").exists()
+    assert not any(path.name.endswith(".tmp") for path in (tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"tol": 0.1}, "--tol"), ({"topk": 8, "fallback": "exact"}, "--topk, --fallback"),
+    ({"exact_from_patch_size": 5}, "--exact-from-patch-size"), ({"index": "store", "exact_method": "products"}, "--exact-method")])
+def test_options_of_the_other_backend_are_refused_not_ignored(tiny_npz, tmp_path, options, message):
+    config = SampleConfig(out=str(tmp_path / "run"), dataset=f"file:{tiny_npz}", machine="els", scales="3", steps=3, num=1,
+                          **options)
+    with pytest.raises(PatchdbError, match=message):
+        run_sample(config, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("array, message", [
