@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import DEVICE, SEEDS, machine_data_options
+from cli.options import DEVICE, SEEDS, machine_data_options, warn_if_unfinished
 from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run
 from patchdb.patches import PATCH_MACHINES
 from patchdb.scales import parse_size_list
@@ -30,6 +30,7 @@ def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, da
 
     Entry i of the schedule is the patch size at t = i/n (what `--scales calibrated:RUN_DIR` reads).
     """
+    warn_if_unfinished(run_dir)
     path, result = calibrate_run(run_dir, machine=machine, candidates=parse_size_list(candidates, "candidates"), samples=samples,
                                  metric=metric, num_steps=num_steps, seed=seed, data_dir=data_dir, device=device,
                                  out=out, memory_budget=gib_to_bytes(memory_gb))

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from cli.calibrate import gib_to_bytes
-from cli.options import DEVICE, SEEDS, machine_data_options
+from cli.options import DEVICE, SEEDS, machine_data_options, warn_if_unfinished
 from patchdb.calibration import calibrate_run
 from patchdb.comparison import run_comparison
 from patchdb.data import load_dataset
@@ -15,7 +15,7 @@ from patchdb.machines import MACHINES
 from patchdb.patches import PATCH_MACHINES
 from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.scales import SCALE_SPEC_HELP, parse_scales
-from patchdb.training import cached_run_dir, is_trained, read_config, train_cached
+from patchdb.training import cached_run_dir, is_trained, read_config, read_network_config, train_cached
 
 
 @click.command("compare")
@@ -24,7 +24,8 @@ from patchdb.training import cached_run_dir, is_trained, read_config, train_cach
 @click.option("--dataset", "dataset_spec", default=None, show_default="the run's own data set",
               help="Data set spec; picks the cached network for --model resnet|unet. The machines always use "
                    "the network's own training images.")
-@click.option("--padding", type=click.Choice(PADDINGS), default="zeros", help="Padding of the cached network (resnet|unet).")
+@click.option("--padding", type=click.Choice(PADDINGS), default=None, show_default="a RUN_DIR's own; zeros for resnet|unet",
+              help="Padding of the network's convolutions.")
 @click.option("--conditional/--unconditional", default=None, show_default="a RUN_DIR's own; unconditional for resnet|unet",
               help="Class-conditional network.")
 @click.option("--train", "train_missing", is_flag=True, help="Train a missing cached network with the cpu preset without asking.")
@@ -46,6 +47,7 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
             batch_size, single_step, test_dataset, data_dir, memory_gb, device, out_dir) -> None:
     """Run the network and the machine (plus the IS machine and a Gaussian baseline) from the same seeds; report r, R^2, MSE."""
     run_dir = _resolve_model(model, dataset_spec, padding, conditional, train_missing, data_dir, device)
+    warn_if_unfinished(run_dir)
     if scale_spec is None and machine in PATCH_MACHINES:
         scale_spec = f"calibrated:{run_dir}"
         if not (run_dir / "scales.json").is_file():
@@ -75,9 +77,13 @@ def _resolve_model(model, dataset_spec, padding, conditional, train_missing, dat
         if dataset_spec is not None and dataset_spec != config["dataset"]["spec"]:
             raise PatchdbError(f"{run_dir} was trained on {config['dataset']['spec']!r}, not {dataset_spec!r}; "
                                "drop --dataset (the machines use the network's own training images)")
-        if conditional is not None and conditional != (config["network"]["num_classes"] > 0):
+        network = read_network_config(run_dir)
+        if conditional is not None and conditional != network.conditional:
             raise PatchdbError(f"{run_dir} holds an {'un' * conditional}conditional network; drop --conditional/--unconditional")
+        if padding is not None and padding != network.padding:
+            raise PatchdbError(f"{run_dir} holds a network with {network.padding} padding, not {padding}; drop --padding")
         return run_dir
+    padding = padding or "zeros"
     dataset = load_dataset(dataset_spec, data_dir)
     run_dir = cached_run_dir(model, dataset, padding=padding, conditional=bool(conditional))
     if not is_trained(run_dir):

@@ -7,6 +7,7 @@ import click
 
 from patchdb.engine import DEFAULT_MEMORY_BUDGET
 from patchdb.generate import DEVICES
+from patchdb.training import training_progress
 
 SEEDS = click.IntRange(min=0, max=2**62)
 """--seed: sample k's generator is seeded with seed + k, which torch takes up to 2^63 - 1."""
@@ -21,6 +22,15 @@ def finite(ctx, param, value):
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number", ctx, param)
     return value
+
+
+def warn_if_unfinished(run_dir: Path) -> None:
+    """Say on stderr when run_dir's network has not done all its configured training batches."""
+    progress = training_progress(run_dir)
+    if not progress.finished:
+        click.echo(f"warning: {run_dir} has trained {progress.batches_done} of its {progress.batches_configured} batches, "
+                   "so these results describe a partly trained network; rerun its `patchdb train` command to finish it",
+                   err=True)
 
 
 def machine_data_options(command):

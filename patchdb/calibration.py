@@ -19,6 +19,7 @@ import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +27,9 @@ from tqdm.auto import tqdm
 from patchdb.errors import PatchdbError, output_folder
 from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import full_steps
+
+if TYPE_CHECKING:
+    from patchdb.training import TrainingProgress
 
 METRICS = ("cos", "l2")
 CONVENTION = "entry i is the patch size at t = i/n"
@@ -107,7 +111,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine
     from patchdb.patches import PATCH_MACHINES
-    from patchdb.training import load_network, load_training_data
+    from patchdb.training import load_network, load_training_data, training_progress
 
     if machine not in PATCH_MACHINES:
         raise PatchdbError(f"machine {machine!r} has no patch size to calibrate: choose one of {', '.join(PATCH_MACHINES)}")
@@ -121,21 +125,23 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     result = calibrate_scales(network, make_machine(machine, dataset, device=device, **options), noise, labels, num_steps,
                               candidates, metric)
     path = write_scales(path, result, machine=machine, metric=metric,
-                        candidates=candidates, model=run_dir, seed=seed)
+                        candidates=candidates, model=run_dir, seed=seed, model_training=training_progress(run_dir))
     return path, result
 
 
 def write_scales(path: str | os.PathLike, result: dict, *, machine: str, metric: str, candidates: list[int],
-                 model: str, seed: int) -> Path:
+                 model: str, seed: int, model_training: "TrainingProgress | None" = None) -> Path:
     """Write the schedule as scales.json (readable by --scales FILE.json and calibrated:RUN_DIR)
-    and scales.png beside it; both atomically. Returns the JSON path."""
+    and scales.png beside it; both atomically. model_training: how far the model's network was trained,
+    where known. Returns the JSON path."""
     path = Path(path)
     output_folder(path.parent)
     content = {
         "scales": result["scales"], "num_steps": len(result["scales"]), "convention": CONVENTION,
         "machine": machine, "metric": metric, "candidates": check_candidates(candidates),
         "per_sample": result["per_sample"], "median_similarity": result["similarity"],
-        "model": str(model), "seed": seed, "num_samples": len(result["per_sample"][1]),
+        "model": str(model), "model_training": None if model_training is None else model_training._asdict(),
+        "seed": seed, "num_samples": len(result["per_sample"][1]),
     }
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(content, indent=1))

@@ -243,7 +243,7 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     from patchdb.data import load_dataset
     from patchdb.gaussian import GaussianScore
     from patchdb.machines import make_machine
-    from patchdb.training import load_network, load_training_data, read_config
+    from patchdb.training import load_network, load_training_data, read_config, training_progress
 
     out_dir = output_folder(out_dir)
     network = load_network(run_dir, device)
@@ -252,6 +252,9 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     held_out = None
     if single_step:  # found before the long sampling, so a missing test set fails fast
         held_out = load_dataset(test_dataset or held_out_spec(read_config(run_dir)["dataset"]["spec"], num), data_dir)
+        if held_out.images.shape[1:] != dataset.images.shape[1:]:
+            raise PatchdbError(f"the held-out images of {held_out.name!r} are {tuple(held_out.images.shape[1:])} but the network "
+                               f"was trained on {tuple(dataset.images.shape[1:])}; choose a --test-dataset of that shape")
         if conditional and held_out.labels is None:
             raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
     noise, labels = seeded_inputs(seed, num, tuple(dataset.images.shape[1:]), dataset.num_classes if conditional else None)
@@ -264,7 +267,7 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     stats = result["statistics"]
     seeds = list(range(seed, seed + num))
     report = {
-        "model": str(run_dir), "network": read_config(run_dir)["network"],
+        "model": str(run_dir), "network": read_config(run_dir)["network"], "training": training_progress(run_dir)._asdict(),
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_images": len(dataset)},
         "machine": machine, "scales": scales, "scales_source": scales_source,
         "scale_convention": "entry i is the patch size at t = i/n",

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -194,8 +195,7 @@ def _resume(run_dir: Path, config: dict, network, optimizer) -> tuple[int, list[
     if _without_epochs(read_config(run_dir)) != _without_epochs(config):
         raise PatchdbError(f"{run_dir} holds a run with other settings ({run_dir / CONFIG_FILE}); "
                            "use a new --out folder, or the same settings to resume it")
-    checkpoint = _load_checkpoint(checkpoint_path)
-    network.load_state_dict(checkpoint["model"])
+    checkpoint = _restore(run_dir, network)
     optimizer.load_state_dict(checkpoint["optimizer"])
     return int(checkpoint["batches_done"]), checkpoint["batch_losses"].tolist()
 
@@ -227,30 +227,54 @@ def _load_checkpoint(path: Path) -> dict:
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:
-    """The config.json of a run folder."""
+    """The config.json of a run folder (checked to hold what the readers of a run need)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise PatchdbError(f"{run_dir} is not a trained run: {path} is missing; train one with `patchdb train --out {run_dir}`")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PatchdbError(f"{path} is not valid JSON ({error}); train again into a new --out folder") from None
+    missing = [f"{section}.{key}" for section, keys in CONFIG_KEYS.items() for key in keys
+               if not isinstance(config, dict) or not isinstance(config.get(section), dict) or key not in config[section]]
+    if missing:
+        raise PatchdbError(f"{path} is not a patchdb run's config (it lacks {', '.join(missing)}); "
+                           "train again into a new --out folder")
+    return config
+
+
+CONFIG_KEYS = {"network": ("architecture", "num_classes"), "training": ("batch_size", "epochs"),
+               "dataset": ("spec", "num_images", "fingerprint")}
+"""What config.json must hold, per section, for a run to be reloaded, resumed and compared."""
 
 
 def load_network(run_dir: str | os.PathLike, device: str = "cpu") -> NetworkScore:
     """The trained network of a run folder as a score model (weights from its last checkpoint)."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    checkpoint_path = run_dir / CHECKPOINT_FILE
-    if not checkpoint_path.is_file():
-        raise PatchdbError(f"{run_dir} has no {CHECKPOINT_FILE} yet: finish training with `patchdb train --out {run_dir}`")
-    try:
-        network_config = NetworkConfig(**config["network"])
-    except (KeyError, TypeError) as error:
-        raise PatchdbError(f"{run_dir / CONFIG_FILE} has no valid network config ({error})") from None
-    network = build_network(network_config)
-    network.load_state_dict(_load_checkpoint(checkpoint_path)["model"])
+    network = build_network(read_network_config(run_dir))
+    _restore(run_dir, network)
     return NetworkScore(network.to(_check_device(device)))
+
+
+def read_network_config(run_dir: str | os.PathLike) -> NetworkConfig:
+    """The network settings in a run folder's config.json."""
+    try:
+        return NetworkConfig(**read_config(run_dir)["network"])
+    except TypeError as error:
+        raise PatchdbError(f"{Path(run_dir) / CONFIG_FILE} has no valid network config ({error})") from None
+
+
+def _restore(run_dir: Path, network) -> dict:
+    """run_dir's checkpoint, its weights loaded into network (built from run_dir's config.json)."""
+    path = _checkpoint_path(run_dir)
+    checkpoint = _load_checkpoint(path)
+    try:
+        network.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as error:  # RuntimeError: missing, unexpected or differently shaped weights
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PatchdbError(f"{path} does not hold the network that {run_dir / CONFIG_FILE} describes ({reason}); "
+                           "the two files come from different runs: train again into a new --out folder") from None
+    return checkpoint
 
 
 def load_training_data(run_dir: str | os.PathLike, data_dir=None) -> Dataset:
@@ -263,15 +287,39 @@ def load_training_data(run_dir: str | os.PathLike, data_dir=None) -> Dataset:
     return data
 
 
+class TrainingProgress(NamedTuple):
+    """How far a run has trained, in batches."""
+
+    batches_done: int
+    batches_configured: int
+
+    @property
+    def finished(self) -> bool:
+        return self.batches_done >= self.batches_configured
+
+
+def training_progress(run_dir: str | os.PathLike) -> TrainingProgress:
+    """How far run_dir's training has come; PatchdbError where it has no config or checkpoint."""
+    config = read_config(run_dir)
+    batches_per_epoch = math.ceil(config["dataset"]["num_images"] / config["training"]["batch_size"])
+    return TrainingProgress(int(_load_checkpoint(_checkpoint_path(run_dir))["batches_done"]),
+                            config["training"]["epochs"] * batches_per_epoch)
+
+
+def _checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    """run_dir's checkpoint; PatchdbError where training has not written one yet."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise PatchdbError(f"{run_dir} has no {CHECKPOINT_FILE} yet: finish training with `patchdb train --out {run_dir}`")
+    return path
+
+
 def is_trained(run_dir: str | os.PathLike) -> bool:
     """Whether run_dir holds a finished run (all its configured batches done)."""
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
         return False
-    config = read_config(run_dir)
-    batches_per_epoch = math.ceil(config["dataset"]["num_images"] / config["training"]["batch_size"])
-    done = int(_load_checkpoint(run_dir / CHECKPOINT_FILE)["batches_done"])
-    return done >= config["training"]["epochs"] * batches_per_epoch
+    return training_progress(run_dir).finished
 
 
 def model_cache_dir() -> Path:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -117,6 +118,7 @@ def test_tiny_comparison_run_writes_every_output(tmp_path):
     report = run_comparison(tmp_path / "run", tmp_path / "out", machine="bbels", scales=[3, 3, 5], scales_source="3,3,5",
                             num_steps=3, num=3, seed=4, batch_size=2, show_progress=False)
     assert set(report["summary"]) == {"bbels", "is", "gaussian"}
+    assert report["training"] == {"batches_done": 1, "batches_configured": 1}
     assert 0.0 <= report["fraction_bbels_beats_is"] <= 1.0
     assert [entry["seed"] for entry in report["per_seed"]] == [4, 5, 6]
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["scales"] == [3, 3, 5]
@@ -158,3 +160,33 @@ def test_single_step_agreement_is_one_for_the_model_itself_and_uses_each_step_sc
     assert result["t"] == [1.0, 0.75, 0.5, 0.25] and used == [4, 3, 2, 1]
     assert result["els"]["median"] == pytest.approx([1.0] * 4)
     assert result["wrong"]["median"][1] < 0.999  # t = 3/4 used entry 3, where the schedules differ
+
+
+def test_partly_trained_and_mismatched_runs_are_flagged_before_the_long_work(tmp_path):
+    """A partly trained network is compared with a warning (and its progress recorded); a --padding that is not the
+    run's own, and held-out images of another shape, are refused before any sampling."""
+    from click.testing import CliRunner
+    from cli.main import main
+
+    np.savez(tmp_path / "train.npz", images=quantised_images(6, 8, 16).numpy())
+    np.savez(tmp_path / "colour.npz", images=np.zeros((4, 16, 16, 3), np.uint8))
+    spec = f"file:{tmp_path / 'train.npz'}"
+    from patchdb.data import load_dataset
+    train_network(tmp_path / "run", load_dataset(spec), spec, NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16),
+                  TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())  # as if a 3-epoch run had been stopped after one
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "training": {**config["training"], "epochs": 3}}))
+    runner = CliRunner()
+    result = runner.invoke(main, ["calibrate", "--model", str(tmp_path / "run"), "--candidates", "3,5", "--samples", "1",
+                                  "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.stderr and "trained 1 of its 3 batches" in result.stderr
+    assert json.loads((tmp_path / "run" / "scales.json").read_text())["model_training"] == {
+        "batches_done": 1, "batches_configured": 3}
+    for arguments, message in ((["--padding", "circular"], "zeros padding, not circular; drop --padding"),
+                               (["--single-step", "--test-dataset", f"file:{tmp_path / 'colour.npz'}"], r"are \(3, \d+, \d+\) but the network was trained on \(1, ")):
+        result = runner.invoke(main, ["compare", "--model", str(tmp_path / "run"), "--steps", "2", "--num", "1",
+                                      "--out", str(tmp_path / "out"), *arguments])
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+        assert re.search(message, result.output), result.output
+        assert not (tmp_path / "out" / "outputs.npz").exists()

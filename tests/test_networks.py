@@ -10,7 +10,7 @@ from patchdb.errors import PatchdbError
 from patchdb.networks import NetworkConfig, NetworkScore, ResNet, UNet, build_network, sinusoidal_embedding
 from patchdb.schedule import beta
 from patchdb.training import (
-    TrainingConfig, load_network, preset_configs, read_config, train_network, training_subset,
+    TrainingConfig, is_trained, load_network, preset_configs, read_config, train_network, training_progress, training_subset,
 )
 from tests.conftest import tiny_dataset
 
@@ -137,9 +137,30 @@ def test_damaged_or_missing_runs_give_clear_errors(tmp_path):
     with pytest.raises(PatchdbError, match="not a trained run"):
         load_network(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"network": {"architecture": "resnet"}}))
+    with pytest.raises(PatchdbError, match="lacks network.num_classes, training.batch_size, .*dataset.fingerprint"):
+        load_network(tmp_path)
+    dataset = tiny_dataset(num_images=8, side=8)
+    network_config, training_config = tiny_run_configs(epochs=1)
+    train_network(tmp_path, dataset, None, network_config, training_config, show_progress=False)
+    checkpoint = (tmp_path / "checkpoint.pt").read_bytes()
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PatchdbError, match="not a readable"):
         load_network(tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(checkpoint)
+    config = read_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "network": {**config["network"], "width": 4}}))
+    with pytest.raises(PatchdbError, match="does not hold the network that .*config.json describes"):
+        load_network(tmp_path)
+
+
+def test_training_progress_tells_a_finished_run_from_an_interrupted_one(tmp_path):
+    dataset = tiny_dataset(num_images=12, side=8)
+    network_config, training_config = tiny_run_configs(epochs=1)
+    train_network(tmp_path, dataset, None, network_config, training_config, show_progress=False)
+    assert training_progress(tmp_path) == (2, 2) and is_trained(tmp_path)
+    config = read_config(tmp_path)  # as if `patchdb train --epochs 3` had been stopped after its first epoch
+    (tmp_path / "config.json").write_text(json.dumps({**config, "training": {**config["training"], "epochs": 3}}))
+    assert training_progress(tmp_path) == (2, 6) and not training_progress(tmp_path).finished and not is_trained(tmp_path)
 
 
 def test_presets_and_subset():
