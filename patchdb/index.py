@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from patchdb.engine import LOG2_E, PatchDictionary
+from patchdb.errors import PatchdbError
 from patchdb.patches import gather_sources
 
 CLUSTER_SIZE = 1024
@@ -123,9 +124,19 @@ class GatheredEntries:
     def take(self, index: torch.Tensor) -> PatchDictionary:
         """The entries at index (n,) int64 as an in-memory PatchDictionary."""
         sources = self.sources[index].long()
+        self._check_sources(sources)
         keys = gather_sources(self.windows, sources)
         log_multiplicity = self.multiplicity[index.cpu()].to(device=keys.device, dtype=keys.dtype).log_()
         return PatchDictionary(keys, keys[:, self.centre], self.squared_norms_at(sources), log_multiplicity, sources, self.merged)
+
+    def _check_sources(self, sources: torch.Tensor) -> None:
+        """PatchdbError where sources (n, 3) int64 point outside the images (a damaged store: gathering them would fail)."""
+        limits = torch.tensor(self.norm_maps.shape, device=sources.device)
+        outside = ((sources < 0) | (sources >= limits)).any(dim=1)
+        if outside.any():
+            image, row, column = sources[outside.nonzero()[0, 0]].tolist()
+            raise corrupt_store_error(self.windows.shape[-1], f"an entry's source (image {image}, row {row}, column "
+                                      f"{column}) lies outside the {' x '.join(map(str, self.norm_maps.shape))} images")
 
     def squared_norms_at(self, sources: torch.Tensor) -> torch.Tensor:
         """(n,) ||k||^2 of the patches at sources (n, 3) int64, from the norm maps."""
@@ -228,7 +239,10 @@ class PatchLayout:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for job in [pool.submit(_clusters.fill, *arguments, new[first:stop].numpy(), *per_entry)
                         for first, stop in balanced_ranges(filled, threads) if stop > first]:
-                job.result()
+                try:
+                    job.result()
+                except ValueError as error:  # fill checks each stored entry it reads
+                    raise corrupt_store_error(self.patch_size, str(error)) from None
         self.ready[new] = True
 
 
@@ -243,6 +257,12 @@ def balanced_ranges(cumulative: torch.Tensor, parts: int) -> list[tuple[int, int
     about equal work each."""
     cuts = torch.searchsorted(cumulative, cumulative[-1] * torch.arange(1, parts) // parts, right=True).tolist()
     return list(zip([0, *cuts], [*cuts, len(cumulative)]))
+
+
+def corrupt_store_error(patch_size: int, problem: str) -> PatchdbError:
+    """The error for a stored dictionary found damaged while sampling (patchdb.store checks only its shapes on loading)."""
+    return PatchdbError(f"a patch store's dictionary at patch size {patch_size} is corrupt: {problem}; delete the store's "
+                        f"scale-{patch_size:02d}.h5 and rerun `patchdb build-index` to rebuild it")
 
 
 def patch_layout(entries: "PatchDictionary | GatheredEntries", offsets: torch.Tensor) -> PatchLayout:
@@ -506,12 +526,14 @@ class PatchCounts:
     @classmethod
     def from_multiplicity(cls, multiplicity) -> "PatchCounts":
         """From every entry's multiplicity (K,), integer counts of any dtype: a tensor, an array or a stored (h5py)
-        dataset, read in blocks."""
+        dataset, read in blocks; ValueError where one is below 1."""
         if isinstance(multiplicity, torch.Tensor):
             multiplicity = multiplicity.cpu().numpy()
         merged, counts = [], []
         for first in range(0, len(multiplicity), COUNT_BLOCK):
             block = np.asarray(multiplicity[first:first + COUNT_BLOCK])
+            if block.min() < 1:
+                raise ValueError(f"entry {first + int(block.argmin())}: its multiplicity is below 1")
             where = np.flatnonzero(block > 1)
             merged.append(torch.from_numpy(where + first))
             counts.append(torch.from_numpy(block[where].astype(np.int64)))

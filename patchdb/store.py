@@ -295,6 +295,7 @@ def stored_array(dataset: h5py.Dataset) -> np.ndarray:
 
 def _read_dictionary(node: h5py.Group, windows: torch.Tensor, norm_maps: torch.Tensor, centre: torch.Tensor, in_memory: bool
                      ) -> ClusteredDictionary | PatchDictionary:
+    _check_shapes(node, windows.shape[1] * windows.shape[-1] ** 2)
     device, dtype = windows.device, windows.dtype
     sources = torch.from_numpy(stored_array(node["sources"])).to(device)  # int32 as stored: int64 would double the largest array
     multiplicity = stored_array(node["multiplicity"])
@@ -310,3 +311,27 @@ def _read_dictionary(node: h5py.Group, windows: torch.Tensor, norm_maps: torch.T
                              cluster_log_mass(offsets, counts, dtype),
                              torch.from_numpy(node["medoids"][...]).to(device))
     return ClusteredDictionary(entries, clusters, counts)
+
+
+def _check_shapes(node: h5py.Group, patch_dimension: int) -> None:
+    """ValueError naming what is wrong where a stored dictionary's arrays do not fit together (a damaged file), for
+    patches of patch_dimension = C * P * P values; the entries' sources are checked where they are gathered
+    (patchdb.index), not read here in full."""
+    num_entries = node["sources"].shape[0]
+    problems = [] if node["sources"].shape == (num_entries, 3) else [f"sources of shape {node['sources'].shape}"]
+    if node["multiplicity"].shape != (num_entries,):
+        problems.append(f"{node['multiplicity'].shape[0]} multiplicities for {num_entries} entries")
+    if "offsets" in node:
+        offsets = node["offsets"][...]
+        num_clusters = len(offsets) - 1
+        if num_clusters < 1 or offsets[0] != 0 or offsets[-1] != num_entries or (np.diff(offsets) < 0).any():
+            problems.append(f"cluster offsets that do not run from 0 up to the {num_entries} entries")
+        for name, shape in (("centroids", (num_clusters, patch_dimension)), ("radii", (num_clusters,)),
+                            ("medoids", (num_clusters,))):
+            if node[name].shape != shape:
+                problems.append(f"{name} of shape {node[name].shape}, not {shape}")
+        medoids = node["medoids"][...]
+        if len(medoids) and (medoids.min() < 0 or medoids.max() >= num_entries):
+            problems.append(f"medoids outside the {num_entries} entries")
+    if problems:
+        raise ValueError(f"{node.name} has " + ", ".join(problems))

@@ -176,6 +176,33 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
         PatchStore(copy.path)
 
 
+@pytest.mark.parametrize("memory_budget", [0, None], ids=["gathered", "in-memory"])
+@pytest.mark.parametrize("damage, message", [
+    ("offsets", "cluster offsets that do not run"), ("radii", "radii of shape"),
+    ("sources", "outside"), ("multiplicity", "below 1")])
+def test_damaged_arrays_inside_a_scale_file_give_clear_errors(dataset, tmp_path, damage, message, memory_budget):
+    """Arrays that no longer fit together are found on loading; an entry pointing outside the images or with no
+    multiplicity where its patches are gathered (in memory: on loading; else when its cluster is first scored)."""
+    copy = build(dataset, tmp_path / "copy")
+    with h5py.File(scale_file(copy.path, 3), "a") as file:
+        node = file["label-all/interior"]
+        if damage == "radii":
+            data = node["radii"][:-1]
+            del node["radii"]
+            node.create_dataset("radii", data=data)
+        else:
+            values = node[damage][...]
+            values[{"offsets": 1, "sources": (slice(None), 0), "multiplicity": slice(None)}[damage]] = \
+                {"offsets": 10**6, "sources": len(dataset), "multiplicity": 0}[damage]
+            node[damage][...] = values
+    options = {} if memory_budget is None else {"memory_budget": memory_budget}
+    machine = make_machine("bbels", dataset, store=PatchStore(copy.path), backend=TopKBackend(tol=1e-2, fallback="none"),
+                           **options)
+    with pytest.raises(PatchdbError, match=message) as error:
+        machine.posterior(noisy_batch(dataset, 0.9, seed=0).float(), 0.9, None, 3)
+    assert "scale-03.h5" in str(error.value) and "build-index" in str(error.value)
+
+
 def test_scale_files_of_another_build_are_refused_and_rebuilt(dataset, store, tmp_path, caplog):
     other = build_store(dataset, "bbels", SCALES, tmp_path / "other", cluster_size=8, min_indexed_entries=64, progress=False)
     shutil.copy(scale_file(store.path, 5), scale_file(other.path, 5))
