@@ -78,6 +78,8 @@ def _summary(description: dict) -> str:
         dictionaries = scale["dictionaries"].values()
         lines.append(f"  P={size}: {scale['bytes'] / 1024**2:.1f} MiB, {len(dictionaries)} dictionaries, "
                      f"{sum(d['patches'] for d in dictionaries)} patches, {sum(d['entries'] for d in dictionaries)} distinct, "
-                     f"{sum(d['clusters'] for d in dictionaries)} clusters")
+                     f"{sum(d['clusters'] for d in dictionaries)} clusters"
+                     + ("" if dictionaries else " (every pixel's dictionary is same-location at this size: gathered from "
+                                                "the images and scored exactly, nothing to index)"))
     lines.append(f"  total: {total / 1024**2:.1f} MiB")
     return "\n".join(lines)
