@@ -124,19 +124,12 @@ class GatheredEntries:
     def take(self, index: torch.Tensor) -> PatchDictionary:
         """The entries at index (n,) int64 as an in-memory PatchDictionary."""
         sources = self.sources[index].long()
-        self._check_sources(sources)
-        keys = gather_sources(self.windows, sources)
+        try:
+            keys, squared_norms = gather_sources(self.windows, sources), self.squared_norms_at(sources)
+        except IndexError:  # torch checks every index; only a damaged store has sources outside the images
+            raise corrupt_store_error(self.windows.shape[-1], "an entry's source lies outside the images") from None
         log_multiplicity = self.multiplicity[index.cpu()].to(device=keys.device, dtype=keys.dtype).log_()
-        return PatchDictionary(keys, keys[:, self.centre], self.squared_norms_at(sources), log_multiplicity, sources, self.merged)
-
-    def _check_sources(self, sources: torch.Tensor) -> None:
-        """PatchdbError where sources (n, 3) int64 point outside the images (a damaged store: gathering them would fail)."""
-        limits = torch.tensor(self.norm_maps.shape, device=sources.device)
-        outside = ((sources < 0) | (sources >= limits)).any(dim=1)
-        if outside.any():
-            image, row, column = sources[outside.nonzero()[0, 0]].tolist()
-            raise corrupt_store_error(self.windows.shape[-1], f"an entry's source (image {image}, row {row}, column "
-                                      f"{column}) lies outside the {' x '.join(map(str, self.norm_maps.shape))} images")
+        return PatchDictionary(keys, keys[:, self.centre], squared_norms, log_multiplicity, sources, self.merged)
 
     def squared_norms_at(self, sources: torch.Tensor) -> torch.Tensor:
         """(n,) ||k||^2 of the patches at sources (n, 3) int64, from the norm maps."""
