@@ -35,7 +35,7 @@ def warn_if_unfinished(run_dir: Path) -> None:
 
 def machine_data_options(command):
     """--data-dir (root of named data sets) and --memory-gb (the machines' memory budget)."""
-    command = click.option("--memory-gb", type=click.FloatRange(min=0.1), default=None, callback=finite,
+    command = click.option("--memory-gb", "--memory-budget", type=click.FloatRange(min=0.1), default=None, callback=finite,
                            show_default=f"the machine's default ({DEFAULT_MEMORY_BUDGET / 1024**3:g})",
                            help="Memory bound of the machine's patch dictionaries and logits, in GiB.")(command)
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
