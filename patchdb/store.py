@@ -3,8 +3,9 @@
 A store is a folder:
 
 - ``store.h5``: metadata (attributes, see StoreSettings and BUILD_ATTRIBUTES) and the preprocessed
-  training images (N, C, H, W) float32 (plus labels), from which every patch is gathered again at
-  load time: storing patches would cost C * P * P floats per entry, tens of GB at 60,000 images.
+  training images (N, C, H, W) float32 (plus labels). Patches are not stored (C * P * P floats per entry,
+  tens of GB at 60,000 images): a run gathers them from its own training images, which must have the
+  store's fingerprint, and PatchStore.faiss_index from the images kept here.
 - ``scale-PP.h5`` for each patch size P: the settings it was built with (the same attribute as
   ``store.h5``'s, so that a scale file left by another build is never taken for this one's) and one HDF5
   group per dictionary, ``label-L/<boundary class>``
@@ -15,7 +16,8 @@ A store is a folder:
     and, for dictionaries of at least min_indexed_entries distinct patches, the inverted file:
     ``offsets`` (C + 1,) int64, ``centroids`` (C, D) float32, ``radii`` (C,) float32, ``medoids``
     (C,) int64 (an entry of each cluster near its centre) and
-    ``coarse_quantizer`` (bytes): the FAISS IndexFlatL2 over the centroids (faiss.deserialize_index).
+    ``coarse_quantizer`` (bytes): the FAISS IndexFlatL2 over the centroids (faiss.deserialize_index), with
+        the inverted file the coarse level of a FAISS IVF index (PatchStore.faiss_index).
   Same-location dictionaries (LS, bbELS corners: one patch per training image) are not stored.
 
 Every file is written under a temporary name and renamed when complete, so a part that exists is
@@ -30,17 +32,18 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import faiss
 import h5py
 import numpy as np
 import torch
 
 import patchdb
-from patchdb.data import Dataset
+from patchdb.data import Dataset, make_dataset
 from patchdb.engine import PatchDictionary
 from patchdb.errors import PatchdbError
 from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, PatchCounts, cluster_log_mass, squared_norm_maps,
                            take_entries)
-from patchdb.patches import DictionaryGroup, centre_indices, patch_windows
+from patchdb.patches import DictionaryGroup, centre_indices, dictionary_groups, patch_windows
 
 FORMAT_VERSION = 3
 STORE_FILE = "store.h5"
@@ -264,6 +267,50 @@ class PatchStore:
             raise PatchdbError(f"{scale_file(self.path, patch_size)} is corrupt or lacks a dictionary ({error}); "
                                f"delete it and rerun `patchdb build-index` to rebuild that scale") from None
         return loaded
+
+    def training_data(self) -> Dataset:
+        """The preprocessed training images and labels the store was built from (kept in store.h5)."""
+        path = self.path / STORE_FILE
+        with h5py.File(path, "r") as file:
+            dataset = make_dataset(torch.from_numpy(file["images"][...]),
+                                   torch.from_numpy(file["labels"][...]) if "labels" in file else None, self.settings.dataset)
+        if dataset.fingerprint != self.settings.fingerprint:
+            raise PatchdbError(f"the images in {path} do not have the store's fingerprint: the file is damaged; "
+                               f"delete {self.path} and build it again")
+        return dataset
+
+    def faiss_index(self, patch_size: int, boundary_class: str = "interior", label: int | None = None
+                    ) -> tuple[faiss.IndexIVFFlat, torch.Tensor]:
+        """One stored dictionary as a FAISS IVF index, for querying a store with FAISS directly: the stored coarse
+        quantizer over its cluster centroids, and in each cluster's inverted list its distinct patches (C * P * P
+        float32 each, ids 0..n-1 in stored order). Returns the index and sources (n, 3) int64: the training image
+        (index in the data set), centre row and column of entry id. A patch machine ranks a noisy patch q at
+        alpha_bar by its distance from q / sqrt(alpha_bar). The patches are held in memory: n * C * P * P * 4 bytes.
+        """
+        if patch_size not in self.settings.scales:
+            raise PatchdbError(f"the store {self.path} has no patch size {patch_size} (it holds {list(self.settings.scales)})")
+        dataset = self.training_data()
+        indices = torch.arange(len(dataset)) if label is None else dataset.indices_of_label(label)
+        groups = {group.boundary_class: group
+                  for group in dictionary_groups(self.settings.machine, patch_size, *dataset.images.shape[2:])}
+        indexed = {name for name, group in groups.items() if not group.same_location}
+        if boundary_class not in indexed:
+            raise PatchdbError(f"{self.settings.machine} at patch size {patch_size} has no indexed dictionary "
+                               f"{boundary_class!r}; its indexed ones are {', '.join(sorted(indexed)) or 'none'}")
+        (dictionary,) = self.dictionaries(patch_size, label, [groups[boundary_class]],
+                                          dataset.images[indices], memory_budget=0)
+        if not isinstance(dictionary, ClusteredDictionary):
+            raise PatchdbError(f"the {boundary_class!r} dictionary at patch size {patch_size} has fewer than "
+                               f"{self.settings.min_indexed_entries} distinct patches, so it was stored without clusters")
+        with h5py.File(scale_file(self.path, patch_size), "r") as file:
+            quantizer = faiss.deserialize_index(file[dictionary_key(label, groups[boundary_class])]["coarse_quantizer"][...])
+        patches = np.ascontiguousarray(take_entries(dictionary.entries, slice(None)).keys.float().numpy())
+        index = faiss.IndexIVFFlat(quantizer, patches.shape[1], len(dictionary.clusters))
+        ids = np.arange(len(patches), dtype=np.int64)
+        clusters = np.repeat(np.arange(len(dictionary.clusters), dtype=np.int64), dictionary.clusters.sizes.numpy())
+        index.add_core(len(patches), faiss.swig_ptr(patches), faiss.swig_ptr(ids), faiss.swig_ptr(clusters))
+        sources = dictionary.entries.sources.long()
+        return index, torch.cat([indices[sources[:, :1]], sources[:, 1:]], dim=1)
 
     def describe(self) -> dict:
         """Settings, and per scale the file size and each dictionary's patches, distinct entries and clusters."""

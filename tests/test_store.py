@@ -9,6 +9,7 @@ import torch
 
 import patchdb.build
 import patchdb.index
+import patchdb.patches
 import patchdb.topk
 import patchdb.windows
 from patchdb.build import build_store
@@ -174,6 +175,33 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
     scale_file(copy.path, 3).write_bytes(b"garbage")
     with pytest.raises(PatchdbError, match="scale-03.h5 is corrupt"):
         PatchStore(copy.path)
+
+
+@pytest.mark.parametrize("label", [None, 1])
+def test_a_stored_dictionary_is_a_faiss_ivf_index_whose_exhaustive_search_is_exact(dataset, store, tmp_path, label):
+    """faiss_index: the stored quantizer and inverted lists as FAISS sees them; with every list probed its nearest
+    patches are the brute-force nearest, and each id's source (data set numbering) holds that patch."""
+    built = store if label is None else build(dataset, tmp_path / "conditional", scales=[3], conditional=True)
+    index, sources = built.faiss_index(3, "interior", label)
+    groups = dictionary_groups("bbels", 3, 10, 10)
+    (stored,) = built.dictionaries(3, label, [groups[[g.boundary_class for g in groups].index("interior")]],
+                                   dataset.images if label is None else dataset.with_label(label).images, memory_budget=0)
+    assert [index.invlists.list_size(c) for c in range(index.nlist)] == stored.clusters.sizes.tolist()
+    assert index.ntotal == len(sources) == len(stored.entries)
+    if label is not None:
+        assert (dataset.labels[sources[:, 0]] == label).all()
+    patches = patchdb.patches.gather_sources(patchdb.patches.patch_windows(dataset.images, 3, "zeros"), sources)
+    queries = patches[[0, len(patches) // 2, -1]] + 0.3 * torch.randn(3, 9, generator=torch.Generator().manual_seed(0))
+    index.nprobe = index.nlist
+    distances, ids = index.search(queries.numpy(), 5)
+    expected = torch.cdist(queries.double(), patches.double()) ** 2
+    torch.testing.assert_close(torch.from_numpy(distances).double(), expected.sort(dim=1).values[:, :5], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(expected.gather(1, torch.from_numpy(ids)), torch.from_numpy(distances).double(),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(PatchdbError, match="no indexed dictionary 'corners'"):
+        built.faiss_index(3, "corners", label)
+    with pytest.raises(PatchdbError, match="no patch size 7"):
+        built.faiss_index(7, "interior", label)
 
 
 @pytest.mark.parametrize("memory_budget", [0, None], ids=["gathered", "in-memory"])
