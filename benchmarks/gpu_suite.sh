@@ -11,7 +11,7 @@
 #      class 0, 20 seeds (fused); each saved as OUT_DIR/exact-*.pt for comparison with the CPU's exact samples;
 #   4. the whole test suite; 5. the top-k backend on the GPU, class 0, 20 seeds (store built on the CPU).
 # On a lent machine without faiss (this workplace's): carry a faiss-cpu wheel in .whl and the two train files in
-# .gpu-data/fashion-mnist, then: python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+# .gpu-data/fashion-mnist (benchmarks/gpu_prepare.sh puts both there), then: python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 #   PYTHONPATH=/tmp/site PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash benchmarks/gpu_suite.sh .gpu-data $OUT 480
 # STEPS: a regular expression; only the steps whose names match it run (default: all).
 # Everything goes to OUT_DIR/gpu.log (JSON lines from the benchmarks) and OUT_DIR/*.pt.
