@@ -14,7 +14,6 @@ share entry n-1) and entry 0 is copied from entry 1. Unlike the authors' code, s
 at entry i, the entry the sampler reads at step i.
 """
 
-import json
 import os
 import statistics
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from patchdb.errors import PatchdbError, output_folder
+from patchdb.files import save_figure, write_json
 from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import full_steps
 
@@ -143,9 +143,7 @@ def write_scales(path: str | os.PathLike, result: dict, *, machine: str, metric:
         "model": str(model), "model_training": None if model_training is None else model_training._asdict(),
         "seed": seed, "num_samples": len(result["per_sample"][1]),
     }
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(content, indent=1))
-    os.replace(temporary, path)
+    write_json(path, content)
     plot_scales(path.with_suffix(".png"), result["scales"], result["per_sample"])
     return path
 
@@ -164,6 +162,4 @@ def plot_scales(path: Path, scales: list[int], per_sample: list[list[int]]) -> N
     axis.set(xlabel="t (entry i at t = i/n)", ylabel="patch size P", title="calibrated locality scale")
     axis.legend()
     figure.tight_layout()
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    os.replace(temporary, path)
+    save_figure(figure, path)

@@ -12,17 +12,16 @@ Statistics of a machine's image y_hat against the network's image y (both (C, H,
 - mse: mean (y - y_hat)^2.
 """
 
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from patchdb.errors import PatchdbError, output_folder
+from patchdb.files import save_figure, save_npz, write_json
 from patchdb.generate import seeded_inputs
 from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import alpha_bar, beta, full_steps, machine_steps
@@ -144,15 +143,7 @@ def single_step_agreement(network: ScoreModel, models: dict[str, tuple[ScoreMode
 
 def save_arrays(path: Path, arrays: dict[str, torch.Tensor | None]) -> None:
     """An .npz of the given tensors (None entries left out), written atomically."""
-    temporary = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(temporary, **{name: value.cpu().numpy() for name, value in arrays.items() if value is not None})
-    os.replace(temporary, path)
-
-
-def _save_figure(figure, path: Path) -> None:
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(temporary, dpi=100)
-    os.replace(temporary, path)
+    save_npz(path, {name: value.cpu().numpy() for name, value in arrays.items() if value is not None})
 
 
 def plot_scatter(path: Path, machine_r: torch.Tensor, baseline_r: torch.Tensor, machine: str, baseline: str = "is") -> None:
@@ -168,7 +159,7 @@ def plot_scatter(path: Path, machine_r: torch.Tensor, baseline_r: torch.Tensor, 
              title=f"median r: {machine} {machine_r.median():.3f}, {baseline.upper()} {baseline_r.median():.3f}",
              xlim=(low, 1), ylim=(low, 1), aspect="equal")
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_pairs(path: Path, machine_images: torch.Tensor, network_images: torch.Tensor, machine_r: torch.Tensor,
@@ -195,7 +186,7 @@ def plot_pairs(path: Path, machine_images: torch.Tensor, network_images: torch.T
             axis.set_title(title, fontsize=6)
     figure.suptitle(f"{machine} | network: best, median and worst seeds", fontsize=8)
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_single_step(path: Path, agreement: dict) -> None:
@@ -212,7 +203,7 @@ def plot_single_step(path: Path, agreement: dict) -> None:
     axis.set(xlabel="t", ylabel="r of scores (vs network)", title="single-step agreement on held-out x_t")
     axis.legend()
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 # ---------------------------------------------------------------- a whole comparison run
@@ -292,7 +283,5 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
                                           show_progress=show_progress)
         report["single_step"] = {"dataset": held_out.name, **agreement}
         plot_single_step(out_dir / "single_step.png", agreement)
-    temporary = out_dir / ".compare.json.tmp"
-    temporary.write_text(json.dumps(report, indent=1))
-    os.replace(temporary, out_dir / "compare.json")
+    write_json(out_dir / "compare.json", report)
     return report

@@ -23,12 +23,10 @@ first and written last, so that a folder without it holds a run interrupted whil
 """
 
 import contextlib
-import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
@@ -41,6 +39,7 @@ from patchdb import fused, windows
 from patchdb.data import Dataset, load_dataset
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, check_exact_method
 from patchdb.errors import PatchdbError, output_folder
+from patchdb.files import save_figure, save_npy, save_npz, write_json
 from patchdb.machines import MACHINES, Machine, Posterior, make_machine
 from patchdb.patches import PATCH_MACHINES
 from patchdb.plots import image_grid_figure, provenance_figure
@@ -203,8 +202,7 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     }
     if config.index is not None:
         record["index_steps"] = index_steps(generation, LOOPS[config.loop](config.steps), scales, config.steps)
-    with _atomic_path(out / "run.json") as temporary:
-        temporary.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out / "run.json", record, indent=2)
     return record
 
 
@@ -358,42 +356,22 @@ def _write_outputs(out: Path, dataset: Dataset, generation: Generation, noise: t
     weight = generation.provenance.weight.float().cpu().numpy()
     # run.json goes last: a folder without it holds a run interrupted while writing, whose files may come from two runs
     (out / "run.json").unlink(missing_ok=True)
-    _save_npy(out / "samples.npy", samples)
-    _save_npy(out / "noise.npy", noise.cpu().numpy())
+    save_npy(out / "samples.npy", samples)
+    save_npy(out / "noise.npy", noise.cpu().numpy())
     if labels is None:
         (out / "labels.npy").unlink(missing_ok=True)  # a stale file from an earlier conditional run would mislead
     else:
-        _save_npy(out / "labels.npy", labels.numpy())
-    with _atomic_path(out / "provenance.npz") as temporary:
-        with temporary.open("wb") as file:
-            np.savez(file, source=source, weight=weight)
+        save_npy(out / "labels.npy", labels.numpy())
+    save_npz(out / "provenance.npz", {"source": source, "weight": weight})
     if any(path is not None for path in generation.paths):
         # path codes of every pixel at every step (patchdb.topk.PATHS), in sampler order
-        _save_npy(out / "paths.npy", torch.stack(generation.paths).numpy())
+        save_npy(out / "paths.npy", torch.stack(generation.paths).numpy())
     else:
         (out / "paths.npy").unlink(missing_ok=True)
     titles = None if labels is None else [f"class {int(label)}" for label in labels]
     for name, figure in (("grid.png", image_grid_figure(samples, titles)),
                          ("provenance.png", provenance_figure(samples, source, dataset.images.numpy()))):
-        with _atomic_path(out / name) as temporary:
-            figure.savefig(temporary, format="png")
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with _atomic_path(path) as temporary:
-        with temporary.open("wb") as file:
-            np.save(file, array)
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside path; on success it replaces path, on failure it is removed."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        save_figure(figure, out / name)
 
 
 def device_name(device: str) -> str:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from patchdb.data import Dataset, load_dataset, make_dataset, user_cache_data_dir
 from patchdb.errors import PatchdbError, output_folder
+from patchdb.files import atomic_path, save_figure, write_json
 from patchdb.networks import NetworkConfig, NetworkScore, build_network
 from patchdb.schedule import alpha_bar_tensor
 
@@ -124,7 +125,7 @@ def train_network(run_dir: str | os.PathLike, dataset: Dataset, dataset_spec: st
                                   weight_decay=training_config.weight_decay)
     batches_done, batch_losses = _resume(run_dir, config, network, optimizer)
     output_folder(run_dir)
-    _write_json_atomic(run_dir / CONFIG_FILE, config)
+    write_json(run_dir / CONFIG_FILE, config)
 
     batches_per_epoch = math.ceil(len(data) / training_config.batch_size)
     total_batches = training_config.epochs * batches_per_epoch
@@ -213,9 +214,8 @@ def save_checkpoint(run_dir: Path, network, optimizer, batches_done: int, batch_
         "batches_done": batches_done,
         "batch_losses": torch.tensor(batch_losses, dtype=torch.float32),
     }
-    temporary = run_dir / f".{CHECKPOINT_FILE}.tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, run_dir / CHECKPOINT_FILE)
+    with atomic_path(run_dir / CHECKPOINT_FILE) as temporary:
+        torch.save(state, temporary)
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -353,15 +353,7 @@ def plot_losses(path: Path, batch_losses: list[float], batches_per_epoch: int) -
     axis.set(xlabel="epoch", ylabel="noise-prediction MSE", yscale="log", title="training loss")
     axis.legend()
     figure.tight_layout()
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    os.replace(temporary, path)
-
-
-def _write_json_atomic(path: Path, content: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(content, indent=1))
-    os.replace(temporary, path)
+    save_figure(figure, path)
 
 
 def train_cached(architecture: str, dataset: Dataset, dataset_spec: str | None, *, padding: str = "zeros",
