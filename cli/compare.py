@@ -46,6 +46,10 @@ from patchdb.training import cached_run_dir, is_trained, read_config, read_netwo
 def compare(model, dataset_spec, padding, conditional, train_missing, machine, scale_spec, num_steps, num, seed,
             batch_size, single_step, test_dataset, data_dir, memory_gb, device, out_dir) -> None:
     """Run the network and the machine (plus the IS machine and a Gaussian baseline) from the same seeds; report r, R^2, MSE."""
+    if scale_spec is not None and machine not in PATCH_MACHINES:
+        raise PatchdbError(f"the {machine} machine has no patch size, so --scales would be ignored: drop it")
+    if test_dataset is not None and not single_step:
+        raise PatchdbError("--test-dataset is read only with --single-step: add --single-step, or drop --test-dataset")
     run_dir = _resolve_model(model, dataset_spec, padding, conditional, train_missing, data_dir, device)
     warn_if_unfinished(run_dir)
     if scale_spec is None and machine in PATCH_MACHINES:
@@ -54,7 +58,7 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
             click.echo(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
             calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
                           memory_budget=gib_to_bytes(memory_gb))
-    scales = None if scale_spec is None else parse_scales(scale_spec, num_steps)
+    scales = None if scale_spec is None else parse_scales(scale_spec, num_steps, machine)
     report = run_comparison(run_dir, out_dir, machine=machine, scales=scales, scales_source=scale_spec,
                             num_steps=num_steps, num=num, seed=seed, batch_size=batch_size,
                             test_dataset=test_dataset, single_step=single_step, data_dir=data_dir, device=device,
@@ -73,6 +77,9 @@ def _resolve_model(model, dataset_spec, padding, conditional, train_missing, dat
     """The run folder named by --model: a cached network for resnet|unet (trained if allowed), else RUN_DIR."""
     if model not in ARCHITECTURES:
         run_dir = Path(model)
+        if train_missing:
+            raise PatchdbError(f"--train trains the cached {' or '.join(ARCHITECTURES)} network; {run_dir} is a run folder, "
+                               "trained with `patchdb train`: drop --train")
         config = read_config(run_dir)
         if dataset_spec is not None and dataset_spec != config["dataset"]["spec"]:
             raise PatchdbError(f"{run_dir} was trained on {config['dataset']['spec']!r}, not {dataset_spec!r}; "

@@ -110,17 +110,23 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     memory_budget: the machine's memory bound in bytes (None: its default)."""
     from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine
-    from patchdb.patches import PATCH_MACHINES
-    from patchdb.training import load_network, load_training_data, training_progress
+    from patchdb.patches import PATCH_MACHINES, check_patch_size, padding_mode
+    from patchdb.training import CONFIG_FILE, LOSS_PLOT_FILE, load_network, load_training_data, training_progress
 
     if machine not in PATCH_MACHINES:
         raise PatchdbError(f"machine {machine!r} has no patch size to calibrate: choose one of {', '.join(PATCH_MACHINES)}")
+    candidates = check_candidates(candidates)
     path = Path(out or Path(run_dir) / "scales.json")
+    if path.suffix != ".json" or path.name == CONFIG_FILE or path.with_suffix(".png").name == LOSS_PLOT_FILE:
+        raise PatchdbError(f"--out {path}: name the schedule FILE.json (its plot goes beside it as FILE.png), and not "
+                           f"{CONFIG_FILE} or {Path(LOSS_PLOT_FILE).stem}.json, which would overwrite a run's own files")
     output_folder(path.parent)  # before the long run, so that an unusable --out fails fast
     network = load_network(run_dir, device)
     dataset = load_training_data(run_dir, data_dir)
+    for size in candidates:  # before the network's trajectories, not after
+        check_patch_size(size, padding_mode(machine), *dataset.images.shape[2:])
     noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),
-                                  dataset.num_classes if network.config.conditional else None)
+                                  dataset.classes if network.config.conditional else None)
     options = {} if memory_budget is None else {"memory_budget": memory_budget}
     result = calibrate_scales(network, make_machine(machine, dataset, device=device, **options), noise, labels, num_steps,
                               candidates, metric)

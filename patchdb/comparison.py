@@ -229,7 +229,9 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     have no patch size), the IS machine and the Gaussian baseline, all over the run's own training images, on num seeds; write to out_dir
     compare.json, outputs.npz (noise, labels, each model's images), scatter.png, pairs.png and,
     with single_step, single_step.png (held-out images from test_dataset or the data set's test split).
-    memory_budget: the machines' memory bound in bytes (None: their default). Returns the content of compare.json."""
+    memory_budget: the machines' memory bound in bytes (None: their default). Every file is written after all the
+    sampling, compare.json last (removed first), so that a folder without it holds an interrupted run. Returns the
+    content of compare.json."""
     import patchdb
     from patchdb.data import load_dataset
     from patchdb.gaussian import GaussianScore
@@ -248,7 +250,7 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
                                f"was trained on {tuple(dataset.images.shape[1:])}; choose a --test-dataset of that shape")
         if conditional and held_out.labels is None:
             raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
-    noise, labels = seeded_inputs(seed, num, tuple(dataset.images.shape[1:]), dataset.num_classes if conditional else None)
+    noise, labels = seeded_inputs(seed, num, tuple(dataset.images.shape[1:]), dataset.classes if conditional else None)
     options = {"device": device} if memory_budget is None else {"device": device, "memory_budget": memory_budget}
     models = {machine: (make_machine(machine, dataset, **options), scales)}
     if machine != "is":
@@ -271,17 +273,24 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
                      for k, s in enumerate(seeds)],
         "versions": {"patchdb": patchdb.__version__, "torch": torch.__version__},
     }
-    save_arrays(out_dir / "outputs.npz", {"noise": noise, "labels": labels, **result["images"]})
-    if "is" in stats:
-        plot_scatter(out_dir / "scatter.png", stats[machine]["pearson_r"], stats["is"]["pearson_r"], machine)
-    plot_pairs(out_dir / "pairs.png", result["images"][machine], result["images"]["network"],
-               stats[machine]["pearson_r"], seeds, machine)
     if held_out is not None:
         held_out_labels = held_out.labels if conditional else None
         agreement = single_step_agreement(network, models, held_out.images[:num], None if held_out_labels is None
                                           else held_out_labels[:num], num_steps, seed, batch_size=batch_size,
                                           show_progress=show_progress)
         report["single_step"] = {"dataset": held_out.name, **agreement}
+    # compare.json goes last: a folder without it holds a run interrupted while writing its files
+    (out_dir / "compare.json").unlink(missing_ok=True)
+    save_arrays(out_dir / "outputs.npz", {"noise": noise, "labels": labels, **result["images"]})
+    if "is" in stats:
+        plot_scatter(out_dir / "scatter.png", stats[machine]["pearson_r"], stats["is"]["pearson_r"], machine)
+    else:
+        (out_dir / "scatter.png").unlink(missing_ok=True)
+    plot_pairs(out_dir / "pairs.png", result["images"][machine], result["images"]["network"],
+               stats[machine]["pearson_r"], seeds, machine)
+    if held_out is not None:
         plot_single_step(out_dir / "single_step.png", agreement)
+    else:
+        (out_dir / "single_step.png").unlink(missing_ok=True)  # an earlier run's would not belong to these results
     write_json(out_dir / "compare.json", report)
     return report

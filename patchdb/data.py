@@ -119,6 +119,11 @@ class Dataset:
         """1 + the largest label, or None for unlabelled data."""
         return None if self.labels is None else int(self.labels.max()) + 1
 
+    @property
+    def classes(self) -> torch.Tensor | None:
+        """(K,) int64 the labels that occur, ascending (what a class-conditional sample draws from), or None."""
+        return None if self.labels is None else torch.unique(self.labels)
+
     def indices_of_label(self, label: int) -> torch.Tensor:
         """(M,) int64 indices of the images of class ``label``, in data set order."""
         if self.labels is None:

@@ -158,11 +158,11 @@ class PosteriorRecorder:
         return score
 
 
-def generate(machine: Machine, noise: torch.Tensor, scales: list[int], num_steps: int,
+def generate(machine: Machine, noise: torch.Tensor, scales: list[int] | None, num_steps: int,
              labels: torch.Tensor | None = None, loop: str = "machine", progress: bool = True) -> Generation:
     """Run the deterministic sampler from noise (N, C, H, W) (already on the machine's device and dtype).
 
-    scales: num_steps patch sizes (entry i at t = i/n); loop: 'machine' (t = (n-1)/n ... 1/n) or
+    scales: num_steps patch sizes (entry i at t = i/n; None for IS and ES); loop: 'machine' (t = (n-1)/n ... 1/n) or
     'full' (t = 1 ... 1/n); labels: (N,) int64 for class-conditional sampling.
     """
     steps = LOOPS[loop](num_steps)
@@ -176,7 +176,7 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     start = time.perf_counter()
     _check_config(config)
     dataset = load_dataset(config.dataset, config.data_dir)
-    scales = parse_scales(config.scales, config.steps)
+    scales = parse_scales(config.scales, config.steps, config.machine) if config.machine in PATCH_MACHINES else None
     noise, labels = _inputs(config, dataset)
     machine = make_machine(config.machine, dataset, dtype=DTYPES[config.dtype], device=config.device,
                            memory_budget=int(config.memory_budget_gib * GIB), **_backend_options(config, dataset, scales, labels))
@@ -286,6 +286,8 @@ def _check_config(config: SampleConfig) -> None:
     if config.memory_budget_gib <= 0:
         raise PatchdbError(f"--memory-budget must be positive, got {config.memory_budget_gib} GiB")
     defaults = {field.name: field.default for field in fields(SampleConfig)}
+    if config.machine not in PATCH_MACHINES and config.scales != defaults["scales"]:
+        raise PatchdbError(f"the {config.machine} machine has no patch size, so --scales would be ignored: drop it")
     if config.index is None:
         ignored = [name for name in INDEX_OPTIONS if getattr(config, name) != defaults[name]]
         if ignored:
@@ -313,7 +315,7 @@ def _inputs(config: SampleConfig, dataset: Dataset) -> tuple[torch.Tensor, torch
                            "drop --conditional or use a labelled data set")
     if config.label is not None:
         dataset.indices_of_label(config.label)  # a clear error for unlabelled data or an absent class
-    classes = torch.unique(dataset.labels) if config.conditional else None
+    classes = dataset.classes if config.conditional else None
     if config.noise is None:
         noise, labels = seeded_inputs(config.seed, config.num or DEFAULT_NUM, image_shape, classes)
     else:

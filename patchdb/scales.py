@@ -25,15 +25,16 @@ def paper_scales() -> dict[str, list[int]]:
     return json.loads(text)["scales"]
 
 
-def parse_scales(spec: str | int, num_steps: int) -> list[int]:
-    """Turn a scale spec (see SCALE_SPEC_HELP) into a list of num_steps odd patch sizes."""
+def parse_scales(spec: str | int, num_steps: int, machine: str | None = None) -> list[int]:
+    """Turn a scale spec (see SCALE_SPEC_HELP) into a list of num_steps odd patch sizes; machine: the patch machine
+    that will use them, which a calibrated schedule must have been calibrated for (None: unchecked)."""
     spec = str(spec).strip()
     if spec.startswith("paper:"):
         return check_scales(_paper_preset(spec), num_steps, source=spec)
     if spec.startswith("calibrated:"):
-        return _read_scale_file(Path(spec.removeprefix("calibrated:")) / "scales.json", num_steps)
+        return _read_scale_file(Path(spec.removeprefix("calibrated:")) / "scales.json", num_steps, machine)
     if spec.endswith(".json"):
-        return _read_scale_file(Path(spec), num_steps)
+        return _read_scale_file(Path(spec), num_steps, machine)
     try:
         sizes = [int(item) for item in spec.split(",")]
     except ValueError:
@@ -43,9 +44,10 @@ def parse_scales(spec: str | int, num_steps: int) -> list[int]:
     return check_scales(sizes, num_steps, source=spec)
 
 
-def _read_scale_file(path: Path, num_steps: int) -> list[int]:
+def _read_scale_file(path: Path, num_steps: int, machine: str | None) -> list[int]:
     if not path.is_file():
-        raise PatchdbError(f"scale file {path} does not exist; run `patchdb calibrate --out {path}` or give another --scales")
+        raise PatchdbError(f"scale file {path} does not exist; write it with `patchdb calibrate --model RUN_DIR --out {path}` "
+                           "(by default RUN_DIR/scales.json, which --scales calibrated:RUN_DIR reads) or give another --scales")
     try:
         content = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -53,6 +55,10 @@ def _read_scale_file(path: Path, num_steps: int) -> list[int]:
     sizes = content.get("scales") if isinstance(content, dict) else content
     if not isinstance(sizes, list):
         raise PatchdbError(f"scale file {path} must hold a list of sizes or an object with a 'scales' list")
+    calibrated_for = content.get("machine") if isinstance(content, dict) else None
+    if machine is not None and calibrated_for is not None and calibrated_for != machine:
+        raise PatchdbError(f"scale file {path} was calibrated for the {calibrated_for} machine, not {machine}; calibrate one "
+                           f"with `patchdb calibrate --model RUN_DIR --machine {machine} --out FILE.json` and give --scales FILE.json")
     return check_scales(sizes, num_steps, source=str(path))
 
 

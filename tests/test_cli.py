@@ -217,8 +217,11 @@ def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
     # a store built for other data or another machine is refused with the reason
     mismatched = sample(data_specs["unlabelled"], tmp_path / "refused", "--index", str(store))
     assert mismatched.exit_code == 1 and "fingerprint" in mismatched.output and "Traceback" not in mismatched.output
-    wrong_machine = sample(data_specs["labelled"], tmp_path / "refused", "--conditional", "--machine", "is", "--index", str(store))
+    wrong_machine = CliRunner().invoke(main, ["sample", "--dataset", data_specs["labelled"], "--machine", "is", "--conditional",
+                                              "--steps", "4", "--index", str(store), "--out", str(tmp_path / "refused")])
     assert wrong_machine.exit_code == 1 and "--index serves the patch machines" in wrong_machine.output
+    ignored_scales = sample(data_specs["labelled"], tmp_path / "refused", "--machine", "is")  # sample() passes --scales 3
+    assert ignored_scales.exit_code == 1 and "no patch size, so --scales would be ignored" in ignored_scales.output
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the GPU path runs where there is one")

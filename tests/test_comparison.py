@@ -91,6 +91,14 @@ def test_commands_report_bad_inputs_without_traceback(tmp_path):
                       ["calibrate", "--model", str(tmp_path), "--device", "bogus"],
                       ["sample", "--seed", str(10**20), "--out", str(tmp_path / "out")],
                       ["sample", "--memory-budget", "nan", "--out", str(tmp_path / "out")],
+                      ["sample", "--memory-budget", "1e300", "--out", str(tmp_path / "out")],
+                      ["calibrate", "--model", str(tmp_path), "--memory-gb", "1e300"],
+                      ["sample", "--scales", "999999", "--out", str(tmp_path / "out")],
+                      ["sample", "--scales", "99999999999999999999", "--out", str(tmp_path / "out")],
+                      ["build-index", "--scales", "999999", "--out", str(tmp_path / "store")],
+                      ["compare", "--model", str(tmp_path), "--machine", "is", "--scales", "3", "--out", str(tmp_path / "out")],
+                      ["compare", "--model", str(tmp_path), "--test-dataset", "mnist", "--out", str(tmp_path / "out")],
+                      ["compare", "--model", str(tmp_path), "--train", "--out", str(tmp_path / "out")],
                       ["sample", "--noise", str(tmp_path / "noise.npz"), "--out", str(tmp_path / "out")],
                       ["build-index", "--machine", "els", "--scales", "99", "--out", str(tmp_path / "store")],
                       ["build-index", "--scales", "3", "--out", str(tmp_path / "afile" / "store")],
@@ -183,6 +191,10 @@ def test_partly_trained_and_mismatched_runs_are_flagged_before_the_long_work(tmp
     assert "warning: " in result.stderr and "trained 1 of its 3 batches" in result.stderr
     assert json.loads((tmp_path / "run" / "scales.json").read_text())["model_training"] == {
         "batches_done": 1, "batches_configured": 3}
+    for name in ("schedule.png", "config.json", "loss.json"):  # names whose writing would destroy the schedule or the run
+        result = runner.invoke(main, ["calibrate", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "run" / name)])
+        assert result.exit_code == 1 and "name the schedule FILE.json" in result.output, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["training"]["epochs"] == 3
     for arguments, message in ((["--padding", "circular"], "zeros padding, not circular; drop --padding"),
                                (["--single-step", "--test-dataset", f"file:{tmp_path / 'colour.npz'}"], r"are \(3, \d+, \d+\) but the network was trained on \(1, ")):
         result = runner.invoke(main, ["compare", "--model", str(tmp_path / "run"), "--steps", "2", "--num", "1",
@@ -190,3 +202,32 @@ def test_partly_trained_and_mismatched_runs_are_flagged_before_the_long_work(tmp
         assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
         assert re.search(message, result.output), result.output
         assert not (tmp_path / "out" / "outputs.npz").exists()
+
+
+def test_classes_with_gaps_are_drawn_as_sample_draws_them_and_a_rerun_leaves_no_stale_file(tmp_path, monkeypatch):
+    """Labels {1, 3}: compare draws each seed's label from the classes present (sample's draw), not from 0..3; a rerun
+    without --single-step removes the earlier single_step.png, and one interrupted while writing leaves no compare.json."""
+    import patchdb.comparison
+    from patchdb.data import load_dataset
+
+    np.savez(tmp_path / "train.npz", images=quantised_images(7, 8, 16).numpy(), labels=np.array([1, 3] * 4))
+    spec = f"file:{tmp_path / 'train.npz'}"
+    dataset = load_dataset(spec)
+    train_network(tmp_path / "run", dataset, spec, NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16, num_classes=4),
+                  TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+    options = dict(machine="els", scales=[3, 3], scales_source="3", num_steps=2, num=6, seed=0, batch_size=6,
+                   show_progress=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "single_step.png").write_bytes(b"an earlier run's")
+    report = run_comparison(tmp_path / "run", tmp_path / "out", **options)
+    _, drawn = seeded_inputs(0, 6, (1, 32, 32), dataset.classes)
+    assert [entry["label"] for entry in report["per_seed"]] == drawn.tolist() and set(drawn.tolist()) == {1, 3}
+    assert not (tmp_path / "out" / "single_step.png").exists()
+
+    def interrupted(*arguments):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(patchdb.comparison, "plot_pairs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(tmp_path / "run", tmp_path / "out", **{**options, "seed": 6})
+    assert not (tmp_path / "out" / "compare.json").exists()

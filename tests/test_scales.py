@@ -77,10 +77,17 @@ def test_bad_scale_files_raise_clear_errors(tmp_path, content, message):
 
 
 def test_missing_scale_files_say_how_to_make_one(tmp_path):
-    with pytest.raises(PatchdbError, match="does not exist.*patchdb calibrate"):
+    with pytest.raises(PatchdbError, match="does not exist.*patchdb calibrate --model RUN_DIR --out"):
         parse_scales(str(tmp_path / "absent.json"), 3)
     with pytest.raises(PatchdbError, match="does not exist"):
         parse_scales(f"calibrated:{tmp_path / 'no-run'}", 3)
+
+
+def test_a_calibrated_schedule_serves_only_the_machine_it_was_calibrated_for(tmp_path):
+    (tmp_path / "scales.json").write_text(json.dumps({"scales": [3, 5, 7], "machine": "els"}))
+    assert parse_scales(f"calibrated:{tmp_path}", 3, "els") == parse_scales(f"calibrated:{tmp_path}", 3) == [3, 5, 7]
+    with pytest.raises(PatchdbError, match="calibrated for the els machine, not ls.*calibrate .*--machine ls"):
+        parse_scales(str(tmp_path / "scales.json"), 3, "ls")
 
 
 def test_check_scales_accepts_exactly_positive_odd_integers():
