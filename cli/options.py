@@ -17,6 +17,10 @@ DEVICE = click.Choice(DEVICES)
 """--device: the torch device of the machines and networks."""
 
 
+MAX_MEMORY_GIB = 2.0**20
+"""The largest memory bound the options take, in GiB (a pebibyte): far above any machine, far below an overflow."""
+
+
 def finite(ctx, param, value):
     """A click callback refusing NaN and infinity (which FloatRange's bounds let through)."""
     if value is not None and not math.isfinite(value):
@@ -35,7 +39,8 @@ def warn_if_unfinished(run_dir: Path) -> None:
 
 def machine_data_options(command):
     """--data-dir (root of named data sets) and --memory-gb (the machines' memory budget)."""
-    command = click.option("--memory-gb", "--memory-budget", type=click.FloatRange(min=0.1), default=None, callback=finite,
+    command = click.option("--memory-gb", "--memory-budget", type=click.FloatRange(min=0.1, max=MAX_MEMORY_GIB), default=None,
+                           callback=finite,
                            show_default=f"the machine's default ({DEFAULT_MEMORY_BUDGET / 1024**3:g})",
                            help="Memory bound of the machine's patch dictionaries and logits, in GiB.")(command)
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import DEVICE, SEEDS, TopK, finite
+from cli.options import DEVICE, MAX_MEMORY_GIB, SEEDS, TopK, finite
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
 from patchdb.machines import MACHINES
@@ -35,7 +35,8 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
               help="machine: t = (n-1)/n ... 1/n, as the authors ran the machines; full: t = 1 ... 1/n.")
 @click.option("--device", type=DEVICE, default="cpu", help="torch device.")
 @click.option("--dtype", type=click.Choice(tuple(DTYPES)), default="float32", help="Floating-point precision of the machine.")
-@click.option("--memory-budget", "--memory-gb", "memory_budget_gib", type=click.FloatRange(min=0, min_open=True), callback=finite,
+@click.option("--memory-budget", "--memory-gb", "memory_budget_gib", type=click.FloatRange(min=0, max=MAX_MEMORY_GIB, min_open=True),
+              callback=finite,
               default=DEFAULT_MEMORY_BUDGET / GIB, help="GiB the machine may use for dictionaries and logits.")
 @click.option("--exact-method", type=click.Choice(EXACT_METHODS), default="auto", show_default=True,
               help="How the exact backend scores the patch machines: windows (sliding-window correlations, compiled, CPU), "

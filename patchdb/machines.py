@@ -213,10 +213,13 @@ class PatchMachine(Machine):
         super().__init__(dataset, **options)
         self.name = name
         self.padding = padding_mode(name)
-        self.backend = backend or ExactBackend()
+        self.backend = backend or (ExactBackend() if store is None else TopKBackend())
         self.merge_duplicates = merge_duplicates
         self.store = store
         if store is not None:
+            if not isinstance(self.backend, TopKBackend):
+                raise PatchdbError("a patch store serves the top-k backend; give backend=TopKBackend(...) with store, "
+                                   "or no store for the exact backend")
             store.check_run(dataset, name)
         self._cache_scale: int | None = None
         self._cache: dict[int | None, list[PatchDictionary]] = {}  # by label, for the scale _cache_scale

@@ -107,6 +107,10 @@ def check_patch_size(patch_size: int, padding: str, height: int, width: int) -> 
     if padding == "circular" and patch_size > 2 * min(height, width) + 1:
         raise PatchdbError(f"patch size {patch_size} wraps more than once around a {height}x{width} image; "
                            f"circular patches can be at most {2 * min(height, width) + 1} wide")
+    if padding == "zeros" and patch_size > 2 * max(height, width) - 1:
+        # every pixel's patch holds the whole image from 2 * side - 1 on: a larger one only adds zeros to every patch
+        raise PatchdbError(f"patch size {patch_size} is larger than a {height}x{width} image's patches can usefully be "
+                           f"(at {2 * max(height, width) - 1} each holds the whole image); use at most that")
 
 
 def patch_windows(images: torch.Tensor, patch_size: int, padding: str) -> torch.Tensor:

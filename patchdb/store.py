@@ -158,8 +158,11 @@ def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str
     try:
         with h5py.File(path, "r") as file:
             built = _settings_from(json.loads(file.attrs["settings"]))
+            written_size = int(file.attrs["patch_size"])
     except (OSError, KeyError, TypeError, ValueError) as error:
         return f"{path.name} is corrupt or from an older patchdb ({error})"
+    if written_size != patch_size:
+        return f"{path.name} holds patch size {written_size}, not {patch_size} (a renamed file)"
     changed = differing_settings(settings, built)
     return f"{path.name} was built with other settings ({', '.join(changed)} differ)" if changed else None
 

@@ -123,12 +123,15 @@ def train_network(run_dir: str | os.PathLike, dataset: Dataset, dataset_spec: st
         network = build_network(network_config).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=training_config.learning_rate,
                                   weight_decay=training_config.weight_decay)
-    batches_done, batch_losses = _resume(run_dir, config, network, optimizer)
-    output_folder(run_dir)
-    write_json(run_dir / CONFIG_FILE, config)
-
     batches_per_epoch = math.ceil(len(data) / training_config.batch_size)
     total_batches = training_config.epochs * batches_per_epoch
+    batches_done, batch_losses = _resume(run_dir, config, network, optimizer)
+    if batches_done > total_batches:
+        raise PatchdbError(f"{run_dir} has already trained {batches_done} batches ({batches_done / batches_per_epoch:g} "
+                           f"epochs), more than --epochs {training_config.epochs}; give at least "
+                           f"{math.ceil(batches_done / batches_per_epoch)} epochs, or a new --out folder")
+    output_folder(run_dir)
+    write_json(run_dir / CONFIG_FILE, config)
     if device.type == "cpu":
         network = network.to(memory_format=torch.channels_last)  # faster CPU convolutions; same numbers
     network.train()
@@ -178,7 +181,7 @@ def _training_step(network, optimizer, x0: torch.Tensor, labels: torch.Tensor | 
 def _generator(seed: int, kind: str, index: int) -> torch.Generator:
     """A CPU generator for one epoch's shuffle or one batch's times and noise."""
     offset = {"epoch": 1, "batch": 2}[kind]
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) * 4 + offset)
+    return torch.Generator().manual_seed(((seed * 1_000_003 + index) * 4 + offset) % 2**63)  # seeds up to 2^62 fit
 
 
 def _check_device(device: str) -> torch.device:
@@ -220,10 +223,16 @@ def save_checkpoint(run_dir: Path, network, optimizer, batches_done: int, batch_
 
 def _load_checkpoint(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
         raise PatchdbError(f"{path}: not a readable patchdb checkpoint ({type(error).__name__}: {error}); "
                            "train again into a new --out folder") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict) and "optimizer" in checkpoint
+            and isinstance(checkpoint.get("batches_done"), int) and checkpoint["batches_done"] >= 0
+            and isinstance(checkpoint.get("batch_losses"), torch.Tensor)):
+        raise PatchdbError(f"{path} is a torch file but not a patchdb checkpoint (it needs model, optimizer, batches_done "
+                           "and batch_losses); train again into a new --out folder")
+    return checkpoint
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:
@@ -240,12 +249,18 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     if missing:
         raise PatchdbError(f"{path} is not a patchdb run's config (it lacks {', '.join(missing)}); "
                            "train again into a new --out folder")
+    not_counts = [f"{section}.{key}" for section, key in COUNT_KEYS
+                  if not isinstance(config[section][key], int) or isinstance(config[section][key], bool) or config[section][key] < 1]
+    if not_counts:
+        raise PatchdbError(f"{path}: {', '.join(not_counts)} must be positive whole numbers; train again into a new --out folder")
     return config
 
 
 CONFIG_KEYS = {"network": ("architecture", "num_classes"), "training": ("batch_size", "epochs"),
                "dataset": ("spec", "num_images", "fingerprint")}
 """What config.json must hold, per section, for a run to be reloaded, resumed and compared."""
+COUNT_KEYS = (("training", "batch_size"), ("training", "epochs"), ("dataset", "num_images"))
+"""The entries of config.json that are counts (at least 1)."""
 
 
 def load_network(run_dir: str | os.PathLike, device: str = "cpu") -> NetworkScore:

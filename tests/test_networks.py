@@ -1,5 +1,6 @@
 """Networks, their score adapter and training: receptive field, equivariance, eps -> score, loss, checkpoints."""
 
+import dataclasses
 import json
 import math
 
@@ -151,6 +152,27 @@ def test_damaged_or_missing_runs_give_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "network": {**config["network"], "width": 4}}))
     with pytest.raises(PatchdbError, match="does not hold the network that .*config.json describes"):
         load_network(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "training": {**config["training"], "batch_size": 0}}))
+    with pytest.raises(PatchdbError, match="training.batch_size must be positive whole numbers"):
+        training_progress(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for foreign in ({"model": {}}, [1, 2], network_config):
+        torch.save(foreign if not isinstance(foreign, NetworkConfig) else build_network(foreign).state_dict(),
+                   tmp_path / "checkpoint.pt")
+        with pytest.raises(PatchdbError, match="not a patchdb checkpoint"):
+            training_progress(tmp_path)
+
+
+def test_training_refuses_fewer_epochs_than_done_and_takes_the_largest_seeds(tmp_path):
+    dataset = tiny_dataset(num_images=8, side=8)
+    network_config, two_epochs = tiny_run_configs(epochs=2)
+    train_network(tmp_path, dataset, None, network_config, two_epochs, show_progress=False)
+    _, one_epoch = tiny_run_configs(epochs=1)
+    with pytest.raises(PatchdbError, match="already trained 2 batches .*give at least 2 epochs"):
+        train_network(tmp_path, dataset, None, network_config, one_epoch, show_progress=False)
+    assert read_config(tmp_path)["training"]["epochs"] == 2  # the refused run left the config alone
+    largest = dataclasses.replace(two_epochs, seed=2**62, epochs=1)
+    train_network(tmp_path / "largest-seed", dataset, None, network_config, largest, show_progress=False)
 
 
 def test_training_progress_tells_a_finished_run_from_an_interrupted_one(tmp_path):

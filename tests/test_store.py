@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import patchdb.build
+import patchdb.engine
 import patchdb.index
 import patchdb.patches
 import patchdb.topk
@@ -174,6 +175,16 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
         machine.posterior(noisy_batch(dataset, 0.5, seed=0).float(), 0.5, None, 3)
     scale_file(copy.path, 3).write_bytes(b"garbage")
     with pytest.raises(PatchdbError, match="scale-03.h5 is corrupt"):
+        PatchStore(copy.path)
+
+
+def test_a_renamed_scale_file_is_refused_and_a_store_needs_the_top_k_backend(dataset, tmp_path):
+    copy = build(dataset, tmp_path / "copy")
+    assert make_machine("bbels", dataset, store=PatchStore(copy.path)).backend.__class__ is TopKBackend  # the store's default
+    with pytest.raises(PatchdbError, match="serves the top-k backend"):
+        make_machine("bbels", dataset, store=PatchStore(copy.path), backend=patchdb.engine.ExactBackend())
+    shutil.copyfile(scale_file(copy.path, 5), scale_file(copy.path, 3))
+    with pytest.raises(PatchdbError, match="scale-03.h5 holds patch size 5, not 3"):
         PatchStore(copy.path)
 
 
