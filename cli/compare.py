@@ -9,7 +9,7 @@ from cli.calibrate import gib_to_bytes
 from cli.options import DEVICE, SEEDS, machine_data_options, warn_if_unfinished
 from patchdb.calibration import calibrate_run
 from patchdb.comparison import run_comparison
-from patchdb.data import load_dataset
+from patchdb.data import load_dataset, portable_spec
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES
 from patchdb.patches import PATCH_MACHINES
@@ -81,7 +81,7 @@ def _resolve_model(model, dataset_spec, padding, conditional, train_missing, dat
             raise PatchdbError(f"--train trains the cached {' or '.join(ARCHITECTURES)} network; {run_dir} is a run folder, "
                                "trained with `patchdb train`: drop --train")
         config = read_config(run_dir)
-        if dataset_spec is not None and dataset_spec != config["dataset"]["spec"]:
+        if dataset_spec is not None and portable_spec(dataset_spec) != config["dataset"]["spec"]:
             raise PatchdbError(f"{run_dir} was trained on {config['dataset']['spec']!r}, not {dataset_spec!r}; "
                                "drop --dataset (the machines use the network's own training images)")
         network = read_network_config(run_dir)

@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from cli.options import DEVICE, MAX_MEMORY_GIB, SEEDS, TopK, finite
+from patchdb.data import MAX_CLASSES
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
 from patchdb.machines import MACHINES
@@ -26,7 +27,7 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
               show_default=f"{DEFAULT_NUM}, or the N of --noise", help="Number of samples N.")
 @click.option("--seed", type=SEEDS, default=0,
               help="Sample k's noise (and --conditional label) come from seed + k: regenerate it alone with --seed S+k --num 1.")
-@click.option("--label", type=click.IntRange(min=0), default=None,
+@click.option("--label", type=click.IntRange(min=0, max=MAX_CLASSES - 1), default=None,
               help="Class of every sample (only that class's training images are used).")
 @click.option("--conditional", is_flag=True, help="Draw one class per sample from its seed (excludes --label).")
 @click.option("--noise", type=click.Path(dir_okay=False, path_type=Path), default=None,

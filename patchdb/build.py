@@ -69,10 +69,11 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
     out = output_folder(out)
     if (out / STORE_FILE).exists():
         existing = read_settings(out)
-        if existing != settings:
-            changed = differing_settings(settings, existing)
+        changed = differing_settings(settings, existing)
+        if changed:
             raise PatchdbError(f"{out} holds a store built with other settings ({', '.join(changed)} differ); "
                                f"choose another --out, or delete {out} to rebuild it")
+        settings = existing  # the same build, its data perhaps named otherwise: its scale files carry the stored settings
     else:
         write_settings(out, settings, dataset)
     for temporary in out.glob(".*.tmp"):

@@ -218,7 +218,14 @@ def _check_labels(labels: np.ndarray, num_images: int, source: str) -> np.ndarra
         raise PatchdbError(f"{source}: {labels.shape[0]} labels for {num_images} images; the counts must match")
     if labels.size and labels.min() < 0:
         raise PatchdbError(f"{source}: labels must be class indices >= 0, found {labels.min()}")
+    if labels.size and labels.max() >= MAX_CLASSES:  # compared in the labels' own dtype: uint64 values would wrap in int64
+        raise PatchdbError(f"{source}: labels must be class indices below {MAX_CLASSES}, found {labels.max()}; "
+                           "number the classes 0, 1, 2, ...")
     return labels.astype(np.int64)
+
+
+MAX_CLASSES = 2**16
+"""Labels are class indices below this (a conditional network holds an embedding row per index up to the largest)."""
 
 
 # ---------------------------------------------------------------- readers
@@ -357,6 +364,14 @@ def _image_folder_files(folder: Path) -> list[tuple[Path, int]]:
     return files
 
 
+def _grey_pixels(image) -> np.ndarray:
+    """A grey image's pixels as uint8 (H, W); 16-bit images rescaled from 0..65535 (Pillow's own conversion to 8 bits
+    clips them at 255, turning most pixels white)."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and np.asarray(image).max() > 255):
+        return np.round(np.asarray(image, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8)
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
 def _iter_image_folder(folder: Path, limit: int | None) -> Iterator[tuple[np.ndarray, int]]:
     """(uint8 (H, W, C) image, class index) for each image of an image folder, in reading order."""
     files = _image_folder_files(folder)[:limit]
@@ -371,7 +386,7 @@ def _iter_image_folder(folder: Path, limit: int | None) -> Iterator[tuple[np.nda
                     raise PatchdbError(
                         f"{file}: image folder mixes grey and colour images ({file.name} is {image.mode}, "
                         f"{first_file.name} is {'grey' if grey else 'colour'}); convert them to one kind")
-                pixels = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.uint8)
+                pixels = _grey_pixels(image) if grey else np.asarray(image.convert("RGB"), dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as error:
             raise PatchdbError(f"{file}: not a readable image ({error})") from None
         pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
@@ -484,6 +499,14 @@ def _parse_limit(text: str, spec: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise PatchdbError(f"bad LIMIT {text!r} in spec {spec!r}: it must be a positive whole number of images")
     return int(text)
+
+
+def portable_spec(spec: str | None) -> str | None:
+    """spec as it reads from any working directory: a file: spec with its path made absolute; others unchanged."""
+    if spec is None or not spec.strip().startswith("file:"):
+        return spec
+    path, limit = _parse_file_spec(spec.strip()[len("file:"):])
+    return f"file:{path.resolve()}" + ("" if limit is None else f":{limit}")
 
 
 def _parse_file_spec(rest: str) -> tuple[Path, int | None]:

@@ -148,8 +148,10 @@ def _settings_from(raw: dict) -> StoreSettings:
 
 
 def differing_settings(settings: StoreSettings, other: StoreSettings) -> list[str]:
-    """The names of the settings in which other differs from settings."""
-    return [name for name, value in vars(settings).items() if getattr(other, name) != value]
+    """The names of the settings in which other differs from settings (the data set's spec only where the data
+    differ: the same images, by fingerprint, may be named in several ways)."""
+    return [name for name, value in vars(settings).items() if getattr(other, name) != value
+            and not (name == "dataset" and other.fingerprint == settings.fingerprint)]
 
 
 def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str | None:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from patchdb.data import Dataset, load_dataset, make_dataset, user_cache_data_dir
+from patchdb.data import Dataset, load_dataset, make_dataset, portable_spec, user_cache_data_dir
 from patchdb.errors import PatchdbError, output_folder
 from patchdb.files import atomic_path, save_figure, write_json
 from patchdb.networks import NetworkConfig, NetworkScore, build_network
@@ -116,7 +116,7 @@ def train_network(run_dir: str | os.PathLike, dataset: Dataset, dataset_spec: st
     config = {
         "network": dataclasses.asdict(network_config),
         "training": dataclasses.asdict(training_config),
-        "dataset": {"spec": dataset_spec, "name": data.name, "num_images": len(data), "fingerprint": data.fingerprint},
+        "dataset": {"spec": portable_spec(dataset_spec), "name": data.name, "num_images": len(data), "fingerprint": data.fingerprint},
     }
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, global generator left untouched
         torch.manual_seed(training_config.seed)
@@ -196,7 +196,7 @@ def _resume(run_dir: Path, config: dict, network, optimizer) -> tuple[int, list[
     checkpoint_path = run_dir / CHECKPOINT_FILE
     if not checkpoint_path.exists():
         return 0, []
-    if _without_epochs(read_config(run_dir)) != _without_epochs(config):
+    if _resumable_settings(read_config(run_dir)) != _resumable_settings(config):
         raise PatchdbError(f"{run_dir} holds a run with other settings ({run_dir / CONFIG_FILE}); "
                            "use a new --out folder, or the same settings to resume it")
     checkpoint = _restore(run_dir, network)
@@ -204,9 +204,11 @@ def _resume(run_dir: Path, config: dict, network, optimizer) -> tuple[int, list[
     return int(checkpoint["batches_done"]), checkpoint["batch_losses"].tolist()
 
 
-def _without_epochs(config: dict) -> dict:
-    """A run's config minus its epoch count (a larger count extends a run rather than starting another)."""
-    return {**config, "training": {**config["training"], "epochs": None}}
+def _resumable_settings(config: dict) -> dict:
+    """What must agree for a run to resume: its config minus the epoch count (a larger count extends a run rather
+    than starting another) and the data's spec and name (the same images, by fingerprint, under another name)."""
+    return {**config, "training": {**config["training"], "epochs": None},
+            "dataset": {**config["dataset"], "spec": None, "name": None}}
 
 
 def save_checkpoint(run_dir: Path, network, optimizer, batches_done: int, batch_losses: list[float]) -> None:

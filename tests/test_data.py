@@ -176,6 +176,23 @@ def test_read_image_folder_grey_keeps_one_channel_and_rejects_bad_folders(tmp_pa
         read_image_folder(tmp_path / "grey")
 
 
+def test_sixteen_bit_grey_images_are_rescaled_not_clipped(tmp_path):
+    folder = tmp_path / "deep" / "class"
+    folder.mkdir(parents=True)
+    gradient = np.linspace(0, 65535, 16).reshape(4, 4).astype(np.uint16)
+    Image.fromarray(gradient).save(folder / "a.png")
+    images, _ = read_image_folder(tmp_path / "deep")
+    assert images.dtype == np.uint8 and images[0, :, :, 0].tolist() == np.round(gradient / 257).astype(int).tolist()
+
+
+@pytest.mark.parametrize("labels, message", [(np.array([2**63, 1], np.uint64), "below 65536, found 9223372036854775808"),
+                                             (np.array([0, 2**40]), "below 65536"), (np.array([-1, 0]), ">= 0")])
+def test_labels_that_are_not_class_indices_are_refused(tmp_path, labels, message):
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8), np.uint8), labels=labels)
+    with pytest.raises(PatchdbError, match=message):
+        read_npz(tmp_path / "bad.npz")
+
+
 def test_read_npz_uint8_and_float(tmp_path):
     rng = np.random.default_rng(4)
     images = random_uint8(rng, (3, 10, 10, 3))

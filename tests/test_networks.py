@@ -4,9 +4,11 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from patchdb.data import load_dataset
 from patchdb.errors import PatchdbError
 from patchdb.networks import NetworkConfig, NetworkScore, ResNet, UNet, build_network, sinusoidal_embedding
 from patchdb.schedule import beta
@@ -161,6 +163,19 @@ def test_damaged_or_missing_runs_give_clear_errors(tmp_path):
                    tmp_path / "checkpoint.pt")
         with pytest.raises(PatchdbError, match="not a patchdb checkpoint"):
             training_progress(tmp_path)
+
+
+def test_a_run_records_a_file_spec_that_reads_from_anywhere_and_resumes_under_another_spelling(tmp_path, monkeypatch):
+    images = (tiny_dataset(num_images=8, side=8).images[:, 0].numpy() + 1) * 127.5
+    np.savez(tmp_path / "train.npz", images=images.round().astype(np.uint8), labels=np.arange(8) % 3)
+    monkeypatch.chdir(tmp_path)
+    dataset = load_dataset("file:train.npz")
+    network_config, one_epoch = tiny_run_configs(epochs=1)
+    train_network(tmp_path / "run", dataset, "file:train.npz", network_config, one_epoch, show_progress=False)
+    assert read_config(tmp_path / "run")["dataset"]["spec"] == f"file:{tmp_path / 'train.npz'}"
+    _, two_epochs = tiny_run_configs(epochs=2)
+    train_network(tmp_path / "run", dataset, "file:./train.npz:8", network_config, two_epochs, show_progress=False)
+    assert training_progress(tmp_path / "run") == (2, 2)
 
 
 def test_training_refuses_fewer_epochs_than_done_and_takes_the_largest_seeds(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import patchdb.build
+import patchdb.data
 import patchdb.engine
 import patchdb.index
 import patchdb.patches
@@ -142,6 +143,8 @@ def test_interrupted_build_leaves_no_partial_scale_and_resumes(dataset, tmp_path
 def test_build_refuses_to_mix_settings_in_one_folder(dataset, store):
     with pytest.raises(PatchdbError, match="cluster_size"):
         build_store(dataset, "bbels", SCALES, store.path, cluster_size=99, min_indexed_entries=64, progress=False)
+    renamed = patchdb.data.make_dataset(dataset.images, dataset.labels, "the same images under another spec")
+    assert build(renamed, store.path).settings == store.settings  # same fingerprint: the built store is kept
 
 
 def test_runs_that_do_not_match_the_store_are_refused_saying_why(dataset, store):
