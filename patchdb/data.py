@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, user_path
 
 IMAGE_SIZE = 32
 """Side in pixels of every preprocessed image, as in the paper."""
@@ -460,9 +460,9 @@ def data_roots(data_dir: str | os.PathLike | None = None) -> list[tuple[Path, st
     """(root folder, where it comes from) in lookup order: data_dir, $PATCHDB_DATA, user cache, system."""
     roots = []
     if data_dir is not None:
-        roots.append((Path(data_dir).expanduser(), "--data-dir"))
+        roots.append((user_path(data_dir, "--data-dir"), "--data-dir"))
     if os.environ.get(DATA_ENV_VAR):
-        roots.append((Path(os.environ[DATA_ENV_VAR]).expanduser(), f"${DATA_ENV_VAR}"))
+        roots.append((user_path(os.environ[DATA_ENV_VAR], f"${DATA_ENV_VAR}"), f"${DATA_ENV_VAR}"))
     roots.append((user_cache_data_dir(), "patchdb's cache"))
     roots.extend((root, "system") for root in SYSTEM_DATA_DIRS)
     return roots
@@ -513,13 +513,13 @@ def _parse_file_spec(rest: str) -> tuple[Path, int | None]:
     """PATH and LIMIT of ``file:PATH[:LIMIT]``; a path that exists as written wins over a LIMIT reading."""
     if not rest:
         raise PatchdbError("empty path in spec 'file:'; use file:PATH[:LIMIT]")
-    path = Path(rest).expanduser()
+    path = user_path(rest, "spec file:")
     head, colon, tail = rest.rpartition(":")
     if path.exists():
         return path, None
-    if colon and Path(head).expanduser().exists():
-        return Path(head).expanduser(), _parse_limit(tail, f"file:{rest}")
-    missing = Path(head).expanduser() if colon and tail.isdigit() else path
+    if colon and user_path(head, "spec file:").exists():
+        return user_path(head, "spec file:"), _parse_limit(tail, f"file:{rest}")
+    missing = user_path(head, "spec file:") if colon and tail.isdigit() else path
     raise PatchdbError(f"{missing}: file not found (spec file:{rest})")
 
 

@@ -1,11 +1,21 @@
 """The one exception type that the command line shows as a message rather than a traceback, and the output folders
 whose creation raises it."""
 
+import os
 from pathlib import Path
 
 
 class PatchdbError(Exception):
     """A problem with the user's input or files; the message names the problem and the fix."""
+
+
+def user_path(text: "str | os.PathLike", what: str) -> Path:
+    """text as a Path with ~ and ~user expanded; a PatchdbError naming what (the option or variable) where it cannot be."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as error:  # ~user of no such user, or no home directory
+        raise PatchdbError(f"{what} {str(text)!r}: {str(error).rstrip('.')}; "
+                           "give a path without ~, or with an existing user's") from None
 
 
 def output_folder(path: "str | Path", option: str = "--out") -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from patchdb.data import DATA_ENV_VAR, read_cifar10, read_idx, user_cache_data_dir
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, output_folder, user_path
 
 FETCHABLE = ("mnist", "fashion-mnist", "cifar10", "celeba")
 DOWNLOAD_TIMEOUT_S = 60
@@ -100,7 +100,7 @@ SOURCES: dict[str, tuple[RemoteFile, ...]] = {
 
 def default_fetch_dir() -> Path:
     """Where fetch-data writes by default: $PATCHDB_DATA if set, else ~/.cache/patchdb/data."""
-    return Path(os.environ[DATA_ENV_VAR]).expanduser() if os.environ.get(DATA_ENV_VAR) else user_cache_data_dir()
+    return user_path(os.environ[DATA_ENV_VAR], f"${DATA_ENV_VAR}") if os.environ.get(DATA_ENV_VAR) else user_cache_data_dir()
 
 
 def payload_sha256(path: str | os.PathLike) -> str:
@@ -138,7 +138,7 @@ def verify_remote_file(remote: RemoteFile, path: Path) -> None:
 
 def download_file(remote: RemoteFile, folder: Path, progress: bool = True) -> Path:
     """Download ``remote`` into ``folder`` (first URL that answers), check it, then rename it into place."""
-    folder.mkdir(parents=True, exist_ok=True)
+    output_folder(folder, "--data-dir")
     destination = folder / remote.name
     failures = []
     for url in remote.urls:
@@ -171,9 +171,9 @@ def _copy_url(url: str, out, label: str, progress: bool) -> None:
 
 def fetch_dataset(name: str, data_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Download data set ``name`` into DATA_DIR/NAME/ (files already there and valid are kept); return that folder."""
-    folder = Path(data_dir).expanduser() / name
+    folder = user_path(data_dir, "--data-dir") / name
     if name == "celeba":
-        raise PatchdbError(CELEBA_INSTRUCTIONS.format(folder=folder, root=Path(data_dir).expanduser(), env=DATA_ENV_VAR))
+        raise PatchdbError(CELEBA_INSTRUCTIONS.format(folder=folder, root=user_path(data_dir, "--data-dir"), env=DATA_ENV_VAR))
     if name not in SOURCES:
         raise PatchdbError(f"unknown data set {name!r}; fetch-data knows {', '.join(FETCHABLE)}")
     for remote in SOURCES[name]:

@@ -421,3 +421,9 @@ def test_fetch_data_command_explains_celeba(tmp_path):
     result = CliRunner().invoke(main, ["fetch-data", "celeba", "--data-dir", str(tmp_path)])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # a message, not a traceback
     assert "Google Drive" in result.output and str(tmp_path / "celeba" / "img_align_celeba") in result.output
+
+
+def test_a_home_folder_that_cannot_be_found_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATCHDB_DATA", "~no-such-user-here/data")
+    with pytest.raises(PatchdbError, match=r"\$PATCHDB_DATA '~no-such-user-here/data': .*give a path without ~"):
+        data.data_roots()
