@@ -40,7 +40,8 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
               callback=finite,
               default=DEFAULT_MEMORY_BUDGET / GIB, help="GiB the machine may use for dictionaries and logits.")
 @click.option("--exact-method", type=click.Choice(EXACT_METHODS), default="auto", show_default=True,
-              help="How the exact backend scores the patch machines: windows (sliding-window correlations, compiled, CPU), "
+              help="How the exact backend scores the patch machines (with --index: the top-k backend's exact fallback): "
+                   "windows (sliding-window correlations, compiled, CPU), "
                    "products (matrix products of patches, any device), fused (product and softmax in one kernel: CUDA, Triton), "
                    "auto (windows on a CPU, fused on a GPU in float32). The same posterior.")
 @click.option("--index", type=click.Path(file_okay=False, path_type=Path), default=None,

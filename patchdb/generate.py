@@ -67,7 +67,8 @@ class SampleConfig:
     memory_budget_gib: the machine's memory bound in GiB; index: a patch store (patchdb build-index)
     whose dictionaries the top-k backend uses, with topk (None: each dictionary's own), tol, fallback,
     estimate_samples, estimate_error and exact_from_patch_size (see patchdb.topk.TopKBackend); None: the exact backend, whose
-    method for the patch machines is exact_method (patchdb.engine.EXACT_METHODS).
+    method for the patch machines is exact_method (patchdb.engine.EXACT_METHODS), which with an index is the method
+    of the top-k backend's exact fallback and of the steps it leaves to the exact backend.
     """
 
     out: str
@@ -217,7 +218,7 @@ def _backend_options(config: SampleConfig, dataset: Dataset, scales: list[int], 
     used = sorted({scales[min(i, config.steps - 1)] for i in LOOPS[config.loop](config.steps)})
     store.check_run(dataset, config.machine, used, labels is not None, labels)
     backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, config.estimate_error, seed=config.seed,
-                          exact_from_patch_size=config.exact_from_patch_size)
+                          exact=ExactBackend(method=config.exact_method), exact_from_patch_size=config.exact_from_patch_size)
     return {"store": store, "backend": backend}
 
 
@@ -293,9 +294,6 @@ def _check_config(config: SampleConfig) -> None:
         if ignored:
             raise PatchdbError(f"without --index STORE the exact backend samples, and {', '.join(map(_option, ignored))} "
                                "(options of the top-k backend) would be ignored: add --index, or drop them")
-    elif config.exact_method != defaults["exact_method"]:
-        raise PatchdbError("--exact-method chooses how the exact backend scores, but --index selects the top-k backend: "
-                           "drop one of them")
 
 
 INDEX_OPTIONS = ("topk", "tol", "fallback", "estimate_samples", "estimate_error", "exact_from_patch_size")
