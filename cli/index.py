@@ -24,12 +24,16 @@ from patchdb.store import PatchStore
 @click.option("--conditional", is_flag=True, help="One set of dictionaries per class (for class-conditional sampling).")
 @click.option("--labels", default=None, help="With --conditional: only these classes, comma-separated (default: all).")
 @click.option("--cluster-size", type=click.IntRange(min=1), default=CLUSTER_SIZE,
-              help="Dictionary entries per k-means cluster of the inverted file.")
+              help="Patches (duplicates counted) per k-means cluster of the inverted file.")
 @click.option("--min-indexed-entries", type=click.IntRange(min=1), default=MIN_INDEXED_ENTRIES,
               help="Dictionaries with fewer distinct patches are not clustered (the exact backend scans them).")
+@click.option("--keep-duplicates", is_flag=True,
+              help="Store identical patches as separate entries instead of one entry with its multiplicity (the same "
+                   "posterior, a larger store: for checking the merge).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Store folder (store.h5, scale-PP.h5); an interrupted build resumes into it.")
-def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster_size, min_indexed_entries, out) -> None:
+def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster_size, min_indexed_entries, keep_duplicates,
+                out) -> None:
     """Index a machine's patch dictionaries at every scale (HDF5 store + FAISS k-means clusters) into OUT."""
     logging.basicConfig(format="%(message)s")
     logging.getLogger("patchdb").setLevel(logging.INFO)
@@ -38,7 +42,7 @@ def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster
         raise click.UsageError("--labels selects classes of a --conditional store; add --conditional")
     store = build_store(data, machine, parse_patch_sizes(scales), out, conditional=conditional,
                         labels=None if labels is None else _int_list(labels, "--labels"), cluster_size=cluster_size,
-                        min_indexed_entries=min_indexed_entries)
+                        min_indexed_entries=min_indexed_entries, merge_duplicates=not keep_duplicates)
     click.echo(_summary(store.describe()))
 
 

@@ -104,7 +104,7 @@ def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tens
 def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candidates: Sequence[int] = DEFAULT_CANDIDATES,
                   samples: int = 10, metric: str = "cos", num_steps: int = 20, seed: int = DEFAULT_SEED,
                   data_dir=None, device: str = "cpu", out: str | os.PathLike | None = None,
-                  memory_budget: int | None = None) -> tuple[Path, dict]:
+                  memory_budget: int | None = None, show_progress: bool = True) -> tuple[Path, dict]:
     """Calibrate a machine over a run's own training images to the run's network; write scales.json
     (default RUN_DIR/scales.json) and scales.png. Sample k's noise and label come from seed + k.
     memory_budget: the machine's memory bound in bytes (None: its default)."""
@@ -129,7 +129,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
                                   dataset.classes if network.config.conditional else None)
     options = {} if memory_budget is None else {"memory_budget": memory_budget}
     result = calibrate_scales(network, make_machine(machine, dataset, device=device, **options), noise, labels, num_steps,
-                              candidates, metric)
+                              candidates, metric, show_progress)
     path = write_scales(path, result, machine=machine, metric=metric,
                         candidates=candidates, model=run_dir, seed=seed, model_training=training_progress(run_dir))
     return path, result

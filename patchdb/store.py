@@ -250,8 +250,9 @@ class PatchStore:
         """The stored dictionary of every group at patch_size (None for same-location groups, which are not stored).
 
         images: (M, C, H, W) the label's training images in the machine's dtype and device; each
-        patch is gathered from them by its source. Clustered dictionaries keep their patches in
-        memory while the total fits memory_budget (bytes); beyond it they gather them at each access.
+        patch is gathered from them by its source. Unclustered dictionaries always hold their patches in
+        memory; clustered ones too while the total held fits memory_budget (bytes), and beyond it gather
+        them at each access.
         """
         windows = patch_windows(images, patch_size, self.settings.padding)  # (M, C, H, W, P, P)
         norm_maps = squared_norm_maps(windows)

@@ -181,6 +181,19 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
         PatchStore(copy.path)
 
 
+def test_a_store_that_keeps_duplicates_holds_every_patch_and_gives_the_merged_posterior(dataset, store, tmp_path):
+    kept = build(dataset, tmp_path / "kept", merge_duplicates=False)
+    merged_sizes, kept_sizes = store.describe()["scales"], kept.describe()["scales"]
+    for size in SCALES:
+        for name, entry in kept_sizes[size]["dictionaries"].items():
+            assert entry["entries"] == entry["patches"] == merged_sizes[size]["dictionaries"][name]["patches"]
+        assert any(entry["entries"] < entry["patches"] for entry in merged_sizes[size]["dictionaries"].values())
+    x = noisy_batch(dataset, 0.5, seed=2)
+    posteriors = [make_machine("bbels", dataset, dtype=torch.float64, store=built, backend=TopKBackend(tol=0.0)).posterior(
+        x, 0.5, None, 3) for built in (store, kept)]
+    torch.testing.assert_close(posteriors[1].mean, posteriors[0].mean, rtol=0, atol=1e-10)
+
+
 def test_a_renamed_scale_file_is_refused_and_a_store_needs_the_top_k_backend(dataset, tmp_path):
     copy = build(dataset, tmp_path / "copy")
     assert make_machine("bbels", dataset, store=PatchStore(copy.path)).backend.__class__ is TopKBackend  # the store's default
