@@ -280,6 +280,15 @@ class RegionKeys:
         return embedded.reshape(-1, stop - first)
 
 
+def principal_directions(sample: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean (D,) and the count top principal directions (D, count), largest first, of sample (S, D), in float64."""
+    sample = sample.double()
+    mean = sample.mean(dim=0)
+    centred = sample - mean
+    _, eigenvectors = torch.linalg.eigh(centred.T @ centred)
+    return mean, eigenvectors[:, -min(count, sample.shape[1]):].flip(1)
+
+
 @dataclass
 class PatchDictionary:
     """The training entries one dictionary group compares against, ready for the engine.
@@ -340,10 +349,8 @@ class PatchDictionary:
             return
         count = len(self)
         generator = torch.Generator().manual_seed(0)
-        sample = self.keys[torch.randperm(count, generator=generator)[:65536].to(self.keys.device)].double()
-        centred = sample - sample.mean(dim=0)
-        _, eigenvectors = torch.linalg.eigh(centred.T @ centred)
-        directions = eigenvectors[:, -num_directions:].flip(1).to(self.keys.dtype)  # (D, r), largest first
+        sample = self.keys[torch.randperm(count, generator=generator)[:65536].to(self.keys.device)]
+        directions = principal_directions(sample, num_directions)[1].to(self.keys.dtype)
         projections = self.keys @ directions
         # slabs along the first direction, sorted along the second within each slab: blocks are near-square cells
         num_slabs = max(1, math.isqrt(math.ceil(count / block_size)))

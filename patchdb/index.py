@@ -25,9 +25,9 @@ import faiss
 import numpy as np
 import torch
 
-from patchdb.engine import LOG2_E, PatchDictionary
+from patchdb.engine import LOG2_E, PatchDictionary, principal_directions
 from patchdb.errors import PatchdbError
-from patchdb.patches import gather_sources
+from patchdb.patches import gather_sources, window_sums
 
 CLUSTER_SIZE = 1024
 """Default number of patches (duplicates counted) per cluster."""
@@ -287,8 +287,7 @@ NORM_MAP_IMAGES = 1024
 
 def squared_norm_maps(windows: torch.Tensor) -> torch.Tensor:
     """(M, H, W) ||patch||^2 of every patch of a patch_windows view (M, C, H, W, P, P) of padded images: window sums
-    of the squared images along the rows, then the columns (direct sums, which keep the precision that differences
-    of running sums would lose)."""
+    of the squared images (patches.window_sums)."""
     count, channels, height, width, size, _ = windows.shape
     image_stride, channel_stride, row_stride = windows.stride()[:3]
     padded = windows.as_strided((count, channels, height + size - 1, width + size - 1), (image_stride, channel_stride, row_stride, 1),
@@ -296,7 +295,7 @@ def squared_norm_maps(windows: torch.Tensor) -> torch.Tensor:
     maps = windows.new_empty(count, height, width)
     for first in range(0, count, NORM_MAP_IMAGES):
         squares = padded[first:first + NORM_MAP_IMAGES].square().sum(dim=1)
-        maps[first:first + NORM_MAP_IMAGES] = squares.unfold(1, size, 1).sum(-1).unfold(2, size, 1).sum(-1)
+        maps[first:first + NORM_MAP_IMAGES] = window_sums(squares, size)
     return maps
 
 
@@ -355,11 +354,7 @@ class Quantizer:
     @classmethod
     def fit(cls, sample: torch.Tensor, num_clusters: int, seed: int = 0) -> "Quantizer":
         """Fit on sample (S, D) keys: principal directions, then k-means per level (FAISS), num_clusters in all."""
-        pca_sample = sample[:PCA_SAMPLE].double()
-        mean = pca_sample.mean(dim=0)
-        centred = pca_sample - mean
-        _, eigenvectors = torch.linalg.eigh(centred.T @ centred)
-        directions = eigenvectors[:, -min(REDUCED_DIMENSIONS, sample.shape[1]):].flip(1)  # largest first
+        mean, directions = principal_directions(sample[:PCA_SAMPLE], REDUCED_DIMENSIONS)
         reduced = ((sample.double() - mean) @ directions).float().cpu().numpy()
         num_clusters = max(1, min(num_clusters, len(reduced)))
         coarse = _kmeans(reduced, max(1, round(math.sqrt(num_clusters))), seed)

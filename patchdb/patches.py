@@ -118,6 +118,13 @@ def patch_windows(images: torch.Tensor, patch_size: int, padding: str) -> torch.
     return padded_images(images, patch_size, padding).unfold(2, patch_size, 1).unfold(3, patch_size, 1)
 
 
+def window_sums(values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Sums over every patch_size x patch_size window of values (N, H + P - 1, W + P - 1, ...) along dims 1 and 2:
+    (N, H, W, ...). Direct sums along the rows, then the columns, which keep the precision that differences of
+    running sums would lose."""
+    return values.unfold(1, patch_size, 1).sum(-1).unfold(2, patch_size, 1).sum(-1)
+
+
 def padded_images(images: torch.Tensor, patch_size: int, padding: str) -> torch.Tensor:
     """images (N, C, H, W) padded by P // 2 on every side, with zeros or circularly: (N, C, H + P - 1, W + P - 1)."""
     half = patch_size // 2

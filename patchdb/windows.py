@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from patchdb.patches import DictionaryGroup, padded_images, pixel_boxes
+from patchdb.patches import DictionaryGroup, padded_images, pixel_boxes, window_sums
 
 try:
     from patchdb import _windows
@@ -38,7 +38,7 @@ except ImportError:  # the extension was not compiled (no C compiler when instal
 
 VECTOR_BYTES = {} if _windows is None else dict(_windows.isas())
 """The kernel's instruction sets that this processor runs, best first, and their vector widths in bytes."""
-LOG2_E = 1.0 / math.log(2.0)
+LOG2_E = 1.0 / math.log(2.0)  # as patchdb.engine.LOG2_E: engine imports this module, not the other way
 LAYOUT_CHUNK_BYTES = 8 * 1024**2
 """LaneImages.from_images computes the patches' norms this many bytes of laid-out images at a time."""
 
@@ -100,7 +100,7 @@ class LaneImages:
         step = max(1, LAYOUT_CHUNK_BYTES // laid[0].nbytes)
         for first in range(0, groups, step):
             squares = laid[first:first + step].square().sum(dim=3)  # (g, H + P - 1, W + P - 1, L)
-            norms[first:first + step] = squares.unfold(1, patch_size, 1).sum(-1).unfold(2, patch_size, 1).sum(-1)
+            norms[first:first + step] = window_sums(squares, patch_size)
         if rest:
             norms[-1, ..., rest:] = math.inf  # absent images (the last group's tail) weigh nothing
         return cls(laid, norms.contiguous(), count, isa)
