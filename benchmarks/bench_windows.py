@@ -50,7 +50,7 @@ def main(images, sizes, repeats, provenance, data_dir) -> None:
             t = TIME_OF_SIZE[size]
             noise = torch.randn(1, *dataset.images.shape[1:], generator=torch.Generator().manual_seed(0))
             x = math.sqrt(alpha_bar(t)) * dataset.images[:1] + math.sqrt(1 - alpha_bar(t)) * noise
-            tasks = window_tasks(dictionary_groups("bbels", size, height, width), height, width)
+            tasks = window_tasks(dictionary_groups("bbels", size, height, width), width)
             lanes = LaneImages.from_images(dataset.images, size, "zeros", isa)
             queries = padded_images(x, size, "zeros").contiguous()
             best = math.inf

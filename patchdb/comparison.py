@@ -162,14 +162,18 @@ def plot_scatter(path: Path, machine_r: torch.Tensor, baseline_r: torch.Tensor, 
     save_figure(figure, path)
 
 
+PAIRS_PER_GROUP = 4
+"""pairs.png shows this many seeds from the best, the median and the worst by r."""
+
+
 def plot_pairs(path: Path, machine_images: torch.Tensor, network_images: torch.Tensor, machine_r: torch.Tensor,
-               seeds: list[int], machine: str, per_group: int = 4) -> None:
+               seeds: list[int], machine: str) -> None:
     """pairs.png: machine | network side by side for the best, median and worst seeds by r."""
     from matplotlib.figure import Figure
 
     order = torch.argsort(machine_r, descending=True).tolist()
-    middle = max(0, len(order) // 2 - per_group // 2)
-    chosen = list(dict.fromkeys(order[:per_group] + order[middle:middle + per_group] + order[-per_group:]))
+    middle = max(0, len(order) // 2 - PAIRS_PER_GROUP // 2)
+    chosen = list(dict.fromkeys(order[:PAIRS_PER_GROUP] + order[middle:middle + PAIRS_PER_GROUP] + order[-PAIRS_PER_GROUP:]))
     figure = Figure(figsize=(4 * 1.1, 1.2 * len(chosen) / 2 + 0.5))
     columns = 4
     rows = (len(chosen) + 1) // 2

@@ -280,6 +280,10 @@ class RegionKeys:
         return embedded.reshape(-1, stop - first)
 
 
+ENTRY_BLOCK_SIZE, ENTRY_BLOCK_DIRECTIONS = 1024, 2
+"""PatchDictionary.sort_into_blocks: entries per block, and the principal directions the blocks' boxes span."""
+
+
 def principal_directions(sample: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean (D,) and the count top principal directions (D, count), largest first, of sample (S, D), in float64."""
     sample = sample.double()
@@ -341,7 +345,7 @@ class PatchDictionary:
         zeros = torch.zeros(squared_norms.shape, dtype=values.dtype, device=values.device)
         return cls(keys, values, squared_norms, zeros, sources, False)
 
-    def sort_into_blocks(self, block_size: int = 1024, num_directions: int = 2) -> None:
+    def sort_into_blocks(self) -> None:
         """Reorder the entries (in place, once) into blocks that are compact along the keys' top
         principal directions, and record each block's bounding box (see EntryBlocks). The posterior
         does not depend on the order; among identical copies, another one may become the reported source."""
@@ -350,6 +354,7 @@ class PatchDictionary:
         count = len(self)
         generator = torch.Generator().manual_seed(0)
         sample = self.keys[torch.randperm(count, generator=generator)[:65536].to(self.keys.device)]
+        block_size, num_directions = ENTRY_BLOCK_SIZE, ENTRY_BLOCK_DIRECTIONS
         directions = principal_directions(sample, num_directions)[1].to(self.keys.dtype)
         projections = self.keys @ directions
         # slabs along the first direction, sorted along the second within each slab: blocks are near-square cells

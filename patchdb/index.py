@@ -307,8 +307,7 @@ def clustered(dictionary: PatchDictionary, cluster_size: int = CLUSTER_SIZE, see
 
 
 def build_clusters(gather: Callable[[torch.Tensor], torch.Tensor], num_entries: int, log_multiplicity: torch.Tensor,
-                   cluster_size: int = CLUSTER_SIZE, seed: int = 0, block_rows: int = BLOCK_ROWS
-                   ) -> tuple[torch.Tensor, EntryClusters]:
+                   cluster_size: int = CLUSTER_SIZE, seed: int = 0) -> tuple[torch.Tensor, EntryClusters]:
     """Cluster num_entries keys in one streamed pass: (order, clusters).
 
     gather(rows) returns the keys (len(rows), D) of entries rows (int64); log_multiplicity (K,) is
@@ -323,7 +322,7 @@ def build_clusters(gather: Callable[[torch.Tensor], torch.Tensor], num_entries: 
     sample = gather(torch.randperm(num_entries, generator=generator)[:num_clusters * KMEANS_SAMPLE_PER_CLUSTER].to(device))
     partition = Partition(Quantizer.fit(sample, num_clusters, seed))
     assignment = torch.cat([partition.add(rows, gather(rows), multiplicity[rows])
-                            for rows in torch.arange(num_entries, device=device).split(block_rows)])
+                            for rows in torch.arange(num_entries, device=device).split(BLOCK_ROWS)])
     return partition.finish(assignment, log_multiplicity, torch.arange(num_entries, device=device))
 
 

@@ -314,7 +314,7 @@ class PatchMachine(Machine):
         self._check_scale(patch_size)
         if self._tasks is None:
             height, width = self.image_shape[1:]
-            self._tasks = window_tasks(dictionary_groups(self.name, patch_size, height, width), height, width)
+            self._tasks = window_tasks(dictionary_groups(self.name, patch_size, height, width), width)
         return self._tasks
 
     def _check_scale(self, patch_size: int) -> None:

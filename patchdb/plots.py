@@ -40,10 +40,10 @@ def display_image(image: np.ndarray) -> np.ndarray:
     return pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1)
 
 
-def image_grid_figure(images: np.ndarray, titles: list[str] | None = None, columns: int | None = None) -> Figure:
+def image_grid_figure(images: np.ndarray, titles: list[str] | None = None) -> Figure:
     """A near-square grid of the first MAX_GRID_IMAGES of images (N, C, H, W), with optional titles (N,)."""
     count = min(len(images), MAX_GRID_IMAGES)
-    columns = columns or math.ceil(math.sqrt(count))
+    columns = math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
     figure, axes = _panel_figure(rows, columns, TITLE_INCHES if titles else 0.0)
     for index, axis in enumerate(axes.flat):

@@ -118,8 +118,9 @@ def lane_image_bytes(channels: int, height: int, width: int, patch_size: int, dt
     return (padded + height * width) * torch.empty((), dtype=dtype).element_size()
 
 
-def window_tasks(groups: list[DictionaryGroup], height: int, width: int) -> torch.Tensor:
-    """(T, 6) int64 tasks (iy0, iy1, ix0, ix1, sy, sx) that pair every pixel with its whole dictionary, once.
+def window_tasks(groups: list[DictionaryGroup], width: int) -> torch.Tensor:
+    """(T, 6) int64 tasks (iy0, iy1, ix0, ix1, sy, sx) that pair every pixel of a grid width pixels wide with its whole
+    dictionary, once.
 
     Each group's query and key pixels must form one rectangle each, or (same location) a few.
     """

@@ -38,7 +38,7 @@ def task_pairs(tasks: torch.Tensor) -> Counter:
 @pytest.mark.parametrize("patch_size", [3, 5, 7, 9])
 @pytest.mark.parametrize("name", ["ls", "els", "bbels"])
 def test_tasks_pair_each_pixel_with_its_dictionary_once(name, patch_size, height, width):
-    pairs = task_pairs(window_tasks(dictionary_groups(name, patch_size, height, width), height, width))
+    pairs = task_pairs(window_tasks(dictionary_groups(name, patch_size, height, width), width))
     expected = Counter(((r, c), key) for r in range(height) for c in range(width)
                        for key in reference.dictionary_locations(name, r, c, patch_size, height, width))
     assert pairs == expected
@@ -85,7 +85,7 @@ def test_every_instruction_set_equals_matrix_products(isa, dtype):
     """Each compiled instruction set that this processor runs (vectors of 2 to 16 lanes) gives the products' posterior."""
     dataset = random_dataset(3, 9, 8)
     products = make_machine("bbels", dataset, dtype=torch.float64, backend=ExactBackend(method="products"))
-    tasks = window_tasks(dictionary_groups("bbels", 5, 9, 8), 9, 8)
+    tasks = window_tasks(dictionary_groups("bbels", 5, 9, 8), 8)
     for t in (0.1, 0.7):
         x = noisy_batch(dataset, t, seed=7)
         expected = products.posterior(x, t, patch_size=5)
@@ -136,7 +136,7 @@ def kernel_inputs(patch_size: int = 3, dtype=torch.float32):
     images = torch.rand(lanes(dtype), 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
     grouped = LaneImages.from_images(images, patch_size, "zeros")
     queries = padded_images(torch.rand(1, 1, 8, 8, dtype=dtype), patch_size, "zeros").contiguous()
-    tasks = window_tasks(dictionary_groups("bbels", patch_size, 8, 8), 8, 8)
+    tasks = window_tasks(dictionary_groups("bbels", patch_size, 8, 8), 8)
     return queries, grouped, tasks, WindowState.empty(1, 1, 8, 8, dtype, lanes(dtype))
 
 
