@@ -43,7 +43,7 @@ def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster
     store = build_store(data, machine, parse_patch_sizes(scales), out, conditional=conditional,
                         labels=None if labels is None else _int_list(labels, "--labels"), cluster_size=cluster_size,
                         min_indexed_entries=min_indexed_entries, merge_duplicates=not keep_duplicates)
-    click.echo(_summary(store.describe()))
+    click.echo(store.summary())
 
 
 @click.command("info")
@@ -51,8 +51,8 @@ def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def info(store, as_json) -> None:
     """Print a patch store's settings and sizes."""
-    description = PatchStore(store).describe()
-    click.echo(json.dumps(description, indent=2) if as_json else _summary(description))
+    opened = PatchStore(store)
+    click.echo(json.dumps(opened.describe(), indent=2) if as_json else opened.summary())
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -60,30 +60,3 @@ def _int_list(text: str, option: str) -> list[int]:
         return [int(item) for item in text.split(",")]
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
-
-
-def _summary(description: dict) -> str:
-    settings = description["settings"]
-    lines = [f"store {description['path']}",
-             f"  data: {settings['dataset']}, {settings['num_images']} images of shape {settings['image_shape']}, "
-             f"fingerprint {settings['fingerprint'][:16]}",
-             f"  preprocessing: {settings['preprocessing']}",
-             f"  machine: {settings['machine']} ({settings['padding']} padding), "
-             + (f"class-conditional, labels {', '.join(map(str, settings['labels']))}" if settings["labels"] is not None
-                else "unconditional"),
-             f"  index: k-means clusters of about {settings['cluster_size']} entries (FAISS) for dictionaries of at least "
-             f"{settings['min_indexed_entries']} distinct patches, duplicates "
-             + ("merged" if settings["merge_duplicates"] else "kept"),
-             f"  patchdb {settings['patchdb_version']}, store format {settings['format_version']}",
-             f"  images: {description['store_bytes'] / 1024**2:.1f} MiB"]
-    total = description["store_bytes"]
-    for size, scale in description["scales"].items():
-        total += scale["bytes"]
-        dictionaries = scale["dictionaries"].values()
-        lines.append(f"  P={size}: {scale['bytes'] / 1024**2:.1f} MiB, {len(dictionaries)} dictionaries, "
-                     f"{sum(d['patches'] for d in dictionaries)} patches, {sum(d['entries'] for d in dictionaries)} distinct, "
-                     f"{sum(d['clusters'] for d in dictionaries)} clusters"
-                     + ("" if dictionaries else " (every pixel's dictionary is same-location at this size: gathered from "
-                                                "the images and scored exactly, nothing to index)"))
-    lines.append(f"  total: {total / 1024**2:.1f} MiB")
-    return "\n".join(lines)

@@ -335,6 +335,36 @@ class PatchStore:
                 "store_bytes": (self.path / STORE_FILE).stat().st_size, "scales": scales}
 
 
+    def summary(self) -> str:
+        """describe() as the lines `patchdb build-index` and `patchdb info` print."""
+        description = self.describe()
+        settings = description["settings"]
+        lines = [f"store {description['path']}",
+                 f"  data: {settings['dataset']}, {settings['num_images']} images of shape {settings['image_shape']}, "
+                 f"fingerprint {settings['fingerprint'][:16]}",
+                 f"  preprocessing: {settings['preprocessing']}",
+                 f"  machine: {settings['machine']} ({settings['padding']} padding), "
+                 + (f"class-conditional, labels {', '.join(map(str, settings['labels']))}" if settings["labels"] is not None
+                    else "unconditional"),
+                 f"  index: k-means clusters of about {settings['cluster_size']} patches (FAISS) for dictionaries of at least "
+                 f"{settings['min_indexed_entries']} distinct patches, duplicates "
+                 + ("merged" if settings["merge_duplicates"] else "kept"),
+                 f"  patchdb {settings['patchdb_version']}, store format {settings['format_version']}",
+                 f"  images: {description['store_bytes'] / 1024**2:.1f} MiB"]
+        total = description["store_bytes"]
+        for size, scale in description["scales"].items():
+            total += scale["bytes"]
+            dictionaries = scale["dictionaries"].values()
+            lines.append(f"  P={size}: {scale['bytes'] / 1024**2:.1f} MiB, {len(dictionaries)} dictionaries, "
+                         f"{sum(d['patches'] for d in dictionaries)} patches, "
+                         f"{sum(d['entries'] for d in dictionaries)} distinct, "
+                         f"{sum(d['clusters'] for d in dictionaries)} clusters"
+                         + ("" if dictionaries else " (every pixel's dictionary is same-location at this size: gathered from "
+                                                    "the images and scored exactly, nothing to index)"))
+        lines.append(f"  total: {total / 1024**2:.1f} MiB")
+        return "\n".join(lines)
+
+
 def stored_array(dataset: h5py.Dataset) -> np.ndarray:
     """A stored dataset's values: mapped from the file (copy on write) where they lie in it contiguously and
     uncompressed, as the store writes them, else read. A mapped page is read when first touched: a run gathers the
