@@ -349,6 +349,10 @@ def _image_folder_files(folder: Path) -> list[tuple[Path, int]]:
     if not folder.is_dir():
         raise PatchdbError(f"{folder}: image folder not found" if not folder.exists() else f"{folder}: not a folder")
     class_folders = sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    loose = [entry.name for entry in folder.iterdir() if entry.suffix.lower() in IMAGE_SUFFIXES and entry.is_file()]
+    if class_folders and loose:
+        raise PatchdbError(f"{folder}: holds images ({', '.join(sorted(loose)[:3])}, ...) beside its class sub-folders, which "
+                           "would be left out; move them into a class sub-folder")
     if not class_folders:
         class_folders = [folder]
     files = [
@@ -410,7 +414,12 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
                 raise PatchdbError(f"{path}: no 'images' array in the .npz (it has {keys or 'nothing'}); save it with np.savez(path, images=..., labels=...)")
             images = archive["images"]
             labels = archive["labels"] if "labels" in keys else None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as error:
+    except ValueError as error:
+        if "allow_pickle" in str(error):  # numpy's own message would advise loading untrusted pickles
+            raise PatchdbError(f"{path}: holds Python objects (pickled), which patchdb does not load; save numeric arrays "
+                               "with np.savez(path, images=..., labels=...)") from None
+        raise PatchdbError(f"{path}: not a readable .npz file ({error})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
         raise PatchdbError(f"{path}: not a readable .npz file ({error})") from None
     _check_image_array(images, str(path))
     if labels is not None:

@@ -20,6 +20,8 @@ def user_path(text: "str | os.PathLike", what: str) -> Path:
 
 def output_folder(path: "str | Path", option: str = "--out") -> Path:
     """path as a Path, created with its parents if need be; a PatchdbError naming option where it cannot be."""
+    if not str(path).strip():
+        raise PatchdbError(f"{option} is empty; give a folder")
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)

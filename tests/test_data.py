@@ -427,3 +427,20 @@ def test_a_home_folder_that_cannot_be_found_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATCHDB_DATA", "~no-such-user-here/data")
     with pytest.raises(PatchdbError, match=r"\$PATCHDB_DATA '~no-such-user-here/data': .*give a path without ~"):
         data.data_roots()
+
+
+def test_images_beside_class_folders_and_pickled_archives_are_refused(tmp_path):
+    (tmp_path / "mixed" / "a").mkdir(parents=True)
+    for path in (tmp_path / "mixed" / "a" / "x.png", tmp_path / "mixed" / "loose.png"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    with pytest.raises(PatchdbError, match="loose.png.*beside its class sub-folders"):
+        read_image_folder(tmp_path / "mixed")
+    np.savez(tmp_path / "objects.npz", images=np.array([None, 1], dtype=object))
+    with pytest.raises(PatchdbError, match="holds Python objects"):
+        read_npz(tmp_path / "objects.npz")
+
+
+def test_an_empty_output_folder_name_is_refused():
+    from patchdb.errors import output_folder
+    with pytest.raises(PatchdbError, match="--out is empty"):
+        output_folder("")
