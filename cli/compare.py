@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from cli.calibrate import gib_to_bytes
-from cli.options import DEVICE, SEEDS, machine_data_options, warn_if_unfinished
+from cli.options import DEVICE, OUTPUT_FOLDER, SEEDS, machine_data_options, warn_if_unfinished
 from patchdb.calibration import calibrate_run
 from patchdb.comparison import run_comparison
 from patchdb.data import load_dataset, portable_spec
@@ -41,7 +41,7 @@ from patchdb.training import cached_run_dir, is_trained, read_config, read_netwo
               help="Held-out images for --single-step.")
 @machine_data_options
 @click.option("--device", type=DEVICE, default="cpu", help="torch device.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", "out_dir", type=OUTPUT_FOLDER, required=True,
               help="Output folder: compare.json, outputs.npz, scatter.png, pairs.png[, single_step.png].")
 def compare(model, dataset_spec, padding, conditional, train_missing, machine, scale_spec, num_steps, num, seed,
             batch_size, single_step, test_dataset, data_dir, memory_gb, device, out_dir) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cli.options import OUTPUT_FOLDER
 from patchdb.build import build_store
 from patchdb.data import load_dataset
 from patchdb.index import CLUSTER_SIZE, MIN_INDEXED_ENTRIES
@@ -30,7 +31,7 @@ from patchdb.store import PatchStore
 @click.option("--keep-duplicates", is_flag=True,
               help="Store identical patches as separate entries instead of one entry with its multiplicity (the same "
                    "posterior, a larger store: for checking the merge).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", type=OUTPUT_FOLDER, required=True,
               help="Store folder (store.h5, scale-PP.h5); an interrupted build resumes into it.")
 def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster_size, min_indexed_entries, keep_duplicates,
                 out) -> None:

@@ -47,6 +47,21 @@ def machine_data_options(command):
                         help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")(command)
 
 
+class OutputFolder(click.Path):
+    """--out: a folder path (a Path), not an empty string, which would name the current folder."""
+
+    def __init__(self):
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a folder (. for the current one)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUTPUT_FOLDER = OutputFolder()
+
+
 class TopK(click.ParamType):
     """--topk: a positive number of entries, or 'auto' (None: each dictionary's own, patchdb.topk.DEFAULT_TOPK)."""
 

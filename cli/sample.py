@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import DEVICE, MAX_MEMORY_GIB, SEEDS, TopK, finite
+from cli.options import DEVICE, MAX_MEMORY_GIB, OUTPUT_FOLDER, SEEDS, TopK, finite
 from patchdb.data import MAX_CLASSES
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
@@ -63,7 +63,7 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
 @click.option("--exact-from-patch-size", type=click.IntRange(min=1), default=None,
               help="With --index: leave the steps at this patch size and larger to the exact backend's sliding windows (CPU), "
                    "where the posterior is broad and scoring the nearest clusters costs more (default: none).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", type=OUTPUT_FOLDER, required=True,
               help="Output folder: samples.npy, noise.npy, [labels.npy], provenance.npz, grid.png, provenance.png, run.json, "
                    "[paths.npy].")
 def sample(dataset, data_dir, machine, scales, steps, num, seed, label, conditional, noise, loop, device, dtype,

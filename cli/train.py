@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import DEVICE, SEEDS
+from cli.options import DEVICE, OUTPUT_FOLDER, SEEDS
 from patchdb.data import load_dataset
 from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.training import PRESETS, preset_configs, train_network
@@ -26,7 +26,7 @@ from patchdb.training import PRESETS, preset_configs, train_network
               help="Number of passes over the training images.")
 @click.option("--seed", type=SEEDS, default=0, help="Seed of the initial weights, shuffles, times and noise.")
 @click.option("--device", type=DEVICE, default="cpu", help="torch device.")
-@click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", "run_dir", type=OUTPUT_FOLDER, required=True,
               help="Run folder: config.json, checkpoint.pt, loss.png. An unfinished run there is resumed.")
 def train(architecture, dataset_spec, data_dir, padding, conditional, preset, epochs, seed, device, run_dir) -> None:
     """Train a noise-prediction network (noise MSE, AdamW, lr x 0.999965 per batch) into RUN_DIR."""

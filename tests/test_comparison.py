@@ -92,6 +92,7 @@ def test_commands_report_bad_inputs_without_traceback(tmp_path):
                       ["sample", "--seed", str(10**20), "--out", str(tmp_path / "out")],
                       ["sample", "--memory-budget", "nan", "--out", str(tmp_path / "out")],
                       ["sample", "--memory-budget", "1e300", "--out", str(tmp_path / "out")],
+                      ["sample", "--out", ""], ["train", "--out", " "],
                       ["calibrate", "--model", str(tmp_path), "--memory-gb", "1e300"],
                       ["sample", "--scales", "999999", "--out", str(tmp_path / "out")],
                       ["sample", "--scales", "99999999999999999999", "--out", str(tmp_path / "out")],
