@@ -1,22 +1,16 @@
 """``patchdb compare``: seed-by-seed agreement of a trained network with the analytic machines."""
 
 import sys
-from pathlib import Path
 
 import click
 
 from cli.calibrate import gib_to_bytes
 from cli.options import DEVICE, OUTPUT_FOLDER, SEEDS, machine_data_options, warn_if_unfinished
-from patchdb.calibration import calibrate_run
-from patchdb.comparison import run_comparison
-from patchdb.data import load_dataset, portable_spec
+from patchdb.comparison import check_scale_spec, comparison_scales, resolve_model, run_comparison
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES
-from patchdb.patches import PATCH_MACHINES
-from patchdb.networks import ARCHITECTURES, PADDINGS
-from patchdb.scales import SCALE_SPEC_HELP, parse_scales
-from patchdb.training import cached_run_dir, is_trained, read_config, read_network_config, train_cached
-
+from patchdb.networks import PADDINGS
+from patchdb.scales import SCALE_SPEC_HELP
 
 @click.command("compare")
 @click.option("--model", required=True,
@@ -46,19 +40,14 @@ from patchdb.training import cached_run_dir, is_trained, read_config, read_netwo
 def compare(model, dataset_spec, padding, conditional, train_missing, machine, scale_spec, num_steps, num, seed,
             batch_size, single_step, test_dataset, data_dir, memory_gb, device, out_dir) -> None:
     """Run the network and the machine (plus the IS machine and a Gaussian baseline) from the same seeds; report r, R^2, MSE."""
-    if scale_spec is not None and machine not in PATCH_MACHINES:
-        raise PatchdbError(f"the {machine} machine has no patch size, so --scales would be ignored: drop it")
+    check_scale_spec(machine, scale_spec)  # before the network is found (or trained)
     if test_dataset is not None and not single_step:
         raise PatchdbError("--test-dataset is read only with --single-step: add --single-step, or drop --test-dataset")
-    run_dir = _resolve_model(model, dataset_spec, padding, conditional, train_missing, data_dir, device)
+    run_dir = resolve_model(model, dataset_spec, padding=padding, conditional=conditional, train_missing=train_missing,
+                            data_dir=data_dir, device=device, confirm=click.confirm if sys.stdin.isatty() else None)
     warn_if_unfinished(run_dir)
-    if scale_spec is None and machine in PATCH_MACHINES:
-        scale_spec = f"calibrated:{run_dir}"
-        if not (run_dir / "scales.json").is_file():
-            click.echo(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
-            calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
-                          memory_budget=gib_to_bytes(memory_gb))
-    scales = None if scale_spec is None else parse_scales(scale_spec, num_steps, machine)
+    scale_spec, scales = comparison_scales(run_dir, machine, scale_spec, num_steps, data_dir=data_dir, device=device,
+                                           memory_budget=gib_to_bytes(memory_gb), announce=click.echo)
     report = run_comparison(run_dir, out_dir, machine=machine, scales=scales, scales_source=scale_spec,
                             num_steps=num_steps, num=num, seed=seed, batch_size=batch_size,
                             test_dataset=test_dataset, single_step=single_step, data_dir=data_dir, device=device,
@@ -71,34 +60,3 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
     fraction = report.get(f"fraction_{machine}_beats_is")
     if fraction is not None:
         click.echo(f"{machine} beats IS on {100 * fraction:.0f}% of seeds -> {out_dir / 'compare.json'}")
-
-
-def _resolve_model(model, dataset_spec, padding, conditional, train_missing, data_dir, device) -> Path:
-    """The run folder named by --model: a cached network for resnet|unet (trained if allowed), else RUN_DIR."""
-    if model not in ARCHITECTURES:
-        run_dir = Path(model)
-        if train_missing:
-            raise PatchdbError(f"--train trains the cached {' or '.join(ARCHITECTURES)} network; {run_dir} is a run folder, "
-                               "trained with `patchdb train`: drop --train")
-        config = read_config(run_dir)
-        if dataset_spec is not None and portable_spec(dataset_spec) != config["dataset"]["spec"]:
-            raise PatchdbError(f"{run_dir} was trained on {config['dataset']['spec']!r}, not {dataset_spec!r}; "
-                               "drop --dataset (the machines use the network's own training images)")
-        network = read_network_config(run_dir)
-        if conditional is not None and conditional != network.conditional:
-            raise PatchdbError(f"{run_dir} holds an {'un' * conditional}conditional network; drop --conditional/--unconditional")
-        if padding is not None and padding != network.padding:
-            raise PatchdbError(f"{run_dir} holds a network with {network.padding} padding, not {padding}; drop --padding")
-        return run_dir
-    padding = padding or "zeros"
-    dataset = load_dataset(dataset_spec, data_dir)
-    run_dir = cached_run_dir(model, dataset, padding=padding, conditional=bool(conditional))
-    if not is_trained(run_dir):
-        ask = sys.stdin.isatty() and not train_missing
-        if not train_missing and not (ask and click.confirm(
-                f"no trained {model} for {dataset.name} in the cache ({run_dir}); train one now with the cpu preset "
-                "(about 20 minutes)?")):
-            raise PatchdbError(f"no trained {model} for {dataset.name} ({padding} padding) in {run_dir}: pass --train "
-                               "to train it with the cpu preset, or `patchdb train ... --out DIR` and --model DIR")
-        train_cached(model, dataset, dataset_spec, padding=padding, conditional=bool(conditional), device=device)
-    return run_dir

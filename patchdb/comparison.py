@@ -15,6 +15,7 @@ Statistics of a machine's image y_hat against the network's image y (both (C, H,
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -298,3 +299,71 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
         (out_dir / "single_step.png").unlink(missing_ok=True)  # an earlier run's would not belong to these results
     write_json(out_dir / "compare.json", report)
     return report
+
+
+def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str | None = None, conditional: bool | None = None,
+                  train_missing: bool = False, data_dir=None, device: str = "cpu",
+                  confirm: Callable[[str], bool] | None = None) -> Path:
+    """The run folder that `compare --model` names: the project's cached cpu-preset network for resnet|unet on
+    dataset_spec (trained first where train_missing, or where confirm(question) says so), else the RUN_DIR model,
+    checked against the dataset_spec, padding and conditional given (None: unchecked)."""
+    from patchdb.data import load_dataset, portable_spec
+    from patchdb.networks import ARCHITECTURES
+    from patchdb.training import cached_run_dir, is_trained, read_config, read_network_config, train_cached
+
+    if model not in ARCHITECTURES:
+        run_dir = Path(model)
+        if train_missing:
+            raise PatchdbError(f"--train trains the cached {' or '.join(ARCHITECTURES)} network; {run_dir} is a run folder, "
+                               "trained with `patchdb train`: drop --train")
+        config = read_config(run_dir)
+        if dataset_spec is not None and portable_spec(dataset_spec) != config["dataset"]["spec"]:
+            raise PatchdbError(f"{run_dir} was trained on {config['dataset']['spec']!r}, not {dataset_spec!r}; "
+                               "drop --dataset (the machines use the network's own training images)")
+        network = read_network_config(run_dir)
+        if conditional is not None and conditional != network.conditional:
+            raise PatchdbError(f"{run_dir} holds an {'un' * conditional}conditional network; drop --conditional/--unconditional")
+        if padding is not None and padding != network.padding:
+            raise PatchdbError(f"{run_dir} holds a network with {network.padding} padding, not {padding}; drop --padding")
+        return run_dir
+    padding = padding or "zeros"
+    dataset = load_dataset(dataset_spec, data_dir)
+    run_dir = cached_run_dir(model, dataset, padding=padding, conditional=bool(conditional))
+    if not is_trained(run_dir):
+        question = (f"no trained {model} for {dataset.name} in the cache ({run_dir}); train one now with the cpu preset "
+                    "(about 20 minutes)?")
+        if not (train_missing or (confirm is not None and confirm(question))):
+            raise PatchdbError(f"no trained {model} for {dataset.name} ({padding} padding) in {run_dir}: pass --train "
+                               "to train it with the cpu preset, or `patchdb train ... --out DIR` and --model DIR")
+        train_cached(model, dataset, dataset_spec, padding=padding, conditional=bool(conditional), device=device)
+    return run_dir
+
+
+def check_scale_spec(machine: str, scale_spec: str | None) -> None:
+    """PatchdbError where a scale schedule is given to a machine without a patch size (IS, ES)."""
+    from patchdb.patches import PATCH_MACHINES
+
+    if scale_spec is not None and machine not in PATCH_MACHINES:
+        raise PatchdbError(f"the {machine} machine has no patch size, so --scales would be ignored: drop it")
+
+
+def comparison_scales(run_dir: Path, machine: str, scale_spec: str | None, num_steps: int, *, data_dir=None,
+                      device: str = "cpu", memory_budget: int | None = None,
+                      announce: Callable[[str], None] | None = None) -> tuple[str | None, list[int] | None]:
+    """(spec, schedule) of the machine for a comparison: scale_spec's, or the run's calibrated one (calibrated first,
+    saying so through announce, where RUN_DIR/scales.json is missing); (None, None) for IS and ES."""
+    from patchdb.calibration import calibrate_run
+    from patchdb.patches import PATCH_MACHINES
+    from patchdb.scales import parse_scales
+
+    check_scale_spec(machine, scale_spec)
+    if machine not in PATCH_MACHINES:
+        return None, None
+    if scale_spec is None:
+        scale_spec = f"calibrated:{run_dir}"
+        if not (Path(run_dir) / "scales.json").is_file():
+            if announce is not None:
+                announce(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
+            calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
+                          memory_budget=memory_budget)
+    return scale_spec, parse_scales(scale_spec, num_steps, machine)
