@@ -172,6 +172,8 @@ def plot_pairs(path: Path, machine_images: torch.Tensor, network_images: torch.T
     """pairs.png: machine | network side by side for the best, median and worst seeds by r."""
     from matplotlib.figure import Figure
 
+    from patchdb.plots import display_image
+
     order = torch.argsort(machine_r, descending=True).tolist()
     middle = max(0, len(order) // 2 - PAIRS_PER_GROUP // 2)
     chosen = list(dict.fromkeys(order[:PAIRS_PER_GROUP] + order[middle:middle + PAIRS_PER_GROUP] + order[-PAIRS_PER_GROUP:]))
@@ -185,8 +187,7 @@ def plot_pairs(path: Path, machine_images: torch.Tensor, network_images: torch.T
         row, pair = divmod(position, 2)
         for offset, (name, image) in enumerate(((machine, machine_images[index]), ("network", network_images[index]))):
             axis = axes[row, 2 * pair + offset]
-            pixels = ((image.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-            axis.imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=1)
+            axis.imshow(display_image(image.float().numpy()), cmap="gray", vmin=0, vmax=1)
             title = f"seed {seeds[index]} r={machine_r[index]:.2f}" if offset == 0 else name
             axis.set_title(title, fontsize=6)
     figure.suptitle(f"{machine} | network: best, median and worst seeds", fontsize=8)

@@ -66,7 +66,7 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-_GZIP_MAGIC = b"\x1f\x8b"
+GZIP_MAGIC = b"\x1f\x8b"
 
 # Sub-folders of a data root that may hold each named set; "" is the root itself.
 _FOLDER_NAMES = {
@@ -235,7 +235,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """The array of an IDX file (the MNIST format), gzip-compressed or raw, in native byte order."""
     path = Path(path)
     raw = _read_bytes(path)
-    if raw[:2] == _GZIP_MAGIC:
+    if raw[:2] == GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as error:

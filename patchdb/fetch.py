@@ -26,10 +26,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from patchdb.data import DATA_ENV_VAR, read_cifar10, read_idx, user_cache_data_dir
+from patchdb.data import DATA_ENV_VAR, GZIP_MAGIC, NAMED_DATASETS, read_cifar10, read_idx, user_cache_data_dir
 from patchdb.errors import PatchdbError, output_folder, user_path
 
-FETCHABLE = ("mnist", "fashion-mnist", "cifar10", "celeba")
+FETCHABLE = NAMED_DATASETS
 DOWNLOAD_TIMEOUT_S = 60
 CHUNK_BYTES = 1 << 20
 
@@ -108,7 +108,7 @@ def payload_sha256(path: str | os.PathLike) -> str:
     path = Path(path)
     try:
         with open(path, "rb") as raw:
-            compressed = raw.read(2) == b"\x1f\x8b"
+            compressed = raw.read(2) == GZIP_MAGIC
         digest = hashlib.sha256()
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as stream:
             while chunk := stream.read(CHUNK_BYTES):
