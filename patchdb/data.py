@@ -142,6 +142,16 @@ class Dataset:
         return make_dataset(self.images[indices], self.labels[indices], f"{self.name}:label={label}")
 
 
+def label_groups(labels: torch.Tensor | None, batch: int, device: "torch.device | str" = "cpu"
+                 ) -> list[tuple[int | None, torch.Tensor]]:
+    """A batch's samples by class: (label, member indices (n,) int64 on device) for each label of labels (B,), or one
+    group (None, all B) without labels. Class-conditional models score each group against its class's images."""
+    if labels is None:
+        return [(None, torch.arange(batch, device=device))]
+    labels = labels.to(device)
+    return [(int(label), torch.nonzero(labels == label).squeeze(1)) for label in torch.unique(labels)]
+
+
 def fingerprint_of(images: torch.Tensor, labels: torch.Tensor | None) -> str:
     """sha256 hex of (N, C, H, W) float32 images and optional (N,) int64 labels."""
     digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().astype("<f4", copy=False).tobytes())

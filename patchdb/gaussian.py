@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from patchdb.data import Dataset
+from patchdb.data import Dataset, label_groups
 from patchdb.errors import PatchdbError
 from patchdb.schedule import alpha_bar
 
@@ -55,9 +55,7 @@ class GaussianScore:
         signal = alpha_bar(t)
         flat = x.reshape(x.shape[0], -1).to(torch.float64).cpu()
         score = torch.empty_like(flat)
-        groups = [(None, torch.arange(x.shape[0]))] if labels is None else \
-            [(int(label), torch.nonzero(labels.cpu() == label).squeeze(1)) for label in torch.unique(labels.cpu())]
-        for label, members in groups:
+        for label, members in label_groups(labels, x.shape[0]):
             mean, eigenvalues, eigenvectors = self.fit(label)
             coefficients = (flat[members] - math.sqrt(signal) * mean) @ eigenvectors
             score[members] = -(coefficients / (signal * eigenvalues + (1.0 - signal))) @ eigenvectors.T

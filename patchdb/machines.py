@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from patchdb.data import Dataset
+from patchdb.data import Dataset, label_groups
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, PatchDictionary, RegionKeys, SoftmaxAccumulator, logit_chunk_bytes
 from patchdb.errors import PatchdbError
 from patchdb.patches import (PATCH_MACHINES, centre_indices, check_patch_size, dictionary_groups, extracted_bytes_per_image, gather_patches,
@@ -90,12 +90,7 @@ class Machine:
         source = torch.empty(batch, height, width, 3, dtype=torch.int64, device=self.device)
         weight = torch.empty(batch, height, width, dtype=self.dtype, device=self.device)
         path = None
-        if labels is None:
-            groups = [(None, torch.arange(batch, device=self.device))]
-        else:
-            labels = labels.to(self.device)
-            groups = [(int(label), torch.nonzero(labels == label).squeeze(1)) for label in torch.unique(labels)]
-        for label, members in groups:
+        for label, members in label_groups(labels, batch, self.device):
             images, global_index = self._training_images(label)
             part = self._posterior(x[members], alpha_bar(t), patch_size, images, label, provenance)
             mean[members] = part.mean
