@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from patchdb.data import Dataset, label_groups
-from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, PatchDictionary, RegionKeys, SoftmaxAccumulator, logit_chunk_bytes
+from patchdb.engine import (DEFAULT_MEMORY_BUDGET, ExactBackend, PatchDictionary, PosteriorSummary, RegionKeys, SoftmaxAccumulator,
+                            logit_chunk_bytes)
 from patchdb.errors import PatchdbError
 from patchdb.patches import (PATCH_MACHINES, centre_indices, check_patch_size, dictionary_groups, extracted_bytes_per_image, gather_patches,
                              padding_mode, patch_windows, same_location_regions)
@@ -147,7 +148,7 @@ class IdealMachine(Machine):
     name = "is"
 
     def _posterior(self, x, alpha_bar, patch_size, images, label, provenance):
-        batch, channels, height, width = x.shape
+        batch = x.shape[0]
         keys = images.reshape(images.shape[0], -1)
         sources = torch.zeros(images.shape[0], 3, dtype=torch.int64, device=self.device)
         sources[:, 0] = torch.arange(images.shape[0], device=self.device)
@@ -155,10 +156,19 @@ class IdealMachine(Machine):
         # by products on every device, as run.json says (generate.backend_name): the fused kernel is kept to the
         # patch machines' dictionaries, the ones it was tested and tuned on
         summary = ExactBackend(method="products").summarize(x.reshape(batch, -1), [dictionary], alpha_bar)
-        rows, cols = _pixel_grid(height, width, self.device)
-        source = torch.stack([summary.best_source[:, 0, None, None].expand(batch, height, width),
-                              rows.expand(batch, -1, -1), cols.expand(batch, -1, -1)], dim=-1)
-        return Posterior(summary.mean.reshape(x.shape), source, summary.best_weight[:, None, None].expand(batch, height, width))
+        return _whole_image_posterior(summary, x.shape)
+
+
+def _whole_image_posterior(summary: PosteriorSummary, shape: torch.Size) -> Posterior:
+    """The Posterior (images of shape (B, C, H, W)) of a machine whose entries are whole training images, translated
+    circularly by (row, column) = summary.best_source[:, 1:] (0 for IS): each pixel's source is the dominant image's
+    pixel that the translation moved there, its weight the image's."""
+    batch, _, height, width = shape
+    rows, cols = _pixel_grid(height, width, summary.mean.device)
+    shift_row, shift_col = summary.best_source[:, 1, None, None], summary.best_source[:, 2, None, None]
+    source = torch.stack([summary.best_source[:, 0, None, None].expand(batch, height, width),
+                          (rows - shift_row) % height, (cols - shift_col) % width], dim=-1)
+    return Posterior(summary.mean.reshape(shape), source, summary.best_weight[:, None, None].expand(batch, height, width))
 
 
 class EquivariantMachine(Machine):
@@ -192,12 +202,7 @@ class EquivariantMachine(Machine):
                 return torch.fft.irfft2(mixed, s=(height, width)).reshape(weights.shape[0], -1)
 
             accumulator.update(logits.reshape(batch, -1), contract, sources)
-        summary = accumulator.summary()
-        rows, cols = _pixel_grid(height, width, self.device)
-        shift_row, shift_col = summary.best_source[:, 1, None, None], summary.best_source[:, 2, None, None]
-        source = torch.stack([summary.best_source[:, 0, None, None].expand(batch, height, width),
-                              (rows - shift_row) % height, (cols - shift_col) % width], dim=-1)
-        return Posterior(summary.mean.reshape(x.shape), source, summary.best_weight[:, None, None].expand(batch, height, width))
+        return _whole_image_posterior(accumulator.summary(), x.shape)
 
 
 class PatchMachine(Machine):
