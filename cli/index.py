@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import OUTPUT_FOLDER
+from cli.options import DATA_DIR, OUTPUT_FOLDER
 from patchdb.build import build_store
 from patchdb.data import load_dataset
 from patchdb.index import CLUSTER_SIZE, MIN_INDEXED_ENTRIES
@@ -18,8 +18,7 @@ from patchdb.store import PatchStore
 @click.command("build-index")
 @click.option("--dataset", default=None, show_default="the embedded default, 1,000 Fashion-MNIST images",
               help="Training images: NAME[:SPLIT][:LIMIT] or file:PATH[:LIMIT].")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+@DATA_DIR
 @click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels", help="The patch machine whose dictionaries to index.")
 @click.option("--scales", default="3,5,7,9,11,13,15,17", help="Patch sizes to index: odd sizes '3,5,7', a range '3,5,...,17', or paper:KEY (its sizes).")
 @click.option("--conditional", is_flag=True, help="One set of dictionaries per class (for class-conditional sampling).")

@@ -37,14 +37,18 @@ def warn_if_unfinished(run_dir: Path) -> None:
                    err=True)
 
 
+DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+"""--data-dir: where named data sets are looked for first."""
+
+
 def machine_data_options(command):
     """--data-dir (root of named data sets) and --memory-gb (the machines' memory budget)."""
     command = click.option("--memory-gb", "--memory-budget", type=click.FloatRange(min=0.1, max=MAX_MEMORY_GIB), default=None,
                            callback=finite,
                            show_default=f"the machine's default ({DEFAULT_MEMORY_BUDGET / 1024**3:g})",
                            help="Memory bound of the machine's patch dictionaries and logits, in GiB.")(command)
-    return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                        help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")(command)
+    return DATA_DIR(command)
 
 
 class OutputFolder(click.Path):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import DEVICE, MAX_MEMORY_GIB, OUTPUT_FOLDER, SEEDS, TopK, finite
+from cli.options import DATA_DIR, DEVICE, MAX_MEMORY_GIB, OUTPUT_FOLDER, SEEDS, TopK, finite
 from patchdb.data import MAX_CLASSES
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
@@ -17,8 +17,7 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
 @click.command("sample")
 @click.option("--dataset", "dataset", default=None, show_default="the embedded default, 1,000 Fashion-MNIST images",
               help="Training images: NAME[:SPLIT][:LIMIT] (mnist, fashion-mnist, cifar10, celeba) or file:PATH[:LIMIT].")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+@DATA_DIR
 @click.option("--machine", type=click.Choice(MACHINES), default="bbels",
               help="is: ideal, es: equivariant, ls: local, els: equivariant local, bbels: boundary-broken ELS.")
 @click.option("--scales", default=DEFAULT_SCALES, help=f"Patch size per step: {SCALE_SPEC_HELP}.")

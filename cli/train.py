@@ -2,11 +2,10 @@
 
 import dataclasses
 import time
-from pathlib import Path
 
 import click
 
-from cli.options import DEVICE, OUTPUT_FOLDER, SEEDS
+from cli.options import DATA_DIR, DEVICE, OUTPUT_FOLDER, SEEDS
 from patchdb.data import load_dataset
 from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.training import PRESETS, preset_configs, train_network
@@ -16,8 +15,7 @@ from patchdb.training import PRESETS, preset_configs, train_network
 @click.option("--model", "architecture", type=click.Choice(ARCHITECTURES), default="resnet", help="Network architecture.")
 @click.option("--dataset", "dataset_spec", default=None, show_default="the embedded default",
               help="Data set spec NAME[:SPLIT][:LIMIT] or file:PATH.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+@DATA_DIR
 @click.option("--padding", type=click.Choice(PADDINGS), default="zeros", help="Padding of every 3x3 convolution.")
 @click.option("--conditional/--unconditional", default=False, help="Learn a class embedding (needs labels).")
 @click.option("--preset", type=click.Choice(tuple(PRESETS)), default="cpu",
