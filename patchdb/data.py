@@ -365,6 +365,11 @@ def _image_folder_files(folder: Path) -> list[tuple[Path, int]]:
                            "would be left out; move them into a class sub-folder")
     if not class_folders:
         class_folders = [folder]
+    nested = [entry for class_folder in class_folders if class_folder != folder for entry in class_folder.iterdir()
+              if entry.is_dir() and not entry.name.startswith(".")]
+    if nested:
+        raise PatchdbError(f"{nested[0]}: a folder inside a class folder, whose images would be left out; lay the data out "
+                           "as FOLDER/CLASS/IMAGE, one level of class sub-folders")
     files = [
         (file, label)
         for label, class_folder in enumerate(class_folders)

@@ -435,6 +435,10 @@ def test_images_beside_class_folders_and_pickled_archives_are_refused(tmp_path):
         Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
     with pytest.raises(PatchdbError, match="loose.png.*beside its class sub-folders"):
         read_image_folder(tmp_path / "mixed")
+    (tmp_path / "mixed" / "loose.png").unlink()
+    (tmp_path / "mixed" / "a" / "deeper").mkdir()
+    with pytest.raises(PatchdbError, match="deeper: a folder inside a class folder"):
+        read_image_folder(tmp_path / "mixed")
     np.savez(tmp_path / "objects.npz", images=np.array([None, 1], dtype=object))
     with pytest.raises(PatchdbError, match="holds Python objects"):
         read_npz(tmp_path / "objects.npz")
