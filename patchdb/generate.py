@@ -289,6 +289,9 @@ def _check_config(config: SampleConfig) -> None:
     defaults = {field.name: field.default for field in fields(SampleConfig)}
     if config.machine not in PATCH_MACHINES and config.scales != defaults["scales"]:
         raise PatchdbError(f"the {config.machine} machine has no patch size, so --scales would be ignored: drop it")
+    if config.noise is not None and not config.conditional and config.index is None and config.seed != defaults["seed"]:
+        raise PatchdbError("--seed draws the starting noise (and, with --conditional, the classes); with --noise and no "
+                           "--conditional it would be ignored: drop --seed")
     if config.index is None:
         ignored = [name for name in INDEX_OPTIONS if getattr(config, name) != defaults[name]]
         if ignored:
