@@ -85,9 +85,11 @@ def test_run_json_records_arguments_data_versions_and_times(batch, data_specs):
 
 
 def test_exact_methods_give_the_same_samples_and_provenance(batch, data_specs, tmp_path):
-    result = sample(data_specs["labelled"], tmp_path, "--num", "3", "--seed", "5", "--conditional", "--exact-method", "products")
+    result = sample(data_specs["labelled"], tmp_path, "--num", "3", "--seed", "5", "--conditional", "--exact-method", "products",
+                    "--memory-gb", "2")  # calibrate's and compare's name of --memory-budget
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "run.json").read_text())["backend"] == "exact: products"
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["backend"] == "exact: products" and record["arguments"]["memory_budget_gib"] == 2
     np.testing.assert_allclose(np.load(tmp_path / "samples.npy"), np.load(batch / "samples.npy"), rtol=0, atol=1e-4)
     with np.load(tmp_path / "provenance.npz") as products, np.load(batch / "provenance.npz") as windows:
         np.testing.assert_allclose(products["weight"], windows["weight"], rtol=0, atol=1e-4)
