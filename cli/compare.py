@@ -6,11 +6,12 @@ import click
 
 from cli.calibrate import gib_to_bytes
 from cli.options import DEVICE, OUTPUT_FOLDER, SEEDS, machine_data_options, warn_if_unfinished
-from patchdb.comparison import check_scale_spec, comparison_scales, resolve_model, run_comparison
+from patchdb.comparison import comparison_scales, resolve_model, run_comparison
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES
 from patchdb.networks import PADDINGS
-from patchdb.scales import SCALE_SPEC_HELP
+from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
+
 
 @click.command("compare")
 @click.option("--model", required=True,

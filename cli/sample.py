@@ -35,8 +35,8 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
               help="machine: t = (n-1)/n ... 1/n, as the authors ran the machines; full: t = 1 ... 1/n.")
 @click.option("--device", type=DEVICE, default="cpu", help="torch device.")
 @click.option("--dtype", type=click.Choice(tuple(DTYPES)), default="float32", help="Floating-point precision of the machine.")
-@click.option("--memory-budget", "--memory-gb", "memory_budget_gib", type=click.FloatRange(min=0, max=MAX_MEMORY_GIB, min_open=True),
-              callback=finite,
+@click.option("--memory-budget", "--memory-gb", "memory_budget_gib",
+              type=click.FloatRange(min=0, max=MAX_MEMORY_GIB, min_open=True), callback=finite,
               default=DEFAULT_MEMORY_BUDGET / GIB, help="GiB the machine may use for dictionaries and logits.")
 @click.option("--exact-method", type=click.Choice(EXACT_METHODS), default="auto", show_default=True,
               help="How the exact backend scores the patch machines (with --index: the top-k backend's exact fallback): "

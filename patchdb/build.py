@@ -20,12 +20,14 @@ from tqdm.auto import tqdm
 
 from patchdb.data import Dataset
 from patchdb.errors import PatchdbError, output_folder
+from patchdb.files import temporary_writer
 from patchdb.duplicates import BLOCK_ROWS, merge_hashed, row_hashes, unique_rows
 from patchdb.index import (CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_ENTRIES, Partition, Quantizer, flat_index,
                            number_of_clusters)
-from patchdb.patches import PATCH_MACHINES, check_patch_size, dictionary_groups, gather_patches, gather_sources, padding_mode, patch_windows
+from patchdb.patches import (PATCH_MACHINES, check_patch_size, dictionary_groups, gather_patches, gather_sources, padding_mode,
+                             patch_windows)
 from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, differing_settings,
-                           read_settings, scale_file, scale_mismatch, temporary_writer, write_scale, write_settings)
+                           read_settings, scale_file, scale_mismatch, write_scale, write_settings)
 
 log = logging.getLogger(__name__)
 

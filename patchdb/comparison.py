@@ -232,8 +232,8 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
                    data_dir=None, device: str = "cpu", memory_budget: int | None = None,
                    show_progress: bool = True) -> dict:
     """Compare a run's network with the machine (at the given scale schedule; None for IS and ES, which
-    have no patch size), the IS machine and the Gaussian baseline, all over the run's own training images, on num seeds; write to out_dir
-    compare.json, outputs.npz (noise, labels, each model's images), scatter.png, pairs.png and,
+    have no patch size), the IS machine and the Gaussian baseline, all over the run's own training images, on num
+    seeds; write to out_dir compare.json, outputs.npz (noise, labels, each model's images), scatter.png, pairs.png and,
     with single_step, single_step.png (held-out images from test_dataset or the data set's test split).
     memory_budget: the machines' memory bound in bytes (None: their default). Every file is written after all the
     sampling, compare.json last (removed first), so that a folder without it holds an interrupted run. Returns the
@@ -245,12 +245,13 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     from patchdb.training import load_network, load_training_data, read_config, training_progress
 
     out_dir = output_folder(out_dir)
+    config = read_config(run_dir)
     network = load_network(run_dir, device)
     dataset = load_training_data(run_dir, data_dir)
     conditional = network.config.conditional
     held_out = None
     if single_step:  # found before the long sampling, so a missing test set fails fast
-        held_out = load_dataset(test_dataset or held_out_spec(read_config(run_dir)["dataset"]["spec"], num), data_dir)
+        held_out = load_dataset(test_dataset or held_out_spec(config["dataset"]["spec"], num), data_dir)
         if held_out.images.shape[1:] != dataset.images.shape[1:]:
             raise PatchdbError(f"the held-out images of {held_out.name!r} are {tuple(held_out.images.shape[1:])} but the network "
                                f"was trained on {tuple(dataset.images.shape[1:])}; choose a --test-dataset of that shape")
@@ -266,7 +267,7 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     stats = result["statistics"]
     seeds = list(range(seed, seed + num))
     report = {
-        "model": str(run_dir), "network": read_config(run_dir)["network"], "training": training_progress(run_dir)._asdict(),
+        "model": str(run_dir), "network": config["network"], "training": training_progress(run_dir)._asdict(),
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_images": len(dataset)},
         "machine": machine, "scales": scales, "scales_source": scales_source,
         "scale_convention": "entry i is the patch size at t = i/n",
@@ -340,14 +341,6 @@ def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str |
     return run_dir
 
 
-def check_scale_spec(machine: str, scale_spec: str | None) -> None:
-    """PatchdbError where a scale schedule is given to a machine without a patch size (IS, ES)."""
-    from patchdb.patches import PATCH_MACHINES
-
-    if scale_spec is not None and machine not in PATCH_MACHINES:
-        raise PatchdbError(f"the {machine} machine has no patch size, so --scales would be ignored: drop it")
-
-
 def comparison_scales(run_dir: Path, machine: str, scale_spec: str | None, num_steps: int, *, data_dir=None,
                       device: str = "cpu", memory_budget: int | None = None,
                       announce: Callable[[str], None] | None = None) -> tuple[str | None, list[int] | None]:
@@ -355,7 +348,7 @@ def comparison_scales(run_dir: Path, machine: str, scale_spec: str | None, num_s
     saying so through announce, where RUN_DIR/scales.json is missing); (None, None) for IS and ES."""
     from patchdb.calibration import calibrate_run
     from patchdb.patches import PATCH_MACHINES
-    from patchdb.scales import parse_scales
+    from patchdb.scales import check_scale_spec, parse_scales
 
     check_scale_spec(machine, scale_spec)
     if machine not in PATCH_MACHINES:

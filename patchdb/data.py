@@ -541,9 +541,10 @@ def _parse_file_spec(rest: str) -> tuple[Path, int | None]:
     head, colon, tail = rest.rpartition(":")
     if path.exists():
         return path, None
-    if colon and user_path(head, "spec file:").exists():
-        return user_path(head, "spec file:"), _parse_limit(tail, f"file:{rest}")
-    missing = user_path(head, "spec file:") if colon and tail.isdigit() else path
+    head_path = user_path(head, "spec file:")
+    if colon and head_path.exists():
+        return head_path, _parse_limit(tail, f"file:{rest}")
+    missing = head_path if colon and tail.isdigit() else path
     raise PatchdbError(f"{missing}: file not found (spec file:{rest})")
 
 

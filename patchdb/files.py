@@ -1,9 +1,11 @@
 """Atomic output files: each is written under a temporary name beside its destination and renamed into place when
-complete, so that a run stopped part-way never leaves a half-written file (only, at worst, a stale temporary)."""
+complete and on disk, so that a run stopped part-way (even by a power cut) never leaves a half-written file (only,
+at worst, a stale temporary, whose name says which process wrote it)."""
 
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,14 +14,22 @@ import numpy as np
 
 @contextlib.contextmanager
 def atomic_path(path: "str | os.PathLike") -> Iterator[Path]:
-    """Yield a temporary path beside path; on success it replaces path, on failure it is removed."""
+    """Yield a temporary path beside path; on success it is synced to disk and replaces path, on failure it is removed."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield temporary
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def temporary_writer(path: "str | os.PathLike") -> int | None:
+    """The process id in the name of a temporary file that atomic_path made (None for any other file)."""
+    match = re.fullmatch(r"\..+\.(\d+)\.tmp", Path(path).name)
+    return None if match is None else int(match[1])
 
 
 def write_json(path: "str | os.PathLike", content, indent: int = 1) -> None:

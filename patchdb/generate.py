@@ -44,7 +44,7 @@ from patchdb.machines import MACHINES, Machine, Posterior, make_machine
 from patchdb.patches import PATCH_MACHINES
 from patchdb.plots import image_grid_figure, provenance_figure
 from patchdb.sampler import sample_ddim
-from patchdb.scales import parse_scales
+from patchdb.scales import check_scale_spec, parse_scales
 from patchdb.schedule import full_steps, machine_steps
 from patchdb.store import PatchStore
 from patchdb.topk import DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, PATHS, TopKBackend
@@ -287,8 +287,8 @@ def _check_config(config: SampleConfig) -> None:
     if config.memory_budget_gib <= 0:
         raise PatchdbError(f"--memory-budget must be positive, got {config.memory_budget_gib} GiB")
     defaults = {field.name: field.default for field in fields(SampleConfig)}
-    if config.machine not in PATCH_MACHINES and config.scales != defaults["scales"]:
-        raise PatchdbError(f"the {config.machine} machine has no patch size, so --scales would be ignored: drop it")
+    if config.scales != defaults["scales"]:  # the default is no choice: IS and ES run with it
+        check_scale_spec(config.machine, config.scales)
     if config.noise is not None and not config.conditional and config.index is None and config.seed != defaults["seed"]:
         raise PatchdbError("--seed draws the starting noise (and, with --conditional, the classes); with --noise and no "
                            "--conditional it would be ignored: drop --seed")

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from patchdb.errors import PatchdbError
+from patchdb.patches import PATCH_MACHINES
 
 SCALE_SPEC_HELP = (
     "'paper:KEY' (a calibrated schedule of the paper's authors), 'calibrated:RUN_DIR' "
@@ -42,6 +43,12 @@ def parse_scales(spec: str | int, num_steps: int, machine: str | None = None) ->
     if len(sizes) == 1:
         sizes = sizes * num_steps
     return check_scales(sizes, num_steps, source=spec)
+
+
+def check_scale_spec(machine: str, scale_spec: str | None) -> None:
+    """PatchdbError where a scale schedule is given to a machine without a patch size (IS, ES)."""
+    if scale_spec is not None and machine not in PATCH_MACHINES:
+        raise PatchdbError(f"the {machine} machine has no patch size, so --scales would be ignored: drop it")
 
 
 def _read_scale_file(path: Path, num_steps: int, machine: str | None) -> list[int]:

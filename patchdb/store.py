@@ -27,7 +27,6 @@ whole; an interrupted build resumes from the scales already written.
 import contextlib
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import patchdb
 from patchdb.data import Dataset, make_dataset
 from patchdb.engine import PatchDictionary
 from patchdb.errors import PatchdbError
+from patchdb.files import atomic_path
 from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, PatchCounts, cluster_log_mass, squared_norm_maps,
                            take_entries)
 from patchdb.patches import DictionaryGroup, centre_indices, dictionary_groups, patch_windows
@@ -88,22 +88,9 @@ def dictionary_key(label: int | None, group: DictionaryGroup) -> str:
 @contextlib.contextmanager
 def atomic_h5(path: Path) -> Iterator[h5py.File]:
     """An HDF5 file open for writing under a temporary name, renamed to path only when the block succeeds
-    and the file is on disk (so that not even a power cut leaves a part that looks whole)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(temporary, "w") as file:
-            yield file
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def temporary_writer(path: Path) -> int | None:
-    """The process id in the name of a temporary file that atomic_h5 writes (None for any other file)."""
-    match = re.fullmatch(r"\..+\.h5\.(\d+)\.tmp", Path(path).name)
-    return None if match is None else int(match[1])
+    and the file is on disk (patchdb.files.atomic_path)."""
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as file:
+        yield file
 
 
 def _settings_json(settings: StoreSettings) -> str:
