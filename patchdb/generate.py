@@ -56,6 +56,7 @@ DEVICES = ("cpu", "cuda")
 GIB = 1024**3
 DEFAULT_NUM = 8
 """Samples drawn when neither --num nor --noise says how many."""
+MAX_NOISE_MAGNITUDE = 1e3  # 1,000 standard deviations: no draw of N(0, 1) comes near it; 1e6 already costs float32 digits
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,11 @@ def read_noise(path: Path, image_shape: tuple[int, ...]) -> torch.Tensor:
         raise PatchdbError(f"noise file {path} holds {noise.dtype} values; save a float32 or float64 array")
     if not np.isfinite(noise).all():
         raise PatchdbError(f"noise file {path} contains NaN or infinite values")
+    largest = float(np.abs(noise).max())
+    if largest > MAX_NOISE_MAGNITUDE:
+        raise PatchdbError(f"noise file {path} holds a value of magnitude {largest:.3g}; the sampler starts from standard "
+                           f"normal noise, whose draws stay far below {MAX_NOISE_MAGNITUDE:g} (beyond it float32 loses the "
+                           "image to rounding); save N(0, 1) draws, not images or scaled noise")
     return torch.from_numpy(noise.astype(np.float64 if noise.dtype == np.float64 else np.float32))
 
 

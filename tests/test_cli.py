@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from cli.main import PatchdbGroup, main
 from patchdb import fused
 from patchdb.errors import PatchdbError
+from patchdb.generate import MAX_NOISE_MAGNITUDE
 
 from conftest import quantised_images
 
@@ -154,6 +155,17 @@ def test_num_disagreeing_with_the_noise_file_is_refused(data_specs, tmp_path):
     np.save(tmp_path / "noise.npy", np.zeros((2, 1, 32, 32), np.float32))
     result = sample(data_specs["labelled"], tmp_path / "out", "--noise", str(tmp_path / "noise.npy"), "--num", "3")
     assert result.exit_code == 1 and "--num 3 disagrees with the 2 noise arrays" in result.output
+
+
+@pytest.mark.parametrize("magnitude, refused", [(MAX_NOISE_MAGNITUDE, False), (2 * MAX_NOISE_MAGNITUDE, True)])
+def test_noise_far_beyond_a_standard_normal_draw_is_refused(data_specs, tmp_path, magnitude, refused):
+    # images in 0..255, or noise scaled by 1e20, saved as noise: float32 rounding would lose the sample
+    noise = np.zeros((1, 1, 32, 32), np.float32)
+    noise[0, 0, 3, 4] = -magnitude
+    np.save(tmp_path / "noise.npy", noise)
+    result = sample(data_specs["labelled"], tmp_path / "out", "--noise", str(tmp_path / "noise.npy"))
+    assert (result.exit_code == 1) == refused
+    assert ("magnitude 2e+03" in result.output and "standard normal" in result.output) == refused
 
 
 def test_sample_help_shows_the_defaults():
