@@ -111,7 +111,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine
     from patchdb.patches import PATCH_MACHINES, check_patch_size, padding_mode
-    from patchdb.training import CONFIG_FILE, LOSS_PLOT_FILE, load_network, load_training_data, training_progress
+    from patchdb.training import CONFIG_FILE, LOSS_PLOT_FILE, load_network, load_training_data
 
     if machine not in PATCH_MACHINES:
         raise PatchdbError(f"machine {machine!r} has no patch size to calibrate: choose one of {', '.join(PATCH_MACHINES)}")
@@ -131,7 +131,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     result = calibrate_scales(network, make_machine(machine, dataset, device=device, **options), noise, labels, num_steps,
                               candidates, metric, show_progress)
     path = write_scales(path, result, machine=machine, metric=metric,
-                        candidates=candidates, model=run_dir, seed=seed, model_training=training_progress(run_dir))
+                        candidates=candidates, model=run_dir, seed=seed, model_training=network.training)
     return path, result
 
 

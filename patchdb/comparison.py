@@ -242,7 +242,7 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     from patchdb.data import load_dataset
     from patchdb.gaussian import GaussianScore
     from patchdb.machines import make_machine
-    from patchdb.training import load_network, load_training_data, read_config, training_progress
+    from patchdb.training import load_network, load_training_data, read_config
 
     out_dir = output_folder(out_dir)
     config = read_config(run_dir)
@@ -267,7 +267,7 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     stats = result["statistics"]
     seeds = list(range(seed, seed + num))
     report = {
-        "model": str(run_dir), "network": config["network"], "training": training_progress(run_dir)._asdict(),
+        "model": str(run_dir), "network": config["network"], "training": network.training._asdict(),
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_images": len(dataset)},
         "machine": machine, "scales": scales, "scales_source": scales_source,
         "scale_convention": "entry i is the patch size at t = i/n",

@@ -9,6 +9,7 @@ embedding vector only.
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from torch.nn import functional as F
 
 from patchdb.errors import PatchdbError
 from patchdb.schedule import eps_to_score
+
+if TYPE_CHECKING:
+    from patchdb.training import TrainingProgress
 
 ARCHITECTURES = ("resnet", "unet")
 PADDINGS = ("zeros", "circular")
@@ -196,8 +200,9 @@ class NetworkScore:
     its own locality). Runs without gradients on the network's device and returns x's dtype and device.
     """
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, network: nn.Module, training: "TrainingProgress | None" = None):
         self.network = network.eval()
+        self.training = training  # how far the weights had trained, where they come from a run folder
         self.config: NetworkConfig = network.config
         self.device = next(network.parameters()).device
 

@@ -269,8 +269,9 @@ def load_network(run_dir: str | os.PathLike, device: str = "cpu") -> NetworkScor
     """The trained network of a run folder as a score model (weights from its last checkpoint)."""
     run_dir = Path(run_dir)
     network = build_network(read_network_config(run_dir))
-    _restore(run_dir, network)
-    return NetworkScore(network.to(_check_device(device)))
+    checkpoint = _restore(run_dir, network)
+    # the progress of these very weights: a training still running may have written a later checkpoint by the end of a job
+    return NetworkScore(network.to(_check_device(device)), _progress(read_config(run_dir), checkpoint))
 
 
 def read_network_config(run_dir: str | os.PathLike) -> NetworkConfig:
@@ -317,10 +318,12 @@ class TrainingProgress(NamedTuple):
 
 def training_progress(run_dir: str | os.PathLike) -> TrainingProgress:
     """How far run_dir's training has come; PatchdbError where it has no config or checkpoint."""
-    config = read_config(run_dir)
+    return _progress(read_config(run_dir), _load_checkpoint(_checkpoint_path(run_dir)))
+
+
+def _progress(config: dict, checkpoint: dict) -> TrainingProgress:
     batches_per_epoch = math.ceil(config["dataset"]["num_images"] / config["training"]["batch_size"])
-    return TrainingProgress(int(_load_checkpoint(_checkpoint_path(run_dir))["batches_done"]),
-                            config["training"]["epochs"] * batches_per_epoch)
+    return TrainingProgress(int(checkpoint["batches_done"]), config["training"]["epochs"] * batches_per_epoch)
 
 
 def _checkpoint_path(run_dir: str | os.PathLike) -> Path:

@@ -178,6 +178,17 @@ def test_a_run_records_a_file_spec_that_reads_from_anywhere_and_resumes_under_an
     assert training_progress(tmp_path / "run") == (2, 2)
 
 
+def test_a_loaded_network_carries_the_progress_of_its_own_weights_while_training_goes_on(tmp_path):
+    dataset = tiny_dataset(num_images=8, side=8)
+    network_config, one_epoch = tiny_run_configs(epochs=1)
+    train_network(tmp_path, dataset, None, network_config, one_epoch, show_progress=False)
+    network = load_network(tmp_path)
+    _, three_epochs = tiny_run_configs(epochs=3)
+    train_network(tmp_path, dataset, None, network_config, three_epochs, show_progress=False)  # meanwhile, elsewhere
+    assert network.training == (1, 1)  # what calibrate and compare record: the weights they used
+    assert training_progress(tmp_path) == (3, 3) and load_network(tmp_path).training == (3, 3)
+
+
 def test_training_refuses_fewer_epochs_than_done_and_takes_the_largest_seeds(tmp_path):
     dataset = tiny_dataset(num_images=8, side=8)
     network_config, two_epochs = tiny_run_configs(epochs=2)
