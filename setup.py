@@ -12,6 +12,7 @@ setup(ext_modules=[
     Extension("patchdb._windows", sources=["patchdb/_windows.c"],
               depends=["patchdb/_buffers.h", "patchdb/_exp2.h", "patchdb/_windows_isa.h", "patchdb/_windows_kernel.h"],
               extra_compile_args=["-O3", "-Wno-psabi"], optional=True),
-    Extension("patchdb._clusters", sources=["patchdb/_clusters.c"], depends=["patchdb/_buffers.h", "patchdb/_clusters_kernel.h", "patchdb/_exp2.h"],
+    Extension("patchdb._clusters", sources=["patchdb/_clusters.c"],
+              depends=["patchdb/_buffers.h", "patchdb/_clusters_kernel.h", "patchdb/_exp2.h"],
               extra_compile_args=["-O3", "-Wno-psabi"], optional=True),
 ])

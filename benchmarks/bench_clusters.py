@@ -30,8 +30,8 @@ def synthetic(patch_size: int, clusters: int, cluster_size: int, seed: int = 0) 
     generator = torch.Generator().manual_seed(seed)
     dims, count = patch_size**2, clusters * cluster_size
     keys = 0.3 * torch.randn(count, dims, generator=generator)
-    dictionary = PatchDictionary(keys, keys[:, dims // 2:dims // 2 + 1].contiguous(), keys.square().sum(dim=1), torch.zeros(count),
-                                 torch.zeros(count, 3, dtype=torch.int64))
+    dictionary = PatchDictionary(keys, keys[:, dims // 2:dims // 2 + 1].contiguous(), keys.square().sum(dim=1),
+                                 torch.zeros(count), torch.zeros(count, 3, dtype=torch.int64))
     bounds = EntryClusters(torch.arange(clusters + 1) * cluster_size, torch.zeros(clusters, dims), torch.zeros(clusters),
                            torch.zeros(clusters), torch.zeros(clusters, dtype=torch.int64))
     return ClusteredDictionary(dictionary, bounds)
@@ -45,7 +45,8 @@ def synthetic(patch_size: int, clusters: int, cluster_size: int, seed: int = 0) 
 @click.option("--visits", type=click.IntRange(1), default=4, show_default=True, help="Clusters each pixel visits.")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
               help="Time each scoring this many times and keep the best (the first call also builds the patch layout).")
-@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="torch threads (the compiled kernel's too).")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="torch threads (the compiled kernel's too).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the results to this JSON file.")
 def main(patch_sizes, pixels_per_cluster, clusters, cluster_size, visits, repeats, threads, out) -> None:
     """Print ns per (pixel, patch) pair of each scoring (wall-clock seconds over pairs, whatever the threads)."""
@@ -59,7 +60,8 @@ def main(patch_sizes, pixels_per_cluster, clusters, cluster_size, visits, repeat
             queries = 0.3 * torch.randn(pixels, patch_size**2, generator=generator)
             visit = torch.zeros(pixels, clusters, dtype=torch.bool)
             visit.scatter_(1, torch.rand(pixels, clusters, generator=generator).argsort(dim=1)[:, :visits], True)
-            row = {"patch_size": patch_size, "pixels_per_cluster": per_cluster, "threads": threads, "pairs": pixels * visits * cluster_size}
+            row = {"patch_size": patch_size, "pixels_per_cluster": per_cluster, "threads": threads,
+                   "pairs": pixels * visits * cluster_size}
             for scoring in ("compiled", "runs"):
                 seconds = []
                 for _ in range(repeats):
@@ -68,8 +70,8 @@ def main(patch_sizes, pixels_per_cluster, clusters, cluster_size, visits, repeat
                     if scoring == "compiled":
                         _score_compiled(accumulator, queries, dictionary, visit, 0.9)
                     else:
-                        TopKBackend(scoring="runs")._score_runs(accumulator, queries, dictionary.entries, dictionary.clusters, visit,
-                                                                0.9)
+                        TopKBackend(scoring="runs")._score_runs(accumulator, queries, dictionary.entries,
+                                                                dictionary.clusters, visit, 0.9)
                     seconds.append(time.perf_counter() - start)
                 row[f"{scoring}_ns_per_pair"] = round(min(seconds) / row["pairs"] * 1e9, 2)
             rows.append(row)

@@ -46,19 +46,23 @@ def main() -> None:
 @click.option("--images", type=click.IntRange(1), default=1000, show_default=True, help="First N Fashion-MNIST training images.")
 @click.option("--label", type=click.IntRange(0, 9), default=None,
               help="Instead of --images: every training image of this class, sampled class-conditionally.")
-@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Samples drawn together (seeds seed..seed+batch-1).")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
+              help="Samples drawn together (seeds seed..seed+batch-1).")
 @click.option("--machine", default="bbels", show_default=True)
 @click.option("--scales", default=PAPER_SCALES, show_default=True)
 @click.option("--steps", type=click.IntRange(2), default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
 @click.option("--method", type=click.Choice(EXACT_METHODS), default="auto", show_default=True,
-              help="The exact backend's method: sliding windows (CPU), matrix products, the fused kernel (CUDA, Triton), or auto (windows on a CPU, fused on a GPU).")
+              help="The exact backend's method: sliding windows (CPU), matrix products, the fused kernel (CUDA, Triton), "
+                   "or auto (windows on a CPU, fused on a GPU).")
 @click.option("--block-pruning/--no-block-pruning", default=True, show_default=True, help="The products method's block pruning.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
-              help="torch threads (also the windows method's); 0 keeps torch's default. On a shared machine 1 thread gives steadier figures.")
+              help="torch threads (also the windows method's); 0 keeps torch's default. "
+                   "On a shared machine 1 thread gives steadier figures.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--memory-gib", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MEMORY_BUDGET / 1024**3, show_default=True,
+@click.option("--memory-gib", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MEMORY_BUDGET / 1024**3,
+              show_default=True,
               help="The machine's memory budget (dictionaries or image layouts cached per scale when they fit in 3/4 of it).")
 @click.option("--save", type=click.Path(path_type=Path), default=None,
               help="Save noise, samples, seconds and device to this .pt file (bench_topk.py --exact-samples reads it).")
@@ -89,7 +93,8 @@ def run(images, label, batch, machine, scales, steps, seed, data_dir, method, bl
     fuses = method == "fused" or (method == "auto" and device == "cuda" and fused.available(torch.device(device)))
     print(json.dumps({
         "images": len(dataset) if label is None else f"class {label}: {len(dataset.indices_of_label(label))}",
-        "batch": batch, "method": "windows" if windowed else "fused" if fuses else "products", "isa": windows.best_isa() if windowed else None,
+        "batch": batch, "method": "windows" if windowed else "fused" if fuses else "products",
+        "isa": windows.best_isa() if windowed else None,
         "block_pruning": block_pruning, "machine": machine, "scales": scales, "steps": steps, "seed": seed,
         "device": device_name(device), "seconds": round(total, 2), "seconds_per_sample": round(total / batch, 3),
         "step_seconds": [round(s, 3) for s in generation.seconds_per_step],
@@ -100,7 +105,8 @@ def run(images, label, batch, machine, scales, steps, seed, data_dir, method, bl
 
 
 class ProfiledCall:
-    """A machine whose call number `call` (from 1) runs under torch.profiler; the table of its costliest operations goes to stderr."""
+    """A machine whose call number `call` (from 1) runs under torch.profiler; the table of its costliest operations goes to
+    stderr."""
 
     def __init__(self, machine, call: int):
         self.machine, self.call, self.calls = machine, call, 0
@@ -126,14 +132,16 @@ class ProfiledCall:
 @main.command()
 @click.option("--images", default="1000,6000,60000", show_default=True, help="Comma list of training-set sizes.")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--extra-batch", type=click.IntRange(1), default=16, show_default=True, help="Also time this batch size on the smallest set.")
+@click.option("--extra-batch", type=click.IntRange(1), default=16, show_default=True,
+              help="Also time this batch size on the smallest set.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="Passed to each run.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write all results to this JSON file.")
 def suite(images, batch, extra_batch, threads, out) -> None:
     """Run each configuration in its own process, print a markdown table and the two methods' agreement."""
     sizes = [int(item) for item in images.split(",")]
     smallest = min(sizes)
-    configs = ([(smallest, batch, "products"), (smallest, batch, "windows")] + [(size, batch, "windows") for size in sizes if size != smallest]
+    configs = ([(smallest, batch, "products"), (smallest, batch, "windows")]
+               + [(size, batch, "windows") for size in sizes if size != smallest]
                + [(smallest, extra_batch, "windows")])
     results = []
     with tempfile.TemporaryDirectory() as folder:
@@ -146,9 +154,11 @@ def suite(images, batch, extra_batch, threads, out) -> None:
             print(json.dumps(results[-1]), flush=True)
         products = torch.load(Path(folder) / f"{smallest}-{batch}-products.pt")["samples"]
         windowed = torch.load(Path(folder) / f"{smallest}-{batch}-windows.pt")["samples"]
-    agreement = {"images": smallest, "batch": batch, "pearson_r": image_statistics(windowed.double(), products.double())["pearson_r"].tolist(),
+    agreement = {"images": smallest, "batch": batch,
+                 "pearson_r": image_statistics(windowed.double(), products.double())["pearson_r"].tolist(),
                  "max_abs_difference": float((windowed - products).abs().max())}
-    print("\n| images | batch | method | seconds | seconds per sample | peak memory (GiB) |\n| --- | --- | --- | --- | --- | --- |")
+    print("\n| images | batch | method | seconds | seconds per sample | peak memory (GiB) |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for result in results:
         print(f"| {result['images']} | {result['batch']} | {result['method']} | {result['seconds']} | "
               f"{result['seconds_per_sample']} | {result['peak_memory_gib']} |")

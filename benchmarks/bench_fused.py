@@ -59,7 +59,8 @@ def workload(images, batch) -> None:
     for patch_size in sorted(set(scales), reverse=True):
         groups = dictionary_groups("bbels", patch_size, 28, 28)
         # same-location groups: each pixel against its own location's patches only
-        pairs = sum(len(group.query_pixels) * (1 if group.same_location else len(group.key_pixels)) for group in groups) * images * batch
+        pairs = sum(len(group.query_pixels) * (1 if group.same_location else len(group.key_pixels))
+                    for group in groups) * images * batch
         depth = math.ceil(patch_size**2 / fused._depth_block(patch_size**2)) * fused._depth_block(patch_size**2)
         steps = scales.count(patch_size)
         total_pairs, total_flops = total_pairs + steps * pairs, total_flops + steps * pairs * 4 * depth
@@ -69,7 +70,8 @@ def workload(images, batch) -> None:
 
 
 @cli.command("time")
-@click.option("--images", type=click.IntRange(1), default=6000, show_default=True, help="Training images the dictionary is cut from (random 8-bit).")
+@click.option("--images", type=click.IntRange(1), default=6000, show_default=True,
+              help="Training images the dictionary is cut from (random 8-bit).")
 @click.option("--batch", type=click.IntRange(1), default=100, show_default=True, help="Samples whose patches query it.")
 @click.option("--patch-sizes", default="3,5,7,9,11,13,15,17", show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=2, show_default=True)
@@ -87,10 +89,12 @@ def time_kernels(images, batch, patch_sizes, repeats, products, device) -> None:
         dim = patch_size**2
         level = alpha_bar(PAPER_STEPS.get(patch_size, 10) / 20)
         keys = torch.randint(0, 256, (images * positions, dim), generator=generator, device=device).float() / 127.5 - 1
-        dictionary = PatchDictionary.from_entries(keys, keys[:, dim // 2:dim // 2 + 1], torch.zeros(keys.shape[0], 3, dtype=torch.int64, device=device),
+        dictionary = PatchDictionary.from_entries(keys, keys[:, dim // 2:dim // 2 + 1],
+                                                  torch.zeros(keys.shape[0], 3, dtype=torch.int64, device=device),
                                                   merge_duplicates=False)
         picks = torch.randint(0, keys.shape[0], (batch * positions,), generator=generator, device=device)
-        queries = math.sqrt(level) * keys[picks] + math.sqrt(1 - level) * torch.randn(picks.shape[0], dim, generator=generator, device=device)
+        queries = (math.sqrt(level) * keys[picks]
+                   + math.sqrt(1 - level) * torch.randn(picks.shape[0], dim, generator=generator, device=device))
         operand = fused.FusedKeys.from_keys(keys)
         depth = operand.parts.shape[1]
         scale = math.sqrt(level) * LOG2_E / (1 - level) * operand.scale
@@ -99,14 +103,16 @@ def time_kernels(images, batch, patch_sizes, repeats, products, device) -> None:
         query_operand = operand.queries(queries)
         timings = {}
         for config in fused.CONFIGS:
-            timings[str(config)] = seconds(lambda: fused._launch(query_operand, operand, norm_bias, zeros, dictionary.values, scale,
-                                                                 -NEGLIGIBLE_LOG_WEIGHT * LOG2_E, config), repeats, device)
+            timings[str(config)] = seconds(lambda: fused._launch(query_operand, operand, norm_bias, zeros, dictionary.values,
+                                                                 scale, -NEGLIGIBLE_LOG_WEIGHT * LOG2_E, config),
+                                           repeats, device)
         tuned = fused._tuned_config(depth, 1, 0) if device.type == "cuda" else fused.CONFIGS[0]
         pairs = queries.shape[0] * keys.shape[0]
         best = min(timings.values())
         result = {"patch_size": patch_size, "alpha_bar": round(level, 4), "queries": queries.shape[0], "entries": keys.shape[0],
                   "depth": depth, "seconds": timings, "tuned": str(tuned), "tuned_seconds": timings[str(tuned)],
-                  "pairs_per_second": pairs / best, "tensor_tflops": 2 * 2 * depth * pairs / best / 1e12, "device": device_name(device.type)}
+                  "pairs_per_second": pairs / best, "tensor_tflops": 2 * 2 * depth * pairs / best / 1e12,
+                  "device": device_name(device.type)}
         if products:
             def run_products():
                 accumulator = SoftmaxAccumulator(queries.shape[0], 1, torch.float32, queries.device)

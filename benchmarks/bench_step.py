@@ -64,8 +64,8 @@ def main(images, seeds, patch_size, t, store_path, region_settings, profile, thr
             profiler.disable()
         seconds = time.perf_counter() - start
         report = machine.take_report()
-        print(json.dumps({"backend": "exact" if store_path is None else "topk", "regions": regions, "images": images, "seeds": seeds,
-                          "patch_size": patch_size, "t": t, "seconds": round(seconds, 2),
+        print(json.dumps({"backend": "exact" if store_path is None else "topk", "regions": regions, "images": images,
+                          "seeds": seeds, "patch_size": patch_size, "t": t, "seconds": round(seconds, 2),
                           "backend_seconds": None if report is None else {k: round(v, 2) for k, v in report["seconds"].items()},
                           "mean_checksum": float(posterior.mean.double().sum())}), flush=True)
         if profiler:

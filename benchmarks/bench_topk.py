@@ -9,7 +9,8 @@ training images (the first N, or every image of one class), S seeds drawn togeth
 
 The store is built (or resumed) first and its build time reported (--store: an existing store is
 used as it is). Then the exact backend samples the batch (--exact-samples FILE.pt: loaded from
-FILE.pt when it exists, with the seconds it took, else saved there), then each --setting does, from the same noise; each is timed (model calls only) and
+FILE.pt when it exists, with the seconds it took, else saved there), then each --setting does, from
+the same noise; each is timed (model calls only) and
 compared with the exact samples by Pearson r per seed. With --verify, one extra run of the first
 setting recomputes every step exactly on the same input and counts the certified pixels whose
 posterior mean is off by more than tol times the spread of the pixel values (must be 0).
@@ -47,8 +48,8 @@ PAPER_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
 
 def parse_setting(text: str) -> dict:
     """'topk=4096,tol=1e-2,fallback=estimate,estimate_samples=4096' -> TopKBackend keyword arguments (topk=auto: None)."""
-    types = {"topk": lambda value: TopK().convert(value, None, None), "scoring": str, "tol": float, "fallback": str, "estimate_samples": int,
-             "estimate_error": float, "exact_from_patch_size": int}
+    types = {"topk": lambda value: TopK().convert(value, None, None), "scoring": str, "tol": float, "fallback": str,
+             "estimate_samples": int, "estimate_error": float, "exact_from_patch_size": int}
     setting = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
@@ -81,7 +82,8 @@ class VerifyingMachine:
 @click.option("--label", type=click.IntRange(0, 9), default=None, help="Every training image of this class (class-conditional).")
 @click.option("--seeds", type=click.IntRange(1), default=4, show_default=True, help="Samples (seeds 0..S-1) in one batch.")
 @click.option("--setting", "settings", multiple=True, help="TopKBackend options, e.g. topk=16384,tol=1e-3,fallback=auto.")
-@click.option("--verify/--no-verify", default=False, show_default=True, help="Check the certificate of the first setting at every step.")
+@click.option("--verify/--no-verify", default=False, show_default=True,
+              help="Check the certificate of the first setting at every step.")
 @click.option("--cluster-size", type=click.IntRange(1), default=1024, show_default=True)
 @click.option("--store-dir", type=click.Path(path_type=Path), default=REPO / "runs" / "stores", show_default=True)
 @click.option("--store", "store_path", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
@@ -93,9 +95,10 @@ class VerifyingMachine:
                    "and take its per-sample seconds for the speed-ups (0: the seconds saved in the file).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
 @click.option("--threads", type=click.IntRange(0), default=1, show_default=True, help="torch threads (0: torch's default).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where both backends sample.")
-@click.option("--memory-gib", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MEMORY_BUDGET / 1024**3, show_default=True,
-              help="Each machine's memory budget.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where both backends sample.")
+@click.option("--memory-gib", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MEMORY_BUDGET / 1024**3,
+              show_default=True, help="Each machine's memory budget.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the results to this JSON file.")
 def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_path, exact_samples, exact_timing_seeds, data_dir,
          threads, device, memory_gib, out) -> None:
@@ -111,7 +114,8 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_
     used = sorted({scales[min(i, 19)] for i in machine_steps(20)})
     build_seconds = None
     if store_path is None:
-        store_path = store_dir / (f"bbels-class{label}-c{cluster_size}" if images is None else f"bbels-first{images}-c{cluster_size}")
+        store_path = store_dir / (f"bbels-class{label}-c{cluster_size}" if images is None
+                                  else f"bbels-first{images}-c{cluster_size}")
         start = time.perf_counter()
         store = build_store(dataset, "bbels", used, store_path, conditional=label is not None,
                             labels=None if label is None else [label], cluster_size=cluster_size)
@@ -124,7 +128,8 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_
 
     def run(machine, count=seeds):
         start = time.perf_counter()
-        generation = generate(machine, noise[:count].to(device), scales, 20, None if labels is None else labels[:count], progress=False)
+        generation = generate(machine, noise[:count].to(device), scales, 20, None if labels is None else labels[:count],
+                              progress=False)
         if device == "cuda":
             torch.cuda.synchronize()
         return generation, time.perf_counter() - start
@@ -169,15 +174,16 @@ def main(images, label, seeds, settings, verify, cluster_size, store_dir, store_
         result = {"setting": setting, "seconds": round(seconds, 2), "speedup": round(exact_seconds / seconds, 2),
                   "pearson_r": summarize(r), "pearson_r_per_seed": r, "steps": steps}
         results["settings"].append(result)
-        print(f"{setting}: {seconds:.1f} s, speed-up {exact_seconds / seconds:.2f}, median r {result['pearson_r']['median']:.5f}, "
+        print(f"{setting}: {seconds:.1f} s, speed-up {exact_seconds / seconds:.2f}, "
+              f"median r {result['pearson_r']['median']:.5f}, "
               f"min r {result['pearson_r']['min']:.5f}; certified per step "
               + " ".join(f"{step['fraction_of_pixels'].get('certified', 0):.2f}" for step in steps), flush=True)
     if verify and settings:
         setting = parse_setting(settings[0])
         backend = TopKBackend(**setting)
         spread = float(dataset.images.max() - dataset.images.min())
-        verifier = VerifyingMachine(make_machine("bbels", dataset, store=store, backend=backend, **machine_options), exact_machine,
-                                    backend.tol, spread)
+        verifier = VerifyingMachine(make_machine("bbels", dataset, store=store, backend=backend, **machine_options),
+                                    exact_machine, backend.tol, spread)
         sample_ddim(verifier, noise.to(device), machine_steps(20), 20, scales, labels=labels, disable=True)
         results["verification"] = {"setting": setting, "steps": verifier.steps,
                                    "violations": sum(step["violations"] for step in verifier.steps)}

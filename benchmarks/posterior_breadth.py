@@ -50,7 +50,8 @@ def main() -> None:
         centroids = torch.from_numpy(kmeans.centroids)
         radii = torch.zeros(num_clusters).scatter_reduce(0, assignment, (keys - centroids[assignment]).norm(dim=1), reduce="amax")
         counts = torch.bincount(assignment, minlength=num_clusters).float()
-        bound = -(torch.cdist(queries, signal * centroids) - signal * radii).clamp_min(0).square() / (2 * noise_variance) + counts.log()
+        bound = (-(torch.cdist(queries, signal * centroids) - signal * radii).clamp_min(0).square() / (2 * noise_variance)
+                 + counts.log())
         active = bound >= maxima - MARGIN - math.log(num_clusters)
         key_fraction = ((active.float() * counts).sum(dim=1) / counts.sum()).mean().item()
         print(f"i={i} t={t:.2f} P={patch_size} entries={keys.shape[0]} oracle_frac={oracle:.4f} "

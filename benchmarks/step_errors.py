@@ -34,7 +34,8 @@ DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
 @click.command()
-@click.option("--label", type=click.IntRange(0, 9), default=0, show_default=True, help="The class whose training images are used.")
+@click.option("--label", type=click.IntRange(0, 9), default=0, show_default=True,
+              help="The class whose training images are used.")
 @click.option("--seeds", default="6,16", show_default=True, help="Comma-separated seeds of the 20-seed batch.")
 @click.option("--store", "store_path", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True)
 @click.option("--setting", "settings", multiple=True, required=True, help="TopKBackend options, as bench_topk.py takes them.")

@@ -25,7 +25,8 @@ from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
               help="Class-conditional network.")
 @click.option("--train", "train_missing", is_flag=True, help="Train a missing cached network with the cpu preset without asking.")
 @click.option("--machine", type=click.Choice(MACHINES), default="bbels", help="The machine compared with the network.")
-@click.option("--scales", "scale_spec", default=None, show_default="calibrated:RUN_DIR (calibrated first if missing; none for is|es)",
+@click.option("--scales", "scale_spec", default=None,
+              show_default="calibrated:RUN_DIR (calibrated first if missing; none for is|es)",
               help=f"Scale schedule: {SCALE_SPEC_HELP}.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=2), default=20, help="Sampling steps n.")
 @click.option("--num", type=click.IntRange(min=1), default=100, help="Number of seeds (samples).")

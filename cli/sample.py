@@ -10,8 +10,8 @@ from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
 from patchdb.machines import MACHINES
 from patchdb.scales import SCALE_SPEC_HELP
-from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS, DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES,
-                          DEFAULT_FALLBACK, DEFAULT_TOL, FALLBACKS, MIN_AUTO_TOPK)
+from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS, DEFAULT_ESTIMATE_ERROR,
+                          DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, FALLBACKS, MIN_AUTO_TOPK)
 
 
 @click.command("sample")
@@ -58,7 +58,8 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
               help="With --index: patches in the estimator's uniform sample of the dictionary.")
 @click.option("--estimate-error", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_ESTIMATE_ERROR,
               help="With --index: largest standard error (pixel units, images in [-1, 1]) of an estimated posterior mean "
-                   f"before the pixel visits more clusters ({DEEPENING_FACTOR} times as many entries, at most {DEEPENING_ROUNDS} times).")
+                   f"before the pixel visits more clusters ({DEEPENING_FACTOR} times as many entries, "
+                   f"at most {DEEPENING_ROUNDS} times).")
 @click.option("--exact-from-patch-size", type=click.IntRange(min=1), default=None,
               help="With --index: leave the steps at this patch size and larger to the exact backend's sliding windows (CPU), "
                    "where the posterior is broad and scoring the nearest clusters costs more (default: none).")
@@ -77,5 +78,5 @@ def sample(dataset, data_dir, machine, scales, steps, num, seed, label, conditio
         fallback=fallback, estimate_samples=estimate_samples, estimate_error=estimate_error, exact_method=exact_method,
         exact_from_patch_size=exact_from_patch_size)
     record = run_sample(config)
-    click.echo(f"{record['num_samples']} samples, {len(record['seconds_per_step'])} steps of {machine} on {record['data']['name']} "
-               f"({record['data']['num_images']} images) in {record['total_seconds']:.1f} s -> {out}")
+    click.echo(f"{record['num_samples']} samples, {len(record['seconds_per_step'])} steps of {machine} "
+               f"on {record['data']['name']} ({record['data']['num_images']} images) in {record['total_seconds']:.1f} s -> {out}")

@@ -47,7 +47,8 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
     is called each time a scale's file has been written.
     """
     if machine not in PATCH_MACHINES:
-        raise PatchdbError(f"build-index indexes patch dictionaries: --machine must be one of {', '.join(PATCH_MACHINES)}, not {machine!r}")
+        raise PatchdbError(f"build-index indexes patch dictionaries: --machine must be one of {', '.join(PATCH_MACHINES)}, "
+                           f"not {machine!r}")
     scales = sorted(set(scales))
     bad = [size for size in scales if size <= 0 or size % 2 == 0]
     if bad:
@@ -175,4 +176,5 @@ def _build_dictionary(windows: torch.Tensor, key_pixels: torch.Tensor, settings:
     if partition is None or len(first) < settings.min_indexed_entries:
         return StoredDictionary(sources, counts, num_patches)
     order, clusters = partition.finish(assignment[first].to(torch.int64), counts.to(torch.float32).log(), first)
-    return StoredDictionary(sources[order], counts[order], num_patches, clusters, faiss.serialize_index(flat_index(clusters.centroids)))
+    return StoredDictionary(sources[order], counts[order], num_patches, clusters,
+                            faiss.serialize_index(flat_index(clusters.centroids)))

@@ -109,7 +109,8 @@ class Dataset:
         if self.images.dtype != torch.float32 or self.images.ndim != 4:
             raise ValueError(f"images must be a (N, C, H, W) float32 tensor, got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels is not None and (self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]):
-            raise ValueError(f"labels must be a ({self.images.shape[0]},) int64 tensor, got {self.labels.dtype} {tuple(self.labels.shape)}")
+            raise ValueError(f"labels must be a ({self.images.shape[0]},) int64 tensor, "
+                             f"got {self.labels.dtype} {tuple(self.labels.shape)}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -426,7 +427,8 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.keys())
             if "images" not in keys:
-                raise PatchdbError(f"{path}: no 'images' array in the .npz (it has {keys or 'nothing'}); save it with np.savez(path, images=..., labels=...)")
+                raise PatchdbError(f"{path}: no 'images' array in the .npz (it has {keys or 'nothing'}); "
+                                   "save it with np.savez(path, images=..., labels=...)")
             images = archive["images"]
             labels = archive["labels"] if "labels" in keys else None
     except ValueError as error:
@@ -506,7 +508,8 @@ def _parse_named_spec(spec: str) -> tuple[str, str, int | None]:
             f"unknown data set {parts[0]!r} in spec {spec!r}; use one of {', '.join(NAMED_DATASETS)} "
             f"as NAME[:SPLIT][:LIMIT], default[:LIMIT], or file:PATH[:LIMIT]")
     if len(parts) > 3:
-        raise PatchdbError(f"bad data set spec {spec!r}: too many ':' parts; use NAME[:SPLIT][:LIMIT], e.g. fashion-mnist:train:1000")
+        raise PatchdbError(f"bad data set spec {spec!r}: too many ':' parts; "
+                           "use NAME[:SPLIT][:LIMIT], e.g. fashion-mnist:train:1000")
     split, limit = "train", None
     if len(parts) == 3:
         split, limit = parts[1], _parse_limit(parts[2], spec)
@@ -678,8 +681,10 @@ def _not_found_message(name: str, split: str, roots: list[tuple[Path, str]]) -> 
         lines.append(f"  (${DATA_ENV_VAR} is not set)")
     lines.append("To get it:")
     if name == "fashion-mnist":
-        lines.append("  - on Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist (installs /usr/share/datasets/fashion-mnist)")
-    lines.append(f"  - patchdb fetch-data {name} --data-dir DIR" + ("  (prints how to download it by hand)" if name == "celeba" else ""))
+        lines.append("  - on Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist "
+                     "(installs /usr/share/datasets/fashion-mnist)")
+    lines.append(f"  - patchdb fetch-data {name} --data-dir DIR"
+                 + ("  (prints how to download it by hand)" if name == "celeba" else ""))
     lines.append(f"  - then pass --data-dir DIR or set {DATA_ENV_VAR}=DIR, with the files in DIR/{name}/")
     lines.append("  - or name no data set to use the embedded default (1,000 Fashion-MNIST training images)")
     return "\n".join(lines)

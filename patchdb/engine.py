@@ -35,7 +35,8 @@ DEFAULT_MEMORY_BUDGET = 4 * 1024**3
 """Bytes that one machine may use for cached dictionaries plus one chunk of logits (default 4 GiB)."""
 
 LOGIT_CHUNK_BYTES = 2 * 1024**2
-"""Bytes of logits per chunk on a CPU: small enough that the passes over a chunk stay in cache, large enough for efficient matrix products."""
+"""Bytes of logits per chunk on a CPU: small enough that the passes over a chunk stay in cache, large enough for
+efficient matrix products."""
 
 GPU_LOGIT_CHUNK_BYTES = 256 * 1024**2
 """Bytes of logits per chunk on a GPU: there a chunk must be large enough to fill the device, and each
@@ -374,7 +375,8 @@ class PatchDictionary:
         high = high.scatter_reduce(0, index, projections, reduce="amax")
         log_multiplicity = self.log_multiplicity[order]
         block_log_multiplicity = torch.zeros(num_blocks, dtype=projections.dtype, device=projections.device)
-        block_log_multiplicity = block_log_multiplicity.scatter_reduce(0, block, log_multiplicity, reduce="amax", include_self=False)
+        block_log_multiplicity = block_log_multiplicity.scatter_reduce(0, block, log_multiplicity, reduce="amax",
+                                                                       include_self=False)
         self.keys, self.values, self.squared_norms = self.keys[order], self.values[order], self.squared_norms[order]
         self.log_multiplicity, self.sources = log_multiplicity, self.sources[order]
         self.blocks = EntryBlocks(block_size, directions, low, high, block_log_multiplicity)
@@ -385,8 +387,10 @@ class PatchDictionary:
 
     @property
     def nbytes(self) -> int:
-        keys = self.keys.regions if isinstance(self.keys, RegionKeys) else self.keys.parts if isinstance(self.keys, fused.FusedKeys) else self.keys
-        return sum(t.element_size() * t.numel() for t in (keys, self.values, self.squared_norms, self.log_multiplicity, self.sources))
+        keys = (self.keys.regions if isinstance(self.keys, RegionKeys)
+                else self.keys.parts if isinstance(self.keys, fused.FusedKeys) else self.keys)
+        return sum(t.element_size() * t.numel()
+                   for t in (keys, self.values, self.squared_norms, self.log_multiplicity, self.sources))
 
 
 EXACT_METHODS = ("auto", "windows", "products", "fused")
@@ -422,7 +426,8 @@ class ExactBackend:
         self.method = method
 
     def uses_windows(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether patch machines on device and dtype are scored by sliding windows (method 'windows', or 'auto' where possible)."""
+        """Whether patch machines on device and dtype are scored by sliding windows (method 'windows', or 'auto'
+        where possible)."""
         if self.method in ("products", "fused"):
             return False
         usable = windows.available(device, dtype)
@@ -448,7 +453,8 @@ class ExactBackend:
 
     def fuses(self, queries: torch.Tensor, dictionary: PatchDictionary) -> bool:
         """Whether dictionary is scored by the fused kernel: a plain one, where plain_method says so."""
-        plain = isinstance(dictionary.keys, fused.FusedKeys) or (isinstance(dictionary.keys, torch.Tensor) and dictionary.keys.ndim == 2)
+        plain = (isinstance(dictionary.keys, fused.FusedKeys)
+                 or (isinstance(dictionary.keys, torch.Tensor) and dictionary.keys.ndim == 2))
         return plain and self.plain_method(queries.device, queries.dtype) == "fused"
 
     def fold(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, dictionary: PatchDictionary, alpha_bar: float) -> None:
@@ -471,7 +477,8 @@ class ExactBackend:
             self._fold_blocked(accumulator, queries, dictionary, alpha_bar)
             return
         stacked = dictionary.keys.ndim == 3
-        row_groups = torch.arange(queries.shape[0], device=queries.device).repeat_interleave(queries.shape[1]) if stacked else None
+        row_groups = (torch.arange(queries.shape[0], device=queries.device).repeat_interleave(queries.shape[1])
+                      if stacked else None)
         num_rows = row_groups.shape[0] if stacked else queries.shape[0]
         for start, stop in chunk_ranges(len(dictionary), num_rows, queries.element_size(), self._chunk_bytes(queries.device)):
             if stacked:
@@ -480,7 +487,8 @@ class ExactBackend:
 
                 def contract(weights, rows, values=values):
                     if isinstance(rows, slice):
-                        return torch.bmm(weights.reshape(values.shape[0], -1, weights.shape[1]), values).reshape(weights.shape[0], -1)
+                        return torch.bmm(weights.reshape(values.shape[0], -1, weights.shape[1]),
+                                         values).reshape(weights.shape[0], -1)
                     return torch.einsum("rn,rnv->rv", weights, values[row_groups[rows]])
             else:
                 logits = _logits(queries, dictionary, start, stop, alpha_bar, bits=True)
@@ -506,9 +514,11 @@ class ExactBackend:
         seed_logits[beyond_end] = -math.inf  # weight e^-80 relative after the floor: nothing
         seed_values = dictionary.values[seed_entries]
         accumulator.update(seed_logits, lambda weights, rows: torch.einsum("rn,rnv->rv", weights, seed_values[rows]),
-                           dictionary.sources[seed_entries], dictionary.log_multiplicity[seed_entries] if dictionary.merged else None,
+                           dictionary.sources[seed_entries],
+                           dictionary.log_multiplicity[seed_entries] if dictionary.merged else None,
                            row_groups=torch.arange(queries.shape[0], device=queries.device), bits=True)
-        step_blocks = max(1, next(chunk_ranges(num_entries, queries.shape[0], queries.element_size(), self._chunk_bytes(queries.device)))[1] // block_size)
+        step_blocks = max(1, next(chunk_ranges(num_entries, queries.shape[0], queries.element_size(),
+                                               self._chunk_bytes(queries.device)))[1] // block_size)
         for first_block in range(0, bounds.shape[1], step_blocks):
             last_block = min(first_block + step_blocks, bounds.shape[1])
             start, stop = first_block * block_size, min(last_block * block_size, num_entries)
@@ -556,7 +566,8 @@ def _logits(queries: torch.Tensor, dictionary: PatchDictionary, start: int, stop
             logits[members] += (signal * unit / noise_variance) * products.view(len(members), queries.shape[1], -1)
         return logits
     if dictionary.keys.ndim == 3:
-        return torch.baddbmm(bias[:, None, :], queries, dictionary.keys[:, start:stop].transpose(1, 2), alpha=signal * unit / noise_variance)
+        return torch.baddbmm(bias[:, None, :], queries, dictionary.keys[:, start:stop].transpose(1, 2),
+                             alpha=signal * unit / noise_variance)
     return torch.addmm(bias[None, :], queries, dictionary.keys[start:stop].T, alpha=signal * unit / noise_variance)
 
 

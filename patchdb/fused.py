@@ -86,7 +86,8 @@ class FusedKeys:
 
     @classmethod
     def from_keys(cls, keys: torch.Tensor) -> "FusedKeys":
-        """keys: (K, D) float32 or float64, converted KEY_BLOCK rows at a time (a whole scaled copy would double the peak memory)."""
+        """keys: (K, D) float32 or float64, converted KEY_BLOCK rows at a time (a whole scaled copy would double the
+        peak memory)."""
         num_keys, dim = keys.shape
         blocks = keys.split(KEY_BLOCK)
         split = not all(_on_lattice(block) for block in blocks)
@@ -148,14 +149,16 @@ def fold(accumulator, queries: torch.Tensor, keys: FusedKeys, squared_norms: tor
         raise ValueError(f"queries of {queries.shape[1]} values against keys of {keys.dim}")
     signal, noise_variance = math.sqrt(alpha_bar), 1.0 - alpha_bar
     norm_bias = ((-alpha_bar * LOG2_E / (2 * noise_variance)) * squared_norms).float().contiguous()
-    log_multiplicity_bits = (torch.zeros_like(norm_bias) if log_multiplicity is None else (log_multiplicity * LOG2_E).float().contiguous())
+    log_multiplicity_bits = (torch.zeros_like(norm_bias) if log_multiplicity is None
+                             else (log_multiplicity * LOG2_E).float().contiguous())
     split_state = _launch(keys.queries(queries), keys, norm_bias, log_multiplicity_bits, values.float().contiguous(),
                           signal * LOG2_E / noise_variance * keys.scale, negligible_bits)
     accumulator.merge(split_state, sources)
 
 
-def _launch(operand: torch.Tensor, keys: FusedKeys, norm_bias: torch.Tensor, log_multiplicity_bits: torch.Tensor, values: torch.Tensor,
-            scale: float, negligible_bits: float, config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, ...]:
+def _launch(operand: torch.Tensor, keys: FusedKeys, norm_bias: torch.Tensor, log_multiplicity_bits: torch.Tensor,
+            values: torch.Tensor, scale: float, negligible_bits: float,
+            config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, ...]:
     """Run the kernel (with config, else the tuned one for the keys' depth) and return the splits' states, each (S, Q) or
     (S, Q, V): maximum, normaliser, weighted sum, best logit (bits) and best entry."""
     num_rows, num_entries, depth = operand.shape[1], keys.parts.shape[0], keys.parts.shape[1]
@@ -166,7 +169,8 @@ def _launch(operand: torch.Tensor, keys: FusedKeys, norm_bias: torch.Tensor, log
     block_rows, block_entries, warps, stages = config
     row_blocks = math.ceil(num_rows / block_rows)
     processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    splits = max(1, min(math.ceil(PROGRAMS_PER_PROCESSOR * processors / row_blocks), math.ceil(num_entries / (4 * block_entries))))
+    splits = max(1, min(math.ceil(PROGRAMS_PER_PROCESSOR * processors / row_blocks),
+                        math.ceil(num_entries / (4 * block_entries))))
     entries_per_split = math.ceil(math.ceil(num_entries / splits) / block_entries) * block_entries
     splits = math.ceil(num_entries / entries_per_split)
     float32 = dict(dtype=torch.float32, device=device)
@@ -275,6 +279,7 @@ def _kernel():
         tl.store(normaliser_ptr + out, normaliser, mask=row_ok)
         tl.store(best_ptr + out, best, mask=row_ok)
         tl.store(best_entry_ptr + out, best_entry, mask=row_ok)
-        tl.store(weighted_ptr + out[:, None] * CHANNELS + channel[None, :], weighted, mask=row_ok[:, None] & (channel[None, :] < CHANNELS))
+        tl.store(weighted_ptr + out[:, None] * CHANNELS + channel[None, :], weighted,
+                 mask=row_ok[:, None] & (channel[None, :] < CHANNELS))
 
     return posterior_fold

@@ -49,7 +49,8 @@ class GaussianScore:
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None,
                  patch_size: int | None = None) -> torch.Tensor:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise PatchdbError(f"the noisy batch has shape {tuple(x.shape)}; the Gaussian model needs (B, {', '.join(map(str, self.image_shape))})")
+            raise PatchdbError(f"the noisy batch has shape {tuple(x.shape)}; "
+                               f"the Gaussian model needs (B, {', '.join(map(str, self.image_shape))})")
         if not 0.0 < t <= 1.0:
             raise PatchdbError(f"time t must lie in (0, 1], got {t}")
         signal = alpha_bar(t)

@@ -47,7 +47,8 @@ from patchdb.sampler import sample_ddim
 from patchdb.scales import check_scale_spec, parse_scales
 from patchdb.schedule import full_steps, machine_steps
 from patchdb.store import PatchStore
-from patchdb.topk import DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, PATHS, TopKBackend
+from patchdb.topk import (DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, PATHS,
+                          TopKBackend)
 
 DEFAULT_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
 LOOPS = {"machine": machine_steps, "full": full_steps}
@@ -218,8 +219,9 @@ def _backend_options(config: SampleConfig, dataset: Dataset, scales: list[int], 
     store = PatchStore(config.index)
     used = sorted({scales[min(i, config.steps - 1)] for i in LOOPS[config.loop](config.steps)})
     store.check_run(dataset, config.machine, used, labels is not None, labels)
-    backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, config.estimate_error, seed=config.seed,
-                          exact=ExactBackend(method=config.exact_method), exact_from_patch_size=config.exact_from_patch_size)
+    backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, config.estimate_error,
+                          seed=config.seed, exact=ExactBackend(method=config.exact_method),
+                          exact_from_patch_size=config.exact_from_patch_size)
     return {"store": store, "backend": backend}
 
 
@@ -390,7 +392,8 @@ def device_name(device: str) -> str:
         return torch.cuda.get_device_name()
     model = _cpu_model()
     isa = f", {windows.best_isa()}" if windows.compiled() else ""
-    return f"cpu ({model + ', ' if model else ''}{platform.processor() or platform.machine()}{isa}, {os.cpu_count()} cores, {sys.platform})"
+    return (f"cpu ({model + ', ' if model else ''}{platform.processor() or platform.machine()}{isa}, "
+            f"{os.cpu_count()} cores, {sys.platform})")
 
 
 def _cpu_model() -> str | None:

@@ -60,7 +60,8 @@ class EntryClusters:
     """Clusters of a dictionary's entries, which are stored sorted by cluster.
 
     offsets: (C + 1,) int64, cluster c holds entries offsets[c]:offsets[c + 1].
-    centroids: (C, D) mean of each cluster's patches (duplicates counted). radii: (C,) a bound on ||key - centroid|| over each cluster's keys.
+    centroids: (C, D) mean of each cluster's patches (duplicates counted).
+    radii: (C,) a bound on ||key - centroid|| over each cluster's keys.
     log_mass: (C,) log of the summed multiplicities of each cluster's entries.
     medoids: (C,) int64 an entry of each cluster near its centre (an index into the sorted entries).
     """
@@ -290,8 +291,8 @@ def squared_norm_maps(windows: torch.Tensor) -> torch.Tensor:
     of the squared images (patches.window_sums)."""
     count, channels, height, width, size, _ = windows.shape
     image_stride, channel_stride, row_stride = windows.stride()[:3]
-    padded = windows.as_strided((count, channels, height + size - 1, width + size - 1), (image_stride, channel_stride, row_stride, 1),
-                                windows.storage_offset())
+    padded = windows.as_strided((count, channels, height + size - 1, width + size - 1),
+                                (image_stride, channel_stride, row_stride, 1), windows.storage_offset())
     maps = windows.new_empty(count, height, width)
     for first in range(0, count, NORM_MAP_IMAGES):
         squares = padded[first:first + NORM_MAP_IMAGES].square().sum(dim=1)
@@ -365,7 +366,8 @@ class Quantizer:
             fine.append(_kmeans(members, share, seed) if share else members)
             fine_offsets.append(fine_offsets[-1] + share)
         as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array)).to(sample.device, torch.float64)  # noqa: E731
-        return cls(mean, directions, as_tensor(coarse), as_tensor(np.concatenate(fine)), torch.tensor(fine_offsets, device=sample.device))
+        return cls(mean, directions, as_tensor(coarse), as_tensor(np.concatenate(fine)),
+                   torch.tensor(fine_offsets, device=sample.device))
 
     def __post_init__(self):
         self._coarse_index = flat_index(self.coarse)

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from patchdb.data import Dataset, label_groups
-from patchdb.engine import (DEFAULT_MEMORY_BUDGET, ExactBackend, PatchDictionary, PosteriorSummary, RegionKeys, SoftmaxAccumulator,
-                            logit_chunk_bytes)
+from patchdb.engine import (DEFAULT_MEMORY_BUDGET, ExactBackend, PatchDictionary, PosteriorSummary, RegionKeys,
+                            SoftmaxAccumulator, logit_chunk_bytes)
 from patchdb.errors import PatchdbError
-from patchdb.patches import (PATCH_MACHINES, centre_indices, check_patch_size, dictionary_groups, extracted_bytes_per_image, gather_patches,
-                             padding_mode, patch_windows, same_location_regions)
+from patchdb.patches import (PATCH_MACHINES, centre_indices, check_patch_size, dictionary_groups, extracted_bytes_per_image,
+                             gather_patches, padding_mode, patch_windows, same_location_regions)
 from patchdb.schedule import alpha_bar
 from patchdb.store import PatchStore
 from patchdb.topk import PATHS, TopKBackend
@@ -72,7 +72,8 @@ class Machine:
         self.images = dataset.images.to(device=self.device, dtype=dtype)
         self.image_shape = tuple(dataset.images.shape[1:])
 
-    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None,
+                 patch_size: int | None = None) -> torch.Tensor:
         """Score (B, C, H, W) of the machine at noisy batch x (B, C, H, W) and time t in (0, 1]."""
         return self.posterior(x, t, labels, patch_size, provenance=False).score(x, t)
 
@@ -129,8 +130,10 @@ class Machine:
             raise PatchdbError("the noisy batch contains NaN or infinite values")
         if not 0.0 < t <= 1.0:
             raise PatchdbError(f"time t must lie in (0, 1], got {t}")
-        if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0 or patch_size % 2 == 0):
-            raise PatchdbError(f"patch size {patch_size!r} is invalid: patch sizes must be positive odd integers (check --scales)")
+        if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0
+                                       or patch_size % 2 == 0):
+            raise PatchdbError(f"patch size {patch_size!r} is invalid: "
+                               "patch sizes must be positive odd integers (check --scales)")
         if labels is not None:
             if self.dataset.labels is None:
                 raise PatchdbError(f"labels were given but the data set {self.dataset.name} has none; sample unconditionally")
@@ -208,8 +211,8 @@ class EquivariantMachine(Machine):
 class PatchMachine(Machine):
     """LS, ELS and boundary-broken ELS: each pixel's posterior over its group's patch dictionary."""
 
-    def __init__(self, name: str, dataset: Dataset, *, backend=None, merge_duplicates: bool = True, store: PatchStore | None = None,
-                 **options):
+    def __init__(self, name: str, dataset: Dataset, *, backend=None, merge_duplicates: bool = True,
+                 store: PatchStore | None = None, **options):
         super().__init__(dataset, **options)
         self.name = name
         self.padding = padding_mode(name)
@@ -259,7 +262,8 @@ class PatchMachine(Machine):
         mean = torch.empty(batch, channels, height * width, dtype=x.dtype, device=x.device)
         source = torch.empty(batch, height * width, 3, dtype=torch.int64, device=x.device)
         weight = torch.empty(batch, height * width, dtype=x.dtype, device=x.device)
-        path = None if all(group_path is None for group_path in paths) else torch.zeros(batch, height * width, dtype=torch.uint8, device=x.device)
+        path = (None if all(group_path is None for group_path in paths)
+                else torch.zeros(batch, height * width, dtype=torch.uint8, device=x.device))
         for group, accumulator, group_path in zip(groups, accumulators, paths):
             summary = accumulator.summary()
             pixels = group.query_pixels.to(x.device)
@@ -307,7 +311,8 @@ class PatchMachine(Machine):
             return [self._lanes[label]]
         group = lanes(images.dtype)
         block = max(1, self.memory_budget // 4 // per_image // group) * group  # whole lane groups: sources count in groups
-        return (LaneImages.from_images(images[start:start + block], patch_size, self.padding) for start in range(0, images.shape[0], block))
+        return (LaneImages.from_images(images[start:start + block], patch_size, self.padding)
+                for start in range(0, images.shape[0], block))
 
     def _window_tasks(self, patch_size: int) -> torch.Tensor:
         """The sliding-window tasks of this scale's dictionary groups (patchdb.windows.window_tasks), made once per scale."""
@@ -358,7 +363,8 @@ class PatchMachine(Machine):
     def _stored_dictionaries(self, images, label, patch_size, groups):
         """The groups' dictionaries from the store; None for same-location groups (not stored). Their patches are
         held in memory (within 3/4 of the budget) unless the backend reads them in place from the images."""
-        self.store.check_run(self.dataset, self.name, [patch_size], label is not None, None if label is None else torch.tensor([label]))
+        self.store.check_run(self.dataset, self.name, [patch_size], label is not None,
+                             None if label is None else torch.tensor([label]))
         in_place = isinstance(self.backend, TopKBackend) and self.backend.reads_patches_in_place(images.device, images.dtype)
         return self.store.dictionaries(patch_size, label, groups, images, 0 if in_place else self.memory_budget * 3 // 4)
 
@@ -372,7 +378,8 @@ class PatchMachine(Machine):
             dictionaries = []
             for group in groups:
                 key_pixels = group.key_pixels.to(images.device)
-                image_index = torch.arange(start, start + block.shape[0], device=images.device)[:, None].expand(-1, key_pixels.shape[0])
+                image_index = torch.arange(start, start + block.shape[0],
+                                           device=images.device)[:, None].expand(-1, key_pixels.shape[0])
                 pixel = key_pixels[None, :].expand(block.shape[0], -1)
                 sources = torch.stack([image_index, pixel // width, pixel % width], dim=-1)  # (n, K, 3)
                 regions = same_location_regions(block, key_pixels, patch_size, self.padding) if group.same_location else None

@@ -65,7 +65,8 @@ def _read_scale_file(path: Path, num_steps: int, machine: str | None) -> list[in
     calibrated_for = content.get("machine") if isinstance(content, dict) else None
     if machine is not None and calibrated_for is not None and calibrated_for != machine:
         raise PatchdbError(f"scale file {path} was calibrated for the {calibrated_for} machine, not {machine}; calibrate one "
-                           f"with `patchdb calibrate --model RUN_DIR --machine {machine} --out FILE.json` and give --scales FILE.json")
+                           f"with `patchdb calibrate --model RUN_DIR --machine {machine} --out FILE.json` "
+                           "and give --scales FILE.json")
     return check_scales(sizes, num_steps, source=str(path))
 
 

@@ -49,7 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
-from patchdb.engine import LN_2, LOG2_E, LOG_WEIGHT_FLOOR, NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary, SoftmaxAccumulator, _logits, logit_chunk_bytes
+from patchdb.engine import (LN_2, LOG2_E, LOG_WEIGHT_FLOOR, NEGLIGIBLE_LOG_WEIGHT, ExactBackend, PatchDictionary,
+                            SoftmaxAccumulator, _logits, logit_chunk_bytes)
 from patchdb.errors import PatchdbError
 from patchdb.index import ClusteredDictionary, EntryClusters, GatheredEntries, balanced_ranges, cluster_of_entries, take_entries
 
@@ -314,7 +315,8 @@ class TopKBackend:
         counts = (visit * clusters.sizes).sum(dim=1)  # (Q,) entries each query visits
         entry_bytes = queries.shape[1] * queries.element_size()
         fits = counts * entry_bytes <= chunk_bytes
-        scored = self._score_gathered(accumulator, queries, entries, clusters, visit, counts, fits, entry_bytes, alpha_bar, chunk_bytes)
+        scored = self._score_gathered(accumulator, queries, entries, clusters, visit, counts, fits, entry_bytes, alpha_bar,
+                                      chunk_bytes)
         if not bool(fits.all()):
             scored += self._score_runs(accumulator, queries, entries, clusters, visit & ~fits[:, None], alpha_bar)
         return scored
@@ -351,7 +353,8 @@ class TopKBackend:
             return 0
         rows = rows[torch.argsort(counts[rows])]  # rows of similar widths share a block: little padding
         row_bytes = counts[rows] * entry_bytes
-        position = torch.full((queries.shape[0],), -1, dtype=torch.int64, device=queries.device)  # accumulator row -> row in block
+        # accumulator row -> row in block
+        position = torch.full((queries.shape[0],), -1, dtype=torch.int64, device=queries.device)
         start = 0
         for end in _block_ends(row_bytes.tolist(), chunk_bytes):
             block = rows[start:end]
@@ -402,7 +405,8 @@ class TopKBackend:
         first_draw = (draws_in.cumsum(0) - draws_in)[pair_clusters][draw_of]
         rank = torch.arange(len(draw_of), device=draw_of.device) - (pair_draws.cumsum(0) - pair_draws)[draw_of]
         logits.view(-1).index_fill_(0, pair_rows[draw_of] * len(draws) + first_draw + rank, -math.inf)
-        shift, chunk_max, sums, standard_error = self._tail_estimate(accumulator, rows, logits, sample.values, drawn, tail_patches)
+        shift, chunk_max, sums, standard_error = self._tail_estimate(accumulator, rows, logits, sample.values, drawn,
+                                                                     tail_patches)
         accept = drawn > 0
         if strict:
             accept &= standard_error <= self.estimate_error
@@ -515,8 +519,8 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
     def fold_clusters(state, first, last):
         starts = visit_starts[first:last + 1]
         _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(),
-                       None if layout.log_multiplicity is None else layout.log_multiplicity.numpy(), layout.channels, layout.patch_size,
-                       layout.channel_stride, layout.row_stride, clusters.offsets[first:last + 1].numpy(),
+                       None if layout.log_multiplicity is None else layout.log_multiplicity.numpy(), layout.channels,
+                       layout.patch_size, layout.channel_stride, layout.row_stride, clusters.offsets[first:last + 1].numpy(),
                        (starts - starts[0]).numpy(), visit_rows[int(starts[0]):int(starts[-1])].numpy(), queries.numpy(),
                        signal / noise_variance * LOG2_E, alpha_bar / (2 * noise_variance) * LOG2_E,
                        *(tensor.numpy() for tensor in state), isa)

@@ -116,7 +116,8 @@ def train_network(run_dir: str | os.PathLike, dataset: Dataset, dataset_spec: st
     config = {
         "network": dataclasses.asdict(network_config),
         "training": dataclasses.asdict(training_config),
-        "dataset": {"spec": portable_spec(dataset_spec), "name": data.name, "num_images": len(data), "fingerprint": data.fingerprint},
+        "dataset": {"spec": portable_spec(dataset_spec), "name": data.name, "num_images": len(data),
+                    "fingerprint": data.fingerprint},
     }
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, global generator left untouched
         torch.manual_seed(training_config.seed)
@@ -252,7 +253,8 @@ def read_config(run_dir: str | os.PathLike) -> dict:
         raise PatchdbError(f"{path} is not a patchdb run's config (it lacks {', '.join(missing)}); "
                            "train again into a new --out folder")
     not_counts = [f"{section}.{key}" for section, key in COUNT_KEYS
-                  if not isinstance(config[section][key], int) or isinstance(config[section][key], bool) or config[section][key] < 1]
+                  if not isinstance(config[section][key], int) or isinstance(config[section][key], bool)
+                     or config[section][key] < 1]
     if not_counts:
         raise PatchdbError(f"{path}: {', '.join(not_counts)} must be positive whole numbers; train again into a new --out folder")
     return config

@@ -189,8 +189,8 @@ def window_posterior(x: torch.Tensor, image_blocks, tasks: torch.Tensor, alpha_b
             if states is None:
                 states = [WindowState.empty(batch, channels, height, width, x.dtype, num_lanes) for _ in range(threads)]
             bounds = [groups * part // threads for part in range(threads + 1)]
-            jobs = [pool.submit(state.fold, queries, lanes.groups(first, stop), tasks, alpha_bar, patch_size, group_offset + first,
-                                provenance)
+            jobs = [pool.submit(state.fold, queries, lanes.groups(first, stop), tasks, alpha_bar, patch_size,
+                                group_offset + first, provenance)
                     for state, first, stop in zip(states, bounds, bounds[1:]) if stop > first]
             for job in jobs:
                 job.result()

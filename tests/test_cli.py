@@ -216,8 +216,10 @@ def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["arguments"]["index"] == str(store) and len(record["index_steps"]) == 3
     for step in record["index_steps"]:
-        assert abs(sum(step["fraction_of_pixels"].values()) - 1) < 1e-9 and set(step["seconds"]) == {"search", "rescore", "estimate", "other"}
-        assert step["estimate_standard_error"] is None and step["deepenings_per_pixel"] == 0  # every entry fit topk: nothing estimated
+        assert (abs(sum(step["fraction_of_pixels"].values()) - 1) < 1e-9
+                and set(step["seconds"]) == {"search", "rescore", "estimate", "other"})
+        # every entry fit topk: nothing estimated
+        assert step["estimate_standard_error"] is None and step["deepenings_per_pixel"] == 0
     assert np.load(out / "paths.npy").shape == (3, 3, 32, 32)
     # steps left to the exact backend (every step here): the exact run's samples, every pixel on the exact path
     left = tmp_path / "left"
@@ -256,5 +258,6 @@ def test_sample_on_the_gpu_gives_the_cpu_batch(batch, data_specs, tmp_path):
     assert exact_record["device"] == torch.cuda.get_device_name()
     assert exact_record["backend"] == ("exact: fused" if fused.available(torch.device("cuda")) else "exact: products")
     np.testing.assert_allclose(np.load(tmp_path / "exact" / "samples.npy"), np.load(batch / "samples.npy"), atol=1e-3)
-    np.testing.assert_allclose(np.load(tmp_path / "indexed-gpu" / "samples.npy"), np.load(tmp_path / "indexed-cpu" / "samples.npy"), atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "indexed-gpu" / "samples.npy"),
+                               np.load(tmp_path / "indexed-cpu" / "samples.npy"), atol=1e-6)
     assert np.array_equal(np.load(tmp_path / "indexed-gpu" / "paths.npy"), np.load(tmp_path / "indexed-cpu" / "paths.npy"))

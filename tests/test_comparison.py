@@ -197,7 +197,8 @@ def test_partly_trained_and_mismatched_runs_are_flagged_before_the_long_work(tmp
         assert result.exit_code == 1 and "name the schedule FILE.json" in result.output, result.output
     assert json.loads((tmp_path / "run" / "config.json").read_text())["training"]["epochs"] == 3
     for arguments, message in ((["--padding", "circular"], "zeros padding, not circular; drop --padding"),
-                               (["--single-step", "--test-dataset", f"file:{tmp_path / 'colour.npz'}"], r"are \(3, \d+, \d+\) but the network was trained on \(1, ")):
+                               (["--single-step", "--test-dataset", f"file:{tmp_path / 'colour.npz'}"],
+                                r"are \(3, \d+, \d+\) but the network was trained on \(1, ")):
         result = runner.invoke(main, ["compare", "--model", str(tmp_path / "run"), "--steps", "2", "--num", "1",
                                       "--out", str(tmp_path / "out"), *arguments])
         assert result.exit_code != 0 and isinstance(result.exception, SystemExit)

@@ -23,7 +23,8 @@ def direct_posterior(queries, keys, values, alpha_bar):
 def accumulate(logits, values, sources, boundaries):
     accumulator = SoftmaxAccumulator(logits.shape[0], values.shape[1], logits.dtype, logits.device)
     for start, stop in zip(boundaries[:-1], boundaries[1:]):
-        accumulator.update(logits[:, start:stop].clone(), lambda weights, rows, v=values[start:stop]: weights @ v, sources[start:stop])
+        accumulator.update(logits[:, start:stop].clone(), lambda weights, rows, v=values[start:stop]: weights @ v,
+                           sources[start:stop])
     return accumulator.summary()
 
 
@@ -65,7 +66,8 @@ def test_logits_in_bits_or_nats_give_the_same_state():
         states.append(accumulator)
     log_weights = logits + log_multiplicity
     for accumulator in states:
-        torch.testing.assert_close(accumulator.running_max + accumulator.normaliser.log(), log_weights.logsumexp(dim=1), rtol=0, atol=1e-12)
+        torch.testing.assert_close(accumulator.running_max + accumulator.normaliser.log(), log_weights.logsumexp(dim=1),
+                                   rtol=0, atol=1e-12)
         weighted = torch.softmax(log_weights, dim=1) @ values
         torch.testing.assert_close(accumulator.weighted_sum / accumulator.normaliser[:, None], weighted, rtol=0, atol=1e-12)
         torch.testing.assert_close(accumulator.best_logit, logits.max(dim=1).values, rtol=0, atol=1e-12)
@@ -223,7 +225,8 @@ def test_logit_floor_does_not_change_the_posterior():
     sources[:, 0] = torch.arange(2000)
     queries = keys[:6] * 0.9 + 0.05 * torch.randn(6, 9, generator=generator, dtype=torch.float64)
     alpha_bar = 0.99
-    summary = ExactBackend(chunk_bytes=1).summarize(queries * math.sqrt(alpha_bar), [PatchDictionary.from_entries(keys, values, sources)], alpha_bar)
+    summary = ExactBackend(chunk_bytes=1).summarize(queries * math.sqrt(alpha_bar),
+                                                    [PatchDictionary.from_entries(keys, values, sources)], alpha_bar)
     mean, best, best_weight = direct_posterior(queries * math.sqrt(alpha_bar), keys, values, alpha_bar)
     logits = -torch.cdist(queries.double(), keys).square() * alpha_bar / (2 * (1 - alpha_bar))
     assert ((logits - logits.max(dim=1, keepdim=True).values) < engine.LOG_WEIGHT_FLOOR).double().mean() > 0.9
@@ -237,12 +240,15 @@ def test_block_pruning_gives_the_dense_posterior_and_skips_work(alpha_bar, monke
     """Sorted, bounded blocks (EntryBlocks) must not change the posterior; at low noise they must skip entries."""
     generator = torch.Generator().manual_seed(7)
     # clusters spread along two directions, as patches spread mostly along their top principal components
-    centres = torch.randn(40, 2, generator=generator, dtype=torch.float64) @ torch.randn(2, 9, generator=generator, dtype=torch.float64) * 3
-    keys = (centres[torch.randint(40, (6000,), generator=generator)] + 0.1 * torch.randn(6000, 9, generator=generator, dtype=torch.float64))
+    centres = (torch.randn(40, 2, generator=generator, dtype=torch.float64)
+               @ torch.randn(2, 9, generator=generator, dtype=torch.float64) * 3)
+    keys = (centres[torch.randint(40, (6000,), generator=generator)]
+            + 0.1 * torch.randn(6000, 9, generator=generator, dtype=torch.float64))
     keys[:500] = keys[500:1000]  # duplicates, merged with multiplicities
     values = keys[:, 4:5]
     sources = torch.stack([torch.arange(6000), torch.zeros(6000, dtype=torch.int64), torch.zeros(6000, dtype=torch.int64)], dim=1)
-    queries = math.sqrt(alpha_bar) * keys[torch.randint(6000, (50,), generator=generator)] + math.sqrt(1 - alpha_bar) * torch.randn(50, 9, generator=generator, dtype=torch.float64)
+    queries = (math.sqrt(alpha_bar) * keys[torch.randint(6000, (50,), generator=generator)]
+               + math.sqrt(1 - alpha_bar) * torch.randn(50, 9, generator=generator, dtype=torch.float64))
     dense = ExactBackend(block_pruning=False).summarize(queries, [PatchDictionary.from_entries(keys, values, sources)], alpha_bar)
 
     computed = []
@@ -274,7 +280,8 @@ def test_block_pruning_counts_every_entry_of_a_short_last_seed_block(monkeypatch
     block_size, num_entries = 1024, 3 * 1024 + 21  # the last block holds 21 entries; its last 3 are no seed entries
     keys = torch.randn(num_entries, 6, generator=generator, dtype=torch.float64)
     keys[-21:, :2] += 20.0  # the last block lies apart along the bounds' directions
-    sources = torch.stack([torch.arange(num_entries), torch.zeros(num_entries, dtype=torch.int64), torch.zeros(num_entries, dtype=torch.int64)], dim=1)
+    sources = torch.stack([torch.arange(num_entries), torch.zeros(num_entries, dtype=torch.int64),
+                           torch.zeros(num_entries, dtype=torch.int64)], dim=1)
     dictionary = PatchDictionary.from_entries(keys, keys[:, :1], sources)
     directions = torch.eye(6, 2, dtype=torch.float64)
     block = torch.arange(num_entries) // block_size

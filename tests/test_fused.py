@@ -25,7 +25,8 @@ GPU = torch.cuda.is_available() and HAS_TRITON
 
 
 def direct_posterior(queries, keys, log_multiplicity, values, alpha_bar):
-    """Softmax over -||q - sqrt(alpha_bar) k||^2 / (2 beta) + log m, float64, in one piece: (mean, argmax, max weight of one copy)."""
+    """Softmax over -||q - sqrt(alpha_bar) k||^2 / (2 beta) + log m, float64, in one piece: (mean, argmax, max weight
+    of one copy)."""
     logits = -torch.cdist(queries.double(), math.sqrt(alpha_bar) * keys.double()).square() / (2 * (1 - alpha_bar))
     weights = torch.softmax(logits + log_multiplicity.double(), dim=1)
     copy_weights = weights / log_multiplicity.double().exp()
@@ -57,14 +58,16 @@ def check_fused_agrees(device: str) -> None:
         dictionary = PatchDictionary.from_entries(keys.to(device), values.to(device), sources.to(device))
         assert dictionary.merged == (kind == "few values"), name
         picks = torch.randint(0, num_entries, (num_queries,), generator=generator)
-        queries = math.sqrt(alpha_bar) * keys[picks] + math.sqrt(1 - alpha_bar) * torch.randn(num_queries, dim, generator=generator)
+        queries = (math.sqrt(alpha_bar) * keys[picks]
+                   + math.sqrt(1 - alpha_bar) * torch.randn(num_queries, dim, generator=generator))
         float_keys = dictionary.keys.cpu()
         accumulator = SoftmaxAccumulator(num_queries, channels, torch.float32, torch.device(device))
         ExactBackend(method="fused").fold(accumulator, queries.to(device), dictionary, alpha_bar)
         assert isinstance(dictionary.keys, fused.FusedKeys) and dictionary.keys.split == (kind == "gaussian"), name
         assert len(dictionary) == num_entries if kind != "few values" else len(dictionary) < num_entries, name
         got = accumulator.summary()
-        mean, best, best_weight = direct_posterior(queries, float_keys, dictionary.log_multiplicity.cpu(), dictionary.values.cpu(), alpha_bar)
+        mean, best, best_weight = direct_posterior(queries, float_keys,
+                                                   dictionary.log_multiplicity.cpu(), dictionary.values.cpu(), alpha_bar)
         assert torch.allclose(got.mean.cpu().double(), mean, atol=2e-5), name
         assert torch.equal(got.best_source[:, 0].cpu(), dictionary.sources[best.to(device), 0].cpu()), name
         assert torch.allclose(got.best_weight.cpu().double(), best_weight, atol=2e-5), name
@@ -77,7 +80,8 @@ def test_fused_method_equals_the_direct_posterior():
         return
     environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     script = "import tests.test_fused as t; t.check_fused_agrees('cpu')"
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", script],
+                            cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -95,7 +99,8 @@ def test_auto_method_fuses_only_on_a_gpu_in_float32():
     dictionary = PatchDictionary.from_entries(keys, keys[:, :1], torch.zeros(10, 3, dtype=torch.int64))
     assert not ExactBackend().fuses(torch.randn(2, 4), dictionary)
     if GPU:
-        on_gpu = PatchDictionary.from_entries(keys.cuda(), keys[:, :1].cuda(), torch.zeros(10, 3, dtype=torch.int64, device="cuda"))
+        on_gpu = PatchDictionary.from_entries(keys.cuda(), keys[:, :1].cuda(),
+                                              torch.zeros(10, 3, dtype=torch.int64, device="cuda"))
         assert ExactBackend().fuses(torch.randn(2, 4, device="cuda"), on_gpu)
         assert not ExactBackend().fuses(torch.randn(2, 4, device="cuda", dtype=torch.float64), on_gpu)
         assert not ExactBackend(method="products").fuses(torch.randn(2, 4, device="cuda"), on_gpu)
@@ -110,7 +115,8 @@ def test_lattice_keys_are_exact_in_float16():
     queries = torch.randn(7, 9)
     halves = operand.queries(queries)
     assert halves.shape == (2, 7, 32)
-    assert torch.allclose(halves[0, :, :9].double() + halves[1, :, :9].double(), queries.double(), rtol=2**-21, atol=2**-24)  # float16 subnormals: absolute 2^-25
+    assert torch.allclose(halves[0, :, :9].double() + halves[1, :, :9].double(), queries.double(),
+                          rtol=2**-21, atol=2**-24)  # float16 subnormals: absolute 2^-25
 
 
 @pytest.mark.parametrize("kind", ["lattice", "gaussian"])

@@ -68,7 +68,8 @@ def test_cluster_mass_bounds_hold_for_every_cluster(indexed, alpha_bar):
     entries, clusters = indexed.entries, indexed.clusters
     _, mass_bounds = clusters.search(queries, alpha_bar)
     signal, noise_variance = math.sqrt(alpha_bar), 1 - alpha_bar
-    logits = (signal * queries @ entries.keys.T - alpha_bar / 2 * entries.squared_norms) / noise_variance + entries.log_multiplicity
+    logits = ((signal * queries @ entries.keys.T - alpha_bar / 2 * entries.squared_norms) / noise_variance
+              + entries.log_multiplicity)
     member = torch.repeat_interleave(torch.arange(len(clusters)), clusters.sizes)
     true_mass = torch.full((queries.shape[0], len(clusters)), -math.inf, dtype=torch.float64)
     for cluster in range(len(clusters)):
@@ -106,7 +107,8 @@ def test_patch_counts_number_the_patches_as_the_cumulative_counts_do(merged_at, 
     assert torch.equal(counts.entries_of(patches), torch.searchsorted(cumulative, patches, right=True))
     assert torch.equal(counts.multiplicity_of(torch.arange(20)), multiplicity.long())
     offsets = torch.tensor([0, 1, 6, 7, 20])
-    assert torch.equal(counts.cluster_patches(offsets), torch.stack([part.sum() for part in multiplicity.long().split(offsets.diff().tolist())]))
+    assert torch.equal(counts.cluster_patches(offsets),
+                       torch.stack([part.sum() for part in multiplicity.long().split(offsets.diff().tolist())]))
 
 
 def test_clustering_keeps_every_entry_once(dictionary, indexed):
@@ -197,7 +199,8 @@ def test_estimator_is_close_and_auto_falls_back_to_exact(dictionary, indexed):
     alpha_bar = 0.3  # broad posteriors: nothing certified with 64 entries
     queries = noisy_queries(dictionary, alpha_bar)
     exact = exact_mean(queries, dictionary, alpha_bar)
-    estimated, path = topk_fold(TopKBackend(topk=64, tol=1e-6, fallback="estimate", estimate_samples=512), queries, indexed, alpha_bar)
+    estimated, path = topk_fold(TopKBackend(topk=64, tol=1e-6, fallback="estimate", estimate_samples=512),
+                                queries, indexed, alpha_bar)
     assert (path == PATHS.index("estimated")).all()
     assert (estimated - exact).abs().median() < 0.05
     strict, path = topk_fold(TopKBackend(topk=64, tol=1e-6, fallback="auto", estimate_samples=512, estimate_error=1e-4),
@@ -292,7 +295,8 @@ def assert_scoring_equals_runs(scoring: str, queries, indexed, fallback: str, al
 
 
 def test_auto_topk_is_a_number_of_mean_clusters_with_a_floor(dictionary, indexed, monkeypatch):
-    """topk None visits AUTO_TOPK_CLUSTERS mean clusters' worth of entries (about 6 x 32 here), but never fewer than MIN_AUTO_TOPK."""
+    """topk None visits AUTO_TOPK_CLUSTERS mean clusters' worth of entries (about 6 x 32 here), but never fewer than
+    MIN_AUTO_TOPK."""
     alpha_bar = 0.3
     queries = noisy_queries(dictionary, alpha_bar)
     options = {"tol": 1e-6, "fallback": "none"}
@@ -429,24 +433,26 @@ def test_compiled_kernel_refuses_buffers_and_visits_that_do_not_fit(indexed32, d
         if visit_starts is None:
             visit_starts = torch.zeros(len(clusters) + 1, dtype=torch.int64)
             visit_starts[1:] = len(visit_rows)
-        _clusters.fold(layout.buffer.numpy(), starts.numpy(), layout.squared_norms.numpy(), None, 1, patch_size, layout.channel_stride, layout.row_stride,
-                       offsets.numpy(), visit_starts.numpy(), visit_rows.numpy(), queries.numpy(), 1.0, 0.5,
-                       *(part.numpy() for part in state))
+        _clusters.fold(layout.buffer.numpy(), starts.numpy(), layout.squared_norms.numpy(), None, 1, patch_size,
+                       layout.channel_stride, layout.row_stride, offsets.numpy(), visit_starts.numpy(), visit_rows.numpy(),
+                       queries.numpy(), 1.0, 0.5, *(part.numpy() for part in state))
 
     fold()  # as given, it folds
     with pytest.raises(ValueError, match="not one this processor runs"):
-        _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(), None, 1, 3, layout.channel_stride,
-                       layout.row_stride, clusters.offsets.numpy(), torch.zeros(len(clusters) + 1, dtype=torch.int64).numpy(),
-                       torch.zeros(0, dtype=torch.int64).numpy(), queries.numpy(), 1.0, 0.5, *(part.numpy() for part in state),
-                       "sse1")
+        _clusters.fold(layout.buffer.numpy(), layout.starts.numpy(), layout.squared_norms.numpy(), None, 1, 3,
+                       layout.channel_stride, layout.row_stride, clusters.offsets.numpy(),
+                       torch.zeros(len(clusters) + 1, dtype=torch.int64).numpy(), torch.zeros(0, dtype=torch.int64).numpy(),
+                       queries.numpy(), 1.0, 0.5, *(part.numpy() for part in state), "sse1")
     assert torch.isfinite(state[0][[0, 3]]).all() and torch.isinf(state[0][[1, 2]]).all()
     # only cluster 0 is visited: a patch out of the buffer in cluster 1 is never read, one in cluster 0 is refused
     assert len(clusters) > 1
     unread_starts, bad_starts = layout.starts.clone(), layout.starts.clone()
     unread_starts[clusters.offsets[1]] = bad_starts[clusters.offsets[1] - 1] = layout.buffer.numel() - 2
     fold(starts=unread_starts)
-    for arguments, message in (({"starts": bad_starts}, "leaves the patches buffer"), ({"visit_rows": torch.tensor([0, 4])}, "not a query row"),
-                               ({"offsets": clusters.offsets.flip(0)}, "must not decrease"), ({"offsets": clusters.offsets + 1}, "span the entries"),
+    for arguments, message in (({"starts": bad_starts}, "leaves the patches buffer"),
+                               ({"visit_rows": torch.tensor([0, 4])}, "not a query row"),
+                               ({"offsets": clusters.offsets.flip(0)}, "must not decrease"),
+                               ({"offsets": clusters.offsets + 1}, "span the entries"),
                                ({"patch_size": 5}, "odd P")):
         with pytest.raises(ValueError, match=message):
             fold(**arguments)

@@ -177,7 +177,8 @@ def test_patches_that_see_the_whole_image_give_the_ideal_machine(name, unlabelle
     assert max(smaller_gaps) > 1e-3
     noise = torch.randn(2, 1, side, side, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     num_steps = 5
-    torch.testing.assert_close(sample_ddim(patch, noise, machine_steps(num_steps), num_steps, [2 * side - 1] * num_steps, disable=True),
+    torch.testing.assert_close(sample_ddim(patch, noise, machine_steps(num_steps), num_steps,
+                                           [2 * side - 1] * num_steps, disable=True),
                                sample_ddim(ideal, noise, machine_steps(num_steps), num_steps, disable=True), rtol=0, atol=1e-6)
 
 
@@ -189,7 +190,8 @@ def test_circular_els_is_translation_equivariant(unlabelled_dataset):
     scales = [3, 3, 3, 5, 5, 5, 7, 7, 7, 7]
     for name in ("els", "bbels"):
         machine = make_machine(name, dataset, dtype=torch.float64)
-        score_gap = (torch.roll(machine(noise, 0.5, patch_size=5), shift, dims=(2, 3)) - machine(shifted, 0.5, patch_size=5)).abs().max()
+        score_gap = (torch.roll(machine(noise, 0.5, patch_size=5), shift, dims=(2, 3))
+                     - machine(shifted, 0.5, patch_size=5)).abs().max()
         samples = sample_ddim(machine, noise, machine_steps(10), 10, scales, disable=True)
         shifted_samples = sample_ddim(machine, shifted, machine_steps(10), 10, scales, disable=True)
         sample_gap = (torch.roll(samples, shift, dims=(2, 3)) - shifted_samples).abs().max()
@@ -258,7 +260,8 @@ def test_sampling_ends_on_a_locally_consistent_patch_mosaic(name, num_steps, min
             for c in range(8):
                 n, sr, sc = posterior.source[b, r, c].tolist()
                 _, nearest_distance = reference.nearest_patch(name, query, patches, patch_size, r, c)
-                distance = reference.squared_distance(reference.patch(query, r, c, patch_size, name == "els"), patches[(n, sr, sc)])
+                distance = reference.squared_distance(reference.patch(query, r, c, patch_size, name == "els"),
+                                                      patches[(n, sr, sc)])
                 assert distance <= nearest_distance + slack, f"source of pixel {(r, c)} is not the nearest patch"
                 assert abs(samples[b, 0, r, c].item() - train[n, 0, sr, sc]) <= 2 * (1 - posterior.weight[b, r, c].item()) + 1e-9
                 (n, sr, sc), _ = reference.nearest_patch(name, samples[b].numpy(), patches, patch_size, r, c)
@@ -371,16 +374,19 @@ def test_regions_serve_large_patches_only():
     corners = next(group for group in dictionary_groups("bbels", 17, 32, 32) if group.same_location)
     regions, embedding, tiles = patchdb.patches.same_location_regions(images, corners.key_pixels, 17, "zeros")
     assert len(tiles) == 4 and regions.shape == (2, 4 * 24 * 24) and embedding.shape == (256, 289)
-    assert patchdb.patches.same_location_regions(images, torch.arange(1024), 3, "zeros") is None  # 10 x 10 regions for 3 x 3 patches
+    # 10 x 10 regions for 3 x 3 patches
+    assert patchdb.patches.same_location_regions(images, torch.arange(1024), 3, "zeros") is None
 
 
-@pytest.mark.parametrize("name, patch_size, dtype, as_regions", [("ls", 3, torch.float32, False), ("bbels", 5, torch.float32, True),
+@pytest.mark.parametrize("name, patch_size, dtype, as_regions", [("ls", 3, torch.float32, False),
+                                                                 ("bbels", 5, torch.float32, True),
                                                                  ("bbels", 17, torch.float64, True)])
 def test_extracted_bytes_per_image_are_the_dictionaries_bytes(name, patch_size, dtype, as_regions):
     """The machine caches extracted dictionaries by this estimate: it must be their size, whether their same-location
     patches are copied (LS at P = 3) or kept as regions (the bbELS corners), not the copied patches' size regardless."""
     images = torch.rand(6, 2, 32, 32, generator=torch.Generator().manual_seed(0))  # no duplicates to merge
-    machine = make_machine(name, make_dataset(images, torch.zeros(6, dtype=torch.int64), "bytes"), dtype=dtype, merge_duplicates=False)
+    machine = make_machine(name, make_dataset(images, torch.zeros(6, dtype=torch.int64), "bytes"), dtype=dtype,
+                           merge_duplicates=False)
     groups = dictionary_groups(name, patch_size, 32, 32)
     dictionaries = next(machine._extract_blocks(machine.images, patch_size, groups, 6))
     for group, dictionary in zip(groups, dictionaries):
@@ -406,7 +412,8 @@ def test_gathered_patches_equal_the_padded_image_blocks(padding):
     sources = torch.stack([torch.randint(2, (40,), generator=generator), torch.randint(height, (40,), generator=generator),
                            torch.randint(width, (40,), generator=generator)], dim=1)
     windows = patch_windows(images, size, padding)[1:]
-    expected = torch.stack([padded[1 + n, :, row:row + size, column:column + size].reshape(-1) for n, row, column in sources.tolist()])
+    expected = torch.stack([padded[1 + n, :, row:row + size, column:column + size].reshape(-1)
+                            for n, row, column in sources.tolist()])
     assert torch.equal(gather_sources(windows, sources), expected)
 
 
@@ -424,5 +431,6 @@ def test_machines_on_the_gpu_equal_the_cpu(name, patch_size, streamed, labelled_
             expected, got = cpu.posterior(x, t, labels, patch_size), gpu.posterior(x.cuda(), t, labels, patch_size)
             assert got.mean.is_cuda
             torch.testing.assert_close(got.mean.cpu(), expected.mean, rtol=0, atol=1e-9)
-            assert torch.equal(source_values(got.source.cpu(), labelled_dataset), source_values(expected.source, labelled_dataset))
+            assert torch.equal(source_values(got.source.cpu(), labelled_dataset),
+                               source_values(expected.source, labelled_dataset))
             torch.testing.assert_close(got.weight.cpu(), expected.weight, rtol=0, atol=1e-9)

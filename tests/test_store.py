@@ -110,7 +110,8 @@ def test_dictionaries_read_in_place_count_each_clusters_stored_patches(dataset, 
     assert torch.allclose(interior.clusters.log_mass, per_cluster.float().log())
     cumulative = multiplicity.long().cumsum(0)
     assert interior.patch_counts.total == int(cumulative[-1])
-    assert torch.equal(interior.patch_counts.through(torch.arange(-1, len(multiplicity))), torch.cat([torch.zeros(1).long(), cumulative]))
+    assert torch.equal(interior.patch_counts.through(torch.arange(-1, len(multiplicity))),
+                       torch.cat([torch.zeros(1).long(), cumulative]))
     rows = torch.tensor([0, len(sources) // 2, len(sources) - 1])
     taken = interior.entries.take(rows)
     assert taken.sources.dtype == torch.int64 and torch.equal(taken.sources, sources[rows].long())
@@ -279,7 +280,8 @@ def test_indexed_machine_on_the_gpu_equals_the_cpu(dataset, store, fallback):
     for t in (0.3, 0.9):
         x = noisy_batch(dataset, t, seed=0)
         cpu = make_machine("bbels", dataset, dtype=torch.float64, store=store, backend=TopKBackend(**backend_options))
-        gpu = make_machine("bbels", dataset, dtype=torch.float64, store=store, device="cuda", backend=TopKBackend(**backend_options))
+        gpu = make_machine("bbels", dataset, dtype=torch.float64, store=store, device="cuda",
+                           backend=TopKBackend(**backend_options))
         expected, got = cpu.posterior(x, t, None, 3), gpu.posterior(x, t, None, 3)
         torch.testing.assert_close(got.mean.cpu(), expected.mean, rtol=0, atol=1e-9)
         assert torch.equal(got.path.cpu(), expected.path)
@@ -308,7 +310,8 @@ def test_run_records_count_each_pixel_once_when_a_dictionary_comes_in_blocks(dat
     noise = torch.randn(2, *dataset.images.shape[1:], generator=torch.Generator().manual_seed(4))
     generation = generate(machine, noise, [3, 3, 5], 3, progress=False)
     for step, path in zip(index_steps(generation, machine_steps(3), [3, 3, 5], 3), generation.paths):
-        assert step["fraction_of_pixels"] == {PATHS[code]: int((path == code).sum()) / path.numel() for code in path.unique().tolist()}
+        assert step["fraction_of_pixels"] == {PATHS[code]: int((path == code).sum()) / path.numel()
+                                              for code in path.unique().tolist()}
         assert "exact" in step["fraction_of_pixels"]  # the corners
 
 
@@ -347,7 +350,8 @@ def test_gathered_patch_layout_fills_a_cluster_where_its_patches_lie_when_first_
     monkeypatch.setattr(patchdb.index, "THREAD_FILL_ENTRIES", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     fill, filled = patchdb.topk._clusters.fill, []
-    monkeypatch.setattr(patchdb.topk._clusters, "fill", lambda *arguments: filled.append(arguments[6].tolist()) or fill(*arguments))
+    monkeypatch.setattr(patchdb.topk._clusters, "fill",
+                        lambda *arguments: filled.append(arguments[6].tolist()) or fill(*arguments))
     groups = dictionary_groups("bbels", 3, 10, 10)
     loaded = store.dictionaries(3, None, groups, dataset.images.float(), memory_budget=0)
     interior = loaded[[group.boundary_class for group in groups].index("interior")]
@@ -359,7 +363,8 @@ def test_gathered_patch_layout_fills_a_cluster_where_its_patches_lie_when_first_
     entries = torch.cat([torch.arange(offsets[0], offsets[1]), torch.arange(offsets[2], offsets[3])])
     expected = interior.entries.take(entries)
     size, channels = layout.patch_size, layout.channels
-    pixel_offsets = (torch.arange(channels)[:, None, None] * layout.channel_stride + torch.arange(size)[:, None] * layout.row_stride
+    pixel_offsets = (torch.arange(channels)[:, None, None] * layout.channel_stride
+                     + torch.arange(size)[:, None] * layout.row_stride
                      + torch.arange(size)).reshape(-1)
     torch.testing.assert_close(layout.buffer[layout.starts[entries, None] + pixel_offsets], expected.keys, rtol=0, atol=0)
     torch.testing.assert_close(layout.squared_norms[entries], expected.squared_norms, rtol=0, atol=0)

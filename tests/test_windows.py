@@ -181,7 +181,8 @@ def test_state_means_what_the_kernel_documents():
     keys = grouped.images[0, 1:4, 1:4, 0].permute(2, 0, 1).reshape(lanes(torch.float64), -1)
     logits = 1.0 * keys @ query - 0.5 * keys.square().sum(dim=1)  # c1 = 1, c2 = 0.5
     torch.testing.assert_close(state.best[0, 6, 6], logits, rtol=0, atol=1e-12)
-    torch.testing.assert_close(state.normaliser[0, 6, 6] * torch.exp2(state.shift[0, 6, 6]), torch.exp2(logits), rtol=1e-14, atol=0)
+    torch.testing.assert_close(state.normaliser[0, 6, 6] * torch.exp2(state.shift[0, 6, 6]), torch.exp2(logits),
+                               rtol=1e-14, atol=0)
     torch.testing.assert_close(state.weighted[0, 6, 6, 0] * torch.exp2(state.shift[0, 6, 6]), torch.exp2(logits) * keys[:, 4],
                                rtol=1e-14, atol=0)
     untouched = torch.ones(8, 8, dtype=torch.bool)
