@@ -3,10 +3,8 @@ pixel with exactly its dictionary, it equals the matrix-product method on inputs
 for (several channels, non-square images, batches, threads, streamed images), and bad input or a missing kernel
 is a clear error."""
 
-import math
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
