@@ -152,7 +152,8 @@ class SoftmaxAccumulator:
             # Rows for which every entry of this chunk weighs < e^-60 of the row's maximum (or that it leaves out: logits
             # of -inf) keep their state: the mass skipped is below 1e-26 per entry (the engine's only truncation).
             kept = torch.nonzero(live).squeeze(1)
-            self._fold_rows(kept if rows is None else rows[kept], logits[kept], new_max[kept], contract)
+            if kept.numel():  # contract need not take zero rows (an FFT of none fails)
+                self._fold_rows(kept if rows is None else rows[kept], logits[kept], new_max[kept], contract)
             return
         self._fold_rows(state_rows, logits, new_max, contract)
 
