@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import DEVICE, SEEDS, machine_data_options, warn_if_unfinished
+from cli.options import DEVICE, SAMPLE_COUNTS, SEEDS, STEPS, machine_data_options, warn_if_unfinished
 from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run
 from patchdb.patches import PATCH_MACHINES
 from patchdb.scales import parse_size_list
@@ -16,9 +16,9 @@ from patchdb.scales import parse_size_list
 @click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels",
               help="Patch machine whose scale is calibrated (IS and ES have none).")
 @click.option("--candidates", default="3,5,...,17", help="Candidate patch sizes: '3,5,7' or '3,5,...,17'.")
-@click.option("--samples", type=click.IntRange(min=1), default=10, help="Reverse trajectories (noise seeds) to follow.")
+@click.option("--samples", type=SAMPLE_COUNTS, default=10, help="Reverse trajectories (noise seeds) to follow.")
 @click.option("--metric", type=click.Choice(METRICS), default="cos", help="Score agreement: cosine similarity or L2 distance.")
-@click.option("--steps", "num_steps", type=click.IntRange(min=2), default=20, help="Sampling steps n.")
+@click.option("--steps", "num_steps", type=STEPS, default=20, help="Sampling steps n.")
 @click.option("--seed", type=SEEDS, default=DEFAULT_SEED,
               help="Sample k's noise (and label) come from seed + k; the default stays clear of compare's seeds.")
 @machine_data_options

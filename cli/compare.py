@@ -5,7 +5,7 @@ import sys
 import click
 
 from cli.calibrate import gib_to_bytes
-from cli.options import DEVICE, OUTPUT_FOLDER, SEEDS, machine_data_options, warn_if_unfinished
+from cli.options import DEVICE, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, machine_data_options, warn_if_unfinished
 from patchdb.comparison import comparison_scales, resolve_model, run_comparison
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES
@@ -28,8 +28,8 @@ from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
 @click.option("--scales", "scale_spec", default=None,
               show_default="calibrated:RUN_DIR (calibrated first if missing; none for is|es)",
               help=f"Scale schedule: {SCALE_SPEC_HELP}.")
-@click.option("--steps", "num_steps", type=click.IntRange(min=2), default=20, help="Sampling steps n.")
-@click.option("--num", type=click.IntRange(min=1), default=100, help="Number of seeds (samples).")
+@click.option("--steps", "num_steps", type=STEPS, default=20, help="Sampling steps n.")
+@click.option("--num", type=SAMPLE_COUNTS, default=100, help="Number of seeds (samples).")
 @click.option("--seed", type=SEEDS, default=0, help="Sample k uses noise (and label) from seed + k.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=10, help="Samples generated together.")
 @click.option("--single-step", is_flag=True, help="Also compare scores on the same noised held-out images at each t.")

@@ -6,10 +6,16 @@ from pathlib import Path
 import click
 
 from patchdb.engine import DEFAULT_MEMORY_BUDGET
-from patchdb.generate import DEVICES
+from patchdb.generate import DEVICES, MAX_SAMPLES
+from patchdb.schedule import MAX_STEPS
+from patchdb.topk import MAX_TOPK
 from patchdb.training import training_progress
 
 SEEDS = click.IntRange(min=0, max=2**62)
+STEPS = click.IntRange(min=2, max=MAX_STEPS)
+"""--steps: the sampler's number of steps n."""
+SAMPLE_COUNTS = click.IntRange(min=1, max=MAX_SAMPLES)
+"""--num, --samples: how many seeds a run samples."""
 """--seed: sample k's generator is seeded with seed + k, which torch takes up to 2^63 - 1."""
 
 
@@ -83,4 +89,6 @@ class TopK(click.ParamType):
                 self.fail(f"{value!r} is neither 'auto' nor a whole number", param, ctx)
         if number < 1:
             self.fail(f"{number} is not a positive number of entries", param, ctx)
+        if number > MAX_TOPK:
+            self.fail(f"{number} is more entries than any dictionary holds (at most {MAX_TOPK}, 2^40)", param, ctx)
         return number

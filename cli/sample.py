@@ -4,14 +4,15 @@ from pathlib import Path
 
 import click
 
-from cli.options import DATA_DIR, DEVICE, MAX_MEMORY_GIB, OUTPUT_FOLDER, SEEDS, TopK, finite
+from cli.options import DATA_DIR, DEVICE, MAX_MEMORY_GIB, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, TopK, finite
 from patchdb.data import MAX_CLASSES
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
 from patchdb.machines import MACHINES
 from patchdb.scales import SCALE_SPEC_HELP
 from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS, DEFAULT_ESTIMATE_ERROR,
-                          DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, FALLBACKS, MIN_AUTO_TOPK)
+                          DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, FALLBACKS, MAX_ESTIMATE_SAMPLES,
+                          MIN_AUTO_TOPK)
 
 
 @click.command("sample")
@@ -21,8 +22,8 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
 @click.option("--machine", type=click.Choice(MACHINES), default="bbels",
               help="is: ideal, es: equivariant, ls: local, els: equivariant local, bbels: boundary-broken ELS.")
 @click.option("--scales", default=DEFAULT_SCALES, help=f"Patch size per step: {SCALE_SPEC_HELP}.")
-@click.option("--steps", type=click.IntRange(min=2), default=20, help="Sampling steps n (the schedule's length).")
-@click.option("--num", type=click.IntRange(min=1), default=None,
+@click.option("--steps", type=STEPS, default=20, help="Sampling steps n (the schedule's length).")
+@click.option("--num", type=SAMPLE_COUNTS, default=None,
               show_default=f"{DEFAULT_NUM}, or the N of --noise", help="Number of samples N.")
 @click.option("--seed", type=SEEDS, default=0,
               help="Sample k's noise (and --conditional label) come from seed + k: regenerate it alone with --seed S+k --num 1.")
@@ -54,9 +55,9 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
               help="With --index, for pixels the certificate does not cover: estimate (nearest clusters + reweighted uniform "
                    "sample of the rest; more clusters where its standard error exceeds --estimate-error), auto (as estimate, "
                    "then exact where the error still exceeds it), exact, none (truncated softmax).")
-@click.option("--estimate-samples", type=click.IntRange(min=1), default=DEFAULT_ESTIMATE_SAMPLES,
+@click.option("--estimate-samples", type=click.IntRange(min=1, max=MAX_ESTIMATE_SAMPLES), default=DEFAULT_ESTIMATE_SAMPLES,
               help="With --index: patches in the estimator's uniform sample of the dictionary.")
-@click.option("--estimate-error", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_ESTIMATE_ERROR,
+@click.option("--estimate-error", type=click.FloatRange(min=0, min_open=True), callback=finite, default=DEFAULT_ESTIMATE_ERROR,
               help="With --index: largest standard error (pixel units, images in [-1, 1]) of an estimated posterior mean "
                    f"before the pixel visits more clusters ({DEEPENING_FACTOR} times as many entries, "
                    f"at most {DEEPENING_ROUNDS} times).")

@@ -45,7 +45,7 @@ from patchdb.patches import PATCH_MACHINES
 from patchdb.plots import image_grid_figure, provenance_figure
 from patchdb.sampler import sample_ddim
 from patchdb.scales import check_scale_spec, parse_scales
-from patchdb.schedule import full_steps, machine_steps
+from patchdb.schedule import MAX_STEPS, full_steps, machine_steps
 from patchdb.store import PatchStore
 from patchdb.topk import (DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, PATHS,
                           TopKBackend)
@@ -57,6 +57,8 @@ DEVICES = ("cpu", "cuda")
 GIB = 1024**3
 DEFAULT_NUM = 8
 """Samples drawn when neither --num nor --noise says how many."""
+MAX_SAMPLES = 100_000
+"""The most samples one run draws (their noise alone: 1.6 GB of 64 x 64 colour images); more come from later seeds."""
 MAX_NOISE_MAGNITUDE = 1e3  # 1,000 standard deviations: no draw of N(0, 1) comes near it; 1e6 already costs float32 digits
 
 
@@ -123,6 +125,8 @@ def seeded_inputs(seed: int, count: int, image_shape: tuple[int, ...],
     classes: the labels to draw from, (K,), or an int K for 0..K-1. Sample k draws its noise, then
     its label (uniform over classes), from generator seed + k, so it can be regenerated alone.
     """
+    if not 1 <= count <= MAX_SAMPLES:
+        raise PatchdbError(f"{count} samples asked for; one run draws 1..{MAX_SAMPLES} (run more with later seeds)")
     if isinstance(classes, int):
         classes = torch.arange(classes)
     noise = torch.empty(count, *image_shape)
@@ -276,20 +280,23 @@ def _check_config(config: SampleConfig) -> None:
         raise PatchdbError(f"unknown device {config.device!r}; choose one of {', '.join(DEVICES)}")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise PatchdbError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    defaults = {field.name: field.default for field in fields(SampleConfig)}
     if config.label is not None and config.conditional:
         raise PatchdbError("--label L and --conditional exclude each other: give one class for all samples, "
                            "or draw one per sample")
-    if config.num is not None and config.num < 1:
-        raise PatchdbError(f"--num must be at least 1, got {config.num}")
-    if config.steps < 2:
-        raise PatchdbError(f"--steps must be at least 2, got {config.steps}")
+    if config.num is not None and not 1 <= config.num <= MAX_SAMPLES:
+        raise PatchdbError(f"--num must lie in 1..{MAX_SAMPLES}, got {config.num}; run more with later --seed")
+    if not 2 <= config.steps <= MAX_STEPS:
+        raise PatchdbError(f"--steps must lie in 2..{MAX_STEPS}, got {config.steps}")
     check_exact_method(config.exact_method)
+    if config.machine not in PATCH_MACHINES and config.exact_method != defaults["exact_method"]:
+        raise PatchdbError(f"--exact-method chooses how patches are scored, and the {config.machine} machine scores whole "
+                           "images (matrix products, or FFT correlations for es): drop --exact-method")
     if config.exact_method == "fused" and not fused.available(torch.device(config.device)):
         raise PatchdbError("--exact-method fused needs --device cuda, a CUDA GPU and Triton (which torch's CUDA builds bring); "
                            "choose --exact-method auto or products")
     if config.memory_budget_gib <= 0:
         raise PatchdbError(f"--memory-budget must be positive, got {config.memory_budget_gib} GiB")
-    defaults = {field.name: field.default for field in fields(SampleConfig)}
     if config.scales != defaults["scales"]:  # the default is no choice: IS and ES run with it
         check_scale_spec(config.machine, config.scales)
     if config.noise is not None and not config.conditional and config.index is None and config.seed != defaults["seed"]:

@@ -10,6 +10,8 @@ import torch
 
 COSINE_OFFSET = 1.008
 """The schedule's stretch: alpha_bar(t) = cos(t / 1.008 * pi / 2)^2 (the authors' "legacy" cosine)."""
+MAX_STEPS = 10_000
+"""The longest reverse grid taken: ten times a 1,000-step DDPM chain (the paper samples in 20)."""
 
 
 def alpha_bar(t: float) -> float:
@@ -45,8 +47,8 @@ def full_steps(num_steps: int) -> list[int]:
 
 
 def _check_num_steps(num_steps: int) -> None:
-    if num_steps < 2:
-        raise ValueError(f"the sampler needs at least 2 steps, got {num_steps}")
+    if not 2 <= num_steps <= MAX_STEPS:
+        raise ValueError(f"the sampler takes 2..{MAX_STEPS} steps, got {num_steps}")
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: float, t_prev: float) -> torch.Tensor:

@@ -81,6 +81,14 @@ DEFAULT_ESTIMATE_ERROR = 0.02
 standard error in pixel units (images in [-1, 1]): a typical pixel's estimate, with 4,096 samples, is
 off by 0.01 or less, and a fifth to a third of the pixels exceed 0.02 in the middle of the trajectory."""
 
+MAX_TOPK = 2**40
+"""More entries than any dictionary holds (60,000 images give some 10^8): larger counts would overflow the searches' integers."""
+MAX_ESTIMATE_SAMPLES = 2**20
+"""256 times the default: the draws' patches are copied once per fold (1.2 GB at this many for P = 17)."""
+ESTIMATE_LOGIT_BYTES = 2**30
+"""The estimator's logits of a block of rows against all its draws take at most this many bytes (at the default draws
+no fold of up to 65,536 pixels is split)."""
+
 DEEPENING_FACTOR = 4
 DEEPENING_ROUNDS = 2
 """An estimate whose standard error exceeds estimate_error is redone over a tail shrunk by visiting
@@ -124,14 +132,16 @@ class TopKBackend:
                  estimate_samples: int = DEFAULT_ESTIMATE_SAMPLES, estimate_error: float = DEFAULT_ESTIMATE_ERROR,
                  seed: int = 0, exact: ExactBackend | None = None, scoring: str | None = None,
                  exact_from_patch_size: int | None = None):
-        if topk is not None and topk < 1:
-            raise PatchdbError(f"--topk must be at least 1, got {topk}")
+        if topk is not None and not 1 <= topk <= MAX_TOPK:
+            raise PatchdbError(f"--topk must lie in 1..{MAX_TOPK} (2^40), got {topk}")
         if not 0.0 <= tol < 1.0:
             raise PatchdbError(f"--tol must lie in [0, 1), got {tol}")
         if fallback not in FALLBACKS:
             raise PatchdbError(f"unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}")
-        if estimate_samples < 1 or estimate_error <= 0:
-            raise PatchdbError("the estimator needs at least one sample and a positive error bound")
+        if not 1 <= estimate_samples <= MAX_ESTIMATE_SAMPLES:
+            raise PatchdbError(f"--estimate-samples must lie in 1..{MAX_ESTIMATE_SAMPLES}, got {estimate_samples}")
+        if not 0 < estimate_error < math.inf:
+            raise PatchdbError(f"--estimate-error must be a positive finite number, got {estimate_error}")
         if scoring not in (None, *SCORINGS):
             raise PatchdbError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
         if scoring == "compiled" and _clusters is None:
@@ -384,27 +394,38 @@ class TopKBackend:
         draws that fall in its unvisited clusters are a uniform sample of their patches, and each
         stands for (patches in them) / (draws in them) patches. Returns the rows whose estimate was
         rejected (no draw in their unvisited clusters or, when strict, a standard error of the estimated
-        posterior mean above estimate_error) and the entries scored.
+        posterior mean above estimate_error) and the entries scored. The rows are estimated in blocks whose
+        logits against the draws take at most ESTIMATE_LOGIT_BYTES.
         """
-        entries, clusters = dictionary.entries, dictionary.clusters
-        counts = dictionary.patch_counts
+        counts, clusters = dictionary.patch_counts, dictionary.clusters
         patches = torch.randint(counts.total, (self.estimate_samples,), generator=self.generator)
         draws = counts.entries_of(patches.sort().values).to(rows.device)
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
+        draws_in = torch.bincount(draw_cluster, minlength=len(clusters))  # (C,), each cluster's draws consecutive
+        sample = take_entries(dictionary.entries, draws)
+        block = max(1, ESTIMATE_LOGIT_BYTES // (len(draws) * queries.element_size()))
+        rejected = [part[self._estimate_rows(accumulator, queries, dictionary, plan, part, alpha_bar, strict, sample,
+                                             draws_in)]
+                    for part in rows.split(block)]
+        return torch.cat(rejected), rows.numel() * len(draws)
+
+    def _estimate_rows(self, accumulator, queries, dictionary: ClusteredDictionary, plan: "_Plan", rows: torch.Tensor,
+                       alpha_bar: float, strict: bool, sample: PatchDictionary, draws_in: torch.Tensor) -> torch.Tensor:
+        """_estimate for rows (R,) with the draws sample (m entries, in the order of their clusters) and the number
+        drawn from each cluster draws_in (C,); returns the positions in rows of the rejected ones."""
+        num_draws = len(sample)
         # the visited clusters as (row, cluster) pairs, a few per row: the tail is everything else, so the draws and
         # patches in it are totals less the visited ones (in integers) and (R, C) masks are not needed
         pair_rows, pair_clusters = torch.nonzero(plan.visit[rows]).unbind(1)
-        draws_in = torch.bincount(draw_cluster, minlength=len(clusters))  # (C,), each cluster's draws consecutive
         pair_draws = draws_in[pair_clusters]
-        drawn = len(draws) - torch.zeros_like(rows).index_add_(0, pair_rows, pair_draws)
+        drawn = num_draws - torch.zeros_like(rows).index_add_(0, pair_rows, pair_draws)
         visited_patches = torch.zeros_like(rows).index_add_(0, pair_rows, dictionary.cluster_patches[pair_clusters])
-        tail_patches = (counts.total - visited_patches).double()
-        sample = take_entries(entries, draws)
-        logits = _logits(queries[rows], sample, 0, len(draws), alpha_bar, bits=True)
+        tail_patches = (dictionary.patch_counts.total - visited_patches).double()
+        logits = _logits(queries[rows], sample, 0, num_draws, alpha_bar, bits=True)
         draw_of = cluster_of_entries(pair_draws)  # (n,) the pair of each visited draw
         first_draw = (draws_in.cumsum(0) - draws_in)[pair_clusters][draw_of]
         rank = torch.arange(len(draw_of), device=draw_of.device) - (pair_draws.cumsum(0) - pair_draws)[draw_of]
-        logits.view(-1).index_fill_(0, pair_rows[draw_of] * len(draws) + first_draw + rank, -math.inf)
+        logits.view(-1).index_fill_(0, pair_rows[draw_of] * num_draws + first_draw + rank, -math.inf)
         shift, chunk_max, sums, standard_error = self._tail_estimate(accumulator, rows, logits, sample.values, drawn,
                                                                      tail_patches)
         accept = drawn > 0
@@ -419,7 +440,7 @@ class TopKBackend:
             # logits now hold the squared weights (_tail_estimate), whose row argmax is the logits'
             accumulator.fold_sums(sums, shift_bits, logits, chunk_max.index_fill_(0, rejected, -math.inf), sample.sources,
                                   rows=rows)
-        return rows[rejected], rows.numel() * len(draws)
+        return rejected
 
     @staticmethod
     def _tail_estimate(accumulator, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, drawn: torch.Tensor,

@@ -139,6 +139,13 @@ def test_noise_file_is_the_starting_noise(batch, data_specs, tmp_path):
     ("missing", [], "file not found"),
     ("labelled", ["--topk", "many"], "neither 'auto' nor a whole number"),
     ("labelled", ["--topk", "0"], "not a positive number"),
+    ("labelled", ["--topk", "99999999999999999999"], "more entries than any dictionary holds"),
+    ("labelled", ["--steps", "100000000"], "2<=x<=10000"),
+    ("labelled", ["--num", "100000000"], "1<=x<=100000"),
+    ("labelled", ["--estimate-samples", "100000000"], "1<=x<=1048576"),
+    ("labelled", ["--estimate-error", "nan"], "not a finite number"),
+    ("labelled", ["--machine", "is", "--exact-method", "windows"], "drop --exact-method"),
+    ("labelled", ["--machine", "es", "--exact-method", "products"], "drop --exact-method"),
 ])
 def test_bad_input_is_a_message_not_a_traceback(data_specs, tmp_path, spec_key, options, message):
     np.save(tmp_path / "bad.npy", np.zeros((2, 1, 16, 16), np.float32))

@@ -9,7 +9,8 @@ import torch
 
 import patchdb.generate
 from patchdb.errors import PatchdbError
-from patchdb.generate import PosteriorRecorder, SampleConfig, generate, read_noise, run_sample, seeded_inputs
+from patchdb.generate import (MAX_SAMPLES, PosteriorRecorder, SampleConfig, generate, read_noise, run_sample,
+                              seeded_inputs)
 from patchdb.machines import make_machine
 from patchdb.plots import MAX_GRID_IMAGES, image_grid_figure, provenance_figure, source_ranking
 
@@ -26,6 +27,13 @@ def test_sample_k_of_a_batch_has_the_inputs_of_seed_plus_k_alone():
     assert not torch.equal(noise[0], noise[1])
     unconditional, no_labels = seeded_inputs(10, 4, (1, 8, 8))
     assert no_labels is None and torch.equal(unconditional, noise)  # the label is drawn after the noise
+
+
+def test_a_run_draws_at_most_max_samples_before_allocating_them():
+    # 10^8 samples of 32 x 32 would ask for 400 GB of noise (calibrate --samples and compare --num come here too)
+    with pytest.raises(PatchdbError, match=f"1..{MAX_SAMPLES}"):
+        seeded_inputs(0, 10**8, (1, 32, 32))
+    assert seeded_inputs(0, 1, (1, 2, 2))[0].shape == (1, 1, 2, 2)
 
 
 def test_conditional_labels_cover_the_classes():

@@ -242,6 +242,21 @@ def test_estimated_rows_take_the_dominant_entry_of_their_visited_entries_and_dra
     assert torch.equal(results["estimate"], exact)
 
 
+@pytest.mark.parametrize("fallback", ["estimate", "auto"])
+def test_the_estimate_in_blocks_of_rows_equals_the_estimate_of_all_rows_at_once(dictionary, indexed, fallback,
+                                                                               monkeypatch):
+    # blocks bound the estimator's (rows, draws) logits whatever --estimate-samples is; the draws are shared by all
+    alpha_bar = 0.3
+    queries = noisy_queries(dictionary, alpha_bar)
+    options = {"topk": 64, "tol": 1e-6, "fallback": fallback, "estimate_samples": 512, "estimate_error": 0.01}
+    whole, whole_path = topk_fold(TopKBackend(**options), queries, indexed, alpha_bar)
+    monkeypatch.setattr(patchdb.topk, "ESTIMATE_LOGIT_BYTES", 3 * 512 * queries.element_size())  # 3 rows a block
+    blocks, blocks_path = topk_fold(TopKBackend(**options), queries, indexed, alpha_bar)
+    assert (whole_path == PATHS.index("estimated")).any() and queries.shape[0] > 3
+    assert torch.equal(blocks_path, whole_path)
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-12)
+
+
 def test_a_poor_estimate_visits_more_entries(dictionary, indexed):
     alpha_bar = 0.3
     queries = noisy_queries(dictionary, alpha_bar)
@@ -321,7 +336,9 @@ def test_unclustered_dictionaries_go_to_the_exact_backend(dictionary):
 
 def test_bad_backend_settings_are_refused():
     from patchdb.errors import PatchdbError
-    for options in ({"topk": 0}, {"tol": 1.0}, {"fallback": "sometimes"}, {"scoring": "sparse"}):
+    for options in ({"topk": 0}, {"topk": 10**20}, {"tol": 1.0}, {"fallback": "sometimes"}, {"scoring": "sparse"},
+                    {"estimate_samples": 0}, {"estimate_samples": 10**8}, {"estimate_error": 0.0},
+                    {"estimate_error": math.nan}, {"estimate_error": math.inf}):
         with pytest.raises(PatchdbError):
             TopKBackend(**options)
 
