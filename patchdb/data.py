@@ -552,7 +552,10 @@ def _parse_file_spec(rest: str) -> tuple[Path, int | None]:
 
 
 def _candidate_folders(name: str, root: Path) -> list[Path]:
-    return [root / sub if sub else root for sub in _FOLDER_NAMES[name]]
+    """Where name may lie under root: its sub-folders, and root itself unless root is named after another data set
+    (MNIST and Fashion-MNIST files have the same names, so a fashion-mnist folder would pass for MNIST)."""
+    others = {folder for other, folders in _FOLDER_NAMES.items() if other != name for folder in folders if folder}
+    return [root / sub if sub else root for sub in _FOLDER_NAMES[name] if sub or root.name.lower() not in others]
 
 
 def _source_in_folder(name: str, split: str, folder: Path) -> Path | None:

@@ -299,6 +299,16 @@ def test_lookup_order_data_dir_then_env(tmp_path, monkeypatch, isolated_roots):
     assert load_dataset("fashion-mnist", tmp_path / "nothing-here").labels.tolist() == [2] * 4
 
 
+def test_a_root_named_after_the_other_idx_data_set_is_not_taken_for_this_one(tmp_path, isolated_roots):
+    # MNIST and Fashion-MNIST files share their names: --data-dir .../fashion-mnist once loaded it as mnist
+    write_mnist_like(tmp_path / "fashion-mnist", 3, label=1)
+    write_mnist_like(tmp_path / "mnist", 2, label=5)
+    with pytest.raises(PatchdbError, match="not found"):
+        load_dataset("mnist", tmp_path / "fashion-mnist")
+    assert load_dataset("mnist", tmp_path / "mnist").labels.tolist() == [5, 5]  # a root named after its own set is searched
+    assert load_dataset("fashion-mnist", tmp_path / "fashion-mnist").labels.tolist() == [1] * 3
+
+
 def test_mnist_subset_layout_counts_as_train(tmp_path, isolated_roots):
     write_mnist_like(tmp_path / "mnist-10k", 5, label=7, stem="mnist-10k")
     assert load_dataset("mnist:train:2", tmp_path).labels.tolist() == [7, 7]
