@@ -399,7 +399,10 @@ def _iter_image_folder(folder: Path, limit: int | None) -> Iterator[tuple[np.nda
     for file, label in tqdm(files, desc=f"reading {folder.name}", unit="image", disable=len(files) < FOLDER_PROGRESS_MIN):
         try:
             with Image.open(file) as image:
-                is_grey = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+                if image.mode == "F":  # Pillow's conversion to 8 bits truncates them: [0, 1] became all black
+                    raise PatchdbError(f"{file}: an image of floating-point pixels, which have no fixed range; save the "
+                                       "images as 8- or 16-bit")
+                is_grey = image.mode in ("1", "L", "LA", "I", "I;16")
                 if grey is None:
                     grey = is_grey
                 elif is_grey != grey:

@@ -185,6 +185,14 @@ def test_sixteen_bit_grey_images_are_rescaled_not_clipped(tmp_path):
     assert images.dtype == np.uint8 and images[0, :, :, 0].tolist() == np.round(gradient / 257).astype(int).tolist()
 
 
+def test_floating_point_images_are_refused_not_truncated_to_black(tmp_path):
+    folder = tmp_path / "float" / "class"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), mode="F").save(folder / "a.tif")
+    with pytest.raises(PatchdbError, match="floating-point pixels"):
+        read_image_folder(tmp_path / "float")
+
+
 @pytest.mark.parametrize("labels, message", [(np.array([2**63, 1], np.uint64), "below 65536, found 9223372036854775808"),
                                              (np.array([0, 2**40]), "below 65536"), (np.array([-1, 0]), ">= 0")])
 def test_labels_that_are_not_class_indices_are_refused(tmp_path, labels, message):
