@@ -28,3 +28,10 @@ def output_folder(path: "str | Path", option: str = "--out") -> Path:
     except OSError as error:
         raise PatchdbError(f"cannot create the output folder {folder} ({error.strerror}); choose another {option}") from None
     return folder
+
+
+def check_readable(path: Path) -> None:
+    """A PatchdbError where the file at path exists but this user may not read it: the readers' own errors would
+    call it damaged and advise rebuilding it."""
+    if path.exists() and not os.access(path, os.R_OK):
+        raise PatchdbError(f"cannot read {path}: permission denied; ask its owner for read access, or work on a copy")

@@ -39,7 +39,7 @@ import torch
 import patchdb
 from patchdb.data import Dataset, make_dataset
 from patchdb.engine import PatchDictionary
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, check_readable
 from patchdb.files import atomic_path
 from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, PatchCounts, cluster_log_mass, squared_norm_maps,
                            take_entries)
@@ -111,6 +111,7 @@ def read_settings(store: Path) -> StoreSettings:
     path = Path(store) / STORE_FILE
     if not path.is_file():
         raise PatchdbError(f"{store} is not a patch store (no {STORE_FILE}); build one with `patchdb build-index --out {store}`")
+    check_readable(path)
     try:
         with h5py.File(path, "r") as file:
             raw = json.loads(file.attrs["settings"])
@@ -144,6 +145,7 @@ def differing_settings(settings: StoreSettings, other: StoreSettings) -> list[st
 def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str | None:
     """Why the existing scale-PP.h5 of store is not a part of a store with settings (None when it is)."""
     path = scale_file(store, patch_size)
+    check_readable(path)
     try:
         with h5py.File(path, "r") as file:
             built = _settings_from(json.loads(file.attrs["settings"]))

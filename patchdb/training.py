@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from patchdb.data import Dataset, load_dataset, make_dataset, portable_spec, user_cache_data_dir
-from patchdb.errors import PatchdbError, output_folder
+from patchdb.errors import PatchdbError, check_readable, output_folder
 from patchdb.files import atomic_path, save_figure, write_json
 from patchdb.networks import NetworkConfig, NetworkScore, build_network
 from patchdb.schedule import alpha_bar_tensor
@@ -225,6 +225,7 @@ def save_checkpoint(run_dir: Path, network, optimizer, batches_done: int, batch_
 
 
 def _load_checkpoint(path: Path) -> dict:
+    check_readable(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
@@ -243,6 +244,7 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise PatchdbError(f"{run_dir} is not a trained run: {path} is missing; train one with `patchdb train --out {run_dir}`")
+    check_readable(path)
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

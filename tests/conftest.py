@@ -1,6 +1,8 @@
 """Shared small fixtures: tiny data sets quantised like real data, and noisy batches."""
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +46,14 @@ def noisy_batch(dataset: Dataset, t: float, seed: int, dtype=torch.float64) -> t
     noise = torch.randn((2, *shape), generator=generator, dtype=dtype)
     signal = math.sqrt(alpha_bar(t)) * splice + math.sqrt(1 - alpha_bar(t)) * noise[1]
     return torch.stack([noise[0], signal])
+
+
+def deny_reading(monkeypatch, *paths: Path) -> None:
+    """Make paths unreadable for the rest of a test as os.access sees them (chmod alone cannot: root reads anything)."""
+    denied = {Path(path).resolve() for path in paths}
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (not (mode & os.R_OK and Path(path).resolve() in denied)
+                                                                and access(path, mode, **kw)))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from patchdb.schedule import beta
 from patchdb.training import (
     TrainingConfig, is_trained, load_network, preset_configs, read_config, train_network, training_progress, training_subset,
 )
-from tests.conftest import tiny_dataset
+from tests.conftest import deny_reading, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -187,6 +187,16 @@ def test_a_loaded_network_carries_the_progress_of_its_own_weights_while_training
     train_network(tmp_path, dataset, None, network_config, three_epochs, show_progress=False)  # meanwhile, elsewhere
     assert network.training == (1, 1)  # what calibrate and compare record: the weights they used
     assert training_progress(tmp_path) == (3, 3) and load_network(tmp_path).training == (3, 3)
+
+
+@pytest.mark.parametrize("unreadable", ["config.json", "checkpoint.pt"])
+def test_an_unreadable_run_file_is_a_permission_problem_not_a_damaged_run(tmp_path, unreadable, monkeypatch):
+    network_config, one_epoch = tiny_run_configs(epochs=1)
+    train_network(tmp_path, tiny_dataset(num_images=8, side=8), None, network_config, one_epoch, show_progress=False)
+    deny_reading(monkeypatch, tmp_path / unreadable)
+    with pytest.raises(PatchdbError, match=f"cannot read .*{unreadable}: permission denied") as error:
+        load_network(tmp_path)
+    assert "train again" not in str(error.value)
 
 
 def test_training_refuses_fewer_epochs_than_done_and_takes_the_largest_seeds(tmp_path):

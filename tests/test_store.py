@@ -25,7 +25,7 @@ from patchdb.machines import make_machine
 from patchdb.store import STORE_FILE, PatchStore, scale_file, stored_array
 from patchdb.topk import FALLBACKS, PATHS, TopKBackend
 
-from conftest import noisy_batch, tiny_dataset
+from conftest import deny_reading, noisy_batch, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -180,6 +180,14 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
     scale_file(copy.path, 3).write_bytes(b"garbage")
     with pytest.raises(PatchdbError, match="scale-03.h5 is corrupt"):
         PatchStore(copy.path)
+
+
+@pytest.mark.parametrize("unreadable", [STORE_FILE, "scale-03.h5"])
+def test_an_unreadable_store_file_is_a_permission_problem_not_a_damaged_store(dataset, store, unreadable, monkeypatch):
+    deny_reading(monkeypatch, store.path / unreadable)
+    with pytest.raises(PatchdbError, match=f"cannot read .*{unreadable}: permission denied") as error:
+        PatchStore(store.path)
+    assert "rebuild" not in str(error.value) and "corrupt" not in str(error.value)
 
 
 def test_a_store_that_keeps_duplicates_holds_every_patch_and_gives_the_merged_posterior(dataset, store, tmp_path):
