@@ -14,6 +14,7 @@ share entry n-1) and entry 0 is copied from entry 1. Unlike the authors' code, s
 at entry i, the entry the sampler reads at step i.
 """
 
+import json
 import os
 import statistics
 from collections.abc import Sequence
@@ -131,8 +132,32 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     result = calibrate_scales(network, make_machine(machine, dataset, device=device, **options), noise, labels, num_steps,
                               candidates, metric, show_progress)
     path = write_scales(path, result, machine=machine, metric=metric,
-                        candidates=candidates, model=run_dir, seed=seed, model_training=network.training)
+                        candidates=candidates, model=Path(run_dir).resolve(), seed=seed, model_training=network.training)
     return path, result
+
+
+def check_run_schedule(path: Path, run_dir: Path, progress: "TrainingProgress", num_steps: int) -> None:
+    """PatchdbError unless the schedule at path (a scales.json from write_scales) was calibrated for run_dir's network as
+    it is now: its recorded model is run_dir (the same folder) and its model_training has progress's batches_done (the
+    same weights; a larger configured count alone changes nothing)."""
+    from patchdb.scales import calibrate_command
+
+    content = json.loads(path.read_text())  # readable: parse_scales read it first
+    recorded = content if isinstance(content, dict) else {}
+    machine, model, training = recorded.get("machine"), recorded.get("model"), recorded.get("model_training")
+    command = calibrate_command(run_dir, machine if isinstance(machine, str) else None, num_steps)
+    if not isinstance(model, str):
+        raise PatchdbError(f"{path} does not say which run it was calibrated for; calibrate this run: `{command}`")
+    if Path(model).resolve() != Path(run_dir).resolve():
+        raise PatchdbError(f"{path} was calibrated for {model}, not {run_dir}; calibrate this run: `{command}`")
+    batches = training.get("batches_done") if isinstance(training, dict) else None
+    if not isinstance(batches, int):
+        raise PatchdbError(f"{path} does not record how far {run_dir}'s network was trained when it was calibrated; "
+                           f"recalibrate it: `{command}`")
+    if batches != progress.batches_done:
+        raise PatchdbError(f"{path} was calibrated on {run_dir}'s network at batch {batches}, but the network has now "
+                           f"trained {progress.batches_done} batches; recalibrate it: `{command}` (or give --scales {path} "
+                           "to use the old schedule as it is)")
 
 
 def write_scales(path: str | os.PathLike, result: dict, *, machine: str, metric: str, candidates: list[int],

@@ -345,19 +345,27 @@ def comparison_scales(run_dir: Path, machine: str, scale_spec: str | None, num_s
                       device: str = "cpu", memory_budget: int | None = None,
                       announce: Callable[[str], None] | None = None) -> tuple[str | None, list[int] | None]:
     """(spec, schedule) of the machine for a comparison: scale_spec's, or the run's calibrated one (calibrated first,
-    saying so through announce, where RUN_DIR/scales.json is missing); (None, None) for IS and ES."""
-    from patchdb.calibration import calibrate_run
+    saying so through announce, where RUN_DIR/scales.json is missing); (None, None) for IS and ES. The run's own
+    calibrated schedule (calibrated:RUN_DIR, given or by default) must have been calibrated for this run's network at
+    its present training (calibration.check_run_schedule); a schedule named as a file is taken as it is."""
+    from patchdb.calibration import calibrate_run, check_run_schedule
     from patchdb.patches import PATCH_MACHINES
     from patchdb.scales import check_scale_spec, parse_scales
+    from patchdb.training import training_progress
 
     check_scale_spec(machine, scale_spec)
     if machine not in PATCH_MACHINES:
         return None, None
+    own_schedule = Path(run_dir) / "scales.json"
     if scale_spec is None:
         scale_spec = f"calibrated:{run_dir}"
-        if not (Path(run_dir) / "scales.json").is_file():
+        if not own_schedule.is_file():
             if announce is not None:
                 announce(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
             calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
                           memory_budget=memory_budget)
-    return scale_spec, parse_scales(scale_spec, num_steps, machine)
+    scales = parse_scales(scale_spec, num_steps, machine)
+    spec = scale_spec.strip()
+    if spec.startswith("calibrated:") and Path(spec.removeprefix("calibrated:")).resolve() == Path(run_dir).resolve():
+        check_run_schedule(own_schedule, run_dir, training_progress(run_dir), num_steps)
+    return scale_spec, scales

@@ -70,6 +70,12 @@ def _read_scale_file(path: Path, num_steps: int, machine: str | None) -> list[in
     return check_scales(sizes, num_steps, source=str(path))
 
 
+def calibrate_command(run_dir: "str | Path", machine: str | None, num_steps: int) -> str:
+    """The `patchdb calibrate` command that writes run_dir/scales.json, which --scales calibrated:RUN_DIR reads, for the
+    machine (None: calibrate's default) and num_steps."""
+    return f"patchdb calibrate --model {run_dir}" + ("" if machine is None else f" --machine {machine}") + f" --steps {num_steps}"
+
+
 def check_scales(sizes: list, num_steps: int, source: str = "scales") -> list[int]:
     """Validate a schedule: exactly num_steps positive odd integers."""
     if len(sizes) != num_steps:

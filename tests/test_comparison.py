@@ -233,3 +233,37 @@ def test_classes_with_gaps_are_drawn_as_sample_draws_them_and_a_rerun_leaves_no_
     with pytest.raises(KeyboardInterrupt):
         run_comparison(tmp_path / "run", tmp_path / "out", **{**options, "seed": 6})
     assert not (tmp_path / "out" / "compare.json").exists()
+
+
+def test_a_calibrated_schedule_of_another_run_or_of_fewer_batches_is_refused(tmp_path):
+    """compare takes a run's own scales.json only where calibrate wrote it for that run at its present training: one
+    calibrated for another run, or before the network trained further, is refused with the command that recalibrates
+    it; the same file named with --scales FILE.json is taken as it is."""
+    import shutil
+
+    from click.testing import CliRunner
+    from cli.main import main
+
+    np.savez(tmp_path / "train.npz", images=quantised_images(8, 8, 16).numpy())
+    spec = f"file:{tmp_path / 'train.npz'}"
+    from patchdb.data import load_dataset
+    dataset, network_config = load_dataset(spec), NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16)
+    train_network(tmp_path / "run", dataset, spec, network_config, TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    runner = CliRunner()
+    calibrate = ["calibrate", "--model", str(tmp_path / "run"), "--candidates", "3,5", "--samples", "1", "--steps", "2"]
+    compare = ["compare", "--steps", "2", "--num", "1", "--out", str(tmp_path / "out")]
+    assert runner.invoke(main, [*calibrate, "--out", str(tmp_path / "copy" / "scales.json")]).exit_code == 0
+    result = runner.invoke(main, [*compare, "--model", str(tmp_path / "copy")])
+    assert result.exit_code == 1, result.output
+    assert f"was calibrated for {tmp_path / 'run'}, not {tmp_path / 'copy'}; calibrate this run: " \
+           f"`patchdb calibrate --model {tmp_path / 'copy'} --machine bbels --steps 2`" in result.output
+    assert runner.invoke(main, calibrate).exit_code == 0
+    train_network(tmp_path / "run", dataset, spec, network_config, TrainingConfig(epochs=2, batch_size=8), show_progress=False)
+    result = runner.invoke(main, [*compare, "--model", str(tmp_path / "run")])
+    assert result.exit_code == 1, result.output
+    assert "network at batch 1, but the network has now trained 2 batches; recalibrate it: `patchdb calibrate --model" \
+        in result.output
+    assert not (tmp_path / "out" / "compare.json").exists()
+    result = runner.invoke(main, [*compare, "--model", str(tmp_path / "run"), "--scales", str(tmp_path / "run" / "scales.json")])
+    assert result.exit_code == 0, result.output
