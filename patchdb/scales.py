@@ -33,7 +33,8 @@ def parse_scales(spec: str | int, num_steps: int, machine: str | None = None) ->
     if spec.startswith("paper:"):
         return check_scales(_paper_preset(spec), num_steps, source=spec)
     if spec.startswith("calibrated:"):
-        return _read_scale_file(Path(spec.removeprefix("calibrated:")) / "scales.json", num_steps, machine)
+        run_dir = Path(spec.removeprefix("calibrated:"))
+        return _read_scale_file(run_dir / "scales.json", num_steps, machine, run_dir)
     if spec.endswith(".json"):
         return _read_scale_file(Path(spec), num_steps, machine)
     try:
@@ -51,7 +52,9 @@ def check_scale_spec(machine: str, scale_spec: str | None) -> None:
         raise PatchdbError(f"the {machine} machine has no patch size, so --scales would be ignored: drop it")
 
 
-def _read_scale_file(path: Path, num_steps: int, machine: str | None) -> list[int]:
+def _read_scale_file(path: Path, num_steps: int, machine: str | None, run_dir: Path | None = None) -> list[int]:
+    """The schedule in a JSON file; run_dir: the run whose calibrated schedule it is (calibrated:RUN_DIR), whose
+    recalibration a wrong length suggests."""
     if not path.is_file():
         raise PatchdbError(f"scale file {path} does not exist; write it with `patchdb calibrate --model RUN_DIR --out {path}` "
                            "(by default RUN_DIR/scales.json, which --scales calibrated:RUN_DIR reads) or give another --scales")
@@ -67,7 +70,9 @@ def _read_scale_file(path: Path, num_steps: int, machine: str | None) -> list[in
         raise PatchdbError(f"scale file {path} was calibrated for the {calibrated_for} machine, not {machine}; calibrate one "
                            f"with `patchdb calibrate --model RUN_DIR --machine {machine} --out FILE.json` "
                            "and give --scales FILE.json")
-    return check_scales(sizes, num_steps, source=str(path))
+    remedy = "change --steps" if run_dir is None else \
+        f"change --steps, or recalibrate for {num_steps} steps: `{calibrate_command(run_dir, machine, num_steps)}`"
+    return check_scales(sizes, num_steps, source=str(path), remedy=remedy)
 
 
 def calibrate_command(run_dir: "str | Path", machine: str | None, num_steps: int) -> str:
@@ -76,12 +81,13 @@ def calibrate_command(run_dir: "str | Path", machine: str | None, num_steps: int
     return f"patchdb calibrate --model {run_dir}" + ("" if machine is None else f" --machine {machine}") + f" --steps {num_steps}"
 
 
-def check_scales(sizes: list, num_steps: int, source: str = "scales") -> list[int]:
-    """Validate a schedule: exactly num_steps positive odd integers."""
+def check_scales(sizes: list, num_steps: int, source: str = "scales", remedy: str = "change --steps") -> list[int]:
+    """Validate a schedule: exactly num_steps positive odd integers; remedy: the fix a wrong length suggests besides
+    a schedule of that length."""
     if len(sizes) != num_steps:
         raise PatchdbError(
             f"{source}: the schedule has {len(sizes)} entries but the sampler has {num_steps} steps; "
-            f"give one patch size per step (entry i is used at t = i/{num_steps}) or change --steps"
+            f"give one patch size per step (entry i is used at t = i/{num_steps}) or {remedy}"
         )
     for index, size in enumerate(sizes):
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 2 == 0:

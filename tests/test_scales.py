@@ -1,6 +1,7 @@
 """Scale schedules: the shipped presets, every spec form, and a clear error for every bad one."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,15 @@ def test_missing_scale_files_say_how_to_make_one(tmp_path):
         parse_scales(str(tmp_path / "absent.json"), 3)
     with pytest.raises(PatchdbError, match="does not exist"):
         parse_scales(f"calibrated:{tmp_path / 'no-run'}", 3)
+
+
+def test_a_calibrated_schedule_of_another_length_says_how_to_recalibrate_it(tmp_path):
+    (tmp_path / "scales.json").write_text(json.dumps({"scales": [3, 5], "machine": "els"}))
+    with pytest.raises(PatchdbError, match=re.escape(
+            f"or change --steps, or recalibrate for 3 steps: `patchdb calibrate --model {tmp_path} --machine els --steps 3`")):
+        parse_scales(f"calibrated:{tmp_path}", 3, "els")
+    with pytest.raises(PatchdbError, match=r"or change --steps$"):  # a file given as such: no run to recalibrate
+        parse_scales(str(tmp_path / "scales.json"), 3, "els")
 
 
 def test_a_calibrated_schedule_serves_only_the_machine_it_was_calibrated_for(tmp_path):
