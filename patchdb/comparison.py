@@ -257,6 +257,13 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
                                f"was trained on {tuple(dataset.images.shape[1:])}; choose a --test-dataset of that shape")
         if conditional and held_out.labels is None:
             raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
+        if conditional:  # a class the training images lack (beyond num_classes or not) has no dictionary, no embedding
+            absent = sorted(set(held_out.labels[:num].tolist()) - set(dataset.classes.tolist()))
+            if absent:
+                raise PatchdbError(f"the held-out data set {held_out.name!r} has labels {absent} that the network's training "
+                                   f"images lack (they hold {dataset.classes.tolist()}; the network has "
+                                   f"{network.config.num_classes} classes); "
+                                   "choose a --test-dataset of those classes")
     noise, labels = seeded_inputs(seed, num, tuple(dataset.images.shape[1:]), dataset.classes if conditional else None)
     options = {"device": device} if memory_budget is None else {"device": device, "memory_budget": memory_budget}
     models = {machine: (make_machine(machine, dataset, **options), scales)}

@@ -267,3 +267,27 @@ def test_a_calibrated_schedule_of_another_run_or_of_fewer_batches_is_refused(tmp
     assert not (tmp_path / "out" / "compare.json").exists()
     result = runner.invoke(main, [*compare, "--model", str(tmp_path / "run"), "--scales", str(tmp_path / "run" / "scales.json")])
     assert result.exit_code == 0, result.output
+
+
+def test_held_out_labels_the_training_images_lack_are_refused_before_sampling(tmp_path, monkeypatch):
+    """--single-step with held-out labels outside the network's classes (7 of 4) or absent from its training images (2)
+    is refused before any sampling, not by the embedding or the machine after all of it."""
+    import patchdb.comparison
+    from patchdb.data import load_dataset
+
+    np.savez(tmp_path / "train.npz", images=quantised_images(7, 8, 16).numpy(), labels=np.array([1, 3] * 4))
+    np.savez(tmp_path / "test.npz", images=quantised_images(8, 4, 16).numpy(), labels=np.array([1, 2, 7, 3]))
+    spec = f"file:{tmp_path / 'train.npz'}"
+    train_network(tmp_path / "run", load_dataset(spec), spec,
+                  NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16, num_classes=4),
+                  TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+
+    def sampled(*arguments, **options):
+        raise AssertionError("sampled before the held-out labels were checked")
+
+    monkeypatch.setattr(patchdb.comparison, "compare_models", sampled)
+    with pytest.raises(PatchdbError, match=r"has labels \[2, 7\] that the network's training images lack \(they hold "
+                                           r"\[1, 3\]; the network has 4 classes\); choose a --test-dataset"):
+        run_comparison(tmp_path / "run", tmp_path / "out", machine="els", scales=[3, 3], scales_source="3", num_steps=2,
+                       num=4, single_step=True, test_dataset=f"file:{tmp_path / 'test.npz'}", show_progress=False)
+    assert not (tmp_path / "out" / "compare.json").exists()
