@@ -6,7 +6,7 @@ import click
 
 from cli.calibrate import gib_to_bytes
 from cli.options import DEVICE, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, machine_data_options, warn_if_unfinished
-from patchdb.comparison import comparison_scales, resolve_model, run_comparison
+from patchdb.comparison import COMPARE_FILE, comparison_scales, resolve_model, run_comparison
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES
 from patchdb.networks import PADDINGS
@@ -61,4 +61,4 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
                    f"median R^2 {values['r_squared']['median']:.3f}, median MSE {values['mse']['median']:.4f}")
     fraction = report.get(f"fraction_{machine}_beats_is")
     if fraction is not None:
-        click.echo(f"{machine} beats IS on {100 * fraction:.0f}% of seeds -> {out_dir / 'compare.json'}")
+        click.echo(f"{machine} beats IS on {100 * fraction:.0f}% of seeds -> {out_dir / COMPARE_FILE}")

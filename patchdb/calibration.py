@@ -112,15 +112,13 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine
     from patchdb.patches import PATCH_MACHINES, check_patch_size, padding_mode
-    from patchdb.training import CONFIG_FILE, LOSS_PLOT_FILE, load_network, load_training_data
+    from patchdb.training import load_network, load_training_data
 
     if machine not in PATCH_MACHINES:
         raise PatchdbError(f"machine {machine!r} has no patch size to calibrate: choose one of {', '.join(PATCH_MACHINES)}")
     candidates = check_candidates(candidates)
     path = Path(out or Path(run_dir) / "scales.json")
-    if path.suffix != ".json" or path.name == CONFIG_FILE or path.with_suffix(".png").name == LOSS_PLOT_FILE:
-        raise PatchdbError(f"--out {path}: name the schedule FILE.json (its plot goes beside it as FILE.png), and not "
-                           f"{CONFIG_FILE} or {Path(LOSS_PLOT_FILE).stem}.json, which would overwrite a run's own files")
+    check_schedule_path(path)
     output_folder(path.parent)  # before the long run, so that an unusable --out fails fast
     network = load_network(run_dir, device)
     dataset = load_training_data(run_dir, data_dir)
@@ -158,6 +156,38 @@ def check_run_schedule(path: Path, run_dir: Path, progress: "TrainingProgress", 
         raise PatchdbError(f"{path} was calibrated on {run_dir}'s network at batch {batches}, but the network has now "
                            f"trained {progress.batches_done} batches; recalibrate it: `{command}` (or give --scales {path} "
                            "to use the old schedule as it is)")
+
+
+def check_schedule_path(path: Path) -> None:
+    """PatchdbError unless write_scales may write a schedule at path (FILE.json) and its plot beside it (FILE.png):
+    not a name that another command writes (even where absent), not over a file that is not a schedule, and not over
+    a FILE.png without its schedule."""
+    from patchdb.comparison import COMPARE_FILE
+    from patchdb.generate import RUN_FILE
+    from patchdb.training import CONFIG_FILE, LOSS_PLOT_FILE
+
+    taken = (CONFIG_FILE, f"{Path(LOSS_PLOT_FILE).stem}.json", RUN_FILE, COMPARE_FILE)
+    if path.suffix != ".json" or path.name in taken:
+        raise PatchdbError(f"--out {path}: name the schedule FILE.json (its plot goes beside it as FILE.png), and not "
+                           f"{', '.join(taken)}, which other commands write")
+    if path.exists() and not is_schedule(path):
+        raise PatchdbError(f"--out {path} exists and is not a schedule written by `patchdb calibrate`; choose another "
+                           "--out, or delete the file")
+    plot = path.with_suffix(".png")
+    if plot.exists() and not path.exists():
+        raise PatchdbError(f"--out {path}: {plot} exists without that schedule, so it is not its plot; choose another "
+                           "--out, or delete the picture")
+
+
+def is_schedule(path: Path) -> bool:
+    """Whether path holds a schedule as write_scales writes it: a JSON object with its convention, scales, machine,
+    candidates, per-sample sizes and model."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(content, dict) and content.get("convention") == CONVENTION and \
+        all(key in content for key in ("scales", "machine", "candidates", "per_sample", "model"))
 
 
 def write_scales(path: str | os.PathLike, result: dict, *, machine: str, metric: str, candidates: list[int],

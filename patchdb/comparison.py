@@ -28,6 +28,8 @@ from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import alpha_bar, beta, full_steps, machine_steps
 
 STATISTICS = ("pearson_r", "r_squared", "mse")
+COMPARE_FILE = "compare.json"
+"""The record of a comparison, written last."""
 
 
 def image_statistics(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -294,7 +296,7 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
                                           show_progress=show_progress)
         report["single_step"] = {"dataset": held_out.name, **agreement}
     # compare.json goes last: a folder without it holds a run interrupted while writing its files
-    (out_dir / "compare.json").unlink(missing_ok=True)
+    (out_dir / COMPARE_FILE).unlink(missing_ok=True)
     save_arrays(out_dir / "outputs.npz", {"noise": noise, "labels": labels, **result["images"]})
     if "is" in stats:
         plot_scatter(out_dir / "scatter.png", stats[machine]["pearson_r"], stats["is"]["pearson_r"], machine)
@@ -306,7 +308,7 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
         plot_single_step(out_dir / "single_step.png", agreement)
     else:
         (out_dir / "single_step.png").unlink(missing_ok=True)  # an earlier run's would not belong to these results
-    write_json(out_dir / "compare.json", report)
+    write_json(out_dir / COMPARE_FILE, report)
     return report
 
 

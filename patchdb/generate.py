@@ -51,6 +51,8 @@ from patchdb.topk import (DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFA
                           TopKBackend)
 
 DEFAULT_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
+RUN_FILE = "run.json"
+"""The record of a sample run, written last."""
 LOOPS = {"machine": machine_steps, "full": full_steps}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda")
@@ -209,7 +211,7 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     }
     if config.index is not None:
         record["index_steps"] = index_steps(generation, LOOPS[config.loop](config.steps), scales, config.steps)
-    write_json(out / "run.json", record, indent=2)
+    write_json(out / RUN_FILE, record, indent=2)
     return record
 
 
@@ -373,7 +375,7 @@ def _write_outputs(out: Path, dataset: Dataset, generation: Generation, noise: t
     source = generation.provenance.source.cpu().numpy()
     weight = generation.provenance.weight.float().cpu().numpy()
     # run.json goes last: a folder without it holds a run interrupted while writing, whose files may come from two runs
-    (out / "run.json").unlink(missing_ok=True)
+    (out / RUN_FILE).unlink(missing_ok=True)
     save_npy(out / "samples.npy", samples)
     save_npy(out / "noise.npy", noise.cpu().numpy())
     if labels is None:

@@ -1,12 +1,13 @@
 """Calibration: the index convention end to end (a 'network' that is a machine at a known schedule), parsing, files."""
 
 import json
+import re
 
 import pytest
 import torch
 
 from patchdb.calibration import (
-    calibrate_scales, check_candidates, median_candidate, score_similarity, write_scales,
+    calibrate_scales, check_candidates, check_schedule_path, median_candidate, score_similarity, write_scales,
 )
 from patchdb.comparison import seeded_inputs
 from patchdb.errors import PatchdbError
@@ -81,3 +82,33 @@ def test_unknown_metric_is_refused():
     machine = make_machine("els", dataset)
     with pytest.raises(PatchdbError):
         calibrate_scales(machine, machine, torch.randn(1, 1, 8, 8), None, 4, [3], metric="dot", show_progress=False)
+
+
+def test_calibrate_writes_only_over_its_own_schedules(tmp_path):
+    """--out may replace a schedule that calibrate wrote (and its plot), never another command's record (run.json,
+    compare.json, config.json, loss.json even where absent), another file, or a picture without its schedule."""
+    from click.testing import CliRunner
+    from cli.main import main
+    from patchdb.networks import NetworkConfig
+    from patchdb.training import TrainingConfig, train_network
+
+    # a run for the command to accept as --model: the refusals come before its data is read
+    train_network(tmp_path / "run", tiny_dataset(labelled=False), None, NetworkConfig(width=8, num_hidden_layers=1,
+                  embedding_dim=16), TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+    result = {"scales": KNOWN, "per_sample": [[s, s] for s in KNOWN], "similarity": [[1.0] * 3] * NUM_STEPS}
+    write_scales(tmp_path / "scales.json", result, machine="bbels", metric="cos", candidates=[3, 5, 7], model=tmp_path, seed=0)
+    check_schedule_path(tmp_path / "scales.json")  # a schedule of calibrate's, its plot beside it
+    check_schedule_path(tmp_path / "new.json")
+    (tmp_path / "other.json").write_text(json.dumps({"scales": KNOWN}))
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "grid.png").write_bytes(b"a sample run's picture")
+    for name, message in (("run.json", "which other commands write"), ("compare.json", "which other commands write"),
+                          ("other.json", "exists and is not a schedule written by `patchdb calibrate`"),
+                          ("broken.json", "exists and is not a schedule"),
+                          ("grid.json", "grid.png exists without that schedule")):
+        with pytest.raises(PatchdbError, match=re.escape(message)):
+            check_schedule_path(tmp_path / name)
+        outcome = CliRunner().invoke(main, ["calibrate", "--model", str(tmp_path / "run"), "--out", str(tmp_path / name)])
+        assert outcome.exit_code == 1 and message in outcome.output, outcome.output
+    assert json.loads((tmp_path / "other.json").read_text()) == {"scales": KNOWN}
+    assert (tmp_path / "grid.png").read_bytes() == b"a sample run's picture"
