@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from patchdb.data import IMAGE_SIZE
 from patchdb.errors import PatchdbError
 
 PATCH_MACHINES = ("ls", "els", "bbels")
@@ -100,6 +101,11 @@ def extract_patches(images: torch.Tensor, patch_size: int, padding: str, pixels:
     padding: 'zeros' (pixels beyond the border read 0) or 'circular' (they wrap around).
     """
     return gather_patches(patch_windows(images, patch_size, padding), pixels)
+
+
+MAX_PATCH_SIZE = 2 * IMAGE_SIZE + 1
+"""The largest patch size that check_patch_size lets through on the IMAGE_SIZE x IMAGE_SIZE images every data set is
+loaded as (circular padding; zero padding stops at 2 * IMAGE_SIZE - 1)."""
 
 
 def check_patch_size(patch_size: int, padding: str, height: int, width: int) -> None:

@@ -11,7 +11,8 @@ from importlib import resources
 from pathlib import Path
 
 from patchdb.errors import PatchdbError
-from patchdb.patches import PATCH_MACHINES
+from patchdb.data import IMAGE_SIZE
+from patchdb.patches import MAX_PATCH_SIZE, PATCH_MACHINES
 
 SCALE_SPEC_HELP = (
     "'paper:KEY' (a calibrated schedule of the paper's authors), 'calibrated:RUN_DIR' "
@@ -114,6 +115,9 @@ def parse_size_list(text: str, what: str = "the sizes", alternatives: str = "") 
             first, second, last = int(items[0]), int(items[1]), int(items[3])
             if second <= first or (last - first) % (second - first):
                 raise ValueError
+            if first < 1 or last > MAX_PATCH_SIZE:  # before the range is expanded: a huge one would not fit in memory
+                raise PatchdbError(f"{what} {text!r} leave 1..{MAX_PATCH_SIZE}, the patch sizes that {IMAGE_SIZE}x{IMAGE_SIZE} "
+                                   f"images allow; keep the range within them")
             return list(range(first, last + 1, second - first))
         return [int(item) for item in items]
     except ValueError:

@@ -77,6 +77,13 @@ def test_size_lists_and_ranges():
             check_candidates(bad)
 
 
+def test_a_range_beyond_every_patch_size_is_refused_before_it_is_expanded():
+    assert parse_size_list("3,5,...,65")[-1] == 65  # circular padding's largest on 32x32 images
+    for huge in ("3,5,...,67", "3,5,...,999999999999", "-999999999999,-999999999997,...,5"):
+        with pytest.raises(PatchdbError, match=r"leave 1\.\.65, the patch sizes that 32x32 images allow"):
+            parse_size_list(huge, "candidates")
+
+
 def test_unknown_metric_is_refused():
     dataset = tiny_dataset(labelled=False)
     machine = make_machine("els", dataset)

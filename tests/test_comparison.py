@@ -97,6 +97,7 @@ def test_commands_report_bad_inputs_without_traceback(tmp_path):
                       ["sample", "--scales", "999999", "--out", str(tmp_path / "out")],
                       ["sample", "--scales", "99999999999999999999", "--out", str(tmp_path / "out")],
                       ["build-index", "--scales", "999999", "--out", str(tmp_path / "store")],
+                      ["build-index", "--scales", "3,5,...,99999999999", "--out", str(tmp_path / "store")],
                       ["compare", "--model", str(tmp_path), "--machine", "is", "--scales", "3", "--out", str(tmp_path / "out")],
                       ["compare", "--model", str(tmp_path), "--test-dataset", "mnist", "--out", str(tmp_path / "out")],
                       ["compare", "--model", str(tmp_path), "--train", "--out", str(tmp_path / "out")],
