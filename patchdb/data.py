@@ -469,7 +469,7 @@ def _read_bytes(path: Path) -> bytes:
 def load_dataset(spec: str | None = None, data_dir: str | os.PathLike | None = None) -> Dataset:
     """The preprocessed data set a spec names (see the module docstring for the grammar)."""
     spec = DEFAULT_SPEC if spec is None else spec.strip()
-    if spec.split(":")[0] == DEFAULT_SPEC:
+    if is_default_spec(spec):
         _, _, limit_text = spec.partition(":")
         return _load_default(spec, _parse_limit(limit_text, spec) if limit_text else None)
     if spec.startswith("file:"):
@@ -529,6 +529,18 @@ def _parse_limit(text: str, spec: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise PatchdbError(f"bad LIMIT {text!r} in spec {spec!r}: it must be a positive whole number of images")
     return int(text)
+
+
+def is_default_spec(spec: str | None) -> bool:
+    """Whether spec names the embedded default data set (None, default or default:LIMIT)."""
+    return spec is None or spec.strip().split(":")[0] == DEFAULT_SPEC
+
+
+def spec_file(spec: str | None) -> Path | None:
+    """The PATH of a file:PATH[:LIMIT] spec (None for other specs); PatchdbError where it does not exist."""
+    if spec is None or not spec.strip().startswith("file:"):
+        return None
+    return _parse_file_spec(spec.strip()[len("file:"):])[0]
 
 
 def portable_spec(spec: str | None) -> str | None:

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from patchdb.data import Dataset, load_dataset, make_dataset, portable_spec, user_cache_data_dir
+from patchdb.data import (DEFAULT_SPEC, Dataset, is_default_spec, load_dataset, make_dataset, portable_spec, spec_file,
+                          user_cache_data_dir)
 from patchdb.errors import PatchdbError, check_readable, output_folder
 from patchdb.files import atomic_path, save_figure, write_json
 from patchdb.networks import NetworkConfig, NetworkScore, build_network
@@ -302,10 +303,15 @@ def _restore(run_dir: Path, network) -> dict:
 def load_training_data(run_dir: str | os.PathLike, data_dir=None) -> Dataset:
     """The exact images a run was trained on (its spec, cut to the images used; fingerprint checked)."""
     record = read_config(run_dir)["dataset"]
-    data = training_subset(load_dataset(record["spec"], data_dir), record["num_images"])
+    spec = record["spec"]
+    data = training_subset(load_dataset(spec, data_dir), record["num_images"])
     if data.fingerprint != record["fingerprint"]:
-        raise PatchdbError(f"the data set {record['spec']!r} found here differs from the one {run_dir} was trained on "
-                           "(fingerprints differ); point --data-dir at the same files")
+        path = spec_file(spec)
+        fix = (f"restore the file {path} the run was trained on" if path is not None else
+               "train it again into a new --out folder (this patchdb embeds other images)" if is_default_spec(spec) else
+               "point --data-dir at the same files")
+        raise PatchdbError(f"the data set {spec or DEFAULT_SPEC!r} found here differs from the one {run_dir} was trained on "
+                           f"(fingerprints differ); {fix}")
     return data
 
 

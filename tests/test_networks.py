@@ -13,7 +13,8 @@ from patchdb.errors import PatchdbError
 from patchdb.networks import NetworkConfig, NetworkScore, ResNet, UNet, build_network, sinusoidal_embedding
 from patchdb.schedule import beta
 from patchdb.training import (
-    TrainingConfig, is_trained, load_network, preset_configs, read_config, train_network, training_progress, training_subset,
+    TrainingConfig, is_trained, load_network, load_training_data, preset_configs, read_config, train_network, training_progress,
+    training_subset,
 )
 from tests.conftest import deny_reading, tiny_dataset
 
@@ -176,6 +177,24 @@ def test_a_run_records_a_file_spec_that_reads_from_anywhere_and_resumes_under_an
     _, two_epochs = tiny_run_configs(epochs=2)
     train_network(tmp_path / "run", dataset, "file:./train.npz:8", network_config, two_epochs, show_progress=False)
     assert training_progress(tmp_path / "run") == (2, 2)
+
+
+def test_changed_training_data_is_refused_with_the_fix_for_its_kind_of_spec(tmp_path):
+    """A changed file: data set is restored, not searched for with --data-dir (which file: specs do not read); images
+    recorded as the embedded default that this patchdb does not embed mean training again."""
+    images = (tiny_dataset(num_images=8, side=8).images[:, 0].numpy() + 1) * 127.5
+    np.savez(tmp_path / "train.npz", images=images.round().astype(np.uint8))
+    spec = f"file:{tmp_path / 'train.npz'}"
+    network_config, one_epoch = small_config(), tiny_run_configs(epochs=1)[1]
+    train_network(tmp_path / "run", load_dataset(spec), spec, network_config, one_epoch, show_progress=False)
+    np.savez(tmp_path / "train.npz", images=255 - images.round().astype(np.uint8))
+    with pytest.raises(PatchdbError, match=f"fingerprints differ\\); restore the file {tmp_path / 'train.npz'} the run was "
+                                           "trained on$"):
+        load_training_data(tmp_path / "run")
+    train_network(tmp_path / "default", tiny_dataset(num_images=8, side=8), None, network_config, one_epoch,
+                  show_progress=False)
+    with pytest.raises(PatchdbError, match="the data set 'default' found here .*; train it again into a new --out folder"):
+        load_training_data(tmp_path / "default")
 
 
 def test_a_loaded_network_carries_the_progress_of_its_own_weights_while_training_goes_on(tmp_path):
