@@ -243,6 +243,9 @@ def _load_checkpoint(path: Path) -> dict:
 def read_config(run_dir: str | os.PathLike) -> dict:
     """The config.json of a run folder (checked to hold what the readers of a run need)."""
     path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file() and (Path(run_dir) / CHECKPOINT_FILE).exists():
+        raise PatchdbError(f"{run_dir} holds a {CHECKPOINT_FILE} without its {CONFIG_FILE}, so the run folder is damaged "
+                           "(its settings are lost); train into a new --out folder")
     if not path.is_file():
         raise PatchdbError(f"{run_dir} is not a trained run: {path} is missing; train one with `patchdb train --out {run_dir}`")
     check_readable(path)

@@ -263,3 +263,18 @@ def test_output_depends_on_time_and_label(architecture):
     by_label = network(x, torch.tensor([0.5, 0.5]), torch.tensor([0, 2]))
     assert not torch.allclose(by_time[0], by_time[1], atol=1e-4)
     assert not torch.allclose(by_label[0], by_label[1], atol=1e-4)
+
+
+def test_a_checkpoint_without_its_config_is_a_damaged_folder_not_an_untrained_one(tmp_path):
+    from click.testing import CliRunner
+    from cli.main import main
+
+    dataset = tiny_dataset(num_images=8, side=8)
+    network_config, one_epoch = tiny_run_configs(epochs=1)
+    train_network(tmp_path, dataset, None, network_config, one_epoch, show_progress=False)
+    (tmp_path / "config.json").unlink()
+    message = f"{tmp_path} holds a checkpoint.pt without its config.json, so the run folder is damaged"
+    with pytest.raises(PatchdbError, match=f"{message} .*; train into a new --out folder$"):
+        load_network(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--dataset", "default:8", "--epochs", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and message in result.output and "`patchdb train --out" not in result.output, result.output
