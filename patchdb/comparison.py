@@ -333,7 +333,8 @@ def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str |
                                "drop --dataset (the machines use the network's own training images)")
         network = read_network_config(run_dir)
         if conditional is not None and conditional != network.conditional:
-            raise PatchdbError(f"{run_dir} holds an {'un' * conditional}conditional network; drop --conditional/--unconditional")
+            raise PatchdbError(f"{run_dir} holds {'an un' if conditional else 'a '}conditional network; "
+                               "drop --conditional/--unconditional")
         if padding is not None and padding != network.padding:
             raise PatchdbError(f"{run_dir} holds a network with {network.padding} padding, not {padding}; drop --padding")
         return run_dir

@@ -292,3 +292,16 @@ def test_held_out_labels_the_training_images_lack_are_refused_before_sampling(tm
         run_comparison(tmp_path / "run", tmp_path / "out", machine="els", scales=[3, 3], scales_source="3", num_steps=2,
                        num=4, single_step=True, test_dataset=f"file:{tmp_path / 'test.npz'}", show_progress=False)
     assert not (tmp_path / "out" / "compare.json").exists()
+
+
+def test_a_conditional_flag_that_is_not_the_runs_own_is_refused_in_plain_words(tmp_path):
+    from patchdb.comparison import resolve_model
+
+    dataset = tiny_dataset(labelled=True, num_images=8, side=8)
+    for name, classes in (("conditional", 3), ("unconditional", 0)):
+        train_network(tmp_path / name, dataset, None, NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16,
+                      num_classes=classes), TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+    with pytest.raises(PatchdbError, match="holds a conditional network; drop --conditional/--unconditional"):
+        resolve_model(str(tmp_path / "conditional"), conditional=False)
+    with pytest.raises(PatchdbError, match="holds an unconditional network; drop"):
+        resolve_model(str(tmp_path / "unconditional"), conditional=True)
