@@ -44,6 +44,7 @@ from patchdb.files import atomic_path
 from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, PatchCounts, cluster_log_mass, squared_norm_maps,
                            take_entries)
 from patchdb.patches import DictionaryGroup, centre_indices, dictionary_groups, patch_windows
+from patchdb.settings import differing_keys
 
 FORMAT_VERSION = 3
 STORE_FILE = "store.h5"
@@ -138,8 +139,8 @@ def _settings_from(raw: dict) -> StoreSettings:
 def differing_settings(settings: StoreSettings, other: StoreSettings) -> list[str]:
     """The names of the settings in which other differs from settings (the data set's spec only where the data
     differ: the same images, by fingerprint, may be named in several ways)."""
-    return [name for name, value in vars(settings).items() if getattr(other, name) != value
-            and not (name == "dataset" and other.fingerprint == settings.fingerprint)]
+    return [name for name in differing_keys(vars(settings), vars(other))
+            if not (name == "dataset" and other.fingerprint == settings.fingerprint)]
 
 
 def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str | None:

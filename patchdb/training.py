@@ -29,6 +29,7 @@ from patchdb.errors import PatchdbError, check_readable, output_folder
 from patchdb.files import atomic_path, save_figure, write_json
 from patchdb.networks import NetworkConfig, NetworkScore, build_network
 from patchdb.schedule import alpha_bar_tensor
+from patchdb.settings import differing_keys
 
 NUM_TRAINING_TIMES = 1000
 """Training times are drawn uniformly from {0, 1/1000, ..., 999/1000}."""
@@ -198,9 +199,10 @@ def _resume(run_dir: Path, config: dict, network, optimizer) -> tuple[int, list[
     checkpoint_path = run_dir / CHECKPOINT_FILE
     if not checkpoint_path.exists():
         return 0, []
-    if _resumable_settings(read_config(run_dir)) != _resumable_settings(config):
-        raise PatchdbError(f"{run_dir} holds a run with other settings ({run_dir / CONFIG_FILE}); "
-                           "use a new --out folder, or the same settings to resume it")
+    changed = differing_keys(_resumable_settings(read_config(run_dir)), _resumable_settings(config))
+    if changed:
+        raise PatchdbError(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ from "
+                           f"{run_dir / CONFIG_FILE}); use a new --out folder, or the same settings to resume it")
     checkpoint = _restore(run_dir, network)
     optimizer.load_state_dict(checkpoint["optimizer"])
     return int(checkpoint["batches_done"]), checkpoint["batch_losses"].tolist()

@@ -133,8 +133,13 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     dataset = tiny_dataset(num_images=8, side=8)
     network_config, training_config = tiny_run_configs(epochs=1)
     train_network(tmp_path, dataset, None, network_config, training_config, show_progress=False)
-    with pytest.raises(PatchdbError, match="other settings"):
+    with pytest.raises(PatchdbError, match=r"other settings \(network.width differ from .*config.json\)"):
         train_network(tmp_path, dataset, None, small_config(num_classes=3, width=4), training_config, show_progress=False)
+    other_data = tiny_dataset(num_images=8, side=8, seed=9)
+    with pytest.raises(PatchdbError, match=r"other settings \(network.num_classes, training.learning_rate, dataset.fingerprint "
+                                           r"differ from "):
+        train_network(tmp_path, other_data, None, small_config(), dataclasses.replace(training_config, learning_rate=1e-2),
+                      show_progress=False)
 
 
 def test_damaged_or_missing_runs_give_clear_errors(tmp_path):
