@@ -7,7 +7,7 @@ import click
 from cli.calibrate import gib_to_bytes
 from cli.options import DEVICE, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, machine_data_options, warn_if_unfinished
 from patchdb.comparison import COMPARE_FILE, comparison_scales, resolve_model, run_comparison
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, output_folder
 from patchdb.machines import MACHINES
 from patchdb.networks import PADDINGS
 from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
@@ -45,6 +45,7 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
     check_scale_spec(machine, scale_spec)  # before the network is found (or trained)
     if test_dataset is not None and not single_step:
         raise PatchdbError("--test-dataset is read only with --single-step: add --single-step, or drop --test-dataset")
+    output_folder(out_dir)  # writable, before a network is trained or a schedule calibrated
     run_dir = resolve_model(model, dataset_spec, padding=padding, conditional=conditional, train_missing=train_missing,
                             data_dir=data_dir, device=device, confirm=click.confirm if sys.stdin.isatty() else None)
     warn_if_unfinished(run_dir)

@@ -1,5 +1,5 @@
-"""The one exception type that the command line shows as a message rather than a traceback, and the output folders
-whose creation raises it."""
+"""The one exception type that the command line shows as a message rather than a traceback, and the user's paths and
+output folders whose checks raise it."""
 
 import os
 from pathlib import Path
@@ -18,8 +18,9 @@ def user_path(text: "str | os.PathLike", what: str) -> Path:
                            "give a path without ~, or with an existing user's") from None
 
 
-def output_folder(path: "str | Path", option: str = "--out") -> Path:
-    """path as a Path, created with its parents if need be; a PatchdbError naming option where it cannot be."""
+def output_folder(path: "str | os.PathLike", option: str = "--out") -> Path:
+    """path as a Path, created with its parents if need be and proved writable by creating and removing a
+    file in it; a PatchdbError naming option where it cannot be, raised before any work goes into the outputs."""
     if not str(path).strip():
         raise PatchdbError(f"{option} is empty; give a folder")
     folder = Path(path)
@@ -27,6 +28,13 @@ def output_folder(path: "str | Path", option: str = "--out") -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PatchdbError(f"cannot create the output folder {folder} ({error.strerror}); choose another {option}") from None
+    probe = folder / f".write-probe.{os.getpid()}.tmp"  # named like patchdb.files' temporaries, which builds clear away
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
+        probe.unlink()
+    except OSError as error:
+        raise PatchdbError(f"cannot write in the output folder {folder} ({error.strerror}); "
+                           f"choose another {option}, or make it writable") from None
     return folder
 
 

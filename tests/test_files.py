@@ -1,0 +1,130 @@
+"""Output files and folders: unwritable folders refused before the work, failed writes as messages that keep the
+earlier files."""
+
+import collections
+import errno
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from patchdb.errors import PatchdbError
+from patchdb.files import atomic_path, save_npy
+
+from test_cli import sample, write_npz
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    return f"file:{write_npz(tmp_path_factory.mktemp('data') / 'labelled.npz')}"
+
+
+def command(name: str, spec: str, out) -> list[str]:
+    """Small invocations of every command that writes an output folder (those of a network name a missing one:
+    the folder is refused before the network is looked for)."""
+    return {"sample": ["sample", "--dataset", spec, "--scales", "3", "--steps", "4", "--out", str(out)],
+            "train": ["train", "--dataset", spec, "--epochs", "1", "--out", str(out)],
+            "build-index": ["build-index", "--dataset", spec, "--scales", "3", "--out", str(out)],
+            "calibrate": ["calibrate", "--model", str(out.parent / "no-run"), "--out", str(out / "scales.json")],
+            "compare": ["compare", "--model", str(out.parent / "no-run"), "--out", str(out)]}[name]
+
+
+COMMANDS = ("sample", "train", "build-index", "calibrate", "compare")
+
+
+@pytest.fixture
+def no_run_check(monkeypatch):
+    """calibrate's CLI reads the (here missing) run's progress before the library checks the output folder."""
+    monkeypatch.setattr("cli.calibrate.warn_if_unfinished", lambda run_dir: None)
+
+
+def modes_bind_this_process(folder) -> bool:
+    """Whether a read-only folder refuses this process's files (not for root, whose capabilities override modes)."""
+    probe = folder / "mode-probe"
+    probe.mkdir(mode=0o555)
+    try:
+        (probe / "file").touch()
+    except PermissionError:
+        return True
+    finally:
+        (probe / "file").unlink(missing_ok=True)
+        probe.rmdir()
+    return False
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_a_read_only_output_folder_is_refused_before_any_work(spec, tmp_path, no_run_check, name):
+    if not modes_bind_this_process(tmp_path):
+        pytest.skip("this process writes into read-only folders (root): see the simulated test below")
+    out = tmp_path / "ro"
+    out.mkdir(mode=0o555)
+    result = CliRunner().invoke(main, command(name, spec, out))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: cannot write in the output folder {out} (Permission denied); choose another --out" in result.output
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_an_unwritable_output_folder_is_refused_before_any_work(spec, tmp_path, monkeypatch, no_run_check, name):
+    out = tmp_path / "out"
+    real_open = os.open
+
+    def refusing_open(path, *args, **kwargs):  # what a read-only folder, or one of another user, does
+        if str(path).startswith(str(out)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work began before the output folder was checked")
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    for work in ("patchdb.generate.generate", "patchdb.training._training_step", "patchdb.build.write_settings",
+                 "patchdb.build._build_scale", "patchdb.training.load_network", "cli.compare.resolve_model"):
+        monkeypatch.setattr(work, no_work)
+    result = CliRunner().invoke(main, command(name, spec, out))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: cannot write in the output folder {out} (Permission denied); choose another --out" in result.output
+    assert not [path.name for path in out.iterdir()]  # the probe file is gone
+
+
+def test_a_full_disk_is_a_message_and_keeps_the_earlier_run(spec, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert sample(spec, out, "--num", "2").exit_code == 0
+    earlier = np.load(out / "samples.npy")
+    real_save = np.save
+
+    def disk_fills(file, array, *args, **kwargs):
+        file.write(b"\x93NUMPY partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "save", disk_fills)
+    result = sample(spec, out, "--num", "2", "--seed", "7")
+    monkeypatch.setattr(np, "save", real_save)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert (f"Error: cannot write {out / 'samples.npy'} (No space left on device); free space on its disk or choose "
+            "another --out") in result.output
+    assert np.array_equal(np.load(out / "samples.npy"), earlier)  # the earlier file, whole
+    assert not [path.name for path in out.iterdir() if path.name.endswith(".tmp")]
+    assert not (out / "run.json").exists()  # the folder says that its run was interrupted while writing
+
+
+@pytest.mark.parametrize("failure", [OSError("65536 requested and 10208 written"),  # numpy's short write
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576")])  # torch's
+def test_a_write_that_fails_in_its_own_words_on_a_full_disk_says_so(tmp_path, monkeypatch, failure):
+    path = tmp_path / "a.npy"
+    save_npy(path, np.arange(3))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda folder: usage(100, 100, 0))
+    with pytest.raises(PatchdbError, match=r"^cannot write .*a\.npy \(No space left on device\); free space on its disk"):
+        with atomic_path(path) as temporary:
+            temporary.write_bytes(b"partial")
+            raise failure
+    assert np.load(path).tolist() == [0, 1, 2] and [entry.name for entry in tmp_path.iterdir()] == ["a.npy"]
+
+
+def test_errors_other_than_a_failed_write_pass_through(tmp_path):
+    with pytest.raises(ValueError, match="not a write"):
+        with atomic_path(tmp_path / "a.json"):
+            raise ValueError("not a write")
+    assert not list(tmp_path.iterdir())
