@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from patchdb.data import Dataset
-from patchdb.errors import PatchdbError, output_folder
-from patchdb.files import temporary_writer
+from patchdb.errors import PatchdbError
+from patchdb.files import folder_lock, temporary_writer
 from patchdb.duplicates import BLOCK_ROWS, merge_hashed, row_hashes, unique_rows
 from patchdb.index import (CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_ENTRIES, Partition, Quantizer, flat_index,
                            number_of_clusters)
@@ -69,28 +69,28 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
                              image_shape=tuple(dataset.images.shape[1:]), machine=machine, padding=padding_mode(machine),
                              scales=tuple(scales), labels=labels, cluster_size=cluster_size,
                              min_indexed_entries=min_indexed_entries, merge_duplicates=merge_duplicates)
-    out = output_folder(out)
-    if (out / STORE_FILE).exists():
-        existing = read_settings(out)
-        changed = differing_settings(settings, existing)
-        if changed:
-            raise PatchdbError(f"{out} holds a store built with other settings ({', '.join(changed)} differ); "
-                               f"choose another --out, or delete {out} to rebuild it")
-        settings = existing  # the same build, its data perhaps named otherwise: its scale files carry the stored settings
-    else:
-        write_settings(out, settings, dataset)
-    for temporary in out.glob(".*.tmp"):
-        writer = temporary_writer(temporary)
-        if writer is not None and not _process_alive(writer):  # left by a build that was killed outright
-            temporary.unlink(missing_ok=True)
-    todo = [size for size in scales if _missing_or_stale(out, size, settings)]
-    if len(todo) < len(scales):
-        log.info("resuming %s: patch sizes %s are already built", out, sorted(set(scales) - set(todo)))
-    for patch_size in tqdm(todo, desc="build-index", unit="scale", disable=not progress):
-        _build_scale(dataset, settings, patch_size, out)
-        if callback is not None:
-            callback(patch_size)
-    return PatchStore(out)
+    with folder_lock(out) as out:  # held for the whole build, so that no other command writes there meanwhile
+        if (out / STORE_FILE).exists():
+            existing = read_settings(out)
+            changed = differing_settings(settings, existing)
+            if changed:
+                raise PatchdbError(f"{out} holds a store built with other settings ({', '.join(changed)} differ); "
+                                   f"choose another --out, or delete {out} to rebuild it")
+            settings = existing  # the same build, its data perhaps named otherwise: its scale files carry the stored settings
+        else:
+            write_settings(out, settings, dataset)
+        for temporary in out.glob(".*.tmp"):
+            writer = temporary_writer(temporary)
+            if writer is not None and not _process_alive(writer):  # left by a build that was killed outright
+                temporary.unlink(missing_ok=True)
+        todo = [size for size in scales if _missing_or_stale(out, size, settings)]
+        if len(todo) < len(scales):
+            log.info("resuming %s: patch sizes %s are already built", out, sorted(set(scales) - set(todo)))
+        for patch_size in tqdm(todo, desc="build-index", unit="scale", disable=not progress):
+            _build_scale(dataset, settings, patch_size, out)
+            if callback is not None:
+                callback(patch_size)
+        return PatchStore(out)
 
 
 def _missing_or_stale(out: Path, patch_size: int, settings: StoreSettings) -> bool:

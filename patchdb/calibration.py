@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from patchdb.errors import PatchdbError, output_folder
-from patchdb.files import save_figure, write_json
+from patchdb.files import folder_lock, save_figure, write_json
 from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import full_steps
 
@@ -119,19 +119,19 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     candidates = check_candidates(candidates)
     path = Path(out or Path(run_dir) / "scales.json")
     check_schedule_path(path)
-    output_folder(path.parent)  # before the long run, so that an unusable --out fails fast
-    network = load_network(run_dir, device)
-    dataset = load_training_data(run_dir, data_dir)
-    for size in candidates:  # before the network's trajectories, not after
-        check_patch_size(size, padding_mode(machine), *dataset.images.shape[2:])
-    noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),
-                                  dataset.classes if network.config.conditional else None)
-    options = {} if memory_budget is None else {"memory_budget": memory_budget}
-    result = calibrate_scales(network, make_machine(machine, dataset, device=device, **options), noise, labels, num_steps,
-                              candidates, metric, show_progress)
-    path = write_scales(path, result, machine=machine, metric=metric,
-                        candidates=candidates, model=Path(run_dir).resolve(), seed=seed, model_training=network.training)
-    return path, result
+    with folder_lock(path.parent):  # before the long run, so that an unusable or busy --out fails fast
+        network = load_network(run_dir, device)
+        dataset = load_training_data(run_dir, data_dir)
+        for size in candidates:  # before the network's trajectories, not after
+            check_patch_size(size, padding_mode(machine), *dataset.images.shape[2:])
+        noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),
+                                      dataset.classes if network.config.conditional else None)
+        options = {} if memory_budget is None else {"memory_budget": memory_budget}
+        result = calibrate_scales(network, make_machine(machine, dataset, device=device, **options), noise, labels, num_steps,
+                                  candidates, metric, show_progress)
+        path = write_scales(path, result, machine=machine, metric=metric,
+                            candidates=candidates, model=Path(run_dir).resolve(), seed=seed, model_training=network.training)
+        return path, result
 
 
 def check_run_schedule(path: Path, run_dir: Path, progress: "TrainingProgress", num_steps: int) -> None:

@@ -1,7 +1,11 @@
-"""Atomic output files: each is written under a temporary name beside its destination and renamed into place when
-complete and on disk, so that a run stopped part-way (even by a power cut) never leaves a half-written file (only,
-at worst, a stale temporary, whose name says which process wrote it). A write that fails (a full disk, a folder made
-read-only) is a PatchdbError; it removes its temporary and leaves the file it would have replaced as it was."""
+"""Atomic output files, and output folders locked while a command writes to them.
+
+Each file is written under a temporary name beside its destination and renamed into place when complete and on disk,
+so that a run stopped part-way (even by a power cut) never leaves a half-written file (only, at worst, a stale
+temporary, whose name says which process wrote it). A write that fails (a full disk, a folder made read-only) is a
+PatchdbError; it removes its temporary and leaves the file it would have replaced as it was. A command holds its
+output folder's lock (folder_lock) from before its work until its last file, so that two commands never mix their
+files in one folder."""
 
 import contextlib
 import errno
@@ -14,7 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, output_folder
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): output folders go unlocked
+    fcntl = None
+
+LOCK_FILE = ".patchdb.lock"
+"""The lock file in a folder that a command is writing to: it holds the command's process id, and is removed when the
+command ends (a killed command leaves it behind, unlocked)."""
 
 
 @contextlib.contextmanager
@@ -52,6 +65,51 @@ def write_failure(path: Path, error: Exception) -> PatchdbError | None:
         return None
     fix = "free space on its disk or choose another --out" if code in (errno.ENOSPC, errno.EDQUOT) else "choose another --out"
     return PatchdbError(f"cannot write {path} ({os.strerror(code)}); {fix}")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: "str | os.PathLike") -> Iterator[Path]:
+    """Yield the output folder folder (created and proved writable by patchdb.errors.output_folder) locked
+    for this process: a non-blocking exclusive flock on its LOCK_FILE, held until the block ends. A folder that another
+    command holds is a PatchdbError at once, naming that command's process id."""
+    folder = output_folder(folder)
+    if fcntl is None:
+        yield folder
+        return
+    path = folder / LOCK_FILE
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:  # a lock file that another user's killed command left
+            raise PatchdbError(f"cannot lock {folder} ({error.strerror}: {path}); remove {path} if no command is "
+                               "writing there, or choose another --out") from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
+            raise PatchdbError(f"another patchdb command is writing to {folder} (pid {holder}); "
+                               "wait for it or choose another --out") from None
+        if _same_file(descriptor, path):
+            break
+        os.close(descriptor)  # its holder removed the file between the open and the lock: lock the new one
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        yield folder
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so that no one locks the removed file unawares
+        os.close(descriptor)
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    """Whether the open file descriptor is the file at path (not one that was removed from there)."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def temporary_writer(path: "str | os.PathLike") -> int | None:

@@ -38,8 +38,8 @@ import patchdb
 from patchdb import fused, windows
 from patchdb.data import Dataset, load_dataset
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, check_exact_method
-from patchdb.errors import PatchdbError, output_folder
-from patchdb.files import save_figure, save_npy, save_npz, write_json
+from patchdb.errors import PatchdbError
+from patchdb.files import folder_lock, save_figure, save_npy, save_npz, write_json
 from patchdb.machines import MACHINES, Machine, Posterior, make_machine
 from patchdb.patches import PATCH_MACHINES
 from patchdb.plots import image_grid_figure, provenance_figure
@@ -189,29 +189,29 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     noise, labels = _inputs(config, dataset)
     machine = make_machine(config.machine, dataset, dtype=DTYPES[config.dtype], device=config.device,
                            memory_budget=int(config.memory_budget_gib * GIB), **_backend_options(config, dataset, scales, labels))
-    out = output_folder(config.out)
-    device_labels = None if labels is None else labels.to(config.device)
-    generation = generate(machine, noise.to(device=config.device, dtype=DTYPES[config.dtype]), scales, config.steps,
-                          device_labels, config.loop, progress)
-    _write_outputs(out, dataset, generation, noise.to(DTYPES[config.dtype]), labels)
-    record = {
-        "command": "sample",
-        "arguments": asdict(config),
-        "num_samples": noise.shape[0],
-        "scales": scales,
-        "steps": LOOPS[config.loop](config.steps),
-        "labels": None if labels is None else labels.tolist(),
-        "data": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_images": len(dataset),
-                 "image_shape": list(dataset.images.shape[1:])},
-        "versions": versions(),
-        "device": device_name(config.device),
-        "backend": backend_name(machine),
-        "seconds_per_step": generation.seconds_per_step,
-        "total_seconds": time.perf_counter() - start,
-    }
-    if config.index is not None:
-        record["index_steps"] = index_steps(generation, LOOPS[config.loop](config.steps), scales, config.steps)
-    write_json(out / RUN_FILE, record, indent=2)
+    with folder_lock(config.out) as out:  # held while sampling, so that no other command writes there meanwhile
+        device_labels = None if labels is None else labels.to(config.device)
+        generation = generate(machine, noise.to(device=config.device, dtype=DTYPES[config.dtype]), scales, config.steps,
+                              device_labels, config.loop, progress)
+        _write_outputs(out, dataset, generation, noise.to(DTYPES[config.dtype]), labels)
+        record = {
+            "command": "sample",
+            "arguments": asdict(config),
+            "num_samples": noise.shape[0],
+            "scales": scales,
+            "steps": LOOPS[config.loop](config.steps),
+            "labels": None if labels is None else labels.tolist(),
+            "data": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_images": len(dataset),
+                     "image_shape": list(dataset.images.shape[1:])},
+            "versions": versions(),
+            "device": device_name(config.device),
+            "backend": backend_name(machine),
+            "seconds_per_step": generation.seconds_per_step,
+            "total_seconds": time.perf_counter() - start,
+        }
+        if config.index is not None:
+            record["index_steps"] = index_steps(generation, LOOPS[config.loop](config.steps), scales, config.steps)
+        write_json(out / RUN_FILE, record, indent=2)
     return record
 
 

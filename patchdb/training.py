@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from patchdb.data import (DEFAULT_SPEC, Dataset, is_default_spec, load_dataset, make_dataset, portable_spec, spec_file,
                           user_cache_data_dir)
-from patchdb.errors import PatchdbError, check_readable, output_folder
-from patchdb.files import atomic_path, save_figure, write_json
+from patchdb.errors import PatchdbError, check_readable
+from patchdb.files import atomic_path, folder_lock, save_figure, write_json
 from patchdb.networks import NetworkConfig, NetworkScore, build_network
 from patchdb.schedule import alpha_bar_tensor
 from patchdb.settings import differing_keys
@@ -128,37 +128,37 @@ def train_network(run_dir: str | os.PathLike, dataset: Dataset, dataset_spec: st
                                   weight_decay=training_config.weight_decay)
     batches_per_epoch = math.ceil(len(data) / training_config.batch_size)
     total_batches = training_config.epochs * batches_per_epoch
-    batches_done, batch_losses = _resume(run_dir, config, network, optimizer)
-    if batches_done > total_batches:
-        raise PatchdbError(f"{run_dir} has already trained {batches_done} batches ({batches_done / batches_per_epoch:g} "
-                           f"epochs), more than --epochs {training_config.epochs}; give at least "
-                           f"{math.ceil(batches_done / batches_per_epoch)} epochs, or a new --out folder")
-    output_folder(run_dir)
-    write_json(run_dir / CONFIG_FILE, config)
-    if device.type == "cpu":
-        network = network.to(memory_format=torch.channels_last)  # faster CPU convolutions; same numbers
-    network.train()
-    images = data.images.to(device)
-    labels = data.labels.to(device) if network_config.conditional else None
-    last_save = time.monotonic()
-    bar = tqdm(total=total_batches, initial=batches_done, desc="training", unit="batch", disable=not show_progress)
-    while batches_done < total_batches:
-        epoch, position = divmod(batches_done, batches_per_epoch)
-        order = torch.randperm(len(data), generator=_generator(training_config.seed, "epoch", epoch))
-        batch_index = order[position * training_config.batch_size:(position + 1) * training_config.batch_size].to(device)
-        loss = _training_step(network, optimizer, images[batch_index], None if labels is None else labels[batch_index],
-                              training_config, batches_done, device)
-        batch_losses.append(loss)
-        batches_done += 1
-        bar.update(1)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
-        if batches_done % batches_per_epoch == 0 or batches_done == total_batches or \
-                time.monotonic() - last_save > CHECKPOINT_SECONDS:
-            save_checkpoint(run_dir, network, optimizer, batches_done, batch_losses)
-            last_save = time.monotonic()
-    bar.close()
-    plot_losses(run_dir / LOSS_PLOT_FILE, batch_losses, batches_per_epoch)
-    return NetworkScore(network.to(memory_format=torch.contiguous_format))
+    with folder_lock(run_dir) as run_dir:  # from the resume to the last checkpoint, so that no other command writes there
+        batches_done, batch_losses = _resume(run_dir, config, network, optimizer)
+        if batches_done > total_batches:
+            raise PatchdbError(f"{run_dir} has already trained {batches_done} batches ({batches_done / batches_per_epoch:g} "
+                               f"epochs), more than --epochs {training_config.epochs}; give at least "
+                               f"{math.ceil(batches_done / batches_per_epoch)} epochs, or a new --out folder")
+        write_json(run_dir / CONFIG_FILE, config)
+        if device.type == "cpu":
+            network = network.to(memory_format=torch.channels_last)  # faster CPU convolutions; same numbers
+        network.train()
+        images = data.images.to(device)
+        labels = data.labels.to(device) if network_config.conditional else None
+        last_save = time.monotonic()
+        bar = tqdm(total=total_batches, initial=batches_done, desc="training", unit="batch", disable=not show_progress)
+        while batches_done < total_batches:
+            epoch, position = divmod(batches_done, batches_per_epoch)
+            order = torch.randperm(len(data), generator=_generator(training_config.seed, "epoch", epoch))
+            batch_index = order[position * training_config.batch_size:(position + 1) * training_config.batch_size].to(device)
+            loss = _training_step(network, optimizer, images[batch_index], None if labels is None else labels[batch_index],
+                                  training_config, batches_done, device)
+            batch_losses.append(loss)
+            batches_done += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
+            if batches_done % batches_per_epoch == 0 or batches_done == total_batches or \
+                    time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                save_checkpoint(run_dir, network, optimizer, batches_done, batch_losses)
+                last_save = time.monotonic()
+        bar.close()
+        plot_losses(run_dir / LOSS_PLOT_FILE, batch_losses, batches_per_epoch)
+        return NetworkScore(network.to(memory_format=torch.contiguous_format))
 
 
 def _training_step(network, optimizer, x0: torch.Tensor, labels: torch.Tensor | None,

@@ -1,4 +1,4 @@
-"""Output files and folders: unwritable folders refused before the work, failed writes as messages that keep the
+"""Output files and folders: unwritable or busy folders refused before the work, failed writes as messages that keep the
 earlier files."""
 
 import collections
@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from patchdb.errors import PatchdbError
-from patchdb.files import atomic_path, save_npy
+from patchdb.files import LOCK_FILE, atomic_path, folder_lock, save_npy
 
 from test_cli import sample, write_npz
 
@@ -128,3 +128,28 @@ def test_errors_other_than_a_failed_write_pass_through(tmp_path):
         with atomic_path(tmp_path / "a.json"):
             raise ValueError("not a write")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_a_folder_that_another_command_is_writing_to_is_refused_at_once(spec, tmp_path, monkeypatch, no_run_check, name):
+    out = tmp_path / "busy"
+    monkeypatch.setattr("cli.compare.resolve_model", lambda *args, **kwargs: tmp_path / "no-run")
+    monkeypatch.setattr("cli.compare.warn_if_unfinished", lambda run_dir: None)
+    monkeypatch.setattr("cli.compare.comparison_scales", lambda *args, **kwargs: (None, None))
+    with folder_lock(out):  # another command, as far as the lock can tell: flock locks each open of the file
+        result = CliRunner().invoke(main, command(name, spec, out))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert (f"Error: another patchdb command is writing to {out} (pid {os.getpid()}); wait for it or choose another --out"
+            in result.output)
+    assert not list(out.iterdir())  # nothing written, and the lock gone with its holder
+
+
+def test_the_lock_is_released_at_the_end_even_of_a_failed_command_and_a_stale_lock_file_is_taken(tmp_path):
+    with pytest.raises(ValueError), folder_lock(tmp_path / "out") as out:
+        assert (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        raise ValueError("the command failed")
+    assert not (out / LOCK_FILE).exists()
+    (out / LOCK_FILE).write_text("12345\n")  # left by a killed command, which held no lock any more
+    with folder_lock(out):
+        assert (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert not list(out.iterdir())
