@@ -1,17 +1,15 @@
 """``patchdb calibrate``: fit a machine's locality-scale schedule to a trained network."""
 
-from pathlib import Path
-
 import click
 
-from cli.options import DEVICE, SAMPLE_COUNTS, SEEDS, STEPS, machine_data_options, warn_if_unfinished
+from cli.options import DEVICE, SAMPLE_COUNTS, SEEDS, STEPS, UserPath, machine_data_options, warn_if_unfinished
 from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run
 from patchdb.patches import PATCH_MACHINES
 from patchdb.scales import parse_size_list
 
 
 @click.command("calibrate")
-@click.option("--model", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--model", "run_dir", type=UserPath(file_okay=False), required=True,
               help="Run folder of a trained network (from `patchdb train`).")
 @click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels",
               help="Patch machine whose scale is calibrated (IS and ES have none).")
@@ -23,7 +21,7 @@ from patchdb.scales import parse_size_list
               help="Sample k's noise (and label) come from seed + k; the default stays clear of compare's seeds.")
 @machine_data_options
 @click.option("--device", type=DEVICE, default="cpu", help="torch device for the network and the machine.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=UserPath(dir_okay=False), default=None,
               show_default="RUN_DIR/scales.json", help="Where the schedule's JSON goes (the same name with .png beside it).")
 def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, data_dir, memory_gb, device, out) -> None:
     """Follow the network's reverse trajectories; per step keep the machine patch size whose score best matches it.

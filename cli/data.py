@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 
+from cli.options import UserPath
 from patchdb.data import DATA_ENV_VAR
 from patchdb.fetch import FETCHABLE, default_fetch_dir, fetch_dataset
 
@@ -12,7 +13,7 @@ from patchdb.fetch import FETCHABLE, default_fetch_dir, fetch_dataset
 @click.argument("name", type=click.Choice(FETCHABLE))
 @click.option(
     "--data-dir",
-    type=click.Path(file_okay=False, writable=True, path_type=Path),
+    type=UserPath(file_okay=False, writable=True),
     default=default_fetch_dir,
     show_default=f"${DATA_ENV_VAR} or ~/.cache/patchdb/data",
     help="Root folder of the data sets; the files go to DATA_DIR/NAME/.",

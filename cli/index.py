@@ -2,11 +2,10 @@
 
 import json
 import logging
-from pathlib import Path
 
 import click
 
-from cli.options import DATA_DIR, OUTPUT_FOLDER
+from cli.options import DATA_DIR, OUTPUT_FOLDER, UserPath
 from patchdb.build import build_store
 from patchdb.data import load_dataset
 from patchdb.index import CLUSTER_SIZE, MIN_INDEXED_ENTRIES
@@ -49,7 +48,7 @@ def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster
 
 
 @click.command("info")
-@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store", type=UserPath(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def info(store, as_json) -> None:
     """Print a patch store's settings and sizes."""

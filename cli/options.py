@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from patchdb.engine import DEFAULT_MEMORY_BUDGET
+from patchdb.errors import PatchdbError, user_path
 from patchdb.generate import DEVICES, MAX_SAMPLES
 from patchdb.schedule import MAX_STEPS
 from patchdb.topk import MAX_TOPK
@@ -43,7 +44,24 @@ def warn_if_unfinished(run_dir: Path) -> None:
                    err=True)
 
 
-DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+class UserPath(click.Path):
+    """A path option's type: a Path with ~ and ~user expanded (patchdb.errors.user_path, as the library expands the
+    paths it reads), never an empty string, which would name the current folder; click.Path's checks as given."""
+
+    def __init__(self, **checks):
+        super().__init__(path_type=Path, **checks)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail(f"is empty; give a {'file' if not self.dir_okay else 'folder (. for the current one)'}", param, ctx)
+        try:
+            value = user_path(value, "path")
+        except PatchdbError as error:
+            self.fail(str(error), param, ctx)
+        return super().convert(value, param, ctx)
+
+
+DATA_DIR = click.option("--data-dir", type=UserPath(file_okay=False), default=None,
                         help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
 """--data-dir: where named data sets are looked for first."""
 
@@ -57,19 +75,8 @@ def machine_data_options(command):
     return DATA_DIR(command)
 
 
-class OutputFolder(click.Path):
-    """--out: a folder path (a Path), not an empty string, which would name the current folder."""
-
-    def __init__(self):
-        super().__init__(file_okay=False, path_type=Path)
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
-            self.fail("is empty; give a folder (. for the current one)", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-OUTPUT_FOLDER = OutputFolder()
+OUTPUT_FOLDER = UserPath(file_okay=False)
+"""--out of the commands that write a folder."""
 
 
 class TopK(click.ParamType):

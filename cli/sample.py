@@ -1,10 +1,9 @@
 """``patchdb sample``: draw images from an analytic machine, with their patch provenance."""
 
-from pathlib import Path
-
 import click
 
-from cli.options import DATA_DIR, DEVICE, MAX_MEMORY_GIB, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, TopK, finite
+from cli.options import (DATA_DIR, DEVICE, MAX_MEMORY_GIB, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, TopK, UserPath,
+                         finite)
 from patchdb.data import MAX_CLASSES
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
@@ -30,7 +29,7 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
 @click.option("--label", type=click.IntRange(min=0, max=MAX_CLASSES - 1), default=None,
               help="Class of every sample (only that class's training images are used).")
 @click.option("--conditional", is_flag=True, help="Draw one class per sample from its seed (excludes --label).")
-@click.option("--noise", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--noise", type=UserPath(dir_okay=False), default=None,
               help="An (N, C, H, W) float .npy used as the starting noise instead of drawing it from --seed.")
 @click.option("--loop", type=click.Choice(tuple(LOOPS)), default="machine",
               help="machine: t = (n-1)/n ... 1/n, as the authors ran the machines; full: t = 1 ... 1/n.")
@@ -44,7 +43,7 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
                    "windows (sliding-window correlations, compiled, CPU), "
                    "products (matrix products of patches, any device), fused (product and softmax in one kernel: CUDA, Triton), "
                    "auto (windows on a CPU, fused on a GPU in float32). The same posterior.")
-@click.option("--index", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--index", type=UserPath(file_okay=False), default=None,
               help="A patch store from `patchdb build-index`: use the top-k backend on its dictionaries (default: exact).")
 @click.option("--topk", type=TopK(), default="auto", show_default=True,
               help="With --index: most dictionary entries a pixel scores exactly before it falls back; auto: "

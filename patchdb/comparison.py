@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, user_path
 from patchdb.files import folder_lock, save_figure, save_npz, write_json
 from patchdb.generate import seeded_inputs
 from patchdb.sampler import ScoreModel, sample_ddim
@@ -324,7 +324,7 @@ def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str |
     from patchdb.training import cached_run_dir, is_trained, read_config, read_network_config, train_cached
 
     if model not in ARCHITECTURES:
-        run_dir = Path(model)
+        run_dir = user_path(model, "--model")
         if train_missing:
             raise PatchdbError(f"--train trains the cached {' or '.join(ARCHITECTURES)} network; {run_dir} is a run folder, "
                                "trained with `patchdb train`: drop --train")

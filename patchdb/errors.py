@@ -19,11 +19,12 @@ def user_path(text: "str | os.PathLike", what: str) -> Path:
 
 
 def output_folder(path: "str | os.PathLike", option: str = "--out") -> Path:
-    """path as a Path, created with its parents if need be and proved writable by creating and removing a
-    file in it; a PatchdbError naming option where it cannot be, raised before any work goes into the outputs."""
+    """path as a Path (~ expanded, patchdb.errors.user_path), created with its parents if need be and proved writable by
+    creating and removing a file in it; a PatchdbError naming option where it cannot be, raised before any work goes into
+    the outputs."""
     if not str(path).strip():
         raise PatchdbError(f"{option} is empty; give a folder")
-    folder = Path(path)
+    folder = user_path(path, option)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -69,7 +69,7 @@ def write_failure(path: Path, error: Exception) -> PatchdbError | None:
 
 @contextlib.contextmanager
 def folder_lock(folder: "str | os.PathLike") -> Iterator[Path]:
-    """Yield the output folder folder (created and proved writable by patchdb.errors.output_folder) locked
+    """Yield the output folder folder (~ expanded, created and proved writable by patchdb.errors.output_folder) locked
     for this process: a non-blocking exclusive flock on its LOCK_FILE, held until the block ends. A folder that another
     command holds is a PatchdbError at once, naming that command's process id."""
     folder = output_folder(folder)

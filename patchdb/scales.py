@@ -10,7 +10,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from patchdb.errors import PatchdbError
+from patchdb.errors import PatchdbError, user_path
 from patchdb.data import IMAGE_SIZE
 from patchdb.patches import MAX_PATCH_SIZE, PATCH_MACHINES
 
@@ -34,10 +34,10 @@ def parse_scales(spec: str | int, num_steps: int, machine: str | None = None) ->
     if spec.startswith("paper:"):
         return check_scales(_paper_preset(spec), num_steps, source=spec)
     if spec.startswith("calibrated:"):
-        run_dir = Path(spec.removeprefix("calibrated:"))
+        run_dir = user_path(spec.removeprefix("calibrated:"), "--scales calibrated:")
         return _read_scale_file(run_dir / "scales.json", num_steps, machine, run_dir)
     if spec.endswith(".json"):
-        return _read_scale_file(Path(spec), num_steps, machine)
+        return _read_scale_file(user_path(spec, "--scales"), num_steps, machine)
     try:
         sizes = [int(item) for item in spec.split(",")]
     except ValueError:

@@ -268,3 +268,36 @@ def test_sample_on_the_gpu_gives_the_cpu_batch(batch, data_specs, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "indexed-gpu" / "samples.npy"),
                                np.load(tmp_path / "indexed-cpu" / "samples.npy"), atol=1e-6)
     assert np.array_equal(np.load(tmp_path / "indexed-gpu" / "paths.npy"), np.load(tmp_path / "indexed-cpu" / "paths.npy"))
+
+
+def test_every_path_option_expands_the_home_folder(tmp_path, monkeypatch):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    write_npz(home / "labelled.npz")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    spec = "file:~/labelled.npz"
+    runs = [sample(spec, "~/s", "--num", "2"),
+            CliRunner().invoke(main, ["build-index", "--dataset", spec, "--scales", "3", "--out", "~/st"]),
+            CliRunner().invoke(main, ["info", "~/st"]),
+            sample(spec, "~/t", "--noise", "~/s/noise.npy", "--index", "~/st", "--data-dir", "~"),
+            CliRunner().invoke(main, ["train", "--dataset", spec, "--epochs", "1", "--out", "~/tr"]),
+            CliRunner().invoke(main, ["calibrate", "--model", "~/tr", "--candidates", "3", "--samples", "1", "--steps", "2",
+                                      "--out", "~/tr/sc.json"]),
+            CliRunner().invoke(main, ["compare", "--model", "~/tr", "--scales", "~/tr/sc.json", "--steps", "2", "--num", "1",
+                                      "--out", "~/c"])]
+    for result in runs:
+        assert result.exit_code == 0, result.output
+    assert all((home / name).is_dir() for name in ("s", "st", "t", "tr", "c")) and not list(work.iterdir())
+    assert (home / "tr" / "sc.json").is_file() and np.array_equal(np.load(home / "t" / "noise.npy"),
+                                                                   np.load(home / "s" / "noise.npy"))
+
+
+@pytest.mark.parametrize("arguments", [["fetch-data", "mnist", "--data-dir", ""], ["sample", "--data-dir", "", "--out", "s"],
+                                       ["sample", "--noise", " ", "--out", "s"], ["info", ""]])
+def test_an_empty_path_is_refused(tmp_path, monkeypatch, arguments):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2 and "is empty; give a" in result.output
+    assert not list(tmp_path.iterdir())
