@@ -52,11 +52,13 @@ def atomic_path(path: "str | os.PathLike") -> Iterator[Path]:
 
 
 def write_failure(path: Path, error: Exception) -> PatchdbError | None:
-    """The PatchdbError saying that path could not be written, where error is a failed write: an OSError, or any error
-    while the disk is full (numpy and torch report a full disk in their own words, without an errno); None otherwise.
-    Called before the temporary is removed, so that the disk it filled is still full."""
-    if isinstance(error, OSError) and error.errno is not None:
-        code = error.errno
+    """The PatchdbError saying that path could not be written, where error is a failed write: an OSError, an error raised
+    while handling one (torch's RuntimeError around a Python file's), or any error while the disk is full (numpy reports
+    a full disk in its own words, without an errno); None otherwise. Called before the temporary is removed, so that
+    the disk it filled is still full."""
+    cause = next((link for link in _error_chain(error) if isinstance(link, OSError) and link.errno is not None), None)
+    if cause is not None:
+        code = cause.errno
     elif shutil.disk_usage(path.parent).free == 0:
         code = errno.ENOSPC
     elif isinstance(error, OSError):
@@ -65,6 +67,13 @@ def write_failure(path: Path, error: Exception) -> PatchdbError | None:
         return None
     fix = "free space on its disk or choose another --out" if code in (errno.ENOSPC, errno.EDQUOT) else "choose another --out"
     return PatchdbError(f"cannot write {path} ({os.strerror(code)}); {fix}")
+
+
+def _error_chain(error: BaseException) -> Iterator[BaseException]:
+    """error, then the errors it was raised from or while handling."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 @contextlib.contextmanager

@@ -223,8 +223,8 @@ def save_checkpoint(run_dir: Path, network, optimizer, batches_done: int, batch_
         "batches_done": batches_done,
         "batch_losses": torch.tensor(batch_losses, dtype=torch.float32),
     }
-    with atomic_path(run_dir / CHECKPOINT_FILE) as temporary:
-        torch.save(state, temporary)
+    with atomic_path(run_dir / CHECKPOINT_FILE) as temporary, temporary.open("wb") as file:
+        torch.save(state, file)  # through a Python file, whose OSError (a full disk) torch's error keeps as its context
 
 
 def _load_checkpoint(path: Path) -> dict:

@@ -153,3 +153,15 @@ def test_the_lock_is_released_at_the_end_even_of_a_failed_command_and_a_stale_lo
     with folder_lock(out):
         assert (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"
     assert not list(out.iterdir())
+
+
+def test_an_error_raised_while_handling_a_failed_write_says_why(tmp_path):
+    """torch.save through a Python file: its RuntimeError keeps the file's OSError (here a quota, which leaves the disk
+    with free space) as its context."""
+    with pytest.raises(PatchdbError, match=r"checkpoint\.pt \(Disk quota exceeded\); free space on its disk"):
+        with atomic_path(tmp_path / "checkpoint.pt"):
+            try:
+                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+    assert not list(tmp_path.iterdir())
