@@ -62,7 +62,8 @@ def main(label, queries, settings, seed):
             reference = exact.posterior(x, t, patch_size=patch_size).mean
             for setting in settings:
                 indexed = make_machine("bbels", dataset, store=store,
-                                       backend=TopKBackend(seed=seed, **({} if setting == "defaults" else parse_setting(setting))))
+                                       backend=TopKBackend(seed=seed, **({} if setting == "defaults"
+                                                                         else parse_setting(setting))))
                 posterior = indexed.posterior(x, t, patch_size=patch_size)
                 reported = (indexed.take_report()["estimate_standard_error"] or {}).get("max")
                 estimated = posterior.path == PATHS.index("estimated")

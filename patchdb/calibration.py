@@ -160,23 +160,20 @@ def check_run_schedule(path: Path, run_dir: Path, progress: "TrainingProgress", 
 
 def check_schedule_path(path: Path) -> None:
     """PatchdbError unless write_scales may write a schedule at path (FILE.json) and its plot beside it (FILE.png):
-    not a name that another command writes (even where absent), not over a file that is not a schedule, and not over
-    a FILE.png without its schedule."""
-    from patchdb.comparison import COMPARE_FILE
-    from patchdb.generate import RUN_FILE
+    neither may be a name that another command writes (even where absent), nor the schedule replace a file that is
+    not one."""
+    from patchdb.comparison import COMPARE_FILE, COMPARE_PLOTS
+    from patchdb.generate import RUN_FILE, SAMPLE_PLOTS
     from patchdb.training import CONFIG_FILE, LOSS_PLOT_FILE
 
-    taken = (CONFIG_FILE, f"{Path(LOSS_PLOT_FILE).stem}.json", RUN_FILE, COMPARE_FILE)
+    taken = (CONFIG_FILE, RUN_FILE, COMPARE_FILE,
+             *(str(Path(plot).with_suffix(".json")) for plot in (LOSS_PLOT_FILE, *SAMPLE_PLOTS, *COMPARE_PLOTS)))
     if path.suffix != ".json" or path.name in taken:
         raise PatchdbError(f"--out {path}: name the schedule FILE.json (its plot goes beside it as FILE.png), and not "
-                           f"{', '.join(taken)}, which other commands write")
+                           f"{', '.join(taken)}, which would overwrite other commands' files")
     if path.exists() and not is_schedule(path):
         raise PatchdbError(f"--out {path} exists and is not a schedule written by `patchdb calibrate`; choose another "
                            "--out, or delete the file")
-    plot = path.with_suffix(".png")
-    if plot.exists() and not path.exists():
-        raise PatchdbError(f"--out {path}: {plot} exists without that schedule, so it is not its plot; choose another "
-                           "--out, or delete the picture")
 
 
 def is_schedule(path: Path) -> bool:

@@ -30,6 +30,8 @@ from patchdb.schedule import alpha_bar, beta, full_steps, machine_steps
 STATISTICS = ("pearson_r", "r_squared", "mse")
 COMPARE_FILE = "compare.json"
 """The record of a comparison, written last."""
+COMPARE_PLOTS = ("scatter.png", "pairs.png", "single_step.png")
+"""The pictures compare writes beside COMPARE_FILE."""
 
 
 def image_statistics(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -53,6 +53,8 @@ from patchdb.topk import (DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFA
 DEFAULT_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
 RUN_FILE = "run.json"
 """The record of a sample run, written last."""
+SAMPLE_PLOTS = ("grid.png", "provenance.png")
+"""The pictures sample writes beside RUN_FILE."""
 LOOPS = {"machine": machine_steps, "full": full_steps}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda")

@@ -93,7 +93,7 @@ def test_unknown_metric_is_refused():
 
 def test_calibrate_writes_only_over_its_own_schedules(tmp_path):
     """--out may replace a schedule that calibrate wrote (and its plot), never another command's record (run.json,
-    compare.json, config.json, loss.json even where absent), another file, or a picture without its schedule."""
+    compare.json, config.json, FILE.json of another command's FILE.png, even where absent) or another file."""
     from click.testing import CliRunner
     from cli.main import main
     from patchdb.networks import NetworkConfig
@@ -109,13 +109,16 @@ def test_calibrate_writes_only_over_its_own_schedules(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"scales": KNOWN}))
     (tmp_path / "broken.json").write_text("{")
     (tmp_path / "grid.png").write_bytes(b"a sample run's picture")
-    for name, message in (("run.json", "which other commands write"), ("compare.json", "which other commands write"),
+    overwrite = "which would overwrite other commands' files"
+    for name, message in (("run.json", overwrite), ("compare.json", overwrite),
                           ("other.json", "exists and is not a schedule written by `patchdb calibrate`"),
                           ("broken.json", "exists and is not a schedule"),
-                          ("grid.json", "grid.png exists without that schedule")):
+                          ("grid.json", overwrite)):
         with pytest.raises(PatchdbError, match=re.escape(message)):
             check_schedule_path(tmp_path / name)
         outcome = CliRunner().invoke(main, ["calibrate", "--model", str(tmp_path / "run"), "--out", str(tmp_path / name)])
         assert outcome.exit_code == 1 and message in outcome.output, outcome.output
     assert json.loads((tmp_path / "other.json").read_text()) == {"scales": KNOWN}
     assert (tmp_path / "grid.png").read_bytes() == b"a sample run's picture"
+    (tmp_path / "scales.json").unlink()
+    check_schedule_path(tmp_path / "scales.json")  # a plot left alone by its deleted schedule is calibrate's to replace
