@@ -6,8 +6,8 @@ import click
 
 from cli.calibrate import gib_to_bytes
 from cli.options import DEVICE, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, machine_data_options, warn_if_unfinished
-from patchdb.comparison import COMPARE_FILE, comparison_scales, resolve_model, run_comparison
-from patchdb.errors import PatchdbError, output_folder
+from patchdb.comparison import COMPARE_FILE, compare_model
+from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES
 from patchdb.networks import PADDINGS
 from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
@@ -45,16 +45,12 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
     check_scale_spec(machine, scale_spec)  # before the network is found (or trained)
     if test_dataset is not None and not single_step:
         raise PatchdbError("--test-dataset is read only with --single-step: add --single-step, or drop --test-dataset")
-    output_folder(out_dir)  # writable, before a network is trained or a schedule calibrated
-    run_dir = resolve_model(model, dataset_spec, padding=padding, conditional=conditional, train_missing=train_missing,
-                            data_dir=data_dir, device=device, confirm=click.confirm if sys.stdin.isatty() else None)
-    warn_if_unfinished(run_dir)
-    scale_spec, scales = comparison_scales(run_dir, machine, scale_spec, num_steps, data_dir=data_dir, device=device,
-                                           memory_budget=gib_to_bytes(memory_gb), announce=click.echo)
-    report = run_comparison(run_dir, out_dir, machine=machine, scales=scales, scales_source=scale_spec,
-                            num_steps=num_steps, num=num, seed=seed, batch_size=batch_size,
-                            test_dataset=test_dataset, single_step=single_step, data_dir=data_dir, device=device,
-                            memory_budget=gib_to_bytes(memory_gb))
+    report = compare_model(model, out_dir, dataset_spec=dataset_spec, padding=padding, conditional=conditional,
+                           train_missing=train_missing, machine=machine, scale_spec=scale_spec, num_steps=num_steps,
+                           data_dir=data_dir, device=device, memory_budget=gib_to_bytes(memory_gb),
+                           confirm=click.confirm if sys.stdin.isatty() else None, announce=click.echo,
+                           on_run=warn_if_unfinished, num=num, seed=seed, batch_size=batch_size,
+                           test_dataset=test_dataset, single_step=single_step)
     summary = report["summary"]
     for name, values in summary.items():
         r = values["pearson_r"]

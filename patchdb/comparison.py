@@ -242,76 +242,109 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     memory_budget: the machines' memory bound in bytes (None: their default). Every file is written after all the
     sampling, compare.json last (removed first), so that a folder without it holds an interrupted run. Returns the
     content of compare.json."""
+    with folder_lock(out_dir) as out_dir:
+        return _compare(run_dir, out_dir, machine=machine, scales=scales, scales_source=scales_source,
+                        num_steps=num_steps, num=num, seed=seed, batch_size=batch_size, test_dataset=test_dataset,
+                        single_step=single_step, data_dir=data_dir, device=device, memory_budget=memory_budget,
+                        show_progress=show_progress)
+
+
+def compare_model(model: str, out_dir: str | os.PathLike, *, dataset_spec: str | None = None, padding: str | None = None,
+                  conditional: bool | None = None, train_missing: bool = False, machine: str = "bbels",
+                  scale_spec: str | None = None, num_steps: int = 20, data_dir=None, device: str = "cpu",
+                  memory_budget: int | None = None, confirm: Callable[[str], bool] | None = None,
+                  announce: Callable[[str], None] | None = None, on_run: Callable[[Path], None] | None = None,
+                  **options) -> dict:
+    """`patchdb compare`: the run that model names (resolve_model; trained first where asked), its machine's schedule
+    (comparison_scales; calibrated first where missing) and their comparison (run_comparison, whose other options
+    options holds), with out_dir locked throughout, so that a folder another command is writing to is refused before
+    any training or calibration. on_run(run_dir) is called once the run is found. Returns the content of compare.json."""
+    with folder_lock(out_dir) as out_dir:
+        run_dir = resolve_model(model, dataset_spec, padding=padding, conditional=conditional,
+                                train_missing=train_missing, data_dir=data_dir, device=device, confirm=confirm)
+        if on_run is not None:
+            on_run(run_dir)
+        scales_source, scales = comparison_scales(run_dir, machine, scale_spec, num_steps, data_dir=data_dir,
+                                                  device=device, memory_budget=memory_budget, announce=announce)
+        return _compare(run_dir, out_dir, machine=machine, scales=scales, scales_source=scales_source,
+                        num_steps=num_steps, data_dir=data_dir, device=device, memory_budget=memory_budget, **options)
+
+
+def _compare(run_dir: str | os.PathLike, out_dir: Path, *, machine: str = "bbels",
+             scales: list[int] | None, scales_source: str | None, num_steps: int = 20, num: int = 100, seed: int = 0,
+             batch_size: int = 10, test_dataset: str | None = None, single_step: bool = False,
+             data_dir=None, device: str = "cpu", memory_budget: int | None = None,
+             show_progress: bool = True) -> dict:
+    """run_comparison into out_dir, a folder this process holds locked."""
     import patchdb
     from patchdb.data import load_dataset
     from patchdb.gaussian import GaussianScore
     from patchdb.machines import make_machine
     from patchdb.training import load_network, load_training_data, read_config
 
-    with folder_lock(out_dir) as out_dir:  # held while comparing, so that no other command writes there
-        config = read_config(run_dir)
-        network = load_network(run_dir, device)
-        dataset = load_training_data(run_dir, data_dir)
-        conditional = network.config.conditional
-        held_out = None
-        if single_step:  # found before the long sampling, so a missing test set fails fast
-            held_out = load_dataset(test_dataset or held_out_spec(config["dataset"]["spec"], num), data_dir)
-            if held_out.images.shape[1:] != dataset.images.shape[1:]:
-                raise PatchdbError(f"the held-out images of {held_out.name!r} are {tuple(held_out.images.shape[1:])} but the "
-                                   f"network was trained on {tuple(dataset.images.shape[1:])}; choose a --test-dataset of "
-                                   "that shape")
-            if conditional and held_out.labels is None:
-                raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
-            if conditional:  # a class the training images lack (beyond num_classes or not) has no dictionary, no embedding
-                absent = sorted(set(held_out.labels[:num].tolist()) - set(dataset.classes.tolist()))
-                if absent:
-                    raise PatchdbError(f"the held-out data set {held_out.name!r} has labels {absent} that the network's training "
-                                       f"images lack (they hold {dataset.classes.tolist()}; the network has "
-                                       f"{network.config.num_classes} classes); "
-                                       "choose a --test-dataset of those classes")
-        noise, labels = seeded_inputs(seed, num, tuple(dataset.images.shape[1:]), dataset.classes if conditional else None)
-        options = {"device": device} if memory_budget is None else {"device": device, "memory_budget": memory_budget}
-        models = {machine: (make_machine(machine, dataset, **options), scales)}
-        if machine != "is":
-            models["is"] = (make_machine("is", dataset, **options), None)
-        models["gaussian"] = (GaussianScore(dataset), None)
-        result = compare_models(network, models, noise, labels, num_steps, batch_size=batch_size, show_progress=show_progress)
-        stats = result["statistics"]
-        seeds = list(range(seed, seed + num))
-        report = {
-            "model": str(run_dir), "network": config["network"], "training": network.training._asdict(),
-            "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_images": len(dataset)},
-            "machine": machine, "scales": scales, "scales_source": scales_source,
-            "scale_convention": "entry i is the patch size at t = i/n",
-            "num_steps": num_steps, "num": num, "seed": seed, "conditional": conditional,
-            "loops": {"network": "full (t = 1 ... 1/n)", "machines": "machine (t = (n-1)/n ... 1/n)"},
-            "seconds": result["seconds"],
-            **comparison_summary(result, machine),
-            "per_seed": [{"seed": s, "label": None if labels is None else int(labels[k]),
-                          **{key: {name: float(stats[name][key][k]) for name in stats} for key in STATISTICS}}
-                         for k, s in enumerate(seeds)],
-            "versions": {"patchdb": patchdb.__version__, "torch": torch.__version__},
-        }
-        if held_out is not None:
-            held_out_labels = held_out.labels if conditional else None
-            agreement = single_step_agreement(network, models, held_out.images[:num], None if held_out_labels is None
-                                              else held_out_labels[:num], num_steps, seed, batch_size=batch_size,
-                                              show_progress=show_progress)
-            report["single_step"] = {"dataset": held_out.name, **agreement}
-        # compare.json goes last: a folder without it holds a run interrupted while writing its files
-        (out_dir / COMPARE_FILE).unlink(missing_ok=True)
-        save_arrays(out_dir / "outputs.npz", {"noise": noise, "labels": labels, **result["images"]})
-        if "is" in stats:
-            plot_scatter(out_dir / "scatter.png", stats[machine]["pearson_r"], stats["is"]["pearson_r"], machine)
-        else:
-            (out_dir / "scatter.png").unlink(missing_ok=True)
-        plot_pairs(out_dir / "pairs.png", result["images"][machine], result["images"]["network"],
-                   stats[machine]["pearson_r"], seeds, machine)
-        if held_out is not None:
-            plot_single_step(out_dir / "single_step.png", agreement)
-        else:
-            (out_dir / "single_step.png").unlink(missing_ok=True)  # an earlier run's would not belong to these results
-        write_json(out_dir / COMPARE_FILE, report)
+    config = read_config(run_dir)
+    network = load_network(run_dir, device)
+    dataset = load_training_data(run_dir, data_dir)
+    conditional = network.config.conditional
+    held_out = None
+    if single_step:  # found before the long sampling, so a missing test set fails fast
+        held_out = load_dataset(test_dataset or held_out_spec(config["dataset"]["spec"], num), data_dir)
+        if held_out.images.shape[1:] != dataset.images.shape[1:]:
+            raise PatchdbError(f"the held-out images of {held_out.name!r} are {tuple(held_out.images.shape[1:])} but the "
+                               f"network was trained on {tuple(dataset.images.shape[1:])}; choose a --test-dataset of "
+                               "that shape")
+        if conditional and held_out.labels is None:
+            raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
+        if conditional:  # a class the training images lack (beyond num_classes or not) has no dictionary, no embedding
+            absent = sorted(set(held_out.labels[:num].tolist()) - set(dataset.classes.tolist()))
+            if absent:
+                raise PatchdbError(f"the held-out data set {held_out.name!r} has labels {absent} that the network's training "
+                                   f"images lack (they hold {dataset.classes.tolist()}; the network has "
+                                   f"{network.config.num_classes} classes); "
+                                   "choose a --test-dataset of those classes")
+    noise, labels = seeded_inputs(seed, num, tuple(dataset.images.shape[1:]), dataset.classes if conditional else None)
+    options = {"device": device} if memory_budget is None else {"device": device, "memory_budget": memory_budget}
+    models = {machine: (make_machine(machine, dataset, **options), scales)}
+    if machine != "is":
+        models["is"] = (make_machine("is", dataset, **options), None)
+    models["gaussian"] = (GaussianScore(dataset), None)
+    result = compare_models(network, models, noise, labels, num_steps, batch_size=batch_size, show_progress=show_progress)
+    stats = result["statistics"]
+    seeds = list(range(seed, seed + num))
+    report = {
+        "model": str(run_dir), "network": config["network"], "training": network.training._asdict(),
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_images": len(dataset)},
+        "machine": machine, "scales": scales, "scales_source": scales_source,
+        "scale_convention": "entry i is the patch size at t = i/n",
+        "num_steps": num_steps, "num": num, "seed": seed, "conditional": conditional,
+        "loops": {"network": "full (t = 1 ... 1/n)", "machines": "machine (t = (n-1)/n ... 1/n)"},
+        "seconds": result["seconds"],
+        **comparison_summary(result, machine),
+        "per_seed": [{"seed": s, "label": None if labels is None else int(labels[k]),
+                      **{key: {name: float(stats[name][key][k]) for name in stats} for key in STATISTICS}}
+                     for k, s in enumerate(seeds)],
+        "versions": {"patchdb": patchdb.__version__, "torch": torch.__version__},
+    }
+    if held_out is not None:
+        held_out_labels = held_out.labels if conditional else None
+        agreement = single_step_agreement(network, models, held_out.images[:num], None if held_out_labels is None
+                                          else held_out_labels[:num], num_steps, seed, batch_size=batch_size,
+                                          show_progress=show_progress)
+        report["single_step"] = {"dataset": held_out.name, **agreement}
+    # compare.json goes last: a folder without it holds a run interrupted while writing its files
+    (out_dir / COMPARE_FILE).unlink(missing_ok=True)
+    save_arrays(out_dir / "outputs.npz", {"noise": noise, "labels": labels, **result["images"]})
+    if "is" in stats:
+        plot_scatter(out_dir / "scatter.png", stats[machine]["pearson_r"], stats["is"]["pearson_r"], machine)
+    else:
+        (out_dir / "scatter.png").unlink(missing_ok=True)
+    plot_pairs(out_dir / "pairs.png", result["images"][machine], result["images"]["network"],
+               stats[machine]["pearson_r"], seeds, machine)
+    if held_out is not None:
+        plot_single_step(out_dir / "single_step.png", agreement)
+    else:
+        (out_dir / "single_step.png").unlink(missing_ok=True)  # an earlier run's would not belong to these results
+    write_json(out_dir / COMPARE_FILE, report)
     return report
 
 

@@ -80,7 +80,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(spec, tmp_path, 
 
     monkeypatch.setattr(os, "open", refusing_open)
     for work in ("patchdb.generate.generate", "patchdb.training._training_step", "patchdb.build.write_settings",
-                 "patchdb.build._build_scale", "patchdb.training.load_network", "cli.compare.resolve_model"):
+                 "patchdb.build._build_scale", "patchdb.training.load_network", "patchdb.comparison.resolve_model"):
         monkeypatch.setattr(work, no_work)
     result = CliRunner().invoke(main, command(name, spec, out))
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
@@ -133,9 +133,12 @@ def test_errors_other_than_a_failed_write_pass_through(tmp_path):
 @pytest.mark.parametrize("name", COMMANDS)
 def test_a_folder_that_another_command_is_writing_to_is_refused_at_once(spec, tmp_path, monkeypatch, no_run_check, name):
     out = tmp_path / "busy"
-    monkeypatch.setattr("cli.compare.resolve_model", lambda *args, **kwargs: tmp_path / "no-run")
-    monkeypatch.setattr("cli.compare.warn_if_unfinished", lambda run_dir: None)
-    monkeypatch.setattr("cli.compare.comparison_scales", lambda *args, **kwargs: (None, None))
+
+    def no_work(*args, **kwargs):  # compare's training and calibration come after the lock, not before
+        raise AssertionError("the work began before the output folder was locked")
+
+    monkeypatch.setattr("patchdb.comparison.resolve_model", no_work)
+    monkeypatch.setattr("patchdb.comparison.comparison_scales", no_work)
     with folder_lock(out):  # another command, as far as the lock can tell: flock locks each open of the file
         result = CliRunner().invoke(main, command(name, spec, out))
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
