@@ -119,7 +119,8 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     candidates = check_candidates(candidates)
     path = Path(out or Path(run_dir) / "scales.json")
     check_schedule_path(path)
-    with folder_lock(path.parent):  # before the long run, so that an unusable or busy --out fails fast
+    # before the long run, so that an unusable or busy --out fails fast; the file alone, as train may hold its folder
+    with folder_lock(path.parent, path.name):
         network = load_network(run_dir, device)
         dataset = load_training_data(run_dir, data_dir)
         for size in candidates:  # before the network's trajectories, not after

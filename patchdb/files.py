@@ -46,7 +46,7 @@ def atomic_path(path: "str | os.PathLike") -> Iterator[Path]:
         failure = write_failure(path, error)
         if failure is None:
             raise
-        raise failure from None
+        raise failure from error
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -59,7 +59,7 @@ def write_failure(path: Path, error: Exception) -> PatchdbError | None:
     cause = next((link for link in _error_chain(error) if isinstance(link, OSError) and link.errno is not None), None)
     if cause is not None:
         code = cause.errno
-    elif shutil.disk_usage(path.parent).free == 0:
+    elif isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(path.parent).free == 0:
         code = errno.ENOSPC
     elif isinstance(error, OSError):
         return PatchdbError(f"cannot write {path} ({error}); choose another --out")
@@ -70,22 +70,25 @@ def write_failure(path: Path, error: Exception) -> PatchdbError | None:
 
 
 def _error_chain(error: BaseException) -> Iterator[BaseException]:
-    """error, then the errors it was raised from or while handling."""
+    """error, then the errors it was raised from or while handling (not those it suppressed: raise ... from None)."""
     while error is not None:
         yield error
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
 
 
 @contextlib.contextmanager
-def folder_lock(folder: "str | os.PathLike") -> Iterator[Path]:
+def folder_lock(folder: "str | os.PathLike", file: str | None = None) -> Iterator[Path]:
     """Yield the output folder folder (~ expanded, created and proved writable by patchdb.errors.output_folder) locked
-    for this process: a non-blocking exclusive flock on its LOCK_FILE, held until the block ends. A folder that another
-    command holds is a PatchdbError at once, naming that command's process id."""
+    for this process: a non-blocking exclusive flock on its LOCK_FILE, held until the block ends; with file, the lock
+    of that one file in it (.FILE.lock), for a command that writes one file into a folder that another may hold (a
+    schedule into a run folder in training). A folder (or file) that another command holds is a PatchdbError at once,
+    naming that command's process id."""
     folder = output_folder(folder)
     if fcntl is None:
         yield folder
         return
-    path = folder / LOCK_FILE
+    path = folder / (LOCK_FILE if file is None else f".{file}.lock")
+    target = folder if file is None else folder / file
     while True:
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -97,14 +100,21 @@ def folder_lock(folder: "str | os.PathLike") -> Iterator[Path]:
         except BlockingIOError:
             holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
             os.close(descriptor)
-            raise PatchdbError(f"another patchdb command is writing to {folder} (pid {holder}); "
+            raise PatchdbError(f"another patchdb command is writing to {target} (pid {holder}); "
                                "wait for it or choose another --out") from None
+        except OSError as error:  # a file system without locks (ENOLCK on some network mounts)
+            os.close(descriptor)
+            path.unlink(missing_ok=True)
+            raise PatchdbError(f"cannot lock {target} ({error.strerror}); choose another --out") from None
         if _same_file(descriptor, path):
             break
         os.close(descriptor)  # its holder removed the file between the open and the lock: lock the new one
     try:
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+        except OSError as error:  # a full disk lets the empty probe file through, not this
+            raise write_failure(path, error) from error
         yield folder
     finally:
         path.unlink(missing_ok=True)  # while still locked, so that no one locks the removed file unawares

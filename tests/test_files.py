@@ -3,6 +3,7 @@ earlier files."""
 
 import collections
 import errno
+import fcntl
 import os
 
 import numpy as np
@@ -139,11 +140,14 @@ def test_a_folder_that_another_command_is_writing_to_is_refused_at_once(spec, tm
 
     monkeypatch.setattr("patchdb.comparison.resolve_model", no_work)
     monkeypatch.setattr("patchdb.comparison.comparison_scales", no_work)
-    with folder_lock(out):  # another command, as far as the lock can tell: flock locks each open of the file
+    # calibrate writes one file and locks that alone (train may be writing its run folder meanwhile)
+    file = "scales.json" if name == "calibrate" else None
+    with folder_lock(out, file):  # another command, as far as the lock can tell: flock locks each open of the file
         result = CliRunner().invoke(main, command(name, spec, out))
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    assert (f"Error: another patchdb command is writing to {out} (pid {os.getpid()}); wait for it or choose another --out"
-            in result.output)
+    target = out if file is None else out / file
+    assert (f"Error: another patchdb command is writing to {target} (pid {os.getpid()}); wait for it or choose another "
+            "--out" in result.output)
     assert not list(out.iterdir())  # nothing written, and the lock gone with its holder
 
 
@@ -166,5 +170,34 @@ def test_an_error_raised_while_handling_a_failed_write_says_why(tmp_path):
             try:
                 raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
             except OSError:
-                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_bug_raised_while_handling_an_os_error_is_not_a_failed_write(tmp_path):
+    # the KeyError suppressed its context (from None): it is the code's error, not the disk's
+    with pytest.raises(KeyError, match="missing"):
+        with atomic_path(tmp_path / "record.json"):
+            try:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+            except FileNotFoundError:
+                raise KeyError("missing") from None
+    assert not list(tmp_path.iterdir())
+
+
+def test_one_file_of_a_locked_folder_has_its_own_lock_and_a_lockless_file_system_is_a_message(tmp_path, monkeypatch):
+    with folder_lock(tmp_path / "run"):  # train holds its run folder; calibrate may still write its schedule there
+        with folder_lock(tmp_path / "run", "scales.json"):
+            assert (tmp_path / "run" / ".scales.json.lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(PatchdbError, match="writing to .*run \\(pid"):
+            with folder_lock(tmp_path / "run"):
+                pass
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(PatchdbError, match="cannot lock .*elsewhere \\(No locks available\\); choose another --out"):
+        with folder_lock(tmp_path / "elsewhere"):
+            pass
+    assert not list((tmp_path / "elsewhere").iterdir())  # no lock file left behind
