@@ -13,11 +13,11 @@ from patchdb.topk import MAX_TOPK
 from patchdb.training import training_progress
 
 SEEDS = click.IntRange(min=0, max=2**62)
+"""--seed: sample k's generator is seeded with seed + k, which torch takes up to 2^63 - 1."""
 STEPS = click.IntRange(min=2, max=MAX_STEPS)
 """--steps: the sampler's number of steps n."""
 SAMPLE_COUNTS = click.IntRange(min=1, max=MAX_SAMPLES)
 """--num, --samples: how many seeds a run samples."""
-"""--seed: sample k's generator is seeded with seed + k, which torch takes up to 2^63 - 1."""
 
 
 DEVICE = click.Choice(DEVICES)

@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from patchdb.errors import PatchdbError, output_folder
+from patchdb.errors import PatchdbError, output_folder, user_path
 from patchdb.files import folder_lock, save_figure, write_json
 from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import full_steps
 
 if TYPE_CHECKING:
+    from patchdb.networks import NetworkScore
     from patchdb.training import TrainingProgress
 
 METRICS = ("cos", "l2")
@@ -117,7 +118,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     if machine not in PATCH_MACHINES:
         raise PatchdbError(f"machine {machine!r} has no patch size to calibrate: choose one of {', '.join(PATCH_MACHINES)}")
     candidates = check_candidates(candidates)
-    path = Path(out or Path(run_dir) / "scales.json")
+    path = user_path(out, "--out") if out else user_path(run_dir, "--model") / "scales.json"
     check_schedule_path(path)
     # before the long run, so that an unusable or busy --out fails fast; the file alone, as train may hold its folder
     with folder_lock(path.parent, path.name):
@@ -131,32 +132,34 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
         result = calibrate_scales(network, make_machine(machine, dataset, device=device, **options), noise, labels, num_steps,
                                   candidates, metric, show_progress)
         path = write_scales(path, result, machine=machine, metric=metric,
-                            candidates=candidates, model=Path(run_dir).resolve(), seed=seed, model_training=network.training)
+                            candidates=candidates, model=Path(run_dir).resolve(), seed=seed,
+                            model_training=network.training, model_weights=network.weights_digest())
         return path, result
 
 
-def check_run_schedule(path: Path, run_dir: Path, progress: "TrainingProgress", num_steps: int) -> None:
-    """PatchdbError unless the schedule at path (a scales.json from write_scales) was calibrated for run_dir's network as
-    it is now: its recorded model is run_dir (the same folder) and its model_training has progress's batches_done (the
-    same weights; a larger configured count alone changes nothing)."""
+def check_run_schedule(path: Path, run_dir: Path, network: "NetworkScore", num_steps: int) -> None:
+    """PatchdbError unless the schedule at path (a scales.json from write_scales) was calibrated on the weights of
+    run_dir's network as they are now (their digest, NetworkScore.weights_digest: the same network however its folder
+    is named, moved or copied; a larger configured count of batches alone changes nothing)."""
     from patchdb.scales import calibrate_command
 
     content = json.loads(path.read_text())  # readable: parse_scales read it first
     recorded = content if isinstance(content, dict) else {}
-    machine, model, training = recorded.get("machine"), recorded.get("model"), recorded.get("model_training")
+    machine, weights, training = recorded.get("machine"), recorded.get("model_weights"), recorded.get("model_training")
     command = calibrate_command(run_dir, machine if isinstance(machine, str) else None, num_steps)
-    if not isinstance(model, str):
-        raise PatchdbError(f"{path} does not say which run it was calibrated for; calibrate this run: `{command}`")
-    if Path(model).resolve() != Path(run_dir).resolve():
-        raise PatchdbError(f"{path} was calibrated for {model}, not {run_dir}; calibrate this run: `{command}`")
+    if not isinstance(weights, str):
+        raise PatchdbError(f"{path} does not record which network's weights it was calibrated on (a schedule of an "
+                           f"older patchdb, or written by hand); recalibrate it: `{command}` (or give --scales {path} to "
+                           "use it as it is)")
+    if weights == network.weights_digest():
+        return
     batches = training.get("batches_done") if isinstance(training, dict) else None
-    if not isinstance(batches, int):
-        raise PatchdbError(f"{path} does not record how far {run_dir}'s network was trained when it was calibrated; "
-                           f"recalibrate it: `{command}`")
-    if batches != progress.batches_done:
+    if isinstance(batches, int) and network.training is not None and batches != network.training.batches_done:
         raise PatchdbError(f"{path} was calibrated on {run_dir}'s network at batch {batches}, but the network has now "
-                           f"trained {progress.batches_done} batches; recalibrate it: `{command}` (or give --scales {path} "
-                           "to use the old schedule as it is)")
+                           f"trained {network.training.batches_done} batches; recalibrate it: `{command}` (or give "
+                           f"--scales {path} to use the old schedule as it is)")
+    raise PatchdbError(f"{path} was calibrated on another network than {run_dir}'s (recorded: {recorded.get('model')}); "
+                       f"calibrate this run: `{command}`")
 
 
 def check_schedule_path(path: Path) -> None:
@@ -189,10 +192,11 @@ def is_schedule(path: Path) -> bool:
 
 
 def write_scales(path: str | os.PathLike, result: dict, *, machine: str, metric: str, candidates: list[int],
-                 model: str, seed: int, model_training: "TrainingProgress | None" = None) -> Path:
+                 model: str, seed: int, model_training: "TrainingProgress | None" = None,
+                 model_weights: str | None = None) -> Path:
     """Write the schedule as scales.json (readable by --scales FILE.json and calibrated:RUN_DIR)
-    and scales.png beside it; both atomically. model_training: how far the model's network was trained,
-    where known. Returns the JSON path."""
+    and scales.png beside it; both atomically. model_training: how far the model's network was trained, and
+    model_weights: the digest of its weights (NetworkScore.weights_digest), where known. Returns the JSON path."""
     path = Path(path)
     output_folder(path.parent)
     content = {
@@ -200,6 +204,7 @@ def write_scales(path: str | os.PathLike, result: dict, *, machine: str, metric:
         "machine": machine, "metric": metric, "candidates": check_candidates(candidates),
         "per_sample": result["per_sample"], "median_similarity": result["similarity"],
         "model": str(model), "model_training": None if model_training is None else model_training._asdict(),
+        "model_weights": model_weights,
         "seed": seed, "num_samples": len(result["per_sample"][1]),
     }
     write_json(path, content)

@@ -396,8 +396,8 @@ def comparison_scales(run_dir: Path, machine: str, scale_spec: str | None, num_s
     its present training (calibration.check_run_schedule); a schedule named as a file is taken as it is."""
     from patchdb.calibration import calibrate_run, check_run_schedule
     from patchdb.patches import PATCH_MACHINES
-    from patchdb.scales import check_scale_spec, parse_scales
-    from patchdb.training import training_progress
+    from patchdb.scales import calibrated_run, check_scale_spec, parse_scales
+    from patchdb.training import load_network
 
     check_scale_spec(machine, scale_spec)
     if machine not in PATCH_MACHINES:
@@ -411,7 +411,7 @@ def comparison_scales(run_dir: Path, machine: str, scale_spec: str | None, num_s
             calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
                           memory_budget=memory_budget)
     scales = parse_scales(scale_spec, num_steps, machine)
-    spec = scale_spec.strip()
-    if spec.startswith("calibrated:") and Path(spec.removeprefix("calibrated:")).resolve() == Path(run_dir).resolve():
-        check_run_schedule(own_schedule, run_dir, training_progress(run_dir), num_steps)
+    calibrated = calibrated_run(scale_spec)
+    if calibrated is not None and calibrated.resolve() == Path(run_dir).resolve():
+        check_run_schedule(own_schedule, run_dir, load_network(run_dir), num_steps)
     return scale_spec, scales

@@ -62,7 +62,7 @@ GIB = 1024**3
 DEFAULT_NUM = 8
 """Samples drawn when neither --num nor --noise says how many."""
 MAX_SAMPLES = 100_000
-"""The most samples one run draws (their noise alone: 1.6 GB of 64 x 64 colour images); more come from later seeds."""
+"""The most samples one run draws (their noise alone: 1.2 GB of 32 x 32 colour images); more come from later seeds."""
 MAX_NOISE_MAGNITUDE = 1e3  # 1,000 standard deviations: no draw of N(0, 1) comes near it; 1e6 already costs float32 digits
 
 

@@ -8,6 +8,7 @@ embedding vector only.
 """
 
 import dataclasses
+import hashlib
 import math
 from typing import TYPE_CHECKING
 
@@ -205,6 +206,15 @@ class NetworkScore:
         self.training = training  # how far the weights had trained, where they come from a run folder
         self.config: NetworkConfig = network.config
         self.device = next(network.parameters()).device
+
+    def weights_digest(self) -> str:
+        """sha256 (hex) of the network's weights, names and values: the identity of a trained network, whatever its run
+        folder is called or moved to."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.network.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None,
                  patch_size: int | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ step (t = 1, i = n) uses entry n-1.
 """
 
 import json
+import shlex
 from importlib import resources
 from pathlib import Path
 
@@ -33,8 +34,8 @@ def parse_scales(spec: str | int, num_steps: int, machine: str | None = None) ->
     spec = str(spec).strip()
     if spec.startswith("paper:"):
         return check_scales(_paper_preset(spec), num_steps, source=spec)
-    if spec.startswith("calibrated:"):
-        run_dir = user_path(spec.removeprefix("calibrated:"), "--scales calibrated:")
+    run_dir = calibrated_run(spec)
+    if run_dir is not None:
         return _read_scale_file(run_dir / "scales.json", num_steps, machine, run_dir)
     if spec.endswith(".json"):
         return _read_scale_file(user_path(spec, "--scales"), num_steps, machine)
@@ -76,10 +77,19 @@ def _read_scale_file(path: Path, num_steps: int, machine: str | None, run_dir: P
     return check_scales(sizes, num_steps, source=str(path), remedy=remedy)
 
 
+def calibrated_run(spec: str) -> Path | None:
+    """The run folder of a 'calibrated:RUN_DIR' spec (~ expanded), None for any other spec."""
+    spec = str(spec).strip()
+    if not spec.startswith("calibrated:"):
+        return None
+    return user_path(spec.removeprefix("calibrated:"), "--scales calibrated:")
+
+
 def calibrate_command(run_dir: "str | Path", machine: str | None, num_steps: int) -> str:
     """The `patchdb calibrate` command that writes run_dir/scales.json, which --scales calibrated:RUN_DIR reads, for the
     machine (None: calibrate's default) and num_steps."""
-    return f"patchdb calibrate --model {run_dir}" + ("" if machine is None else f" --machine {machine}") + f" --steps {num_steps}"
+    machine_option = "" if machine is None else f" --machine {machine}"
+    return f"patchdb calibrate --model {shlex.quote(str(run_dir))}{machine_option} --steps {num_steps}"
 
 
 def check_scales(sizes: list, num_steps: int, source: str = "scales", remedy: str = "change --steps") -> list[int]:

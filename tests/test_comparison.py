@@ -236,10 +236,10 @@ def test_classes_with_gaps_are_drawn_as_sample_draws_them_and_a_rerun_leaves_no_
     assert not (tmp_path / "out" / "compare.json").exists()
 
 
-def test_a_calibrated_schedule_of_another_run_or_of_fewer_batches_is_refused(tmp_path):
-    """compare takes a run's own scales.json only where calibrate wrote it for that run at its present training: one
-    calibrated for another run, or before the network trained further, is refused with the command that recalibrates
-    it; the same file named with --scales FILE.json is taken as it is."""
+def test_a_calibrated_schedule_of_another_network_or_of_fewer_batches_is_refused(tmp_path):
+    """compare takes a run's own scales.json only where calibrate wrote it for that network's present weights: a copied
+    or renamed run keeps its schedule; one calibrated on another network, or before the network trained further, is
+    refused with the command that recalibrates it; the same file named with --scales FILE.json is taken as it is."""
     import shutil
 
     from click.testing import CliRunner
@@ -250,17 +250,21 @@ def test_a_calibrated_schedule_of_another_run_or_of_fewer_batches_is_refused(tmp
     from patchdb.data import load_dataset
     dataset, network_config = load_dataset(spec), NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16)
     train_network(tmp_path / "run", dataset, spec, network_config, TrainingConfig(epochs=1, batch_size=8), show_progress=False)
-    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    train_network(tmp_path / "other", dataset, spec, network_config, TrainingConfig(epochs=1, batch_size=8, seed=1),
+                  show_progress=False)
     runner = CliRunner()
     calibrate = ["calibrate", "--model", str(tmp_path / "run"), "--candidates", "3,5", "--samples", "1", "--steps", "2"]
     compare = ["compare", "--steps", "2", "--num", "1", "--out", str(tmp_path / "out")]
-    assert runner.invoke(main, [*calibrate, "--out", str(tmp_path / "copy" / "scales.json")]).exit_code == 0
-    result = runner.invoke(main, [*compare, "--model", str(tmp_path / "copy")])
+    assert runner.invoke(main, [*calibrate, "--out", str(tmp_path / "other" / "scales.json")]).exit_code == 0
+    result = runner.invoke(main, [*compare, "--model", str(tmp_path / "other")])
     assert result.exit_code == 1, result.output
-    assert f"was calibrated for {tmp_path / 'run'}, not {tmp_path / 'copy'}; calibrate this run: " \
-           f"`patchdb calibrate --model {tmp_path / 'copy'} --machine bbels --steps 2`" in result.output
+    assert f"was calibrated on another network than {tmp_path / 'other'}'s (recorded: {tmp_path / 'run'}); calibrate " \
+           f"this run: `patchdb calibrate --model {tmp_path / 'other'} --machine bbels --steps 2`" in result.output
     assert runner.invoke(main, calibrate).exit_code == 0
+    shutil.copytree(tmp_path / "run", tmp_path / "renamed")  # the same weights: the schedule is still theirs
+    assert runner.invoke(main, [*compare, "--model", str(tmp_path / "renamed")]).exit_code == 0
     train_network(tmp_path / "run", dataset, spec, network_config, TrainingConfig(epochs=2, batch_size=8), show_progress=False)
+    (tmp_path / "out" / "compare.json").unlink()
     result = runner.invoke(main, [*compare, "--model", str(tmp_path / "run")])
     assert result.exit_code == 1, result.output
     assert "network at batch 1, but the network has now trained 2 batches; recalibrate it: `patchdb calibrate --model" \

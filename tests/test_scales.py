@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from patchdb.errors import PatchdbError
-from patchdb.scales import check_scales, paper_scales, parse_scales
+from patchdb.scales import calibrate_command, calibrated_run, check_scales, paper_scales, parse_scales
 
 PAPER_SCALES = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "paper-scales.json"
 SCHEDULE = [3, 3, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15, 17, 17]
@@ -91,6 +91,13 @@ def test_a_calibrated_schedule_of_another_length_says_how_to_recalibrate_it(tmp_
         parse_scales(f"calibrated:{tmp_path}", 3, "els")
     with pytest.raises(PatchdbError, match=r"or change --steps$"):  # a file given as such: no run to recalibrate
         parse_scales(str(tmp_path / "scales.json"), 3, "els")
+
+
+def test_a_calibrated_spec_names_its_run_with_home_expanded_and_the_recalibrating_command_quotes_it(tmp_path,
+                                                                                                   monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert calibrated_run("calibrated:~/my run") == tmp_path / "my run" and calibrated_run("3,5") is None
+    assert calibrate_command(tmp_path / "my run", None, 3) == f"patchdb calibrate --model '{tmp_path / 'my run'}' --steps 3"
 
 
 def test_a_calibrated_schedule_serves_only_the_machine_it_was_calibrated_for(tmp_path):
