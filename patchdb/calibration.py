@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from patchdb.errors import PatchdbError, output_folder, user_path
-from patchdb.files import folder_lock, save_figure, write_json
+from patchdb.files import figure_software, folder_lock, save_figure, write_json
 from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import full_steps
 
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from patchdb.networks import NetworkScore
     from patchdb.training import TrainingProgress
 
+SCALES_PLOT_SOFTWARE = "patchdb calibrate"
+"""The Software text of a schedule's plot, by which calibrate knows the pictures it may replace."""
 METRICS = ("cos", "l2")
 CONVENTION = "entry i is the patch size at t = i/n"
 DEFAULT_CANDIDATES = (3, 5, 7, 9, 11, 13, 15, 17)
@@ -178,6 +180,10 @@ def check_schedule_path(path: Path) -> None:
     if path.exists() and not is_schedule(path):
         raise PatchdbError(f"--out {path} exists and is not a schedule written by `patchdb calibrate`; choose another "
                            "--out, or delete the file")
+    plot = path.with_suffix(".png")
+    if plot.exists() and figure_software(plot) != SCALES_PLOT_SOFTWARE:
+        raise PatchdbError(f"--out {path}: {plot} exists and is not a schedule's plot of `patchdb calibrate`; choose "
+                           "another --out, or delete the picture")
 
 
 def is_schedule(path: Path) -> bool:
@@ -226,4 +232,4 @@ def plot_scales(path: Path, scales: list[int], per_sample: list[list[int]]) -> N
     axis.set(xlabel="t (entry i at t = i/n)", ylabel="patch size P", title="calibrated locality scale")
     axis.legend()
     figure.tight_layout()
-    save_figure(figure, path)
+    save_figure(figure, path, software=SCALES_PLOT_SOFTWARE)

@@ -155,7 +155,19 @@ def save_npz(path: "str | os.PathLike", arrays: dict[str, np.ndarray]) -> None:
         np.savez(file, **arrays)
 
 
-def save_figure(figure, path: "str | os.PathLike", dpi: int = 100) -> None:
-    """A matplotlib figure as a PNG at path, atomically."""
+def save_figure(figure, path: "str | os.PathLike", dpi: int = 100, software: str | None = None) -> None:
+    """A matplotlib figure as a PNG at path, atomically; software: the PNG's Software text (matplotlib's otherwise),
+    which figure_software reads back."""
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=dpi)
+        figure.savefig(temporary, format="png", dpi=dpi, metadata=None if software is None else {"Software": software})
+
+
+def figure_software(path: "str | os.PathLike") -> str | None:
+    """The Software text of the PNG at path (None where it has none or is not a readable PNG)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software")
+    except (OSError, UnidentifiedImageError):
+        return None

@@ -122,3 +122,6 @@ def test_calibrate_writes_only_over_its_own_schedules(tmp_path):
     assert (tmp_path / "grid.png").read_bytes() == b"a sample run's picture"
     (tmp_path / "scales.json").unlink()
     check_schedule_path(tmp_path / "scales.json")  # a plot left alone by its deleted schedule is calibrate's to replace
+    (tmp_path / "figure.png").write_bytes((tmp_path / "grid.png").read_bytes())  # a picture of the user's own
+    with pytest.raises(PatchdbError, match="figure.png exists and is not a schedule's plot"):
+        check_schedule_path(tmp_path / "figure.json")
