@@ -10,7 +10,7 @@ from patchdb.errors import PatchdbError, user_path
 from patchdb.generate import DEVICES, MAX_SAMPLES
 from patchdb.schedule import MAX_STEPS
 from patchdb.topk import MAX_TOPK
-from patchdb.training import training_progress
+from patchdb.training import TrainingProgress, training_progress
 
 SEEDS = click.IntRange(min=0, max=2**62)
 """--seed: sample k's generator is seeded with seed + k, which torch takes up to 2^63 - 1."""
@@ -35,9 +35,10 @@ def finite(ctx, param, value):
     return value
 
 
-def warn_if_unfinished(run_dir: Path) -> None:
-    """Say on stderr when run_dir's network has not done all its configured training batches."""
-    progress = training_progress(run_dir)
+def warn_if_unfinished(run_dir: Path, progress: TrainingProgress | None = None) -> None:
+    """Say on stderr when run_dir's network has not done all its configured training batches (progress: those of its
+    loaded weights; None: read from its checkpoint)."""
+    progress = progress or training_progress(run_dir)
     if not progress.finished:
         click.echo(f"warning: {run_dir} has trained {progress.batches_done} of its {progress.batches_configured} batches, "
                    "so these results describe a partly trained network; rerun its `patchdb train` command to finish it",

@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +27,10 @@ from patchdb.files import folder_lock, save_figure, save_npz, write_json
 from patchdb.generate import seeded_inputs
 from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import alpha_bar, beta, full_steps, machine_steps
+
+if TYPE_CHECKING:
+    from patchdb.networks import NetworkScore
+    from patchdb.training import TrainingProgress
 
 STATISTICS = ("pearson_r", "r_squared", "mse")
 COMPARE_FILE = "compare.json"
@@ -242,8 +247,11 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     memory_budget: the machines' memory bound in bytes (None: their default). Every file is written after all the
     sampling, compare.json last (removed first), so that a folder without it holds an interrupted run. Returns the
     content of compare.json."""
+    from patchdb.training import load_network
+
     with folder_lock(out_dir) as out_dir:
-        return _compare(run_dir, out_dir, machine=machine, scales=scales, scales_source=scales_source,
+        return _compare(run_dir, load_network(run_dir, device), out_dir, machine=machine, scales=scales,
+                        scales_source=scales_source,
                         num_steps=num_steps, num=num, seed=seed, batch_size=batch_size, test_dataset=test_dataset,
                         single_step=single_step, data_dir=data_dir, device=device, memory_budget=memory_budget,
                         show_progress=show_progress)
@@ -253,37 +261,40 @@ def compare_model(model: str, out_dir: str | os.PathLike, *, dataset_spec: str |
                   conditional: bool | None = None, train_missing: bool = False, machine: str = "bbels",
                   scale_spec: str | None = None, num_steps: int = 20, data_dir=None, device: str = "cpu",
                   memory_budget: int | None = None, confirm: Callable[[str], bool] | None = None,
-                  announce: Callable[[str], None] | None = None, on_run: Callable[[Path], None] | None = None,
-                  **options) -> dict:
+                  announce: Callable[[str], None] | None = None,
+                  on_run: "Callable[[Path, TrainingProgress], None] | None" = None, **options) -> dict:
     """`patchdb compare`: the run that model names (resolve_model; trained first where asked), its machine's schedule
     (comparison_scales; calibrated first where missing) and their comparison (run_comparison, whose other options
     options holds), with out_dir locked throughout, so that a folder another command is writing to is refused before
-    any training or calibration. on_run(run_dir) is called once the run is found. Returns the content of compare.json."""
+    any training or calibration. The network is loaded once: the schedule is checked against the weights compared.
+    on_run(run_dir, progress) is called once the run is found. Returns the content of compare.json."""
+    from patchdb.training import load_network
+
     with folder_lock(out_dir) as out_dir:
         run_dir = resolve_model(model, dataset_spec, padding=padding, conditional=conditional,
                                 train_missing=train_missing, data_dir=data_dir, device=device, confirm=confirm)
+        network = load_network(run_dir, device)
         if on_run is not None:
-            on_run(run_dir)
-        scales_source, scales = comparison_scales(run_dir, machine, scale_spec, num_steps, data_dir=data_dir,
+            on_run(run_dir, network.training)
+        scales_source, scales = comparison_scales(run_dir, network, machine, scale_spec, num_steps, data_dir=data_dir,
                                                   device=device, memory_budget=memory_budget, announce=announce)
-        return _compare(run_dir, out_dir, machine=machine, scales=scales, scales_source=scales_source,
+        return _compare(run_dir, network, out_dir, machine=machine, scales=scales, scales_source=scales_source,
                         num_steps=num_steps, data_dir=data_dir, device=device, memory_budget=memory_budget, **options)
 
 
-def _compare(run_dir: str | os.PathLike, out_dir: Path, *, machine: str = "bbels",
+def _compare(run_dir: str | os.PathLike, network: "NetworkScore", out_dir: Path, *, machine: str = "bbels",
              scales: list[int] | None, scales_source: str | None, num_steps: int = 20, num: int = 100, seed: int = 0,
              batch_size: int = 10, test_dataset: str | None = None, single_step: bool = False,
              data_dir=None, device: str = "cpu", memory_budget: int | None = None,
              show_progress: bool = True) -> dict:
-    """run_comparison into out_dir, a folder this process holds locked."""
+    """run_comparison of run_dir's loaded network into out_dir, a folder this process holds locked."""
     import patchdb
     from patchdb.data import load_dataset
     from patchdb.gaussian import GaussianScore
     from patchdb.machines import make_machine
-    from patchdb.training import load_network, load_training_data, read_config
+    from patchdb.training import load_training_data, read_config
 
     config = read_config(run_dir)
-    network = load_network(run_dir, device)
     dataset = load_training_data(run_dir, data_dir)
     conditional = network.config.conditional
     held_out = None
@@ -387,17 +398,17 @@ def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str |
     return run_dir
 
 
-def comparison_scales(run_dir: Path, machine: str, scale_spec: str | None, num_steps: int, *, data_dir=None,
+def comparison_scales(run_dir: Path, network: "NetworkScore", machine: str, scale_spec: str | None, num_steps: int, *,
+                      data_dir=None,
                       device: str = "cpu", memory_budget: int | None = None,
                       announce: Callable[[str], None] | None = None) -> tuple[str | None, list[int] | None]:
     """(spec, schedule) of the machine for a comparison: scale_spec's, or the run's calibrated one (calibrated first,
     saying so through announce, where RUN_DIR/scales.json is missing); (None, None) for IS and ES. The run's own
-    calibrated schedule (calibrated:RUN_DIR, given or by default) must have been calibrated for this run's network at
-    its present training (calibration.check_run_schedule); a schedule named as a file is taken as it is."""
+    calibrated schedule (calibrated:RUN_DIR, given or by default) must have been calibrated on network's weights, the
+    run's loaded network (calibration.check_run_schedule); a schedule named as a file is taken as it is."""
     from patchdb.calibration import calibrate_run, check_run_schedule
     from patchdb.patches import PATCH_MACHINES
     from patchdb.scales import calibrated_run, check_scale_spec, parse_scales
-    from patchdb.training import load_network
 
     check_scale_spec(machine, scale_spec)
     if machine not in PATCH_MACHINES:
@@ -413,5 +424,5 @@ def comparison_scales(run_dir: Path, machine: str, scale_spec: str | None, num_s
     scales = parse_scales(scale_spec, num_steps, machine)
     calibrated = calibrated_run(scale_spec)
     if calibrated is not None and calibrated.resolve() == Path(run_dir).resolve():
-        check_run_schedule(own_schedule, run_dir, load_network(run_dir), num_steps)
+        check_run_schedule(own_schedule, run_dir, network, num_steps)
     return scale_spec, scales

@@ -278,16 +278,21 @@ COUNT_KEYS = (("training", "batch_size"), ("training", "epochs"), ("dataset", "n
 def load_network(run_dir: str | os.PathLike, device: str = "cpu") -> NetworkScore:
     """The trained network of a run folder as a score model (weights from its last checkpoint)."""
     run_dir = Path(run_dir)
-    network = build_network(read_network_config(run_dir))
+    config = read_config(run_dir)
+    network = build_network(_network_config(run_dir, config))
     checkpoint = _restore(run_dir, network)
     # the progress of these very weights: a training still running may have written a later checkpoint by the end of a job
-    return NetworkScore(network.to(_check_device(device)), _progress(read_config(run_dir), checkpoint))
+    return NetworkScore(network.to(_check_device(device)), _progress(config, checkpoint))
 
 
 def read_network_config(run_dir: str | os.PathLike) -> NetworkConfig:
     """The network settings in a run folder's config.json."""
+    return _network_config(run_dir, read_config(run_dir))
+
+
+def _network_config(run_dir: str | os.PathLike, config: dict) -> NetworkConfig:
     try:
-        return NetworkConfig(**read_config(run_dir)["network"])
+        return NetworkConfig(**config["network"])
     except TypeError as error:
         raise PatchdbError(f"{Path(run_dir) / CONFIG_FILE} has no valid network config ({error})") from None
 
