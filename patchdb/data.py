@@ -472,9 +472,9 @@ def load_dataset(spec: str | None = None, data_dir: str | os.PathLike | None = N
     if is_default_spec(spec):
         _, _, limit_text = spec.partition(":")
         return _load_default(spec, _parse_limit(limit_text, spec) if limit_text else None)
-    if spec.startswith("file:"):
-        path, limit = _parse_file_spec(spec[len("file:"):])
-        return _load_path(path, limit, spec)
+    file_spec = _file_spec(spec)
+    if file_spec is not None:
+        return _load_path(*file_spec, spec)
     name, split, limit = _parse_named_spec(spec)
     roots = data_roots(data_dir)
     for root, _ in roots:
@@ -538,17 +538,24 @@ def is_default_spec(spec: str | None) -> bool:
 
 def spec_file(spec: str | None) -> Path | None:
     """The PATH of a file:PATH[:LIMIT] spec (None for other specs); PatchdbError where it does not exist."""
-    if spec is None or not spec.strip().startswith("file:"):
-        return None
-    return _parse_file_spec(spec.strip()[len("file:"):])[0]
+    parsed = _file_spec(spec)
+    return None if parsed is None else parsed[0]
 
 
 def portable_spec(spec: str | None) -> str | None:
     """spec as it reads from any working directory: a file: spec with its path made absolute; others unchanged."""
-    if spec is None or not spec.strip().startswith("file:"):
+    parsed = _file_spec(spec)
+    if parsed is None:
         return spec
-    path, limit = _parse_file_spec(spec.strip()[len("file:"):])
+    path, limit = parsed
     return f"file:{path.resolve()}" + ("" if limit is None else f":{limit}")
+
+
+def _file_spec(spec: str | None) -> tuple[Path, int | None] | None:
+    """PATH and LIMIT of a file:PATH[:LIMIT] spec (_parse_file_spec), None for other specs."""
+    if spec is None or not spec.strip().startswith("file:"):
+        return None
+    return _parse_file_spec(spec.strip()[len("file:"):])
 
 
 def _parse_file_spec(rest: str) -> tuple[Path, int | None]:

@@ -324,7 +324,6 @@ class PatchStore:
         return {"path": str(self.path), "settings": asdict(self.settings),
                 "store_bytes": (self.path / STORE_FILE).stat().st_size, "scales": scales}
 
-
     def summary(self) -> str:
         """describe() as the lines `patchdb build-index` and `patchdb info` print."""
         description = self.describe()
