@@ -274,6 +274,27 @@ def test_a_calibrated_schedule_of_another_network_or_of_fewer_batches_is_refused
     assert result.exit_code == 0, result.output
 
 
+def test_compare_reads_the_checkpoint_once_for_the_warning_the_schedule_check_and_the_comparison(tmp_path,
+                                                                                                  monkeypatch):
+    from click.testing import CliRunner
+    from cli.main import main
+
+    np.savez(tmp_path / "train.npz", images=quantised_images(8, 8, 16).numpy())
+    spec = f"file:{tmp_path / 'train.npz'}"
+    from patchdb.data import load_dataset
+    train_network(tmp_path / "run", load_dataset(spec), spec, NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16),
+                  TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+    runner = CliRunner()
+    assert runner.invoke(main, ["calibrate", "--model", str(tmp_path / "run"), "--candidates", "3,5", "--samples", "1",
+                                "--steps", "2"]).exit_code == 0
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args) or load(*args, **kwargs))
+    result = runner.invoke(main, ["compare", "--model", str(tmp_path / "run"), "--steps", "2", "--num", "1",
+                                  "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1  # one set of weights: the schedule is checked against the network compared
+
+
 def test_held_out_labels_the_training_images_lack_are_refused_before_sampling(tmp_path, monkeypatch):
     """--single-step with held-out labels outside the network's classes (7 of 4) or absent from its training images (2)
     is refused before any sampling, not by the embedding or the machine after all of it."""
