@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patchdb.errors import PatchdbError, output_folder
+from patchdb.errors import PatchdbError, output_folder, user_path
 
 try:
     import fcntl
@@ -82,8 +82,36 @@ def folder_lock(folder: "str | os.PathLike", file: str | None = None) -> Iterato
     for this process: a non-blocking exclusive flock on its LOCK_FILE, held until the block ends; with file, the lock
     of that one file in it (.FILE.lock), for a command that writes one file into a folder that another may hold (a
     schedule into a run folder in training). A folder (or file) that another command holds is a PatchdbError at once,
-    naming that command's process id."""
-    folder = output_folder(folder)
+    naming that command's process id. Where the block fails, the folders that this call created and that are still
+    empty are removed: a command refused for its other arguments leaves no empty --out behind."""
+    created = _missing_folders(folder)
+    try:
+        with _locked(output_folder(folder), file) as locked:
+            yield locked
+    except BaseException:
+        for path in created:  # innermost first; the first that is not empty keeps its parents
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _missing_folders(folder: "str | os.PathLike") -> list[Path]:
+    """folder (~ expanded) and those of its parents that do not exist, innermost first: what creating it creates."""
+    if not str(folder).strip():
+        return []  # output_folder's own error
+    folder, missing = Path(os.path.abspath(user_path(folder, "--out"))), []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, file: str | None) -> Iterator[Path]:
+    """folder_lock's lock of folder (or of file in it), which exists."""
     if fcntl is None:
         yield folder
         return

@@ -86,7 +86,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(spec, tmp_path, 
     result = CliRunner().invoke(main, command(name, spec, out))
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert f"Error: cannot write in the output folder {out} (Permission denied); choose another --out" in result.output
-    assert not [path.name for path in out.iterdir()]  # the probe file is gone
+    assert not out.exists()  # the probe file is gone, and the empty folder made for the command with it
 
 
 def test_a_full_disk_is_a_message_and_keeps_the_earlier_run(spec, tmp_path, monkeypatch):
@@ -152,10 +152,11 @@ def test_a_folder_that_another_command_is_writing_to_is_refused_at_once(spec, tm
 
 
 def test_the_lock_is_released_at_the_end_even_of_a_failed_command_and_a_stale_lock_file_is_taken(tmp_path):
+    (tmp_path / "out").mkdir()
     with pytest.raises(ValueError), folder_lock(tmp_path / "out") as out:
         assert (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"
         raise ValueError("the command failed")
-    assert not (out / LOCK_FILE).exists()
+    assert not (out / LOCK_FILE).exists() and out.is_dir()  # a folder that was there stays, empty or not
     (out / LOCK_FILE).write_text("12345\n")  # left by a killed command, which held no lock any more
     with folder_lock(out):
         assert (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"
@@ -200,4 +201,26 @@ def test_one_file_of_a_locked_folder_has_its_own_lock_and_a_lockless_file_system
     with pytest.raises(PatchdbError, match="cannot lock .*elsewhere \\(No locks available\\); choose another --out"):
         with folder_lock(tmp_path / "elsewhere"):
             pass
-    assert not list((tmp_path / "elsewhere").iterdir())  # no lock file left behind
+    assert not (tmp_path / "elsewhere").exists()  # no lock file left behind, nor the folder made for it
+
+
+def test_a_failed_command_removes_the_folders_it_created_while_they_are_empty(tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(PatchdbError, match="no such run"), folder_lock(kept / "new" / "out"):
+        raise PatchdbError("no such run")  # a command refused after its folder was made: a mistyped --model
+    assert list(tmp_path.iterdir()) == [kept] and not list(kept.iterdir())
+    with pytest.raises(KeyboardInterrupt), folder_lock(kept / "new" / "run") as run:
+        (run / "checkpoint.pt").write_bytes(b"weights")
+        raise KeyboardInterrupt  # what was written stays, and so do the folders above it
+    assert [path.name for path in run.iterdir()] == ["checkpoint.pt"]
+    with folder_lock(kept / "empty"):  # a command that succeeds keeps its folder even where it wrote nothing
+        pass
+    assert (kept / "empty").is_dir()
+
+
+def test_compare_with_a_mistyped_model_leaves_no_output_folder(tmp_path):
+    result = CliRunner().invoke(main, ["compare", "--model", str(tmp_path / "runs" / "resnt"), "--out",
+                                       str(tmp_path / "comparisons" / "out")])
+    assert result.exit_code == 1 and "is not a trained run" in result.output, result.output
+    assert not list(tmp_path.iterdir())
