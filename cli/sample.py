@@ -9,7 +9,7 @@ from patchdb.engine import DEFAULT_MEMORY_BUDGET, EXACT_METHODS
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DTYPES, GIB, LOOPS, SampleConfig, run_sample
 from patchdb.machines import MACHINES
 from patchdb.scales import SCALE_SPEC_HELP
-from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS, DEFAULT_ESTIMATE_ERROR,
+from patchdb.topk import (AUTO_TOPK_CLUSTERS, AUTO_TOPK_DIMENSION, DEEPENING_FACTOR, DEEPENING_ROUNDS, DEFAULT_ESTIMATE_ERROR,
                           DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, FALLBACKS, MAX_ESTIMATE_SAMPLES,
                           MIN_AUTO_TOPK)
 
@@ -47,7 +47,9 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, DEEPENING_FACTOR, DEEPENING_ROUNDS
               help="A patch store from `patchdb build-index`: use the top-k backend on its dictionaries (default: exact).")
 @click.option("--topk", type=TopK(), default="auto", show_default=True,
               help="With --index: most dictionary entries a pixel scores exactly before it falls back; auto: "
-                   f"{AUTO_TOPK_CLUSTERS} clusters' worth of each dictionary, at least {MIN_AUTO_TOPK}.")
+                   f"{AUTO_TOPK_CLUSTERS} mean clusters' worth of each dictionary, at least {MIN_AUTO_TOPK}, at patches of "
+                   f"{AUTO_TOPK_DIMENSION} numbers (11x11, one channel), in inverse proportion to the patches' numbers "
+                   "at other sizes (a budget of multiply-adds).")
 @click.option("--tol", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_TOL,
               help="With --index: certified bound on the posterior mass a pixel may neglect.")
 @click.option("--fallback", type=click.Choice(FALLBACKS), default=DEFAULT_FALLBACK,

@@ -65,7 +65,8 @@ FALLBACKS = ("auto", "exact", "estimate", "none")
 SCORINGS = ("compiled", "runs", "gathered")
 
 DEFAULT_TOPK = None
-"""None: 'auto', the larger of MIN_AUTO_TOPK and AUTO_TOPK_CLUSTERS mean clusters of each dictionary."""
+"""None: 'auto' (auto_topk): the larger of MIN_AUTO_TOPK and AUTO_TOPK_CLUSTERS mean clusters of each dictionary, at
+patches of AUTO_TOPK_DIMENSION numbers, and in inverse proportion to the patches' numbers at other patch sizes."""
 MIN_AUTO_TOPK = 4096
 AUTO_TOPK_CLUSTERS = 8
 """Clusters are capped in number (patchdb.index.MAX_CLUSTERS), so they grow with the training set (about
@@ -73,6 +74,11 @@ AUTO_TOPK_CLUSTERS = 8
 and at 60,000 images 4,096 entries (one cluster) reached r 0.995 where 65,536 reached 0.9986
 (benchmarks/RESULTS.md, issue 4; eight clusters' worth there: 0.9979 on the worse of 2 seeds, 0.9990
 with the deepening of poor estimates, DEEPENING_FACTOR)."""
+AUTO_TOPK_DIMENSION = 121
+"""'auto' is a budget of multiply-adds rather than of entries (11 x 11 patches of one channel get AUTO_TOPK_CLUSTERS
+mean clusters): an entry of a 3x3 patch takes a thirteenth of the multiply-adds of one of 11x11, and at the late,
+sharp steps, whose small patches' errors reach the sample unrepaired, a dominant patch just past the budget goes unseen
+by the estimator (benchmarks/RESULTS.md, "A budget of multiply-adds")."""
 DEFAULT_TOL = 1e-2
 DEFAULT_FALLBACK = "estimate"
 DEFAULT_ESTIMATE_SAMPLES = 4096
@@ -186,7 +192,7 @@ class TopKBackend:
         entries, clusters = dictionary.entries, dictionary.clusters
         seconds = self._report["seconds"]
         start = time.perf_counter()
-        topk = self.topk or max(MIN_AUTO_TOPK, math.ceil(AUTO_TOPK_CLUSTERS * len(entries) / len(clusters)))
+        topk = self.topk or auto_topk(len(entries), len(clusters), queries.shape[1])
         plan = self._plan(queries, entries, clusters, alpha_bar, topk)
         seconds["search"] += time.perf_counter() - start
 
@@ -483,6 +489,13 @@ class TopKBackend:
         standard_error = (tail_patches[:, None] * (variance / count[:, None]).sqrt() / normaliser[:, None]).amax(dim=1)
         standard_error.masked_fill_(drawn < 2, math.inf)  # one draw has no sample variance: its error is unknown
         return shift, chunk_max, tail_sums, standard_error
+
+
+def auto_topk(entries: int, clusters: int, dimension: int) -> int:
+    """The entries that topk 'auto' lets a query score exactly in a dictionary of entries in clusters, for patches of
+    dimension numbers (channels x P x P): the larger of MIN_AUTO_TOPK and AUTO_TOPK_CLUSTERS mean clusters, times
+    AUTO_TOPK_DIMENSION / dimension."""
+    return max(1, math.ceil(max(MIN_AUTO_TOPK, AUTO_TOPK_CLUSTERS * entries / clusters) * AUTO_TOPK_DIMENSION / dimension))
 
 
 def _summed_masses(masses: torch.Tensor) -> torch.Tensor:

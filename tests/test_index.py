@@ -309,21 +309,26 @@ def assert_scoring_equals_runs(scoring: str, queries, indexed, fallback: str, al
     assert got_scored == expected_scored
 
 
-def test_auto_topk_is_a_number_of_mean_clusters_with_a_floor(dictionary, indexed, monkeypatch):
-    """topk None visits AUTO_TOPK_CLUSTERS mean clusters' worth of entries (about 6 x 32 here), but never fewer than
-    MIN_AUTO_TOPK."""
+def test_auto_topk_is_a_budget_of_multiply_adds_of_mean_clusters_with_a_floor(dictionary, indexed, monkeypatch):
+    """topk None visits AUTO_TOPK_CLUSTERS mean clusters' worth of entries (never fewer than MIN_AUTO_TOPK) where a patch
+    has AUTO_TOPK_DIMENSION numbers, and in inverse proportion to its numbers elsewhere."""
     alpha_bar = 0.3
     queries = noisy_queries(dictionary, alpha_bar)
+    dimension = queries.shape[1]  # 3 x 3 patches
     options = {"tol": 1e-6, "fallback": "none"}
-    clusters_worth = math.ceil(patchdb.topk.AUTO_TOPK_CLUSTERS * len(indexed.entries) / len(indexed.clusters))
+    clusters_worth = patchdb.topk.AUTO_TOPK_CLUSTERS * len(indexed.entries) / len(indexed.clusters)
     scored = []
-    for floor, expected_topk in ((1, clusters_worth), (2 * clusters_worth, 2 * clusters_worth)):
+    for floor, reference, expected_topk in ((1, dimension, math.ceil(clusters_worth)),
+                                            (3 * clusters_worth, dimension, math.ceil(3 * clusters_worth)),
+                                            (1, 3 * dimension, math.ceil(3 * clusters_worth)),
+                                            (1, 121, math.ceil(clusters_worth * 121 / 9))):
         monkeypatch.setattr(patchdb.topk, "MIN_AUTO_TOPK", floor)
+        monkeypatch.setattr(patchdb.topk, "AUTO_TOPK_DIMENSION", reference)
         auto, explicit = TopKBackend(topk=None, **options), TopKBackend(topk=expected_topk, **options)
         assert torch.equal(topk_fold(auto, queries, indexed, alpha_bar)[0], topk_fold(explicit, queries, indexed, alpha_bar)[0])
         scored.append(auto.take_report()["entries_scored"])
         assert scored[-1] == explicit.take_report()["entries_scored"]
-    assert scored[0] < scored[1]  # the floor, where it binds, raises what auto visits
+    assert scored[0] < scored[1] == scored[2] < scored[3] < len(queries) * len(indexed.entries)  # each budget binds
 
 
 def test_unclustered_dictionaries_go_to_the_exact_backend(dictionary):
