@@ -495,7 +495,7 @@ def auto_topk(entries: int, clusters: int, dimension: int) -> int:
     """The entries that topk 'auto' lets a query score exactly in a dictionary of entries in clusters, for patches of
     dimension numbers (channels x P x P): the larger of MIN_AUTO_TOPK and AUTO_TOPK_CLUSTERS mean clusters, times
     AUTO_TOPK_DIMENSION / dimension."""
-    return max(1, math.ceil(max(MIN_AUTO_TOPK, AUTO_TOPK_CLUSTERS * entries / clusters) * AUTO_TOPK_DIMENSION / dimension))
+    return math.ceil(max(MIN_AUTO_TOPK, AUTO_TOPK_CLUSTERS * entries / clusters) * AUTO_TOPK_DIMENSION / dimension)
 
 
 def _summed_masses(masses: torch.Tensor) -> torch.Tensor:
