@@ -1,7 +1,8 @@
 """Download the named data sets from their own sites into a data folder (``patchdb fetch-data``).
 
 Nothing else in patchdb depends on this module: the loaders in patchdb.data only read files.
-Every file is downloaded to a temporary name beside its destination, checked, then renamed.
+Every file is downloaded to a temporary name beside its destination, checked, then renamed; the data set's folder is
+locked while its files are fetched.
 
 Checks. For Fashion-MNIST we hold sha256 values computed here from Debian's copy of the files
 (../shared/data/fashion-mnist). Debian recompressed the archives (their gzip bytes differ from the
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from patchdb.data import DATA_ENV_VAR, GZIP_MAGIC, NAMED_DATASETS, read_cifar10, read_idx, user_cache_data_dir
 from patchdb.errors import PatchdbError, output_folder, user_path
+from patchdb.files import folder_lock
 
 FETCHABLE = NAMED_DATASETS
 DOWNLOAD_TIMEOUT_S = 60
@@ -170,17 +172,19 @@ def _copy_url(url: str, out, label: str, progress: bool) -> None:
 
 
 def fetch_dataset(name: str, data_dir: str | os.PathLike, progress: bool = True) -> Path:
-    """Download data set ``name`` into DATA_DIR/NAME/ (files already there and valid are kept); return that folder."""
+    """Download data set ``name`` into DATA_DIR/NAME/ (files already there and valid are kept), which is locked meanwhile
+    (patchdb.files.folder_lock) so that two fetches never download the same files at once; return that folder."""
     folder = user_path(data_dir, "--data-dir") / name
     if name == "celeba":
         raise PatchdbError(CELEBA_INSTRUCTIONS.format(folder=folder, root=user_path(data_dir, "--data-dir"), env=DATA_ENV_VAR))
     if name not in SOURCES:
         raise PatchdbError(f"unknown data set {name!r}; fetch-data knows {', '.join(FETCHABLE)}")
-    for remote in SOURCES[name]:
-        destination = folder / remote.name
-        if destination.is_file() and _is_valid(remote, destination):
-            continue
-        download_file(remote, folder, progress)
+    with folder_lock(folder, option="--data-dir"):
+        for remote in SOURCES[name]:
+            destination = folder / remote.name
+            if destination.is_file() and _is_valid(remote, destination):
+                continue
+            download_file(remote, folder, progress)
     return folder
 
 

@@ -27,7 +27,7 @@ except ImportError:  # not POSIX (Windows): output folders go unlocked
 
 LOCK_FILE = ".patchdb.lock"
 """The lock file in a folder that a command is writing to: it holds the command's process id, and is removed when the
-command ends (a killed command leaves it behind, unlocked)."""
+command ends (a killed command leaves it behind, unlocked, and the next command takes it)."""
 
 
 @contextlib.contextmanager
@@ -77,16 +77,17 @@ def _error_chain(error: BaseException) -> Iterator[BaseException]:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: "str | os.PathLike", file: str | None = None) -> Iterator[Path]:
+def folder_lock(folder: "str | os.PathLike", file: str | None = None, option: str = "--out") -> Iterator[Path]:
     """Yield the output folder folder (~ expanded, created and proved writable by patchdb.errors.output_folder) locked
     for this process: a non-blocking exclusive flock on its LOCK_FILE, held until the block ends; with file, the lock
     of that one file in it (.FILE.lock), for a command that writes one file into a folder that another may hold (a
     schedule into a run folder in training). A folder (or file) that another command holds is a PatchdbError at once,
-    naming that command's process id. Where the block fails, the folders that this call created and that are still
-    empty are removed: a command refused for its other arguments leaves no empty --out behind."""
-    created = _missing_folders(folder)
+    naming that command's process id; the errors name option as the one to change. Where the block fails, the folders
+    that this call created and that are still empty are removed: a command refused for its other arguments leaves no
+    empty output folder behind."""
+    created = _missing_folders(folder, option)
     try:
-        with _locked(output_folder(folder), file) as locked:
+        with _locked(output_folder(folder, option), file, option) as locked:
             yield locked
     except BaseException:
         for path in created:  # innermost first; the first that is not empty keeps its parents
@@ -97,11 +98,11 @@ def folder_lock(folder: "str | os.PathLike", file: str | None = None) -> Iterato
         raise
 
 
-def _missing_folders(folder: "str | os.PathLike") -> list[Path]:
+def _missing_folders(folder: "str | os.PathLike", option: str) -> list[Path]:
     """folder (~ expanded) and those of its parents that do not exist, innermost first: what creating it creates."""
     if not str(folder).strip():
         return []  # output_folder's own error
-    folder, missing = Path(os.path.abspath(user_path(folder, "--out"))), []
+    folder, missing = Path(os.path.abspath(user_path(folder, option))), []
     for path in (folder, *folder.parents):
         if path.exists():
             break
@@ -110,7 +111,7 @@ def _missing_folders(folder: "str | os.PathLike") -> list[Path]:
 
 
 @contextlib.contextmanager
-def _locked(folder: Path, file: str | None) -> Iterator[Path]:
+def _locked(folder: Path, file: str | None, option: str) -> Iterator[Path]:
     """folder_lock's lock of folder (or of file in it), which exists."""
     if fcntl is None:
         yield folder
@@ -120,20 +121,23 @@ def _locked(folder: Path, file: str | None) -> Iterator[Path]:
     while True:
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:  # a lock file that another user's killed command left
-            raise PatchdbError(f"cannot lock {folder} ({error.strerror}: {path}); remove {path} if no command is "
-                               "writing there, or choose another --out") from None
+        except PermissionError as error:  # another user's lock file: take it if no command holds it
+            if not _removed_unheld(path, target, option):
+                raise PatchdbError(f"cannot lock {folder} ({error.strerror}: {path}); remove {path} if no command is "
+                                   f"writing there, or choose another {option}") from None
+            continue
+        except OSError as error:
+            raise PatchdbError(f"cannot lock {folder} ({error.strerror}: {path}); choose another {option}") from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            refusal = _held_error(descriptor, target, option)
             os.close(descriptor)
-            raise PatchdbError(f"another patchdb command is writing to {target} (pid {holder}); "
-                               "wait for it or choose another --out") from None
+            raise refusal from None
         except OSError as error:  # a file system without locks (ENOLCK on some network mounts)
             os.close(descriptor)
             path.unlink(missing_ok=True)
-            raise PatchdbError(f"cannot lock {target} ({error.strerror}); choose another --out") from None
+            raise PatchdbError(f"cannot lock {target} ({error.strerror}); choose another {option}") from None
         if _same_file(descriptor, path):
             break
         os.close(descriptor)  # its holder removed the file between the open and the lock: lock the new one
@@ -147,6 +151,38 @@ def _locked(folder: Path, file: str | None) -> Iterator[Path]:
     finally:
         path.unlink(missing_ok=True)  # while still locked, so that no one locks the removed file unawares
         os.close(descriptor)
+
+
+def _removed_unheld(path: Path, target: Path, option: str) -> bool:
+    """Whether the lock file at path, which this user may not open for writing, held no lock and is now removed (another
+    user's killed command left it); False where it cannot be removed; a PatchdbError naming its holder where it is held."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True  # its holder removed it meanwhile
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _held_error(descriptor, target, option) from None
+        except OSError:
+            return False
+        path.unlink(missing_ok=True)  # while locked, as its holders remove it
+        return True
+    except OSError:  # a folder whose sticky bit keeps other users' files
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def _held_error(descriptor: int, target: Path, option: str) -> PatchdbError:
+    """The PatchdbError refusing target, whose lock file (open at descriptor) another command holds: it names that
+    command's process id."""
+    holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+    return PatchdbError(f"another patchdb command is writing to {target} (pid {holder}); wait for it or choose "
+                        f"another {option}")
 
 
 def _same_file(descriptor: int, path: Path) -> bool:

@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from patchdb.data import (
 )
 from patchdb.errors import PatchdbError
 from patchdb.fetch import SOURCES, RemoteFile, download_file, payload_sha256, verify_sha256
+from patchdb.files import folder_lock
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
@@ -433,6 +435,22 @@ def test_download_checks_before_renaming_into_place(tmp_path):
     saved = download_file(good, folder, progress=False)
     assert saved == folder / "labels.gz" and np.array_equal(read_idx(saved), labels)
     assert [path.name for path in folder.iterdir()] == ["labels.gz"]
+
+
+def test_fetch_data_locks_its_folder_and_leaves_only_the_checked_files(tmp_path, monkeypatch):
+    source = write_idx(tmp_path / "served.gz", np.array([4, 5], dtype=np.uint8))
+    served = (RemoteFile("labels.gz", (source.as_uri(),), payload_sha256(source), read_idx),)
+    monkeypatch.setitem(SOURCES, "mnist", served)
+    data_dir = tmp_path / "data"
+    with folder_lock(data_dir / "mnist", option="--data-dir"):  # another fetch of the same data set, as the lock sees it
+        result = CliRunner().invoke(main, ["fetch-data", "mnist", "--data-dir", str(data_dir), "--no-progress"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert (f"another patchdb command is writing to {data_dir / 'mnist'} (pid {os.getpid()}); wait for it or choose "
+            "another --data-dir") in result.output
+    assert not list((data_dir / "mnist").iterdir())  # refused before any download
+    result = CliRunner().invoke(main, ["fetch-data", "mnist", "--data-dir", str(data_dir), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert [path.name for path in (data_dir / "mnist").iterdir()] == ["labels.gz"]  # the lock gone with the command
 
 
 def test_fetch_data_command_explains_celeba(tmp_path):

@@ -163,6 +163,45 @@ def test_the_lock_is_released_at_the_end_even_of_a_failed_command_and_a_stale_lo
     assert not list(out.iterdir())
 
 
+@pytest.fixture
+def foreign_lock_file(monkeypatch):
+    """Lock files that this user may read but not write, as another user's are (the tests run as any user, root too)."""
+    real_open = os.open
+
+    def open_as_another_user(path, flags, *mode):
+        if os.path.basename(path) == LOCK_FILE and os.path.exists(path) and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(os, "open", open_as_another_user)
+
+
+def test_a_lock_file_that_another_users_killed_command_left_is_taken_unless_it_is_held(tmp_path, foreign_lock_file,
+                                                                                        monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("12345\n")  # unlocked: its command was killed
+    with folder_lock(out):
+        assert (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"  # a new file, this user's
+        with pytest.raises(PatchdbError, match=f"writing to {out} \\(pid {os.getpid()}\\); wait for it or choose"):
+            with folder_lock(out):  # the new one, held: its holder is named
+                pass
+    assert not list(out.iterdir())
+    (out / LOCK_FILE).write_text("12345\n")
+    real_unlink = os.unlink
+
+    def keep_other_users_files(path, *args, **kwargs):  # a folder whose sticky bit keeps other users' files
+        if os.path.basename(path) == LOCK_FILE:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", keep_other_users_files)
+    with pytest.raises(PatchdbError, match=f"cannot lock {out} \\(Permission denied: .*\\); remove .*{LOCK_FILE} if no "
+                                           "command is writing there, or choose another --out"):
+        with folder_lock(out):
+            pass
+
+
 def test_an_error_raised_while_handling_a_failed_write_says_why(tmp_path):
     """torch.save through a Python file: its RuntimeError keeps the file's OSError (here a quota, which leaves the disk
     with free space) as its context."""
