@@ -405,5 +405,9 @@ def _check_shapes(node: h5py.Group, patch_dimension: int) -> None:
         medoids = node["medoids"][...]
         if len(medoids) and (medoids.min() < 0 or medoids.max() >= num_entries):
             problems.append(f"medoids outside the {num_entries} entries")
+        if not (node["radii"][...] >= 0).all():  # a negative radius would certify queries that it should not
+            problems.append("cluster radii that are negative or not numbers")
+        if not np.isfinite(node["centroids"][...]).all():
+            problems.append("centroids that are not finite")
     if problems:
         raise ValueError(f"{node.name} has " + ", ".join(problems))

@@ -242,8 +242,8 @@ def test_a_stored_dictionary_is_a_faiss_ivf_index_whose_exhaustive_search_is_exa
 
 @pytest.mark.parametrize("memory_budget", [0, None], ids=["gathered", "in-memory"])
 @pytest.mark.parametrize("damage, message", [
-    ("offsets", "cluster offsets that do not run"), ("radii", "radii of shape"),
-    ("sources", "outside"), ("multiplicity", "below 1")])
+    ("offsets", "cluster offsets that do not run"), ("radii", "radii of shape"), ("radius", "radii that are negative"),
+    ("centroids", "centroids that are not finite"), ("sources", "outside"), ("multiplicity", "below 1")])
 def test_damaged_arrays_inside_a_scale_file_give_clear_errors(dataset, tmp_path, damage, message, memory_budget):
     """Arrays that no longer fit together are found on loading; an entry pointing outside the images or with no
     multiplicity where its patches are gathered (in memory: on loading; else when its cluster is first scored)."""
@@ -255,10 +255,12 @@ def test_damaged_arrays_inside_a_scale_file_give_clear_errors(dataset, tmp_path,
             del node["radii"]
             node.create_dataset("radii", data=data)
         else:
-            values = node[damage][...]
-            values[{"offsets": 1, "sources": (slice(None), 0), "multiplicity": slice(None)}[damage]] = \
-                {"offsets": 10**6, "sources": len(dataset), "multiplicity": 0}[damage]
-            node[damage][...] = values
+            name = "radii" if damage == "radius" else damage
+            values = node[name][...]
+            values[{"offsets": 1, "radius": -1, "centroids": (0, 0), "sources": (slice(None), 0),
+                    "multiplicity": slice(None)}[damage]] = \
+                {"offsets": 10**6, "radius": -0.5, "centroids": np.nan, "sources": len(dataset), "multiplicity": 0}[damage]
+            node[name][...] = values
     options = {} if memory_budget is None else {"memory_budget": memory_budget}
     machine = make_machine("bbels", dataset, store=PatchStore(copy.path), backend=TopKBackend(tol=1e-2, fallback="none"),
                            **options)
