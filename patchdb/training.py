@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -230,9 +231,11 @@ def save_checkpoint(run_dir: Path, network, optimizer, batches_done: int, batch_
 def _load_checkpoint(path: Path) -> dict:
     check_readable(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error below says it
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
-        raise PatchdbError(f"{path}: not a readable patchdb checkpoint ({type(error).__name__}: {error}); "
+        raise PatchdbError(f"{path}: not a readable patchdb checkpoint ({_load_failure(error)}); "
                            "train again into a new --out folder") from None
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict) and "optimizer" in checkpoint
             and isinstance(checkpoint.get("batches_done"), int) and checkpoint["batches_done"] >= 0
@@ -240,6 +243,14 @@ def _load_checkpoint(path: Path) -> dict:
         raise PatchdbError(f"{path} is a torch file but not a patchdb checkpoint (it needs model, optimizer, batches_done "
                            "and batch_losses); train again into a new --out folder")
     return checkpoint
+
+
+def _load_failure(error: Exception) -> str:
+    """torch.load's error in one line, without its advice to load with weights_only=False (which would run any code
+    that the file holds)."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1]
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "the file is empty or ends early")
+    return f"{type(error).__name__}: {line.split('. ', 1)[0].rstrip('.')}"
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:
