@@ -13,7 +13,7 @@ from patchdb.errors import PatchdbError
 from patchdb.networks import NetworkConfig, NetworkScore, ResNet, UNet, build_network, sinusoidal_embedding
 from patchdb.schedule import beta
 from patchdb.training import (
-    TrainingConfig, is_trained, load_network, load_training_data, preset_configs, read_config, train_network, training_progress,
+    PRESETS, TrainingConfig, cached_run_dir, is_trained, load_network, load_training_data, preset_configs, read_config, train_network, training_progress,
     training_subset,
 )
 from tests.conftest import deny_reading, tiny_dataset
@@ -254,6 +254,11 @@ def test_presets_and_subset():
     assert (network_config.width, network_config.num_hidden_layers, network_config.num_classes) == (256, 6, 3)
     assert (training_config.epochs, training_config.learning_rate, training_config.batch_size) == (300, 1e-4, 128)
     assert training_config.lr_decay == 0.999965 and training_config.weight_decay == 0.0
+    unet, unet_training = preset_configs("cpu", "unet", dataset)
+    assert unet == preset_configs("paper", "unet", dataset)[0]  # the cpu preset trains the paper's UNet, on less
+    assert (unet_training.epochs, unet_training.max_images) == (80, 1000)
+    assert preset_configs("cpu", "resnet", dataset)[1].epochs == 320  # a quarter of the UNet's time per batch
+    assert preset_configs("cpu", "unet", dataset, epochs=7)[1].epochs == 7
     subset = training_subset(dataset, 5)
     assert torch.equal(subset.images, dataset.images[:5]) and torch.equal(subset.labels, dataset.labels[:5])
     with pytest.raises(PatchdbError):
@@ -286,3 +291,18 @@ def test_a_checkpoint_without_its_config_is_a_damaged_folder_not_an_untrained_on
         load_network(tmp_path)
     result = CliRunner().invoke(main, ["train", "--dataset", "default:8", "--epochs", "1", "--out", str(tmp_path)])
     assert result.exit_code == 1 and message in result.output and "`patchdb train --out" not in result.output, result.output
+
+
+def test_the_cache_folder_of_a_preset_network_changes_with_the_preset(monkeypatch, tmp_path):
+    """A network cached under an earlier version of the cpu preset is neither used nor resumed as this one."""
+    monkeypatch.setenv("PATCHDB_CACHE", str(tmp_path))
+    dataset = tiny_dataset()
+    folder = cached_run_dir("unet", dataset, conditional=True)
+    assert folder.parent == tmp_path / "models" and folder == cached_run_dir("unet", dataset, conditional=True)
+    assert len({folder, cached_run_dir("unet", dataset), cached_run_dir("resnet", dataset, conditional=True),
+                cached_run_dir("unet", dataset, conditional=True, padding="circular")}) == 4
+    for part, change in (("unet", {"width": 16}), ("epochs", {"unet": 81})):
+        with monkeypatch.context() as patch:
+            patch.setitem(PRESETS["cpu"], part, {**PRESETS["cpu"][part], **change})
+            assert cached_run_dir("unet", dataset, conditional=True) != folder
+    assert cached_run_dir("unet", dataset, conditional=True) == folder
