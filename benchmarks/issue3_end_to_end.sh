@@ -1,40 +1,58 @@
 #!/usr/bin/env bash
-# Issue 3, results: cpu preset, Fashion-MNIST, class-conditional ResNet with zero padding:
-# train, calibrate bbELS (cosine, candidates 3..17), compare 100 seeds, then summarise.
-# Usage: PATCHDB_DATA=/work/shared/data benchmarks/issue3_end_to_end.sh [RUNS_DIR] [CALIBRATION_SAMPLES]
-#   RUNS_DIR defaults to runs/ (git-ignored); CALIBRATION_SAMPLES to 10 (the paper's method).
-# Each stage's wall time goes to RUNS_DIR/issue3-times.txt and the medians to RUNS_DIR/issue3-results.md.
+# Issue 3, results: cpu preset, Fashion-MNIST, class-conditional network (ResNet or UNet) with zero padding:
+# train, calibrate bbELS (cosine, candidates 3..17), compare 100 seeds (with the single-step agreement on 100
+# held-out test images), then summarise.
+# Usage: PATCHDB_DATA=/work/shared/data benchmarks/issue3_end_to_end.sh [RUNS_DIR] [CALIBRATION_SAMPLES] [MODEL]
+#   RUNS_DIR defaults to runs/ (git-ignored); CALIBRATION_SAMPLES to 10 (the paper's method); MODEL to resnet (or unet).
+# Each stage's wall time goes to RUNS_DIR/issue3-MODEL-times.txt and the medians to RUNS_DIR/issue3-MODEL-results.md
+# (for resnet: RUNS_DIR/issue3-times.txt and issue3-results.md, the names of the first runs).
 # Stages resume: train continues its checkpoint (a finished run returns at once).
 set -euo pipefail
 runs=${1:-runs}
 samples=${2:-10}
-run=$runs/fmnist-resnet-zeros-cond-cpu
+model=${3:-resnet}
+case $model in
+    resnet) suffix= ;;
+    unet) suffix=-unet ;;
+    *) echo "MODEL must be resnet or unet, got $model" >&2; exit 2 ;;
+esac
+run=$runs/fmnist-$model-zeros-cond-cpu
+compare=$runs/issue3-compare$suffix
+times=$runs/issue3$suffix-times.txt
 patchdb() { python -c "from cli.main import main; main()" "$@"; }
 stage() {
     local name=$1; shift
     local start=$(date +%s)
     "$@"
-    echo "$name $(( $(date +%s) - start )) s (ended $(date -u +%H:%M:%S) UTC)" >> "$runs/issue3-times.txt"
+    echo "$name $(( $(date +%s) - start )) s (ended $(date -u +%H:%M:%S) UTC)" >> "$times"
 }
 mkdir -p "$runs"
-stage train patchdb train --model resnet --dataset fashion-mnist --conditional --padding zeros --preset cpu --out "$run"
+stage train patchdb train --model "$model" --dataset fashion-mnist --conditional --padding zeros --preset cpu --out "$run"
 stage calibrate patchdb calibrate --model "$run" --machine bbels --candidates 3,5,...,17 --samples "$samples" \
     --metric cos --memory-gb 4 --out "$run/scales.json"
 stage compare patchdb compare --model "$run" --machine bbels --num 100 --seed 0 --batch-size 20 --memory-gb 4 \
-    --out "$runs/issue3-compare"
-python - "$runs" <<'PY'
+    --single-step --out "$compare"
+python - "$compare" "$times" "$runs/issue3$suffix-results.md" <<'PY'
 import json, sys
 from pathlib import Path
-runs = Path(sys.argv[1])
-report = json.loads((runs / "issue3-compare" / "compare.json").read_text())
-lines = [f"scales ({report['scales_source']}): {report['scales']}", "",
+compare, times, results = map(Path, sys.argv[1:])
+report = json.loads((compare / "compare.json").read_text())
+lines = [f"network: {report['network']}", f"scales ({report['scales_source']}): {report['scales']}", "",
          "| model vs network | median r | r quartiles | median R^2 | median MSE | seconds |", "| --- | --- | --- | --- | --- | --- |"]
 for name, stats in report["summary"].items():
     r = stats["pearson_r"]
     lines.append(f"| {name} | {r['median']:.3f} | {r['q1']:.3f} - {r['q3']:.3f} | {stats['r_squared']['median']:.3f} "
                  f"| {stats['mse']['median']:.4f} | {report['seconds'][name]:.0f} |")
 lines += ["", f"fraction of seeds where bbels beats IS: {report['fraction_bbels_beats_is']:.2f}",
-          f"network sampling: {report['seconds']['network']:.0f} s", "", (runs / "issue3-times.txt").read_text()]
-(runs / "issue3-results.md").write_text("\n".join(lines))
+          f"network sampling: {report['seconds']['network']:.0f} s"]
+if "single_step" in report:
+    agreement = report["single_step"]
+    names = [name for name in agreement if name not in ("dataset", "t")]
+    lines += ["", f"single-step agreement with the network's score on {agreement['dataset']} (median r):", "",
+              "| t | " + " | ".join(names) + " |", "| --- " * (len(names) + 1) + "|"]
+    lines += [f"| {t:.2f} | " + " | ".join(f"{agreement[name]['median'][i]:.3f}" for name in names) + " |"
+              for i, t in enumerate(agreement["t"])]
+lines += ["", times.read_text()]
+results.write_text("\n".join(lines))
 print("\n".join(lines))
 PY
