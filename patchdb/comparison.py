@@ -390,7 +390,7 @@ def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str |
     run_dir = cached_run_dir(model, dataset, padding=padding, conditional=bool(conditional))
     if not is_trained(run_dir):
         question = (f"no trained {model} for {dataset.name} in the cache ({run_dir}); train one now with the cpu preset "
-                    "(about 20 minutes)?")
+                    "(7 to 10 minutes on two idle cores)?")
         if not (train_missing or (confirm is not None and confirm(question))):
             raise PatchdbError(f"no trained {model} for {dataset.name} ({padding} padding) in {run_dir}: pass --train "
                                "to train it with the cpu preset, or `patchdb train ... --out DIR` and --model DIR")
