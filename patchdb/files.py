@@ -163,18 +163,15 @@ def _removed_unheld(path: Path, target: Path, option: str) -> bool:
     except OSError:
         return False
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _held_error(descriptor, target, option) from None
-        except OSError:
-            return False
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         path.unlink(missing_ok=True)  # while locked, as its holders remove it
-        return True
-    except OSError:  # a folder whose sticky bit keeps other users' files
+    except BlockingIOError:
+        raise _held_error(descriptor, target, option) from None
+    except OSError:  # no locks on this file system, or a folder whose sticky bit keeps other users' files
         return False
     finally:
         os.close(descriptor)
+    return True
 
 
 def _held_error(descriptor: int, target: Path, option: str) -> PatchdbError:
