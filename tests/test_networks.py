@@ -257,7 +257,7 @@ def test_presets_and_subset():
     unet, unet_training = preset_configs("cpu", "unet", dataset)
     assert unet == preset_configs("paper", "unet", dataset)[0]  # the cpu preset trains the paper's UNet, on less
     assert (unet_training.epochs, unet_training.max_images) == (80, 1000)
-    assert preset_configs("cpu", "resnet", dataset)[1].epochs == 320  # a quarter of the UNet's time per batch
+    assert preset_configs("cpu", "resnet", dataset)[1].epochs == 320  # four times the UNet's epochs, at a fifth of its time per batch
     assert preset_configs("cpu", "unet", dataset, epochs=7)[1].epochs == 7
     subset = training_subset(dataset, 5)
     assert torch.equal(subset.images, dataset.images[:5]) and torch.equal(subset.labels, dataset.labels[:5])
