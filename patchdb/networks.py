@@ -4,7 +4,7 @@ Both networks predict the noise eps of ``x_t = sqrt(alpha_bar) x_0 + sqrt(beta) 
 ``(x_t, t, label)``. Images are (B, C, H, W) float tensors in the [-1, 1] pixel scale; t is in [0, 1].
 Neither network normalises image features (normalisation would mix information across the
 image); the conditioning embedding is normalised with GroupNorm, which acts on each sample's
-embedding vector only.
+embedding vector only (where it has at least 4 channels: see embedding_projection).
 """
 
 import dataclasses
@@ -94,14 +94,21 @@ class ConditioningEmbedding(nn.Module):
 
 
 def embedding_projection(embedding_dim: int, channels: int) -> nn.Sequential:
-    """Linear + GroupNorm + ReLU from the conditioning embedding to a per-channel bias (B, channels)."""
+    """Linear + GroupNorm + ReLU from the conditioning embedding to a per-channel bias (B, channels); below
+    MIN_CHANNELS_PER_GROUP channels Linear + ReLU (GroupNorm over one value, the UNet's first block on grey images,
+    normalises it to a constant and loses t and the label)."""
+    if channels < MIN_CHANNELS_PER_GROUP:
+        return nn.Sequential(nn.Linear(embedding_dim, channels), nn.ReLU())
     return nn.Sequential(nn.Linear(embedding_dim, channels), nn.GroupNorm(_num_groups(channels), channels), nn.ReLU())
 
 
+MIN_CHANNELS_PER_GROUP = 4
+
+
 def _num_groups(channels: int) -> int:
-    """Largest group count <= 32 that divides the channels and leaves at least 4 channels per group
-    (on a (B, channels) embedding a one-channel group normalises to a constant and loses t and the label)."""
-    return next(g for g in range(max(1, min(32, channels // 4)), 0, -1) if channels % g == 0)
+    """Largest group count <= 32 that divides the channels (at least MIN_CHANNELS_PER_GROUP of them) and leaves at
+    least that many channels per group."""
+    return next(g for g in range(min(32, channels // MIN_CHANNELS_PER_GROUP), 0, -1) if channels % g == 0)
 
 
 def conv3x3(in_channels: int, out_channels: int, padding: str) -> nn.Conv2d:

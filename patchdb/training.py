@@ -320,7 +320,8 @@ def _restore(run_dir: Path, network) -> dict:
     except (KeyError, RuntimeError) as error:  # RuntimeError: missing, unexpected or differently shaped weights
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PatchdbError(f"{path} does not hold the network that {run_dir / CONFIG_FILE} describes ({reason}); "
-                           "the two files come from different runs: train again into a new --out folder") from None
+                           "the two files come from different runs, or from a patchdb whose network differs: train again into a new "
+                           "--out folder") from None
     return checkpoint
 
 
@@ -386,10 +387,11 @@ def model_cache_dir() -> Path:
 def cached_run_dir(architecture: str, dataset: Dataset, *, padding: str = "zeros", conditional: bool = False,
                    preset: str = "cpu") -> Path:
     """The cache folder of the project's network for this architecture, data set and setting. Its name ends in a digest
-    of the preset's configs, so that a network cached under an earlier version of the preset (another width, say) is
-    neither taken for this one nor resumed with other settings."""
+    of the preset's configs and of the network's weight names and shapes, so that a network cached under an earlier
+    version of the preset (another width, say) or of the architecture is neither taken for this one nor resumed."""
     network, training = preset_configs(preset, architecture, dataset, padding=padding, conditional=conditional)
-    configs = json.dumps([dataclasses.asdict(network), dataclasses.asdict(training)], sort_keys=True)
+    weight_shapes = {name: list(weight.shape) for name, weight in build_network(network).state_dict().items()}
+    configs = json.dumps([dataclasses.asdict(network), dataclasses.asdict(training), weight_shapes], sort_keys=True)
     digest = hashlib.sha256(configs.encode()).hexdigest()[:8]
     kind = "conditional" if conditional else "unconditional"
     safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset.name)

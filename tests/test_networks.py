@@ -278,6 +278,21 @@ def test_output_depends_on_time_and_label(architecture):
     assert not torch.allclose(by_label[0], by_label[1], atol=1e-4)
 
 
+@pytest.mark.parametrize("architecture", ["resnet", "unet"])
+def test_every_embedding_projection_carries_time_and_label_on_grey_images(architecture):
+    """A projection to the one channel of a grey image (the UNet's first block) must not be normalised to a constant."""
+    torch.manual_seed(0)
+    network = build_network(small_config(architecture=architecture, num_classes=3))
+    times, labels = torch.linspace(0, 1, 32), torch.arange(32) % 3
+    embedding = network.embedding(times, labels)
+    projections = [module for module in network.modules()
+                   if isinstance(module, torch.nn.Sequential) and isinstance(module[0], torch.nn.Linear)]
+    if architecture == "unet":
+        assert network.encoder1.projection in projections and network.encoder1.projection[0].out_features == 1
+    for projection in projections:
+        assert projection(embedding).std(0).max() > 1e-3, projection
+
+
 def test_a_checkpoint_without_its_config_is_a_damaged_folder_not_an_untrained_one(tmp_path):
     from click.testing import CliRunner
     from cli.main import main
@@ -301,6 +316,9 @@ def test_the_cache_folder_of_a_preset_network_changes_with_the_preset(monkeypatc
     assert folder.parent == tmp_path / "models" and folder == cached_run_dir("unet", dataset, conditional=True)
     assert len({folder, cached_run_dir("unet", dataset), cached_run_dir("resnet", dataset, conditional=True),
                 cached_run_dir("unet", dataset, conditional=True, padding="circular")}) == 4
+    with monkeypatch.context() as patch:  # the same configs, another architecture (different weights)
+        patch.setattr("patchdb.networks.MIN_CHANNELS_PER_GROUP", 1)
+        assert cached_run_dir("unet", dataset, conditional=True) != folder
     for part, change in (("unet", {"width": 16}), ("epochs", {"unet": 81})):
         with monkeypatch.context() as patch:
             patch.setitem(PRESETS["cpu"], part, {**PRESETS["cpu"][part], **change})
