@@ -108,6 +108,10 @@ MASS_ROUNDING = 1e-6
 (each rounded by less than 3e-7 of itself by the exponential) and summed directly (never as a difference), in float32
 with the bound on its rounding (_summed_masses) or in float64."""
 
+MASS_HEADROOM = 40.0
+"""The clusters' mass bounds are kept as float32 relative to e^MASS_HEADROOM times the normaliser's lower bound (the
+medoids'): a mass that float32 rounds to 0 is then below e^-63 of the normaliser."""
+
 THREAD_MULTIPLY_ADDS = 2**27
 """The compiled scoring takes one thread per this many multiply-adds ((row, entry) pairs times the patches' dimension;
 some 20 ms of work), up to torch's threads: on less, starting the threads and merging their states costs about what
@@ -270,7 +274,10 @@ class TopKBackend:
         log_normaliser = _log_sum_exp(medoid_logits.add_(medoids.log_multiplicity * LOG2_E)) * LN_2  # C actual entries
         nearest = _nearest_clusters(centroid_distances, clusters, topk)
         probes = nearest.shape[1]
-        shift = mass_bounds.amax(dim=1, keepdim=True)
+        # relative to the normaliser's lower bound, not the largest bound: that one can lie hundreds of nats above
+        # (a wide cluster around q), and float32 masses relative to it would round neighbouring clusters' to 0;
+        # a mass above the headroom overflows to inf, which only keeps the query from being certified
+        shift = torch.minimum(mass_bounds.amax(dim=1), log_normaliser + MASS_HEADROOM)[:, None]
         # clusters whose whole mass is below e^-60 of the normaliser are negligible (the exact backend's rule)
         relevant = mass_bounds > (log_normaliser + NEGLIGIBLE_LOG_WEIGHT)[:, None]
         # (Q, C) in [0, 1], in place: a new (Q, C) tensor costs more in page faults than the pass
@@ -577,8 +584,8 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
 @dataclass
 class _Plan:
     """Per query of a fold: visit (Q, C) the clusters scored exactly so far; relevant (Q, C) the clusters
-    not provably negligible; masses (Q, C) float32 the clusters' mass bounds relative to the largest, whose
-    log is mass_shift (Q,) (set to 0 where visited once the visits are scored); centroid_distances (Q, C) the search
+    not provably negligible; masses (Q, C) float32 the clusters' mass bounds divided by e^mass_shift
+    (mass_shift (Q,): MASS_HEADROOM; set to 0 where visited once the visits are scored); centroid_distances (Q, C) the search
     order's distances; certified (Q,); path (Q,) uint8 code."""
 
     visit: torch.Tensor

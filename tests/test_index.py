@@ -171,6 +171,38 @@ def test_pixels_certified_once_their_clusters_are_scored_are_within_tol_times_th
     assert neglected.max() <= tol
 
 
+@pytest.mark.parametrize("fallback", ["none", "estimate"])
+def test_the_certificate_holds_where_a_wide_cluster_around_the_query_has_a_loose_bound(fallback):
+    """A sphere of radius 5 around q (its bound: a member at q itself, 112 nats above its true mass) beside 20 tight
+    clusters just outside it that hold most of the posterior. Relative to the largest bound, float32 rounded their
+    masses to 0 and certified q with the sphere alone."""
+    from patchdb.index import ClusteredDictionary, EntryClusters
+
+    generator = torch.Generator().manual_seed(0)
+    dimension, radius, alpha_bar = 16, 5.0, 0.9
+    directions = torch.nn.functional.normalize(torch.randn(64, dimension, generator=generator), dim=1)
+    sphere = torch.cat([radius * directions, -radius * directions])  # its mean is exactly 0, where q is
+    centres = torch.nn.functional.normalize(torch.randn(20, dimension, generator=generator), dim=1) * (radius + 0.05)
+    tight = centres.repeat_interleave(8, 0) + 1e-3 * torch.randn(160, dimension, generator=generator)
+    keys = torch.cat([sphere, tight])  # float32, as a store holds them
+    offsets = torch.tensor([0, 128] + [136 + 8 * cluster for cluster in range(20)])
+    members = [keys[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
+    centroids = torch.stack([part.mean(0) for part in members])
+    radii = torch.stack([(part - centre).norm(dim=1).max() for part, centre in zip(members, centroids)])
+    values = torch.cat([torch.full((128, 1), -1.0), torch.full((160, 1), 1.0)])
+    sources = torch.stack([torch.arange(len(keys)), torch.zeros(len(keys)).long(), torch.zeros(len(keys)).long()], 1)
+    flat = PatchDictionary(keys, values, keys.square().sum(1), torch.zeros(len(keys)), sources, False)
+    indexed = ClusteredDictionary(flat, EntryClusters(offsets, centroids, radii, offsets.diff().float().log(),
+                                                      offsets[:-1].clone()))
+    query = torch.zeros(1, dimension)
+    tol = 1e-2
+    mean, path = topk_fold(TopKBackend(topk=len(keys), tol=tol, fallback=fallback, scoring="runs"), query, indexed,
+                           alpha_bar)
+    exact = exact_mean(query, flat, alpha_bar)
+    assert -0.9 < float(exact) < -0.6  # the tight clusters hold a real share of the posterior
+    assert path[0] == PATHS.index("certified") and (mean - exact).abs().max() <= tol * 2
+
+
 def test_estimated_normaliser_is_unbiased(dictionary, indexed):
     alpha_bar = 0.5
     queries = noisy_queries(dictionary, alpha_bar, count=16)
