@@ -2,7 +2,8 @@
 
 Seeding follows EDM: sample k of a run with seed S has its own generator
 ``torch.Generator().manual_seed(S + k)``, which draws its noise (C, H, W) and then, with
-``conditional``, its label; so sample k of a batch is regenerated alone by seed S + k, num 1.
+``conditional``, its label; so sample k of a batch is regenerated alone by seed S + k, num 1 (the top-k backend's
+estimator draws alike for every batch: patchdb.topk).
 Noise is drawn in float32 on the CPU (the same on every device) and then cast.
 
 A run writes into its output folder (every file atomically: a temporary name, then os.replace; run.json is removed
@@ -228,7 +229,7 @@ def _backend_options(config: SampleConfig, dataset: Dataset, scales: list[int], 
     used = sorted({scales[min(i, config.steps - 1)] for i in LOOPS[config.loop](config.steps)})
     store.check_run(dataset, config.machine, used, labels is not None, labels)
     backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, config.estimate_error,
-                          seed=config.seed, exact=ExactBackend(method=config.exact_method),
+                          exact=ExactBackend(method=config.exact_method),
                           exact_from_patch_size=config.exact_from_patch_size)
     return {"store": store, "backend": backend}
 

@@ -23,6 +23,9 @@ M_c = b_c + log(summed multiplicities) on its share of the posterior's normalise
      DEEPENING_FACTOR times as many nearest entries and is estimated again over the smaller tail,
      at most DEEPENING_ROUNDS times; the last estimate is kept;
    - 'auto': as 'estimate', but a query whose last estimate still exceeds ``estimate_error`` is exact.
+   A fold's draws are a function of the backend's seed, the dictionary, alpha_bar and the deepening round only, not
+   of the other queries: a pixel's estimate is the same whichever batch it is sampled in (a sample regenerated alone
+   by its seed is the same image).
 
 Scoring is in one of three ways (``scoring``):
 - 'compiled' (the CPU's default where patchdb._clusters was compiled, float32): a kernel takes each
@@ -41,6 +44,7 @@ With ``exact_from_patch_size``, the steps at that patch size and above are not s
 patch machine hands them to the exact backend's sliding windows (where every pixel would fall back).
 """
 
+import hashlib
 import math
 import time
 from collections import Counter
@@ -130,7 +134,8 @@ class TopKBackend:
     tol: the certified bound on the neglected posterior mass; fallback: one of FALLBACKS;
     estimate_samples: entries in the estimator's uniform sample; estimate_error: the largest standard error of
     an estimated posterior mean (in the values' units: pixels in [-1, 1]) accepted without visiting more
-    entries (module docstring); seed: the sampler's generator;
+    entries (module docstring); seed: with the dictionary, alpha_bar and the round, what the estimator's draws are
+    drawn from (module docstring);
     scoring: one of SCORINGS, or None for the default (default_scoring);
     exact_from_patch_size: patch sizes from which on a whole step is left to the exact backend's sliding windows
         (patchdb.machines.PatchMachine; a CPU): where the posterior is broad and the patches large, every pixel
@@ -162,7 +167,7 @@ class TopKBackend:
         self.scoring, self.exact_from_patch_size = scoring, exact_from_patch_size
         self.topk, self.tol, self.fallback = topk, tol, fallback
         self.estimate_samples, self.estimate_error = estimate_samples, estimate_error
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.exact = exact or ExactBackend()
         self._report = _new_report()
 
@@ -213,7 +218,7 @@ class TopKBackend:
                 last = deepening == DEEPENING_ROUNDS
                 start = time.perf_counter()
                 rejected, sampled = self._estimate(accumulator, queries, dictionary, plan, rejected, alpha_bar,
-                                                   strict=self.fallback == "auto" or not last)
+                                                   strict=self.fallback == "auto" or not last, deepening=deepening)
                 scored += sampled
                 seconds["estimate"] += time.perf_counter() - start
                 if last or not rejected.numel():
@@ -399,7 +404,7 @@ class TopKBackend:
         return int(counts[rows].sum())
 
     def _estimate(self, accumulator, queries, dictionary: ClusteredDictionary, plan: "_Plan", rows: torch.Tensor,
-                  alpha_bar: float, strict: bool) -> tuple[torch.Tensor, int]:
+                  alpha_bar: float, strict: bool, deepening: int) -> tuple[torch.Tensor, int]:
         """Fold an estimate of the clusters that rows did not visit into the accumulator.
 
         One sample of the dictionary's patches, uniform over all patches (so an entry is drawn in
@@ -411,7 +416,8 @@ class TopKBackend:
         logits against the draws take at most ESTIMATE_LOGIT_BYTES.
         """
         counts, clusters = dictionary.patch_counts, dictionary.clusters
-        patches = torch.randint(counts.total, (self.estimate_samples,), generator=self.generator)
+        patches = torch.randint(counts.total, (self.estimate_samples,),
+                                generator=self._draw_generator(dictionary, alpha_bar, deepening))
         draws = counts.entries_of(patches.sort().values).to(rows.device)
         draw_cluster = torch.searchsorted(clusters.offsets, draws, right=True) - 1
         draws_in = torch.bincount(draw_cluster, minlength=len(clusters))  # (C,), each cluster's draws consecutive
@@ -454,6 +460,14 @@ class TopKBackend:
             accumulator.fold_sums(sums, shift_bits, logits, chunk_max.index_fill_(0, rejected, -math.inf), sample.sources,
                                   rows=rows)
         return rejected
+
+    def _draw_generator(self, dictionary: ClusteredDictionary, alpha_bar: float, deepening: int) -> torch.Generator:
+        """The generator of a fold's draws, from the seed and what identifies the fold whatever the batch: the
+        dictionary (its patches, entries and clusters), the noise level (repr: exact) and the round."""
+        identity = (self.seed, dictionary.patch_counts.total, len(dictionary.entries), len(dictionary.clusters),
+                    float(alpha_bar), deepening)
+        digest = hashlib.blake2b(repr(identity).encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
     @staticmethod
     def _tail_estimate(accumulator, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, drawn: torch.Tensor,

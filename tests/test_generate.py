@@ -191,3 +191,18 @@ def test_grid_shows_at_most_max_images_with_titles():
     figure = image_grid_figure(images, [f"class {k}" for k in range(len(images))])
     shown = [axis for axis in figure.axes if axis.images]
     assert len(shown) == MAX_GRID_IMAGES and shown[1].get_title() == "class 1"
+
+
+def test_an_estimated_sample_regenerates_alone_from_its_seed(tmp_path):
+    """The estimator's draws depend on the step and the dictionary, not on the batch the pixel is sampled in."""
+    from patchdb.build import build_store
+    from patchdb.data import load_dataset
+
+    store = tmp_path / "store"
+    build_store(load_dataset("default:40"), "bbels", [3], store, cluster_size=16, min_indexed_entries=64, progress=False)
+    options = dict(dataset="default:40", scales="3,3,3", steps=3, index=str(store), topk=8, fallback="estimate")
+    batch = run_sample(SampleConfig(out=str(tmp_path / "batch"), num=3, seed=0, **options), progress=False)
+    run_sample(SampleConfig(out=str(tmp_path / "alone"), num=1, seed=1, **options), progress=False)
+    assert all(step["fraction_of_pixels"].get("estimated", 0) > 0.5 for step in batch["index_steps"])
+    np.testing.assert_allclose(np.load(tmp_path / "alone" / "samples.npy")[0],
+                               np.load(tmp_path / "batch" / "samples.npy")[1], atol=1e-5)
