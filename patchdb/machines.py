@@ -75,6 +75,7 @@ class Machine:
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None,
                  patch_size: int | None = None) -> torch.Tensor:
         """Score (B, C, H, W) of the machine at noisy batch x (B, C, H, W) and time t in (0, 1]."""
+        x = x.to(device=self.device, dtype=self.dtype)
         return self.posterior(x, t, labels, patch_size, provenance=False).score(x, t)
 
     def posterior(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, patch_size: int | None = None,
@@ -331,11 +332,11 @@ class PatchMachine(Machine):
         """The groups' dictionaries, one list (a dictionary per group, None where a group has no
         entries in that block) per block of training images.
 
-        Stored dictionaries (with a store) are loaded once per scale and label, within 3/4 of the
-        memory budget (patchdb.store). The others are extracted from the images: while those of
-        this scale (for every label seen so far) fit in 3/4 of the budget they are built once and
-        cached as a single block (the sampler uses each scale for several consecutive steps);
-        otherwise they are re-extracted at every call from blocks of images that fit a quarter of it.
+        Stored dictionaries (with a store) are loaded once per scale and label, their patches held within what 3/4 of
+        the memory budget leaves after the labels loaded before (patchdb.store). The others are extracted from the
+        images: while those of this scale (for every label seen so far) fit in what is left of that 3/4, they are
+        built once and cached as a single block (the sampler uses each scale for several consecutive steps);
+        otherwise they are re-extracted at every call from blocks of images that fit a quarter of the budget.
         """
         self._check_scale(patch_size)
         if label in self._cache:
@@ -348,7 +349,7 @@ class PatchMachine(Machine):
         image_bytes = max(1, sum(extracted_bytes_per_image(group, patch_size, channels, width, images.element_size())
                                  for group in extract))
         cached_images = sum(self._training_images(cached)[0].shape[0] for cached in self._cache)
-        if (cached_images + images.shape[0]) * image_bytes <= self.memory_budget * 3 // 4:
+        if (cached_images + images.shape[0]) * image_bytes <= self.memory_budget * 3 // 4 - self._stored_bytes():
             self._cache[label] = next(self._with_stored(stored, images, patch_size, extract, images.shape[0]))
             return [self._cache[label]]
         return self._with_stored(stored, images, patch_size, extract, max(1, self.memory_budget // 4 // image_bytes))
@@ -366,7 +367,16 @@ class PatchMachine(Machine):
         self.store.check_run(self.dataset, self.name, [patch_size], label is not None,
                              None if label is None else torch.tensor([label]))
         in_place = isinstance(self.backend, TopKBackend) and self.backend.reads_patches_in_place(images.device, images.dtype)
-        return self.store.dictionaries(patch_size, label, groups, images, 0 if in_place else self.memory_budget * 3 // 4)
+        budget = 0 if in_place else max(0, self.memory_budget * 3 // 4 - self._stored_bytes())
+        return self.store.dictionaries(patch_size, label, groups, images, budget)
+
+    def _stored_bytes(self) -> int:
+        """Bytes of the patches that the stored dictionaries loaded so far hold in memory."""
+        held = [getattr(dictionary, "entries", dictionary) for dictionaries in self._stored.values()
+                for dictionary in dictionaries if dictionary is not None]
+        # the fused exact method replaces a dictionary's keys by its float16 operand (patchdb.fused.FusedKeys.parts)
+        return sum(getattr(entries.keys, "parts", entries.keys).nbytes for entries in held
+                   if isinstance(entries, PatchDictionary))
 
     def _extract_blocks(self, images, patch_size, groups, images_per_block):
         """Yield, per block of images_per_block training images, a PatchDictionary per group."""

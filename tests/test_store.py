@@ -437,3 +437,27 @@ def test_steps_left_to_the_exact_backend_are_its_sliding_windows_posterior_and_r
     assert (smaller.path != PATHS.index("exact")).any()
     with pytest.raises(PatchdbError, match="exact-from-patch-size"):
         TopKBackend(exact_from_patch_size=0)
+
+
+def test_the_labels_stored_dictionaries_share_one_memory_budget(dataset, tmp_path):
+    """A conditional run holds the patches of each label's dictionaries in memory only while all the labels' together
+    fit 3/4 of the machine's budget; the later labels gather theirs, with the same posterior."""
+    conditional = build(dataset, tmp_path / "conditional", scales=[3], conditional=True)
+    x, labels = noisy_batch(dataset, 0.4, seed=3), torch.tensor([0, 1])
+
+    def machine(memory_budget):
+        backend = TopKBackend(topk=200, tol=1e-2, fallback="exact", scoring="runs")
+        return make_machine("bbels", dataset, dtype=torch.float64, store=conditional, backend=backend,
+                            memory_budget=memory_budget)
+
+    unlimited = machine(2**40)
+    expected = unlimited.posterior(x, 0.4, labels, 3)
+    one_label = unlimited._stored_bytes() // 2
+    assert one_label > 0
+    limited = machine((one_label + one_label // 2) * 4 // 3)  # room for one label's patches, not for two
+    got = limited.posterior(x, 0.4, labels, 3)
+    held = {label: {type(getattr(d, "entries", d)).__name__ for d in dictionaries if d is not None}
+            for label, dictionaries in limited._stored.items()}
+    assert limited._stored_bytes() <= limited.memory_budget * 3 // 4
+    assert "GatheredEntries" in set().union(*held.values()) and "PatchDictionary" in set().union(*held.values())
+    assert torch.allclose(got.mean, expected.mean, atol=1e-12)
