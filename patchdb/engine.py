@@ -71,7 +71,8 @@ class PosteriorSummary:
     """What the engine reports for Q queries.
 
     mean: (Q, V) posterior mean of the values.
-    best_source: (Q, 3) int64 source (training image, row, column) of the entry of largest weight.
+    best_source: (Q, 3) int64 source (training image, row, column) of the entry of largest weight (for the
+        equivariant machine's shifted images: training image, row shift, column shift).
     best_weight: (Q,) its posterior weight, in (0, 1].
     """
 

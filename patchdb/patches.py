@@ -149,9 +149,9 @@ MAX_SLICED_BOXES = 64
 def gather_patches(windows: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """Copy the patches centred at flat pixel indices pixels (M,) out of a patch_windows view: (N, M, D).
 
-    Pixels that form a few rectangles, each listed row by row (every dictionary group: a rectangle,
-    or bbELS's four corner squares), are copied a rectangle at a time by slicing, faster than
-    indexing every pixel.
+    Pixels that form a few rectangles, each listed row by row (a dictionary group's rectangle), are copied a
+    rectangle at a time by slicing, faster than indexing every pixel. bbELS's corner pixels are listed in no such
+    order (one box per pixel): up to MAX_SLICED_BOXES of them are sliced one by one, more go through indexing.
     """
     num_images, channels, _, width, size, _ = windows.shape
     pixels = pixels.to(windows.device)

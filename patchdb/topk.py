@@ -21,7 +21,9 @@ M_c = b_c + log(summed multiplicities) on its share of the posterior's normalise
      tail's share of the normaliser and of the weighted sum (*estimated*). Where the standard error
      of the estimated posterior mean (delta method, in the values' units) exceeds ``estimate_error``, the query visits
      DEEPENING_FACTOR times as many nearest entries and is estimated again over the smaller tail,
-     at most DEEPENING_ROUNDS times; the last estimate is kept;
+     at most DEEPENING_ROUNDS times; the last estimate is kept. Each round's estimate is unbiased, but those kept are
+     not quite: an estimate is accepted on a standard error taken from its own draws, and draws that miss a
+     dominant patch also look precise (benchmarks/RESULTS.md, "The estimator's misses");
    - 'auto': as 'estimate', but a query whose last estimate still exceeds ``estimate_error`` is exact.
    A fold's draws are a function of the backend's seed, the dictionary, alpha_bar and the deepening round only, not
    of the other queries: a pixel's estimate is the same whichever batch it is sampled in (a sample regenerated alone
