@@ -64,7 +64,7 @@ def check_candidates(candidates: list[int]) -> list[int]:
     if not candidates:
         raise PatchdbError("give at least one candidate patch size, e.g. --candidates 3,5,...,17")
     for size in candidates:
-        if not isinstance(size, int) or size <= 0 or size % 2 == 0:
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 2 == 0:
             raise PatchdbError(f"candidate patch size {size!r} is not a positive odd integer")
     return sorted(set(candidates))
 

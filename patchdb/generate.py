@@ -45,7 +45,7 @@ from patchdb.machines import MACHINES, Machine, Posterior, make_machine
 from patchdb.patches import PATCH_MACHINES
 from patchdb.plots import image_grid_figure, provenance_figure
 from patchdb.sampler import sample_ddim
-from patchdb.scales import check_scale_spec, parse_scales
+from patchdb.scales import check_scale_spec, parse_scales, scale_at
 from patchdb.schedule import MAX_STEPS, full_steps, machine_steps
 from patchdb.store import PatchStore
 from patchdb.topk import (DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, PATHS,
@@ -226,7 +226,7 @@ def _backend_options(config: SampleConfig, dataset: Dataset, scales: list[int], 
     if config.machine not in PATCH_MACHINES:
         raise PatchdbError(f"--index serves the patch machines ({', '.join(PATCH_MACHINES)}), not {config.machine}; drop --index")
     store = PatchStore(config.index)
-    used = sorted({scales[min(i, config.steps - 1)] for i in LOOPS[config.loop](config.steps)})
+    used = sorted({scale_at(scales, i, config.steps) for i in LOOPS[config.loop](config.steps)})
     store.check_run(dataset, config.machine, used, labels is not None, labels)
     backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, config.estimate_error,
                           exact=ExactBackend(method=config.exact_method),
@@ -244,7 +244,7 @@ def index_steps(generation: Generation, steps: list[int], scales: list[int], num
         pixels = path.numel()
         counts = torch.bincount(path.flatten().long(), minlength=len(PATHS)).tolist()
         split = dict(report["seconds"], other=max(0.0, seconds - sum(report["seconds"].values())))
-        records.append({"t": i / num_steps, "patch_size": scales[min(i, num_steps - 1)],
+        records.append({"t": i / num_steps, "patch_size": scale_at(scales, i, num_steps),
                         "fraction_of_pixels": {name: count / pixels for name, count in zip(PATHS, counts) if count},
                         "entries_scored_per_pixel": report["entries_scored"] / pixels,
                         "deepenings_per_pixel": report["deepenings"] / pixels,

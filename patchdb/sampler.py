@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from patchdb.scales import scale_at
 from patchdb.schedule import ddim_step, score_to_eps
 
 ScoreModel = Callable[..., torch.Tensor]
@@ -34,7 +35,7 @@ def sample_ddim(
     """
     for i in tqdm(steps, desc="sampling", unit="step", disable=disable):
         t, t_prev = i / num_steps, (i - 1) / num_steps
-        patch_size = None if scales is None else scales[min(i, num_steps - 1)]
+        patch_size = None if scales is None else scale_at(scales, i, num_steps)
         score = model(x, t, labels=labels, patch_size=patch_size)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "score": score, "patch_size": patch_size})

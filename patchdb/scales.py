@@ -22,6 +22,11 @@ SCALE_SPEC_HELP = (
 )
 
 
+def scale_at(scales: list[int], i: int, num_steps: int) -> int:
+    """The patch size of step i (t = i / num_steps) in an n-step schedule (the convention above)."""
+    return scales[min(i, num_steps - 1)]
+
+
 def paper_scales() -> dict[str, list[int]]:
     """The authors' calibrated 20-step schedules, by key (e.g. 'fashion-mnist-resnet-zeros-conditional')."""
     text = resources.files("patchdb").joinpath("resources/paper-scales.json").read_text()

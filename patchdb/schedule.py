@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from patchdb.errors import PatchdbError
+
 COSINE_OFFSET = 1.008
 """The schedule's stretch: alpha_bar(t) = cos(t / 1.008 * pi / 2)^2 (the authors' "legacy" cosine)."""
 MAX_STEPS = 10_000
@@ -48,7 +50,7 @@ def full_steps(num_steps: int) -> list[int]:
 
 def _check_num_steps(num_steps: int) -> None:
     if not 2 <= num_steps <= MAX_STEPS:
-        raise ValueError(f"the sampler takes 2..{MAX_STEPS} steps, got {num_steps}")
+        raise PatchdbError(f"the sampler takes 2..{MAX_STEPS} steps (--steps), got {num_steps}")
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: float, t_prev: float) -> torch.Tensor:

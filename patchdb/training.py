@@ -63,8 +63,8 @@ class TrainingConfig:
             raise PatchdbError(f"max_images must be at least 1, got {self.max_images}")
 
 
-# The paper's setting, and one that trains in about 20 minutes on a shared 2-core CPU (measured: see README
-# "Training presets"). The cpu preset keeps the architecture's shape (6 hidden layers, so the ResNet's 17x17
+# The paper's setting, and one that trains within the issue's 20 minutes on a 2-core CPU (7 to 9 minutes on an idle one:
+# see README "Training presets"). The cpu preset keeps the architecture's shape (6 hidden layers, so the ResNet's 17x17
 # receptive field; the paper's whole UNet) and trades data, batches and the ResNet's width: the ResNet takes about a
 # fifth of the UNet's time per batch (399 s for 2,560 batches, 502 s for 640: benchmarks/RESULTS.md, issue 3), so it
 # trains for four times the epochs.

@@ -72,7 +72,7 @@ def test_size_lists_and_ranges():
     for bad in ("3,5,...", "3,x", "3,5,...,16", "5,3,...,17"):
         with pytest.raises(PatchdbError, match="cannot read candidates"):
             parse_size_list(bad, "candidates")
-    for bad in ([], [4], [3, -1]):
+    for bad in ([], [4], [3, -1], [3, True]):
         with pytest.raises(PatchdbError):
             check_candidates(bad)
 

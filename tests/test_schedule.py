@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import noisy_batch, tiny_dataset
+from patchdb.errors import PatchdbError
 from patchdb.machines import make_machine
 from patchdb.sampler import sample_ddim
 from patchdb.schedule import alpha_bar, beta, ddim_step, eps_to_score, full_steps, machine_steps, score_to_eps
@@ -60,9 +61,9 @@ def test_step_grids():
     assert full_steps(20) == list(range(20, 0, -1))
     assert machine_steps(2) == [1] and full_steps(2) == [2, 1]
     for bad in (1, 0):
-        with pytest.raises(ValueError):
+        with pytest.raises(PatchdbError, match="the sampler takes 2..10000 steps"):
             machine_steps(bad)
-        with pytest.raises(ValueError):
+        with pytest.raises(PatchdbError, match="the sampler takes 2..10000 steps"):
             full_steps(bad)
 
 
