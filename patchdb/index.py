@@ -54,6 +54,11 @@ KMEANS_SAMPLE_PER_CLUSTER = 64
 DISTANCE_SLACK = 1e-3
 """Relative slack on the float32 distances of the bounds (their rounding error is far smaller)."""
 
+TERM_ROUNDINGS = 8
+"""The two terms of a cluster's logit bound, ||q||^2 / (2 beta) and alpha_bar d^2 / (2 beta), are each moved by this many
+units of their rounding in the bound's favour: near t = 0 they are thousands of nats, and their difference, the
+bound, would otherwise fall short of the float64 truth by rounding (about 2e-3 nats at alpha_bar 0.999)."""
+
 
 @dataclass
 class EntryClusters:
@@ -100,7 +105,10 @@ class EntryClusters:
         member_distances = torch.sub(distances, self.radii + DISTANCE_SLACK * centroid_norms.sqrt())
         member_distances.sub_(DISTANCE_SLACK * point_norms.sqrt()).clamp_min_(0)
         query_norms = queries.square().sum(dim=1, keepdim=True)
-        bounds = member_distances.square_().mul_(-alpha_bar / (2 * noise_variance)).add_(query_norms / (2 * noise_variance))
+        # each term widened by a few of its own roundings, so that the float32 difference stays an upper bound
+        widen = TERM_ROUNDINGS * torch.finfo(queries.dtype).eps
+        bounds = (member_distances.square_().mul_(-alpha_bar * (1 - widen) / (2 * noise_variance))
+                  .add_(query_norms * ((1 + widen) / (2 * noise_variance))))
         return distances, bounds.add_(self.log_mass)
 
 

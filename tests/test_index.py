@@ -203,6 +203,29 @@ def test_the_certificate_holds_where_a_wide_cluster_around_the_query_has_a_loose
     assert path[0] == PATHS.index("certified") and (mean - exact).abs().max() <= tol * 2
 
 
+@pytest.mark.parametrize("alpha_bar", [0.9, 0.999, 0.9999])
+def test_float32_cluster_bounds_hold_against_the_float64_truth(alpha_bar):
+    """Near t = 0 a bound is the difference of two terms of thousands of nats: their rounding must not undercut it."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 27, generator=generator)
+    keys = torch.cat([base.repeat_interleave(400, 0) + 1e-4 * torch.randn(20000, 27, generator=generator),
+                      torch.zeros(3000, 27), torch.randn(5000, 27, generator=generator)])
+    sources = torch.stack([torch.arange(len(keys)), torch.zeros(len(keys)).long(), torch.zeros(len(keys)).long()], 1)
+    indexed = clustered(PatchDictionary.from_entries(keys, keys[:, :1].clone(), sources), cluster_size=256)
+    entries, clusters = indexed.entries, indexed.clusters
+    signal = math.sqrt(alpha_bar)
+    picks = torch.randint(len(entries.keys), (256,), generator=generator)
+    noise = torch.randn(256, 27, generator=generator) * torch.rand(256, 1, generator=generator)
+    queries = signal * entries.keys[picks] + math.sqrt(1 - alpha_bar) * noise
+    _, bounds = clusters.search(queries, alpha_bar)
+    keys64, queries64 = entries.keys.double(), queries.double()
+    logits = ((signal * queries64 @ keys64.T - alpha_bar / 2 * keys64.square().sum(1)) / (1 - alpha_bar)
+              + entries.log_multiplicity.double())
+    cluster_mass = torch.stack([logits[:, start:end].logsumexp(dim=1)
+                                for start, end in zip(clusters.offsets[:-1], clusters.offsets[1:])], dim=1)
+    assert (cluster_mass <= bounds.double()).all()
+
+
 def test_estimated_normaliser_is_unbiased(dictionary, indexed):
     alpha_bar = 0.5
     queries = noisy_queries(dictionary, alpha_bar, count=16)
