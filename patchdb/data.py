@@ -1,8 +1,8 @@
 """Training images for the machines: readers, named data sets, data set specs and the paper's preprocessing.
 
 Every data set ends up as a :class:`Dataset`: float32 images of shape (N, C, 32, 32) with pixels in
-[-1, 1] (the paper's bilinear resize to 32x32, then x / 127.5 - 1), optional int64 class labels, the
-spec it came from and a sha256 fingerprint of its contents.
+[-1, 1] (the paper's bilinear resize to 32x32, antialiased where it shrinks, then x / 127.5 - 1), optional
+int64 class labels, the spec it came from and a sha256 fingerprint of its contents.
 
 A spec is one of
 
@@ -174,9 +174,14 @@ def make_dataset(images: torch.Tensor, labels: torch.Tensor | None, name: str) -
 def preprocess(images: np.ndarray) -> torch.Tensor:
     """The paper's preprocessing: (N, C, 32, 32) float32 in [-1, 1].
 
-    uint8 input, (N, H, W) or (N, H, W, C) with C in {1, 3}: bilinear resize to 32x32
-    (align_corners=False, no antialiasing; 32x32 arrays are not resized), then x / 127.5 - 1.
+    uint8 input, (N, H, W) or (N, H, W, C) with C in {1, 3}: bilinear resize to 32x32, then x / 127.5 - 1.
+    uint16 input, same shapes: first rounded to 8 bits from 0..65535 (as 16-bit image files are), then as uint8.
     Float input, (N, C, H, W) already in [-1, 1]: passed through, resized only if not 32x32.
+
+    The resize (align_corners=False) leaves 32x32 arrays as they are; it is antialiased (each output pixel
+    averages the input pixels it covers) where a side shrinks, e.g. CelebA's 178x218, and plain bilinear where
+    both sides grow (28x28 MNIST). A non-square image is stretched to 32x32 (nothing is cropped), so its
+    aspect ratio changes: crop such images beforehand to keep it.
     """
     _check_image_array(images, "the images")
     return _to_tensor(images)
@@ -184,6 +189,8 @@ def preprocess(images: np.ndarray) -> torch.Tensor:
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     """preprocess() of an array that passed _check_image_array."""
+    if images.dtype == np.uint16:
+        images = _eight_bit(images)
     if images.dtype == np.uint8:
         pixels = torch.from_numpy(np.ascontiguousarray(images))
         pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
@@ -194,17 +201,24 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def _resize(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) float32 -> (N, C, 32, 32): bilinear, antialiased where H or W exceeds 32 (see preprocess)."""
     if images.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE):
         return images
-    return F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False, antialias=False)
+    shrinks = max(images.shape[-2:]) > IMAGE_SIZE
+    return F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False, antialias=shrinks)
+
+
+def _eight_bit(pixels: np.ndarray) -> np.ndarray:
+    """16-bit pixels (any integer array, 0..65535) as uint8, rounded from 0..65535 to 0..255 (values outside clipped)."""
+    return np.round(np.asarray(pixels, dtype=np.float32) * (255 / 65535)).clip(0, 255).astype(np.uint8)
 
 
 def _check_image_array(images: np.ndarray, source: str) -> None:
-    """Raise PatchdbError unless ``images`` is uint8 (N,H,W)/(N,H,W,C) or float (N,C,H,W) in [-1, 1]."""
-    if images.dtype == np.uint8:
+    """Raise PatchdbError unless ``images`` is uint8 or uint16 (N,H,W)/(N,H,W,C) or float (N,C,H,W) in [-1, 1]."""
+    if images.dtype in (np.uint8, np.uint16):
         if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
-            raise PatchdbError(
-                f"{source}: wrong shape {images.shape} for uint8 images; expected (N, H, W) or (N, H, W, C) with C = 1 or 3")
+            raise PatchdbError(f"{source}: wrong shape {images.shape} for {images.dtype} images; "
+                               "expected (N, H, W) or (N, H, W, C) with C = 1 or 3")
     elif np.issubdtype(images.dtype, np.floating):
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise PatchdbError(
@@ -216,7 +230,8 @@ def _check_image_array(images: np.ndarray, source: str) -> None:
                 f"{source}: float images must lie in [-1, 1], found values in [{images.min():g}, {images.max():g}]; "
                 "store uint8 pixels (0-255) or scale the floats as x / 127.5 - 1")
     else:
-        raise PatchdbError(f"{source}: unsupported pixel type {images.dtype}; use uint8 (0-255) or float32 in [-1, 1]")
+        raise PatchdbError(f"{source}: unsupported pixel type {images.dtype}; "
+                           "use uint8 (0-255), uint16 (0-65535) or float32 in [-1, 1]")
     if images.shape[0] == 0 or min(images.shape[1:]) == 0:
         raise PatchdbError(f"{source}: holds no images (shape {images.shape})")
 
@@ -344,17 +359,6 @@ def _cifar_batch(source: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images), labels
 
 
-def read_image_folder(path: str | os.PathLike, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Images of a folder with one sub-folder per class: uint8 (N, H, W, C) and int64 labels (N,).
-
-    Classes are the sub-folders in sorted order (label 0, 1, ...), images sorted by name within each;
-    a folder without sub-folders is one class. All images must have one size. C is 1 if the first
-    image is grey, else 3. ``limit`` keeps only the first ``limit`` images.
-    """
-    pairs = list(_iter_image_folder(Path(path), limit))
-    return np.stack([image for image, _ in pairs]), np.array([label for _, label in pairs], dtype=np.int64)
-
-
 def _image_folder_files(folder: Path) -> list[tuple[Path, int]]:
     """(image file, class index) in reading order."""
     if not folder.is_dir():
@@ -384,11 +388,25 @@ def _image_folder_files(folder: Path) -> list[tuple[Path, int]]:
     return files
 
 
+def _is_sixteen_bit(mode: str) -> bool:
+    """Whether a Pillow mode holds 16-bit grey pixels: I;16, I;16B, I;16L, I;16N (any byte order)."""
+    return mode.startswith("I;16")
+
+
+def _is_grey(image) -> bool:
+    """Whether a Pillow image is grey: modes 1, L, LA, I and the 16-bit modes, or a palette image ("P") whose pixels
+    all use grey palette entries (red = green = blue)."""
+    if image.mode == "P":
+        colours = np.asarray(image.convert("RGB"))
+        return bool((colours == colours[:, :, :1]).all())
+    return image.mode in ("1", "L", "LA", "I") or _is_sixteen_bit(image.mode)
+
+
 def _grey_pixels(image) -> np.ndarray:
-    """A grey image's pixels as uint8 (H, W); 16-bit images rescaled from 0..65535 (Pillow's own conversion to 8 bits
-    clips them at 255, turning most pixels white)."""
-    if image.mode.startswith("I;16") or (image.mode == "I" and np.asarray(image).max() > 255):
-        return np.round(np.asarray(image, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8)
+    """A grey image's (_is_grey) pixels as uint8 (H, W); 16-bit images rescaled from 0..65535 (Pillow's own conversion
+    to 8 bits clips them at 255, turning most pixels white)."""
+    if _is_sixteen_bit(image.mode) or (image.mode == "I" and np.asarray(image).max() > 255):
+        return _eight_bit(np.asarray(image))
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
@@ -402,7 +420,7 @@ def _iter_image_folder(folder: Path, limit: int | None) -> Iterator[tuple[np.nda
                 if image.mode == "F":  # Pillow's conversion to 8 bits truncates them: [0, 1] became all black
                     raise PatchdbError(f"{file}: an image of floating-point pixels, which have no fixed range; save the "
                                        "images as 8- or 16-bit")
-                is_grey = image.mode in ("1", "L", "LA", "I", "I;16")
+                is_grey = _is_grey(image)
                 if grey is None:
                     grey = is_grey
                 elif is_grey != grey:
@@ -423,7 +441,8 @@ def _iter_image_folder(folder: Path, limit: int | None) -> Iterator[tuple[np.nda
 
 
 def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """``images`` (uint8 (N,H,W) or (N,H,W,C), or float (N,C,H,W) in [-1,1]) and optional ``labels`` (N,) of an .npz."""
+    """``images`` (uint8 or uint16 (N,H,W) or (N,H,W,C), or float (N,C,H,W) in [-1,1]) and optional ``labels`` (N,) int64
+    of an .npz, as stored (preprocess scales uint16 from 0..65535)."""
     path = Path(path)
     _check_file(path)
     try:
@@ -601,7 +620,7 @@ def _source_in_folder(name: str, split: str, folder: Path) -> Path | None:
 
 def _load_named_source(name: str, split: str, source: Path, limit: int | None, spec: str) -> Dataset:
     if name in ("mnist", "fashion-mnist"):
-        return _load_idx(source, limit, spec)
+        return _load_idx(source, limit, spec, labels_required=True)
     if name == "cifar10":
         images, labels = read_cifar10(source, split)
         return _finish(images, labels, limit, spec, str(source))
@@ -619,22 +638,33 @@ def _load_path(path: Path, limit: int | None, spec: str) -> Dataset:
     return _load_idx(path, limit, spec)
 
 
-def _load_idx(images_path: Path, limit: int | None, spec: str) -> Dataset:
-    """An IDX images file and, when one lies beside it, its labels file."""
+def _load_idx(images_path: Path, limit: int | None, spec: str, labels_required: bool = False) -> Dataset:
+    """An IDX images file and, when one lies beside it, its labels file. With labels_required (a named data set, which
+    comes with its labels) a missing labels file is a PatchdbError naming it; a file: spec loads the images alone."""
     images = read_idx(images_path)
     if images.dtype != np.uint8 or images.ndim != 3:
         raise PatchdbError(
             f"{images_path}: wrong shape for an IDX images file: expected uint8 (N, H, W), got {images.dtype} {images.shape}")
     labels_path = _labels_beside(images_path)
+    if labels_path is None and labels_required:
+        raise PatchdbError(
+            f"{images_path.with_name(_labels_name(images_path))}: file not found: data set {spec!r} has its images "
+            f"({images_path.name}) but not their labels file; download it again (patchdb fetch-data writes both), "
+            f"or load the images without labels as file:{images_path}")
     labels = None
     if labels_path is not None:
         labels = _check_labels(read_idx(labels_path), images.shape[0], str(labels_path))
     return _finish(images, labels, limit, spec, str(images_path))
 
 
+def _labels_name(images_path: Path) -> str:
+    """The name of the IDX labels file that goes with ``images_path`` (``...-images-idx3-...`` -> ``...-labels-idx1-...``)."""
+    return images_path.name.replace("images", "labels").replace("idx3", "idx1")
+
+
 def _labels_beside(images_path: Path) -> Path | None:
-    """The IDX labels file named like ``images_path`` (``...-images-idx3-...`` -> ``...-labels-idx1-...``)."""
-    labels_name = images_path.name.replace("images", "labels").replace("idx3", "idx1")
+    """The IDX labels file named like ``images_path`` (_labels_name, with or without .gz), or None."""
+    labels_name = _labels_name(images_path)
     if labels_name == images_path.name:
         return None
     stem = labels_name.removesuffix(".gz")
@@ -682,10 +712,13 @@ def _load_default(spec: str, limit: int | None) -> Dataset:
         with resource.open("rb") as file:
             with np.load(file, allow_pickle=False) as archive:
                 images, labels = archive["images"], archive["labels"]
-    except (FileNotFoundError, KeyError) as error:
+    except (KeyError, ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+        # numpy's own message about pickled data would advise loading it unsafely
+        problem = "not an .npz of numeric arrays" if "allow_pickle" in str(error) else error
         raise PatchdbError(
-            f"the embedded default data set patchdb/resources/{DEFAULT_RESOURCE} is missing or damaged ({error}); "
-            "reinstall patchdb or regenerate it with benchmarks/make_default_subset.py") from None
+            f"the installed patchdb package is damaged: its default data set patchdb/resources/{DEFAULT_RESOURCE} is "
+            f"missing or unreadable ({problem}); reinstall patchdb or regenerate it with benchmarks/make_default_subset.py"
+        ) from None
     return _finish(images, _check_labels(labels, images.shape[0], DEFAULT_RESOURCE), limit, spec, DEFAULT_RESOURCE)
 
 

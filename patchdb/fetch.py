@@ -1,8 +1,9 @@
 """Download the named data sets from their own sites into a data folder (``patchdb fetch-data``).
 
 Nothing else in patchdb depends on this module: the loaders in patchdb.data only read files.
-Every file is downloaded to a temporary name beside its destination, checked, then renamed; the data set's folder is
-locked while its files are fetched.
+Every file is downloaded to a temporary name beside its destination, synced to disk, checked, then renamed (as
+patchdb.files.atomic_path writes), so that a stopped fetch (even by a power cut) never leaves a half-written file; the
+data set's folder is locked while its files are fetched.
 
 Checks. For Fashion-MNIST we hold sha256 values computed here from Debian's copy of the files
 (../shared/data/fashion-mnist). Debian recompressed the archives (their gzip bytes differ from the
@@ -139,7 +140,7 @@ def verify_remote_file(remote: RemoteFile, path: Path) -> None:
 
 
 def download_file(remote: RemoteFile, folder: Path, progress: bool = True) -> Path:
-    """Download ``remote`` into ``folder`` (first URL that answers), check it, then rename it into place."""
+    """Download ``remote`` into ``folder`` (first URL that answers), sync it to disk, check it, then rename it into place."""
     output_folder(folder, "--data-dir")
     destination = folder / remote.name
     failures = []
@@ -148,6 +149,8 @@ def download_file(remote: RemoteFile, folder: Path, progress: bool = True) -> Pa
         try:
             with os.fdopen(handle, "wb") as out:
                 _copy_url(url, out, remote.name, progress)
+                out.flush()
+                os.fsync(out.fileno())  # on disk before the rename, or a power cut could leave an empty file in place
             verify_remote_file(remote, Path(temporary))
             os.chmod(temporary, 0o644)  # mkstemp creates files readable by their owner only
             os.replace(temporary, destination)

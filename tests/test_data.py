@@ -21,7 +21,6 @@ from patchdb.data import (
     preprocess,
     read_cifar10,
     read_idx,
-    read_image_folder,
     read_npz,
 )
 from patchdb.errors import PatchdbError
@@ -147,44 +146,70 @@ def test_read_cifar10_rejects_missing_batch_and_foreign_pickle(tmp_path):
         read_cifar10(folder, "test")
 
 
-def test_read_image_folder_one_subfolder_per_class(tmp_path):
+def load_folder(folder: Path, limit: int | None = None):
+    """An image folder through the public loader (32x32 images are not resized, so pixels map to x / 127.5 - 1)."""
+    return load_dataset(f"file:{folder}" + ("" if limit is None else f":{limit}"))
+
+
+def test_image_folder_one_subfolder_per_class(tmp_path):
     rng = np.random.default_rng(3)
     written = {}
     for class_name in ("cats", "dogs"):
         (tmp_path / class_name).mkdir()
         for index in range(2):
-            pixels = random_uint8(rng, (9, 8, 3))
+            pixels = random_uint8(rng, (32, 32, 3))
             Image.fromarray(pixels).save(tmp_path / class_name / f"{index}.png")
             written[(class_name, index)] = pixels
-    images, labels = read_image_folder(tmp_path)
-    assert images.shape == (4, 9, 8, 3) and images.dtype == np.uint8
-    assert labels.tolist() == [0, 0, 1, 1]
-    assert np.array_equal(images[3], written[("dogs", 1)])
-    first_three, _ = read_image_folder(tmp_path, limit=3)
-    assert np.array_equal(first_three, images[:3])
+    dataset = load_folder(tmp_path)
+    assert dataset.images.shape == (4, 3, 32, 32) and dataset.labels.tolist() == [0, 0, 1, 1]
+    assert torch.equal(dataset.images[3], preprocess(written[("dogs", 1)][None])[0])
+    assert torch.equal(load_folder(tmp_path, limit=3).images, dataset.images[:3])
 
 
-def test_read_image_folder_grey_keeps_one_channel_and_rejects_bad_folders(tmp_path):
+def test_image_folder_grey_keeps_one_channel_and_rejects_bad_folders(tmp_path):
     grey = tmp_path / "grey" / "only"
     grey.mkdir(parents=True)
-    Image.fromarray(np.full((5, 5), 200, dtype=np.uint8)).save(grey / "a.png")
-    images, labels = read_image_folder(tmp_path / "grey")
-    assert images.shape == (1, 5, 5, 1) and images[0, 0, 0, 0] == 200 and labels.tolist() == [0]
+    Image.fromarray(np.full((32, 32), 204, dtype=np.uint8)).save(grey / "a.png")
+    dataset = load_folder(tmp_path / "grey")
+    assert dataset.images.shape == (1, 1, 32, 32) and dataset.labels.tolist() == [0]
+    assert torch.all(dataset.images == 204 / 127.5 - 1)
     (tmp_path / "empty" / "class").mkdir(parents=True)
     with pytest.raises(PatchdbError, match="empty folder"):
-        read_image_folder(tmp_path / "empty")
+        load_folder(tmp_path / "empty")
     Image.fromarray(np.zeros((6, 5), dtype=np.uint8)).save(grey / "b.png")
     with pytest.raises(PatchdbError, match="b.png.*one size"):
-        read_image_folder(tmp_path / "grey")
+        load_folder(tmp_path / "grey")
 
 
-def test_sixteen_bit_grey_images_are_rescaled_not_clipped(tmp_path):
+def sixteen_bit_gradient() -> np.ndarray:
+    return np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+
+
+@pytest.mark.parametrize("mode, suffix", [("I;16", ".png"), ("I;16B", ".tif"), ("I;16L", ".tif")])
+def test_sixteen_bit_grey_images_are_grey_and_rescaled_not_clipped(tmp_path, mode, suffix):
     folder = tmp_path / "deep" / "class"
     folder.mkdir(parents=True)
-    gradient = np.linspace(0, 65535, 16).reshape(4, 4).astype(np.uint16)
-    Image.fromarray(gradient).save(folder / "a.png")
-    images, _ = read_image_folder(tmp_path / "deep")
-    assert images.dtype == np.uint8 and images[0, :, :, 0].tolist() == np.round(gradient / 257).astype(int).tolist()
+    gradient = sixteen_bit_gradient()
+    byte_order = ">u2" if mode.endswith("B") else "<u2"
+    Image.frombytes(mode, (32, 32), gradient.astype(byte_order).tobytes()).save(folder / f"a{suffix}")
+    with Image.open(folder / f"a{suffix}") as image:
+        assert image.mode == ("I;16" if mode == "I;16L" else mode)  # Pillow reads little-endian TIFFs as I;16
+    dataset = load_folder(tmp_path / "deep")
+    assert dataset.images.shape == (1, 1, 32, 32)
+    assert torch.equal(dataset.images[0, 0], torch.from_numpy(np.round(gradient / 257).astype(np.float32)) / 127.5 - 1)
+
+
+def test_palette_images_with_a_grey_palette_load_as_one_channel(tmp_path):
+    pixels = random_uint8(np.random.default_rng(11), (32, 32))
+    for kind, palette in (("grey", np.repeat(np.arange(256, dtype=np.uint8), 3)),
+                          ("colour", np.stack([np.arange(256), np.arange(256)[::-1], np.full(256, 7)], 1).astype(np.uint8))):
+        (tmp_path / kind / "class").mkdir(parents=True)
+        image = Image.fromarray(pixels, mode="L").convert("P")
+        image.putpalette(palette.flatten().tolist())
+        image.save(tmp_path / kind / "class" / "a.png")
+    grey = load_folder(tmp_path / "grey")
+    assert grey.images.shape == (1, 1, 32, 32) and torch.equal(grey.images, preprocess(pixels[None]))
+    assert load_folder(tmp_path / "colour").images.shape == (1, 3, 32, 32)
 
 
 def test_floating_point_images_are_refused_not_truncated_to_black(tmp_path):
@@ -192,7 +217,17 @@ def test_floating_point_images_are_refused_not_truncated_to_black(tmp_path):
     folder.mkdir(parents=True)
     Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), mode="F").save(folder / "a.tif")
     with pytest.raises(PatchdbError, match="floating-point pixels"):
-        read_image_folder(tmp_path / "float")
+        load_folder(tmp_path / "float")
+
+
+def test_uint16_npz_is_scaled_from_65535_like_a_sixteen_bit_image_file(tmp_path):
+    gradient = sixteen_bit_gradient()
+    np.savez(tmp_path / "deep.npz", images=gradient[None], labels=np.array([0]))
+    (tmp_path / "deep" / "class").mkdir(parents=True)
+    Image.fromarray(gradient).save(tmp_path / "deep" / "class" / "a.png")
+    from_npz = load_dataset(f"file:{tmp_path / 'deep.npz'}")
+    assert from_npz.images.shape == (1, 1, 32, 32) and from_npz.images.min() == -1 and from_npz.images.max() == 1
+    assert from_npz.fingerprint == load_folder(tmp_path / "deep").fingerprint
 
 
 @pytest.mark.parametrize("labels, message", [(np.array([2**63, 1], np.uint64), "below 65536, found 9223372036854775808"),
@@ -256,6 +291,15 @@ def test_preprocess_resizes_bilinearly_to_32():
     assert torch.allclose(flat, torch.ones_like(flat))
 
 
+@pytest.mark.parametrize("shape", [(96, 96), (112, 80), (96, 28)])
+def test_shrinking_is_antialiased_so_fine_detail_does_not_alias(shape):
+    # a one-pixel checkerboard shrunk 3x: plain bilinear samples single pixels and keeps a full-contrast checkerboard
+    rows, cols = np.indices(shape)
+    checkerboard = ((rows + cols) % 2 * 255).astype(np.uint8)[None]
+    out = preprocess(checkerboard)
+    assert out.shape == (1, 1, 32, 32) and out.abs().max() < 0.25, out.abs().max()
+
+
 def test_fingerprint_is_stable_and_sees_one_pixel(tmp_path):
     images = random_uint8(np.random.default_rng(8), (4, 28, 28))
     np.savez(tmp_path / "a.npz", images=images, labels=np.arange(4))
@@ -278,6 +322,23 @@ def test_default_subset_is_100_per_class():
     assert dataset.images.min() == -1 and dataset.images.max() == 1
     assert load_dataset("default").fingerprint == dataset.fingerprint
     assert torch.equal(load_dataset("default:30").images, dataset.images[:30])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickled"])
+def test_a_damaged_default_resource_says_to_reinstall(tmp_path, monkeypatch, damage):
+    import importlib.resources
+    resource = importlib.resources.files("patchdb") / "resources" / data.DEFAULT_RESOURCE
+    (tmp_path / "resources").mkdir()
+    damaged = tmp_path / "resources" / data.DEFAULT_RESOURCE
+    if damage == "truncated":
+        damaged.write_bytes(resource.read_bytes()[:5000])
+    elif damage == "garbage":
+        damaged.write_bytes(b"not an npz at all" * 10)
+    else:
+        np.savez(damaged, images=np.array([None], dtype=object), labels=np.array([None], dtype=object))
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)
+    with pytest.raises(PatchdbError, match="installed patchdb package is damaged: .*; reinstall patchdb"):
+        load_dataset()
 
 
 @needs_shared_data
@@ -348,6 +409,18 @@ def test_file_spec_reads_idx_with_labels_beside_it_and_image_folders(tmp_path):
     (tmp_path / "pics" / "a").mkdir(parents=True)
     Image.fromarray(random_uint8(np.random.default_rng(9), (32, 32, 3))).save(tmp_path / "pics" / "a" / "x.png")
     assert load_dataset(f"file:{tmp_path / 'pics'}").images.shape == (1, 3, 32, 32)
+
+
+def test_a_named_data_set_missing_its_labels_file_names_it(tmp_path, isolated_roots):
+    write_mnist_like(tmp_path / "fashion-mnist", 12, label=3)
+    (tmp_path / "fashion-mnist" / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(PatchdbError) as error:
+        load_dataset("fashion-mnist:train:10", tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'fashion-mnist' / 'train-labels-idx1-ubyte.gz'}: file not found")
+    images = tmp_path / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+    assert f"file:{images}" in message and "\n" not in message
+    assert load_dataset(f"file:{images}:10").labels is None  # the images alone, as the message offers
 
 
 def test_not_found_lists_every_place_and_how_to_get_it(tmp_path, monkeypatch, isolated_roots):
@@ -437,6 +510,17 @@ def test_download_checks_before_renaming_into_place(tmp_path):
     assert [path.name for path in folder.iterdir()] == ["labels.gz"]
 
 
+def test_a_download_is_synced_to_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    source = write_idx(tmp_path / "served.gz", np.array([1, 2], dtype=np.uint8))
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)),
+                                                 fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda old, new: (events.append(("replace", Path(new).name)), replace(old, new)))
+    download_file(RemoteFile("labels.gz", (source.as_uri(),), payload_sha256(source), read_idx), tmp_path / "data",
+                  progress=False)
+    assert events == [("fsync", source.stat().st_size), ("replace", "labels.gz")]
+
+
 def test_fetch_data_locks_its_folder_and_leaves_only_the_checked_files(tmp_path, monkeypatch):
     source = write_idx(tmp_path / "served.gz", np.array([4, 5], dtype=np.uint8))
     served = (RemoteFile("labels.gz", (source.as_uri(),), payload_sha256(source), read_idx),)
@@ -470,11 +554,11 @@ def test_images_beside_class_folders_and_pickled_archives_are_refused(tmp_path):
     for path in (tmp_path / "mixed" / "a" / "x.png", tmp_path / "mixed" / "loose.png"):
         Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
     with pytest.raises(PatchdbError, match="loose.png.*beside its class sub-folders"):
-        read_image_folder(tmp_path / "mixed")
+        load_folder(tmp_path / "mixed")
     (tmp_path / "mixed" / "loose.png").unlink()
     (tmp_path / "mixed" / "a" / "deeper").mkdir()
     with pytest.raises(PatchdbError, match="deeper: a folder inside a class folder"):
-        read_image_folder(tmp_path / "mixed")
+        load_folder(tmp_path / "mixed")
     np.savez(tmp_path / "objects.npz", images=np.array([None, 1], dtype=object))
     with pytest.raises(PatchdbError, match="holds Python objects"):
         read_npz(tmp_path / "objects.npz")
