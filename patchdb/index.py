@@ -57,7 +57,7 @@ DISTANCE_SLACK = 1e-3
 TERM_ROUNDINGS = 8
 """The two terms of a cluster's logit bound, ||q||^2 / (2 beta) and alpha_bar d^2 / (2 beta), are each moved by this many
 units of their rounding in the bound's favour: near t = 0 they are thousands of nats, and their difference, the
-bound, would otherwise fall short of the float64 truth by rounding (about 2e-3 nats at alpha_bar 0.999)."""
+bound, would otherwise fall short of the float64 truth by rounding."""
 
 
 @dataclass
