@@ -2,7 +2,7 @@
 
 import click
 
-from cli.options import DEVICE, SAMPLE_COUNTS, SEEDS, STEPS, UserPath, machine_data_options, warn_if_unfinished
+from cli.options import DEVICE, SAMPLE_COUNTS, SEEDS, STEPS, UserPath, gib_to_bytes, machine_data_options, warn_if_unfinished
 from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run
 from patchdb.patches import PATCH_MACHINES
 from patchdb.scales import parse_size_list
@@ -34,7 +34,3 @@ def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, da
                                  out=out, memory_budget=gib_to_bytes(memory_gb))
     click.echo(f"scales {result['scales']} (entry i at t = i/{num_steps}) -> {path}")
 
-
-def gib_to_bytes(gib: float | None) -> int | None:
-    """--memory-gb in bytes (None stays None)."""
-    return None if gib is None else int(gib * 1024**3)

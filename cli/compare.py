@@ -4,17 +4,17 @@ import sys
 
 import click
 
-from cli.calibrate import gib_to_bytes
-from cli.options import DEVICE, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, machine_data_options, warn_if_unfinished
+from cli.options import (DEVICE, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, ModelName, ScaleSpec, gib_to_bytes,
+                         machine_data_options, warn_if_unfinished)
 from patchdb.comparison import COMPARE_FILE, compare_model
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES
-from patchdb.networks import PADDINGS
+from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
 
 
 @click.command("compare")
-@click.option("--model", required=True,
+@click.option("--model", type=ModelName(ARCHITECTURES), required=True,
               help="'resnet' or 'unet' (the project's cpu-preset network for --dataset, from the model cache) or a RUN_DIR.")
 @click.option("--dataset", "dataset_spec", default=None, show_default="the run's own data set",
               help="Data set spec; picks the cached network for --model resnet|unet. The machines always use "
@@ -25,7 +25,7 @@ from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
               help="Class-conditional network.")
 @click.option("--train", "train_missing", is_flag=True, help="Train a missing cached network with the cpu preset without asking.")
 @click.option("--machine", type=click.Choice(MACHINES), default="bbels", help="The machine compared with the network.")
-@click.option("--scales", "scale_spec", default=None,
+@click.option("--scales", "scale_spec", type=ScaleSpec(), default=None,
               show_default="calibrated:RUN_DIR (calibrated first if missing; none for is|es)",
               help=f"Scale schedule: {SCALE_SPEC_HELP}.")
 @click.option("--steps", "num_steps", type=STEPS, default=20, help="Sampling steps n.")

@@ -7,7 +7,8 @@ import click
 
 from patchdb.engine import DEFAULT_MEMORY_BUDGET
 from patchdb.errors import PatchdbError, user_path
-from patchdb.generate import DEVICES, MAX_SAMPLES
+from patchdb.generate import DEVICES, GIB, MAX_SAMPLES
+from patchdb.patches import MAX_PATCH_SIZE
 from patchdb.schedule import MAX_STEPS
 from patchdb.topk import MAX_TOPK
 from patchdb.training import TrainingProgress, training_progress
@@ -45,6 +46,13 @@ def warn_if_unfinished(run_dir: Path, progress: TrainingProgress | None = None) 
                    err=True)
 
 
+def refuse_empty(kind: click.ParamType, text, message: str, param, ctx) -> None:
+    """Fail kind's conversion with message where text, a path the user gave, is empty or blank, which Path would take as
+    the current folder."""
+    if isinstance(text, str) and not text.strip():
+        kind.fail(message, param, ctx)
+
+
 class UserPath(click.Path):
     """A path option's type: a Path with ~ and ~user expanded (patchdb.errors.user_path, as the library expands the
     paths it reads), never an empty string, which would name the current folder; click.Path's checks as given."""
@@ -53,8 +61,8 @@ class UserPath(click.Path):
         super().__init__(path_type=Path, **checks)
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
-            self.fail(f"is empty; give a {'file' if not self.dir_okay else 'folder (. for the current one)'}", param, ctx)
+        refuse_empty(self, value, f"is empty; give {'a file' if not self.dir_okay else 'a folder (. for the current one)'}",
+                     param, ctx)
         try:
             value = user_path(value, "path")
         except PatchdbError as error:
@@ -62,18 +70,52 @@ class UserPath(click.Path):
         return super().convert(value, param, ctx)
 
 
+class ModelName(click.ParamType):
+    """compare --model: an architecture's name or a RUN_DIR (expanded by the library), never empty (UserPath)."""
+
+    def __init__(self, architectures: tuple[str, ...]):
+        self.architectures = architectures
+        self.name = "|".join((*architectures, "RUN_DIR"))
+
+    def convert(self, value, param, ctx):
+        refuse_empty(self, value, f"is empty; give {' or '.join(self.architectures)}, or a run folder (. for the current one)",
+                     param, ctx)
+        return value
+
+
+class ScaleSpec(click.ParamType):
+    """--scales: a scale spec (patchdb.scales.SCALE_SPEC_HELP), read by the library; a calibrated: spec's RUN_DIR is
+    never empty (UserPath)."""
+
+    name = "SPEC"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().startswith("calibrated:"):
+            refuse_empty(self, value.strip().removeprefix("calibrated:"), f"{value.strip()!r} names no run folder (it "
+                         "is empty after calibrated:); give calibrated:RUN_DIR (calibrated:. for the current one)", param, ctx)
+        return value
+
+
 DATA_DIR = click.option("--data-dir", type=UserPath(file_okay=False), default=None,
                         help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
 """--data-dir: where named data sets are looked for first."""
 
 
+MEMORY_BUDGET = click.option("--memory-budget", "--memory-gb", "memory_gb",
+                             type=click.FloatRange(min=0, max=MAX_MEMORY_GIB, min_open=True), callback=finite,
+                             default=DEFAULT_MEMORY_BUDGET / GIB,
+                             help="Memory bound of the machine's patch dictionaries and logits, in GiB.")
+"""--memory-budget (alias --memory-gb): the machines' memory bound in GiB."""
+
+
 def machine_data_options(command):
-    """--data-dir (root of named data sets) and --memory-gb (the machines' memory budget)."""
-    command = click.option("--memory-gb", "--memory-budget", type=click.FloatRange(min=0.1, max=MAX_MEMORY_GIB), default=None,
-                           callback=finite,
-                           show_default=f"the machine's default ({DEFAULT_MEMORY_BUDGET / 1024**3:g})",
-                           help="Memory bound of the machine's patch dictionaries and logits, in GiB.")(command)
-    return DATA_DIR(command)
+    """--data-dir (root of named data sets) and --memory-budget (the machines' memory budget)."""
+    return DATA_DIR(MEMORY_BUDGET(command))
+
+
+def gib_to_bytes(gib: float) -> int:
+    """--memory-budget in bytes."""
+    return int(gib * GIB)
 
 
 OUTPUT_FOLDER = UserPath(file_okay=False)
@@ -100,3 +142,16 @@ class TopK(click.ParamType):
         if number > MAX_TOPK:
             self.fail(f"{number} is more entries than any dictionary holds (at most {MAX_TOPK}, 2^40)", param, ctx)
         return number
+
+
+class PatchSize(click.IntRange):
+    """An odd patch size, 1..patchdb.patches.MAX_PATCH_SIZE (the largest that IMAGE_SIZE x IMAGE_SIZE images allow)."""
+
+    def __init__(self):
+        super().__init__(min=1, max=MAX_PATCH_SIZE)
+
+    def convert(self, value, param, ctx):
+        size = super().convert(value, param, ctx)
+        if size % 2 == 0:
+            self.fail(f"{size} is even; patch sizes are odd (a pixel and as many neighbours on each side)", param, ctx)
+        return size

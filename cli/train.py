@@ -14,7 +14,7 @@ from patchdb.training import PRESETS, preset_configs, train_network
 @click.command("train")
 @click.option("--model", "architecture", type=click.Choice(ARCHITECTURES), default="resnet", help="Network architecture.")
 @click.option("--dataset", "dataset_spec", default=None, show_default="the embedded default",
-              help="Data set spec NAME[:SPLIT][:LIMIT] or file:PATH.")
+              help="Data set spec NAME[:SPLIT][:LIMIT] or file:PATH[:LIMIT].")
 @DATA_DIR
 @click.option("--padding", type=click.Choice(PADDINGS), default="zeros", help="Padding of every 3x3 convolution.")
 @click.option("--conditional/--unconditional", default=False, help="Learn a class embedding (needs labels).")

@@ -69,7 +69,8 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
                              image_shape=tuple(dataset.images.shape[1:]), machine=machine, padding=padding_mode(machine),
                              scales=tuple(scales), labels=labels, cluster_size=cluster_size,
                              min_indexed_entries=min_indexed_entries, merge_duplicates=merge_duplicates)
-    with folder_lock(out) as out:  # held for the whole build, so that no other command writes there meanwhile
+    outputs = (STORE_FILE, *(scale_file(Path(), size).name for size in scales))
+    with folder_lock(out, outputs=outputs) as out:  # held for the whole build, so that no other command writes there meanwhile
         if (out / STORE_FILE).exists():
             existing = read_settings(out)
             changed = differing_settings(settings, existing)

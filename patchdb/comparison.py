@@ -37,6 +37,8 @@ COMPARE_FILE = "compare.json"
 """The record of a comparison, written last."""
 COMPARE_PLOTS = ("scatter.png", "pairs.png", "single_step.png")
 """The pictures compare writes beside COMPARE_FILE."""
+COMPARE_OUTPUTS = (COMPARE_FILE, "outputs.npz", *COMPARE_PLOTS)
+"""Every file that a comparison writes (or removes, as stale) in its output folder."""
 
 
 def image_statistics(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -249,7 +251,7 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     content of compare.json."""
     from patchdb.training import load_network
 
-    with folder_lock(out_dir) as out_dir:
+    with folder_lock(out_dir, outputs=COMPARE_OUTPUTS) as out_dir:
         return _compare(run_dir, load_network(run_dir, device), out_dir, machine=machine, scales=scales,
                         scales_source=scales_source,
                         num_steps=num_steps, num=num, seed=seed, batch_size=batch_size, test_dataset=test_dataset,
@@ -270,7 +272,7 @@ def compare_model(model: str, out_dir: str | os.PathLike, *, dataset_spec: str |
     on_run(run_dir, progress) is called once the run is found. Returns the content of compare.json."""
     from patchdb.training import load_network
 
-    with folder_lock(out_dir) as out_dir:
+    with folder_lock(out_dir, outputs=COMPARE_OUTPUTS) as out_dir:
         run_dir = resolve_model(model, dataset_spec, padding=padding, conditional=conditional,
                                 train_missing=train_missing, data_dir=data_dir, device=device, confirm=confirm)
         network = load_network(run_dir, device)
@@ -292,10 +294,13 @@ def _compare(run_dir: str | os.PathLike, network: "NetworkScore", out_dir: Path,
     from patchdb.data import load_dataset
     from patchdb.gaussian import GaussianScore
     from patchdb.machines import make_machine
+    from patchdb.patches import check_patch_size, padding_mode
     from patchdb.training import load_training_data, read_config
 
     config = read_config(run_dir)
     dataset = load_training_data(run_dir, data_dir)
+    for size in sorted(set(scales or ())):  # before the network's sampling, not at the machine's first step after it
+        check_patch_size(size, padding_mode(machine), *dataset.images.shape[2:])
     conditional = network.config.conditional
     held_out = None
     if single_step:  # found before the long sampling, so a missing test set fails fast
@@ -365,7 +370,7 @@ def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str |
     """The run folder that `compare --model` names: the project's cached cpu-preset network for resnet|unet on
     dataset_spec (trained first where train_missing, or where confirm(question) says so), else the RUN_DIR model,
     checked against the dataset_spec, padding and conditional given (None: unchecked)."""
-    from patchdb.data import load_dataset, portable_spec
+    from patchdb.data import load_dataset
     from patchdb.networks import ARCHITECTURES
     from patchdb.training import cached_run_dir, is_trained, read_config, read_network_config, train_cached
 
@@ -374,10 +379,8 @@ def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str |
         if train_missing:
             raise PatchdbError(f"--train trains the cached {' or '.join(ARCHITECTURES)} network; {run_dir} is a run folder, "
                                "trained with `patchdb train`: drop --train")
-        config = read_config(run_dir)
-        if dataset_spec is not None and portable_spec(dataset_spec) != config["dataset"]["spec"]:
-            raise PatchdbError(f"{run_dir} was trained on {config['dataset']['spec']!r}, not {dataset_spec!r}; "
-                               "drop --dataset (the machines use the network's own training images)")
+        if dataset_spec is not None:
+            check_run_data(run_dir, read_config(run_dir)["dataset"], dataset_spec, data_dir)
         network = read_network_config(run_dir)
         if conditional is not None and conditional != network.conditional:
             raise PatchdbError(f"{run_dir} holds {'an un' if conditional else 'a '}conditional network; "
@@ -396,6 +399,25 @@ def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str |
                                "to train it with the cpu preset, or `patchdb train ... --out DIR` and --model DIR")
         train_cached(model, dataset, dataset_spec, padding=padding, conditional=bool(conditional), device=device)
     return run_dir
+
+
+def check_run_data(run_dir: Path, trained: dict, dataset_spec: str, data_dir=None) -> None:
+    """A PatchdbError where dataset_spec does not name the images that the run in run_dir was trained on (trained: the
+    dataset of its config.json): its own spec (a null one is the embedded default), or data whose first
+    trained["num_images"] images have the run's fingerprint (the same images named otherwise: fashion-mnist and
+    fashion-mnist:train)."""
+    from patchdb.data import DEFAULT_SPEC, load_dataset, portable_spec
+    from patchdb.training import training_subset
+
+    trained_spec = trained["spec"] or DEFAULT_SPEC
+    if portable_spec(dataset_spec) == trained_spec:
+        return
+    given = training_subset(load_dataset(dataset_spec, data_dir), trained["num_images"])
+    if given.fingerprint != trained["fingerprint"]:
+        raise PatchdbError(f"{run_dir} was trained on {trained_spec!r} ({trained['num_images']} images, fingerprint "
+                           f"{trained['fingerprint'][:12]}), not on the images of {dataset_spec!r} ({len(given)} used, "
+                           f"fingerprint {given.fingerprint[:12]}); drop --dataset (the machines use the network's own "
+                           "training images)")
 
 
 def comparison_scales(run_dir: Path, network: "NetworkScore", machine: str, scale_spec: str | None, num_steps: int, *,

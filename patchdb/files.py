@@ -32,8 +32,10 @@ command ends (a killed command leaves it behind, unlocked, and the next command 
 
 @contextlib.contextmanager
 def atomic_path(path: "str | os.PathLike") -> Iterator[Path]:
-    """Yield a temporary path beside path; on success it is synced to disk and replaces path, on failure it is removed."""
+    """Yield a temporary path beside path; on success it is synced to disk and replaces path, on failure it is removed.
+    A folder at path is a PatchdbError before anything is written (check_output_file)."""
     path = Path(path)
+    check_output_file(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield temporary
@@ -49,6 +51,14 @@ def atomic_path(path: "str | os.PathLike") -> Iterator[Path]:
         raise failure from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def check_output_file(path: Path, option: str = "--out") -> None:
+    """A PatchdbError where a folder lies at path, where a command writes (or removes) a file: it could neither
+    replace nor remove it. The message names option as the one to change."""
+    if path.is_dir() and not path.is_symlink():  # a link is replaced or removed itself, whatever it points to
+        raise PatchdbError(f"{path} is a folder, where this command writes its file {path.name}; choose another {option}, "
+                           "or move that folder away")
 
 
 def write_failure(path: Path, error: Exception) -> PatchdbError | None:
@@ -77,17 +87,21 @@ def _error_chain(error: BaseException) -> Iterator[BaseException]:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: "str | os.PathLike", file: str | None = None, option: str = "--out") -> Iterator[Path]:
+def folder_lock(folder: "str | os.PathLike", file: str | None = None, option: str = "--out",
+                outputs: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield the output folder folder (~ expanded, created and proved writable by patchdb.errors.output_folder) locked
     for this process: a non-blocking exclusive flock on its LOCK_FILE, held until the block ends; with file, the lock
     of that one file in it (.FILE.lock), for a command that writes one file into a folder that another may hold (a
     schedule into a run folder in training). A folder (or file) that another command holds is a PatchdbError at once,
-    naming that command's process id; the errors name option as the one to change. Where the block fails, the folders
-    that this call created and that are still empty are removed: a command refused for its other arguments leaves no
-    empty output folder behind."""
+    naming that command's process id; so is a folder in it named as one of outputs, the files that the command writes
+    or removes there (check_output_file), before any work. The errors name option as the one to change. Where the block
+    fails, the folders that this call created and that are still empty are removed: a command refused for its other
+    arguments leaves no empty output folder behind."""
     created = _missing_folders(folder, option)
     try:
         with _locked(output_folder(folder, option), file, option) as locked:
+            for name in outputs:
+                check_output_file(locked / name, option)
             yield locked
     except BaseException:
         for path in created:  # innermost first; the first that is not empty keeps its parents

@@ -110,6 +110,9 @@ def write_settings(store: Path, settings: StoreSettings, dataset: Dataset) -> No
 def read_settings(store: Path) -> StoreSettings:
     """The settings of the store at store; a clear error when it is absent, partial or corrupt."""
     path = Path(store) / STORE_FILE
+    if path.is_dir():
+        raise PatchdbError(f"{store} is not a patch store: its {STORE_FILE} is a folder, not the file that `patchdb "
+                           "build-index` writes; give the folder of a store that it built")
     if not path.is_file():
         raise PatchdbError(f"{store} is not a patch store (no {STORE_FILE}); build one with `patchdb build-index --out {store}`")
     check_readable(path)
@@ -277,14 +280,25 @@ class PatchStore:
 
     def faiss_index(self, patch_size: int, boundary_class: str = "interior", label: int | None = None
                     ) -> tuple[faiss.IndexIVFFlat, torch.Tensor]:
-        """One stored dictionary as a FAISS IVF index, for querying a store with FAISS directly: the stored coarse
-        quantizer over its cluster centroids, and in each cluster's inverted list its distinct patches (C * P * P
-        float32 each, ids 0..n-1 in stored order). Returns the index and sources (n, 3) int64: the training image
-        (index in the data set), centre row and column of entry id. A patch machine ranks a noisy patch q at
-        alpha_bar by its distance from q / sqrt(alpha_bar). The patches are held in memory: n * C * P * P * 4 bytes.
+        """One stored dictionary (of class label in a conditional store; label None in an unconditional one) as a FAISS
+        IVF index, for querying a store with FAISS directly: the stored coarse quantizer over its cluster centroids,
+        and in each cluster's inverted list its distinct patches (C * P * P float32 each, ids 0..n-1 in stored order).
+        Returns the index and sources (n, 3) int64: the training image (index in the data set), centre row and column
+        of entry id. A patch machine ranks a noisy patch q at alpha_bar by its distance from q / sqrt(alpha_bar). The
+        patches are held in memory: n * C * P * P * 4 bytes.
         """
         if patch_size not in self.settings.scales:
             raise PatchdbError(f"the store {self.path} has no patch size {patch_size} (it holds {list(self.settings.scales)})")
+        labels = self.settings.labels
+        if labels is None and label is not None:
+            raise PatchdbError(f"the store {self.path} is unconditional: it has one set of dictionaries, of all images, "
+                               f"and none for label {label}; pass label=None, or build a class-conditional store with "
+                               "`patchdb build-index --conditional`")
+        if labels is not None and label not in labels:
+            held = ", ".join(map(str, labels))
+            raise PatchdbError(f"the store {self.path} is class-conditional and has no dictionaries "
+                               + ("of all images" if label is None else f"for label {label}")
+                               + f" (it holds labels {held}); pass one of them as label")
         dataset = self.training_data()
         indices = torch.arange(len(dataset)) if label is None else dataset.indices_of_label(label)
         groups = {group.boundary_class: group

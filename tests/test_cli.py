@@ -146,6 +146,8 @@ def test_noise_file_is_the_starting_noise(batch, data_specs, tmp_path):
     ("labelled", ["--estimate-error", "nan"], "not a finite number"),
     ("labelled", ["--machine", "is", "--exact-method", "windows"], "drop --exact-method"),
     ("labelled", ["--machine", "es", "--exact-method", "products"], "drop --exact-method"),
+    ("labelled", ["--exact-from-patch-size", "2"], "2 is even; patch sizes are odd"),
+    ("labelled", ["--exact-from-patch-size", "99"], "99 is not in the range 1<=x<=65"),
 ])
 def test_bad_input_is_a_message_not_a_traceback(data_specs, tmp_path, spec_key, options, message):
     np.save(tmp_path / "bad.npy", np.zeros((2, 1, 16, 16), np.float32))
@@ -295,9 +297,43 @@ def test_every_path_option_expands_the_home_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("arguments", [["fetch-data", "mnist", "--data-dir", ""], ["sample", "--data-dir", "", "--out", "s"],
-                                       ["sample", "--noise", " ", "--out", "s"], ["info", ""]])
+                                       ["sample", "--noise", " ", "--out", "s"], ["info", ""],
+                                       ["compare", "--model", "", "--out", "c"],
+                                       ["sample", "--scales", "calibrated:", "--out", "s"],
+                                       ["compare", "--model", "resnet", "--scales", "calibrated: ", "--out", "c"]])
 def test_an_empty_path_is_refused(tmp_path, monkeypatch, arguments):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, arguments)
-    assert result.exit_code == 2 and "is empty; give a" in result.output
+    assert result.exit_code == 2 and "is empty" in result.output and "Traceback" not in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_estimator_options_with_a_fallback_that_does_not_estimate_are_refused(data_specs, tmp_path):
+    store = tmp_path / "store"
+    built = CliRunner().invoke(main, ["build-index", "--dataset", data_specs["labelled"], "--scales", "3", "--out", str(store)])
+    assert built.exit_code == 0, built.output
+    for options, given in ((["--fallback", "none", "--estimate-samples", "10"], "--estimate-samples would"),
+                           (["--fallback", "none", "--estimate-samples", "4096"], "--estimate-samples would"),  # the default
+                           (["--fallback", "exact", "--estimate-error", "0.1", "--estimate-samples", "5"],
+                            "--estimate-samples and --estimate-error would")):
+        result = sample(data_specs["labelled"], tmp_path / "out", "--num", "1", "--index", str(store), *options)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert (f"Error: --fallback {options[1]} does not estimate, so {given} be ignored: drop") in result.output
+        assert "or choose --fallback estimate or auto" in result.output and not (tmp_path / "out").exists()
+    result = sample(data_specs["labelled"], tmp_path / "out", "--num", "1", "--index", str(store), "--fallback", "auto",
+                    "--estimate-samples", "10")
+    assert result.exit_code == 0, result.output
+
+
+def test_help_shows_one_memory_budget_option_and_every_range():
+    def help_text(command):
+        result = CliRunner().invoke(main, [command, "--help"], terminal_width=400)
+        assert result.exit_code == 0
+        return " ".join(result.output.split())
+
+    for command in ("sample", "calibrate", "compare"):
+        assert "--memory-budget, --memory-gb FLOAT RANGE" in help_text(command)
+        assert "[default: 4.0; 0<x<=1048576.0]" in help_text(command)
+    assert "--topk AUTO|N With --index: most dictionary entries (1<=N<=2^40)" in help_text("sample")
+    assert "NAME[:SPLIT][:LIMIT] or file:PATH[:LIMIT]" in help_text("train")
+    assert "--model RESNET|UNET|RUN_DIR" in help_text("compare")

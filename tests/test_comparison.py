@@ -330,3 +330,49 @@ def test_a_conditional_flag_that_is_not_the_runs_own_is_refused_in_plain_words(t
         resolve_model(str(tmp_path / "conditional"), conditional=False)
     with pytest.raises(PatchdbError, match="holds an unconditional network; drop"):
         resolve_model(str(tmp_path / "unconditional"), conditional=True)
+
+
+def test_a_dataset_naming_the_runs_images_is_accepted_however_it_is_written(tmp_path):
+    """compare --dataset with a RUN_DIR: a run on the embedded default (spec null) matches 'default', and a run on a file
+    matches the same images under another spec (a LIMIT that keeps them all, a copy); other images are refused, naming
+    both data sets (never None)."""
+    from patchdb.comparison import resolve_model
+    from patchdb.data import load_dataset
+
+    network_config, training_config = NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16), TrainingConfig(
+        epochs=1, batch_size=8, max_images=8)
+    train_network(tmp_path / "default-run", load_dataset(None), None, network_config, training_config, show_progress=False)
+    assert resolve_model(str(tmp_path / "default-run"), "default") == tmp_path / "default-run"
+    images = quantised_images(3, 8, 32).numpy()
+    for name in ("train.npz", "copy.npz"):
+        np.savez(tmp_path / name, images=images)
+    np.savez(tmp_path / "other.npz", images=quantised_images(4, 8, 32).numpy())
+    spec = f"file:{tmp_path / 'train.npz'}"
+    train_network(tmp_path / "run", load_dataset(spec), spec, network_config, training_config, show_progress=False)
+    for same in (f"{spec}:8", f"file:{tmp_path / 'copy.npz'}"):
+        assert resolve_model(str(tmp_path / "run"), same) == tmp_path / "run"
+    with pytest.raises(PatchdbError, match=r"was trained on 'default' \(8 images, fingerprint [0-9a-f]{12}\), not on the "
+                                           r"images of 'file:.*other\.npz'.*; drop --dataset"):
+        resolve_model(str(tmp_path / "default-run"), f"file:{tmp_path / 'other.npz'}")
+
+
+def test_a_folder_named_as_an_output_and_a_patch_size_too_large_are_refused_before_the_network_samples(tmp_path):
+    from click.testing import CliRunner
+    from cli.main import main
+    from patchdb.data import load_dataset
+
+    np.savez(tmp_path / "train.npz", images=quantised_images(7, 8, 32).numpy())
+    spec = f"file:{tmp_path / 'train.npz'}"
+    train_network(tmp_path / "run", load_dataset(spec), spec, NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16),
+                  TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+    compare = ["compare", "--model", str(tmp_path / "run"), "--steps", "2", "--num", "1", "--scales", "3"]
+    for name in ("compare.json", "single_step.png"):  # written last; removed as stale
+        (tmp_path / name / name).mkdir(parents=True)
+        result = CliRunner().invoke(main, [*compare, "--out", str(tmp_path / name)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert (f"Error: {tmp_path / name / name} is a folder, where this command writes its file {name}; choose another "
+                "--out") in result.output
+        assert "sampling network" not in result.output and list((tmp_path / name).iterdir()) == [tmp_path / name / name]
+    result = CliRunner().invoke(main, [*compare[:-1], "65", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Error: patch size 65 is larger than a 32x32 image's patches" in result.output
+    assert "sampling network" not in result.output

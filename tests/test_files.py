@@ -263,3 +263,20 @@ def test_compare_with_a_mistyped_model_leaves_no_output_folder(tmp_path):
                                        str(tmp_path / "comparisons" / "out")])
     assert result.exit_code == 1 and "is not a trained run" in result.output, result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_where_a_file_goes_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "a.json").mkdir()
+    with pytest.raises(PatchdbError, match=rf"^{tmp_path / 'a.json'} is a folder, where this command writes its file "
+                                           r"a.json; choose another --out, or move that folder away$"):
+        with atomic_path(tmp_path / "a.json") as temporary:
+            pytest.fail(f"{temporary} was offered for writing")
+    with pytest.raises(PatchdbError, match=r"a.json is a folder, where this command writes its file a.json; choose "
+                                           r"another --store"):
+        with folder_lock(tmp_path, option="--store", outputs=("b.json", "a.json")):
+            pytest.fail("the folder was locked for writing")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.json"]  # nor the lock file left
+    (tmp_path / "link.json").symlink_to(tmp_path / "a.json")  # a link to a folder is replaced itself
+    with folder_lock(tmp_path, outputs=("link.json",)):
+        save_npy(tmp_path / "link.json", np.arange(2))
+    assert (tmp_path / "link.json").is_file() and not (tmp_path / "link.json").is_symlink()

@@ -461,3 +461,30 @@ def test_the_labels_stored_dictionaries_share_one_memory_budget(dataset, tmp_pat
     assert limited._stored_bytes() <= limited.memory_budget * 3 // 4
     assert "GatheredEntries" in set().union(*held.values()) and "PatchDictionary" in set().union(*held.values())
     assert torch.allclose(got.mean, expected.mean, atol=1e-12)
+
+
+def test_a_label_that_the_store_has_no_dictionary_for_is_named_as_such_not_as_a_corrupt_file(dataset, store, tmp_path):
+    with pytest.raises(PatchdbError, match=r"is unconditional: it has one set of dictionaries, of all images, and none "
+                                           r"for label 2; pass label=None") as refusal:
+        store.faiss_index(3, "interior", label=2)
+    assert "corrupt" not in str(refusal.value) and "delete" not in str(refusal.value)
+    conditional = build(dataset, tmp_path / "conditional", scales=[3], conditional=True, labels=[0, 1])
+    with pytest.raises(PatchdbError, match=r"is class-conditional and has no dictionaries for label 2 \(it holds labels "
+                                           r"0, 1\); pass one of them as label"):
+        conditional.faiss_index(3, "interior", label=2)
+    with pytest.raises(PatchdbError, match=r"has no dictionaries of all images \(it holds labels 0, 1\)"):
+        conditional.faiss_index(3, "interior")
+
+
+@pytest.mark.parametrize("name", [STORE_FILE, "scale-05.h5"])
+def test_a_folder_where_the_build_writes_a_file_is_refused_before_any_work(dataset, tmp_path, name, monkeypatch):
+    (tmp_path / "out" / name).mkdir(parents=True)
+    monkeypatch.setattr(patchdb.build, "_build_scale", lambda *args: pytest.fail("a scale was built"))
+    with pytest.raises(PatchdbError, match=rf"^{tmp_path / 'out' / name} is a folder, where this command writes its file "
+                                           rf"{name}; choose another --out"):
+        build(dataset, tmp_path / "out")
+    assert [path.name for path in (tmp_path / "out").iterdir()] == [name]
+    if name == STORE_FILE:  # and a store opened for sampling says so, without advising to build it there
+        with pytest.raises(PatchdbError, match=r"is not a patch store: its store.h5 is a folder, not the file that "
+                                               r"`patchdb build-index` writes; give the folder of a store that it built"):
+            PatchStore(tmp_path / "out")
