@@ -24,7 +24,7 @@ from patchdb.files import folder_lock, temporary_writer
 from patchdb.duplicates import BLOCK_ROWS, merge_hashed, row_hashes, unique_rows
 from patchdb.index import (CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_ENTRIES, Partition, Quantizer, flat_index,
                            number_of_clusters)
-from patchdb.patches import (PATCH_MACHINES, check_patch_size, dictionary_groups, gather_patches, gather_sources, padding_mode,
+from patchdb.patches import (PATCH_MACHINES, check_patch_sizes, dictionary_groups, gather_patches, gather_sources, padding_mode,
                              patch_windows)
 from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, differing_settings,
                            read_settings, scale_file, scale_mismatch, write_scale, write_settings)
@@ -53,8 +53,7 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
     bad = [size for size in scales if size <= 0 or size % 2 == 0]
     if bad:
         raise PatchdbError(f"patch sizes {bad} are invalid: give positive odd sizes, e.g. --scales 3,5,7")
-    for size in scales:
-        check_patch_size(size, padding_mode(machine), *dataset.images.shape[2:])
+    check_patch_sizes(scales, machine, dataset.images.shape[1:])
     if conditional and dataset.labels is None:
         raise PatchdbError(f"--conditional needs class labels but the data set {dataset.name!r} has none")
     if conditional:

@@ -114,7 +114,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     memory_budget: the machine's memory bound in bytes (None: its default)."""
     from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine
-    from patchdb.patches import PATCH_MACHINES, check_patch_size, padding_mode
+    from patchdb.patches import PATCH_MACHINES, check_patch_sizes
     from patchdb.training import load_network, load_training_data
 
     if machine not in PATCH_MACHINES:
@@ -126,8 +126,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     with folder_lock(path.parent, path.name):
         network = load_network(run_dir, device)
         dataset = load_training_data(run_dir, data_dir)
-        for size in candidates:  # before the network's trajectories, not after
-            check_patch_size(size, padding_mode(machine), *dataset.images.shape[2:])
+        check_patch_sizes(candidates, machine, dataset.images.shape[1:])  # before the network's trajectories
         noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),
                                       dataset.classes if network.config.conditional else None)
         options = {} if memory_budget is None else {"memory_budget": memory_budget}

@@ -294,13 +294,12 @@ def _compare(run_dir: str | os.PathLike, network: "NetworkScore", out_dir: Path,
     from patchdb.data import load_dataset
     from patchdb.gaussian import GaussianScore
     from patchdb.machines import make_machine
-    from patchdb.patches import check_patch_size, padding_mode
+    from patchdb.patches import check_patch_sizes
     from patchdb.training import load_training_data, read_config
 
     config = read_config(run_dir)
     dataset = load_training_data(run_dir, data_dir)
-    for size in sorted(set(scales or ())):  # before the network's sampling, not at the machine's first step after it
-        check_patch_size(size, padding_mode(machine), *dataset.images.shape[2:])
+    check_patch_sizes(scales or (), machine, dataset.images.shape[1:])  # before the network's sampling
     conditional = network.config.conditional
     held_out = None
     if single_step:  # found before the long sampling, so a missing test set fails fast

@@ -42,7 +42,7 @@ from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, check_exact_meth
 from patchdb.errors import PatchdbError
 from patchdb.files import folder_lock, save_figure, save_npy, save_npz, write_json
 from patchdb.machines import MACHINES, Machine, Posterior, make_machine
-from patchdb.patches import PATCH_MACHINES
+from patchdb.patches import PATCH_MACHINES, check_patch_sizes
 from patchdb.plots import image_grid_figure, provenance_figure
 from patchdb.sampler import sample_ddim
 from patchdb.scales import check_scale_spec, parse_scales, scale_at
@@ -56,6 +56,8 @@ RUN_FILE = "run.json"
 """The record of a sample run, written last."""
 SAMPLE_PLOTS = ("grid.png", "provenance.png")
 """The pictures sample writes beside RUN_FILE."""
+SAMPLE_OUTPUTS = (RUN_FILE, "samples.npy", "noise.npy", "labels.npy", "provenance.npz", "paths.npy", *SAMPLE_PLOTS)
+"""Every file that a sample run writes (or removes, as stale) in its output folder."""
 LOOPS = {"machine": machine_steps, "full": full_steps}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda")
@@ -189,10 +191,11 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     _check_config(config)
     dataset = load_dataset(config.dataset, config.data_dir)
     scales = parse_scales(config.scales, config.steps, config.machine) if config.machine in PATCH_MACHINES else None
+    check_patch_sizes(scales or (), config.machine, dataset.images.shape[1:])
     noise, labels = _inputs(config, dataset)
     machine = make_machine(config.machine, dataset, dtype=DTYPES[config.dtype], device=config.device,
                            memory_budget=int(config.memory_budget_gib * GIB), **_backend_options(config, dataset, scales, labels))
-    with folder_lock(config.out) as out:  # held while sampling, so that no other command writes there meanwhile
+    with folder_lock(config.out, outputs=SAMPLE_OUTPUTS) as out:  # held while sampling, so that no other command writes there meanwhile
         device_labels = None if labels is None else labels.to(config.device)
         generation = generate(machine, noise.to(device=config.device, dtype=DTYPES[config.dtype]), scales, config.steps,
                               device_labels, config.loop, progress)

@@ -119,6 +119,13 @@ def check_patch_size(patch_size: int, padding: str, height: int, width: int) -> 
                            f"(at {2 * max(height, width) - 1} each holds the whole image); use at most that")
 
 
+def check_patch_sizes(sizes, machine: str, image_shape: tuple[int, ...]) -> None:
+    """check_patch_size for each of sizes with machine's padding on images of image_shape (C, H, W): before any work,
+    rather than at the first step that uses a size."""
+    for size in sorted(set(sizes)):
+        check_patch_size(size, padding_mode(machine), *image_shape[1:])
+
+
 def patch_windows(images: torch.Tensor, patch_size: int, padding: str) -> torch.Tensor:
     """Every patch of images (N, C, H, W) as a strided view (N, C, H, W, P, P); nothing is copied but the padding."""
     return padded_images(images, patch_size, padding).unfold(2, patch_size, 1).unfold(3, patch_size, 1)

@@ -337,3 +337,18 @@ def test_help_shows_one_memory_budget_option_and_every_range():
     assert "--topk AUTO|N With --index: most dictionary entries (1<=N<=2^40)" in help_text("sample")
     assert "NAME[:SPLIT][:LIMIT] or file:PATH[:LIMIT]" in help_text("train")
     assert "--model RESNET|UNET|RUN_DIR" in help_text("compare")
+
+
+@pytest.mark.parametrize("name", ["run.json", "samples.npy", "grid.png"])
+def test_an_output_name_taken_by_a_folder_is_refused_before_sampling(data_specs, tmp_path, name):
+    (tmp_path / name).mkdir()
+    result = sample(data_specs["labelled"], tmp_path, "--num", "1")
+    assert result.exit_code == 1, result.output
+    assert f"Error: {tmp_path / name} is a folder, where this command writes its file {name}" in result.output
+    assert "sampling" not in result.output and not (tmp_path / "noise.npy").exists()
+
+
+def test_a_patch_size_too_large_for_the_images_is_refused_before_sampling(data_specs, tmp_path):
+    result = sample(data_specs["labelled"], tmp_path, "--num", "1", "--scales", "65")
+    assert result.exit_code == 1 and "patch size 65 is larger than a 32x32 image's patches" in result.output
+    assert "sampling" not in result.output
