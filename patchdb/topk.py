@@ -601,7 +601,8 @@ def _score_compiled(accumulator: SoftmaxAccumulator, queries: torch.Tensor, dict
 class _Plan:
     """Per query of a fold: visit (Q, C) the clusters scored exactly so far; relevant (Q, C) the clusters
     not provably negligible; masses (Q, C) float32 the clusters' mass bounds divided by e^mass_shift
-    (mass_shift (Q,): MASS_HEADROOM; set to 0 where visited once the visits are scored); centroid_distances (Q, C) the search
+    (mass_shift (Q,): the largest bound, at most MASS_HEADROOM above the medoids' log normaliser; masses set to 0 where
+    visited once the visits are scored); centroid_distances (Q, C) the search
     order's distances; certified (Q,); path (Q,) uint8 code."""
 
     visit: torch.Tensor
