@@ -151,12 +151,18 @@ class IdealMachine(Machine):
 
     name = "is"
 
+    def __init__(self, dataset: Dataset, **options):
+        super().__init__(dataset, **options)
+        self._dictionaries: dict[int | None, PatchDictionary] = {}  # by label: duplicates are merged once per machine
+
     def _posterior(self, x, alpha_bar, patch_size, images, label, provenance):
         batch = x.shape[0]
-        keys = images.reshape(images.shape[0], -1)
-        sources = torch.zeros(images.shape[0], 3, dtype=torch.int64, device=self.device)
-        sources[:, 0] = torch.arange(images.shape[0], device=self.device)
-        dictionary = PatchDictionary.from_entries(keys, keys, sources)
+        if label not in self._dictionaries:
+            keys = images.reshape(images.shape[0], -1)
+            sources = torch.zeros(images.shape[0], 3, dtype=torch.int64, device=self.device)
+            sources[:, 0] = torch.arange(images.shape[0], device=self.device)
+            self._dictionaries[label] = PatchDictionary.from_entries(keys, keys, sources)
+        dictionary = self._dictionaries[label]
         # by products on every device, as run.json says (generate.backend_name): the fused kernel is kept to the
         # patch machines' dictionaries, the ones it was tested and tuned on
         summary = ExactBackend(method="products").summarize(x.reshape(batch, -1), [dictionary], alpha_bar)

@@ -14,6 +14,7 @@ import patchdb.engine
 import patchdb.machines
 import patchdb.patches
 from patchdb.data import make_dataset
+from patchdb.duplicates import unique_rows
 from patchdb.engine import ExactBackend, RegionKeys
 from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES, make_machine
@@ -148,6 +149,20 @@ def test_ideal_machine_ends_on_its_class_training_image(labelled_dataset):
             assert distances[nearest] < 1e-6
             if sample_labels is not None:
                 assert dataset.labels[nearest] == sample_labels[b]
+
+
+def test_ideal_machine_builds_each_label_dictionary_once(labelled_dataset, monkeypatch):
+    """The sampler calls a machine at every step: IS looks for duplicate images once per label, not once per call,
+    and a later call scores as a fresh machine does."""
+    x = noisy_batch(labelled_dataset, 0.5, seed=5)
+    later_labels = torch.tensor([1, 1])
+    fresh = make_machine("is", labelled_dataset, dtype=torch.float64)(x, 0.9, later_labels)
+    calls = []
+    monkeypatch.setattr(patchdb.engine, "unique_rows", lambda rows: calls.append(rows.shape[0]) or unique_rows(rows))
+    machine = make_machine("is", labelled_dataset, dtype=torch.float64)
+    machine(x, 0.5, torch.tensor([0, 1]))
+    assert torch.equal(machine(x, 0.9, later_labels), fresh)
+    assert sorted(calls) == sorted(int((labelled_dataset.labels == label).sum()) for label in (0, 1))
 
 
 def test_equivariant_machine_ends_on_a_circular_translate(unlabelled_dataset):
