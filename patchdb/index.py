@@ -565,13 +565,6 @@ class PatchCounts:
         unmerged = patches - torch.where(last >= 0, self.extra_through[at], 0)
         return torch.where(inside, self.merged_entries[at], unmerged)
 
-    def multiplicity_of(self, entries: torch.Tensor) -> torch.Tensor:
-        """(n,) int64 multiplicity of each of entries (n,) int64."""
-        if not self.merged:
-            return torch.ones_like(entries)
-        at = torch.searchsorted(self.merged_entries, entries).clamp_max(len(self.merged_entries) - 1)
-        return torch.where(self.merged_entries[at] == entries, self.merged_multiplicity[at], 1)
-
     def cluster_patches(self, offsets: torch.Tensor) -> torch.Tensor:
         """(C,) int64 on the CPU: patches in each cluster of entries sorted by cluster, offsets (C + 1,) int64 from 0."""
         ends = self.through(offsets.cpu() - 1)

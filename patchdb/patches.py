@@ -45,12 +45,6 @@ class DictionaryGroup:
     boundary_class: str
     same_location: bool = False
 
-    def dictionary_of(self, pixel: int) -> torch.Tensor:
-        """Flat centres of the training patches in pixel's dictionary (pixel must be a query pixel)."""
-        if self.same_location:
-            return torch.tensor([pixel])
-        return self.key_pixels
-
 
 def padding_mode(machine: str) -> str:
     """'circular' for ELS, 'zeros' for LS and boundary-broken ELS."""

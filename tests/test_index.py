@@ -94,8 +94,8 @@ def test_summed_masses_bound_the_exact_sums_from_above():
 @pytest.mark.parametrize("merged_at", [[], [0], [5, 6, 19], [0, 3, 4, 10, 19]])
 def test_patch_counts_number_the_patches_as_the_cumulative_counts_do(merged_at, monkeypatch):
     """Held by the merged entries alone (read in blocks of 4 here, so merged entries fall at blocks' edges), the
-    numbering of the patches gives every entry's cumulative count, the entry of every patch number, every entry's
-    multiplicity and each cluster's patches as the dense cumulative counts of all entries do."""
+    numbering of the patches gives every entry's cumulative count, the entry of every patch number and each
+    cluster's patches as the dense cumulative counts of all entries do."""
     monkeypatch.setattr(patchdb.index, "COUNT_BLOCK", 4)
     multiplicity = torch.ones(20, dtype=torch.int32)
     multiplicity[merged_at] = torch.tensor([3, 2, 7, 4, 2][:len(merged_at)], dtype=torch.int32)
@@ -105,7 +105,6 @@ def test_patch_counts_number_the_patches_as_the_cumulative_counts_do(merged_at, 
     assert torch.equal(counts.through(torch.arange(-1, 20)), torch.cat([torch.zeros(1).long(), cumulative]))
     patches = torch.arange(counts.total)
     assert torch.equal(counts.entries_of(patches), torch.searchsorted(cumulative, patches, right=True))
-    assert torch.equal(counts.multiplicity_of(torch.arange(20)), multiplicity.long())
     offsets = torch.tensor([0, 1, 6, 7, 20])
     assert torch.equal(counts.cluster_patches(offsets),
                        torch.stack([part.sum() for part in multiplicity.long().split(offsets.diff().tolist())]))

@@ -102,7 +102,7 @@ def dictionaries_by_pixel(name: str, patch_size: int, side: int) -> dict[tuple[i
     for group in dictionary_groups(name, patch_size, side, side):
         for q in group.query_pixels.tolist():
             assert (q // side, q % side) not in by_pixel, f"pixel {(q // side, q % side)} is in two groups"
-            by_pixel[(q // side, q % side)] = {(int(k) // side, int(k) % side) for k in group.dictionary_of(q)}
+            by_pixel[(q // side, q % side)] = {(k // side, k % side) for k in ([q] if group.same_location else group.key_pixels.tolist())}
     assert len(by_pixel) == side * side, "the groups do not cover the grid"
     return by_pixel
 
