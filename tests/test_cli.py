@@ -1,6 +1,7 @@
 """The ``patchdb`` command line: ``patchdb sample`` end to end, and user errors shown as messages."""
 
 import json
+import sys
 
 import click
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import cli
 from cli.main import PatchdbGroup, main
 from patchdb import fused
 from patchdb.errors import PatchdbError
@@ -198,6 +200,21 @@ def test_group_turns_any_patchdb_error_into_a_message():
     result = CliRunner().invoke(group, ["fails"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert result.output.strip() == "Error: the problem; the fix"
+
+
+def test_ctrl_c_while_the_libraries_load_is_not_a_traceback(monkeypatch, capsys):
+    class Interrupted:
+        """Ctrl-C arriving while cli.main is imported."""
+
+        def find_spec(self, name, path=None, target=None):
+            if name == "cli.main":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "cli.main")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stopped:
+        cli.run()
+    assert stopped.value.code == 130 and capsys.readouterr().err.strip() == "Aborted!"
 
 
 def test_every_command_keeps_freed_memory(monkeypatch, tmp_path):
