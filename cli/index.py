@@ -50,9 +50,13 @@ def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster
 @click.command("info")
 @click.argument("store", type=UserPath(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-def info(store, as_json) -> None:
+@click.option("--verify", is_flag=True,
+              help="First read every byte of the store and check its checksums; an error names what is damaged.")
+def info(store, as_json, verify) -> None:
     """Print a patch store's settings and sizes."""
     opened = PatchStore(store)
+    if verify:
+        opened.verify()
     click.echo(json.dumps(opened.describe(), indent=2) if as_json else opened.summary())
 
 

@@ -20,6 +20,11 @@ A store is a folder:
         the inverted file the coarse level of a FAISS IVF index (PatchStore.faiss_index).
   Same-location dictionaries (LS, bbELS corners: one patch per training image) are not stored.
 
+Damage is detected: the inverted file's arrays, read whole at every load, carry HDF5's Fletcher-32 checksum, which
+every read verifies. ``sources`` and ``multiplicity`` stay contiguous and unfiltered, so that a run can map them and
+read only the clusters it scores; each carries its CRC-32 as the attribute ``crc32``, which PatchStore.verify
+(``patchdb info --verify``) checks. The images in ``store.h5`` are checked against the store's fingerprint.
+
 Every file is written under a temporary name and renamed when complete, so a part that exists is
 whole; an interrupted build resumes from the scales already written.
 """
@@ -27,6 +32,7 @@ whole; an interrupted build resumes from the scales already written.
 import contextlib
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +41,7 @@ import faiss
 import h5py
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import patchdb
 from patchdb.data import Dataset, make_dataset
@@ -46,8 +53,10 @@ from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, 
 from patchdb.patches import DictionaryGroup, centre_indices, dictionary_groups, patch_windows
 from patchdb.settings import differing_keys
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: checksums (the module's docstring)
 STORE_FILE = "store.h5"
+MAPPED_ARRAYS = ("sources", "multiplicity")  # unfiltered, with a crc32 attribute
+CRC_BLOCK_BYTES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -186,14 +195,15 @@ def write_scale(store: Path, patch_size: int, dictionaries: dict[str, StoredDict
         for key, stored in dictionaries.items():
             group = file.create_group(key)
             group.attrs["num_patches"] = stored.num_patches
-            group.create_dataset("sources", data=stored.sources.to(torch.int32).numpy())
-            group.create_dataset("multiplicity", data=stored.multiplicity.to(torch.int32).numpy())
+            for name, values in (("sources", stored.sources), ("multiplicity", stored.multiplicity)):
+                values = np.ascontiguousarray(values.to(torch.int32).numpy())
+                group.create_dataset(name, data=values).attrs["crc32"] = zlib.crc32(values)
             if stored.clusters is not None:
-                group.create_dataset("offsets", data=stored.clusters.offsets.numpy())
-                group.create_dataset("centroids", data=stored.clusters.centroids.float().numpy())
-                group.create_dataset("radii", data=stored.clusters.radii.float().numpy())
-                group.create_dataset("medoids", data=stored.clusters.medoids.numpy())
-                group.create_dataset("coarse_quantizer", data=stored.coarse_quantizer)
+                for name, values in (("offsets", stored.clusters.offsets.numpy()),
+                                     ("centroids", stored.clusters.centroids.float().numpy()),
+                                     ("radii", stored.clusters.radii.float().numpy()),
+                                     ("medoids", stored.clusters.medoids.numpy()), ("coarse_quantizer", stored.coarse_quantizer)):
+                    group.create_dataset(name, data=values, fletcher32=True)
 
 
 class PatchStore:
@@ -322,6 +332,27 @@ class PatchStore:
         sources = dictionary.entries.sources.long()
         return index, torch.cat([indices[sources[:, :1]], sources[:, 1:]], dim=1)
 
+    def verify(self, progress: bool = True) -> None:
+        """Read the whole store and check every checksum (the module's docstring) and the stored images' fingerprint;
+        a PatchdbError naming each damaged scale file (or store.h5) and how to rebuild it."""
+        self.training_data()
+        damaged = []
+        for size in tqdm(self.settings.scales, desc="verify", unit="scale", disable=not progress):
+            path = scale_file(self.path, size)
+            patch_dimension = self.settings.image_shape[0] * size**2
+            try:
+                with h5py.File(path, "r") as file:
+                    nodes = []
+                    file.visititems(lambda name, node: nodes.append(node) if _is_dictionary(node) else None)
+                    problems = [problem for node in nodes for problem in _damage(node, patch_dimension)]
+            except (OSError, KeyError, ValueError) as error:  # OSError: a Fletcher-32 mismatch, or a broken file
+                problems = [str(error)]
+            if problems:
+                damaged.append(f"{path.name} ({'; '.join(problems)})")
+        if damaged:
+            raise PatchdbError(f"the store {self.path} is damaged: {', '.join(damaged)}; delete those files and rerun "
+                               f"the `patchdb build-index` command that made the store: it rebuilds only what is missing")
+
     def describe(self) -> dict:
         """Settings, and per scale the file size and each dictionary's patches, distinct entries and clusters."""
         scales = {}
@@ -330,7 +361,7 @@ class PatchStore:
             dictionaries = {}
             with h5py.File(path, "r") as file:
                 def visit(name, node, dictionaries=dictionaries):
-                    if isinstance(node, h5py.Group) and "sources" in node:
+                    if _is_dictionary(node):
                         dictionaries[name] = {"patches": int(node.attrs["num_patches"]), "entries": node["sources"].shape[0],
                                               "clusters": node["radii"].shape[0] if "radii" in node else 0}
                 file.visititems(visit)
@@ -366,6 +397,31 @@ class PatchStore:
                                                     "the images and scored exactly, nothing to index)"))
         lines.append(f"  total: {total / 1024**2:.1f} MiB")
         return "\n".join(lines)
+
+
+def _is_dictionary(node: h5py.Group | h5py.Dataset) -> bool:
+    return isinstance(node, h5py.Group) and "sources" in node
+
+
+def _damage(node: h5py.Group, patch_dimension: int) -> list[str]:
+    """What is wrong with one stored dictionary of patches of patch_dimension = C * P * P values: arrays that do not
+    fit together, or a checksum that does not match (reading each filtered array whole verifies its Fletcher-32)."""
+    try:
+        _check_shapes(node, patch_dimension)
+    except ValueError as error:
+        return [str(error)]
+    for name in node:
+        if name not in MAPPED_ARRAYS:
+            node[name][...]
+    problems = []
+    for name in MAPPED_ARRAYS:
+        array, crc = node[name], 0
+        rows = max(1, CRC_BLOCK_BYTES // max(1, array.dtype.itemsize * int(np.prod(array.shape[1:]))))
+        for start in range(0, array.shape[0], rows):
+            crc = zlib.crc32(np.ascontiguousarray(array[start:start + rows]), crc)
+        if crc != array.attrs["crc32"]:
+            problems.append(f"{node.name}/{name} does not match its checksum")
+    return problems
 
 
 def stored_array(dataset: h5py.Dataset) -> np.ndarray:

@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import patchdb.build
 import patchdb.data
@@ -14,6 +15,7 @@ import patchdb.index
 import patchdb.patches
 import patchdb.topk
 import patchdb.windows
+from cli.main import main
 from patchdb.build import build_store
 from patchdb.errors import PatchdbError
 from patchdb.engine import LOG2_E, PatchDictionary
@@ -267,6 +269,36 @@ def test_damaged_arrays_inside_a_scale_file_give_clear_errors(dataset, tmp_path,
     with pytest.raises(PatchdbError, match=message) as error:
         machine.posterior(noisy_batch(dataset, 0.9, seed=0).float(), 0.9, None, 3)
     assert "scale-03.h5" in str(error.value) and "build-index" in str(error.value)
+
+
+def overwrite_bytes(path, offset: int, value: np.ndarray) -> None:
+    """Write value's bytes at offset of the file at path, past HDF5 (as a failing disk would)."""
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        file.write(value.tobytes())
+
+
+def test_byte_damage_to_a_radius_or_a_source_is_found_by_its_checksum(dataset, tmp_path):
+    """A smaller radius would make the certificate vouch for clusters it must visit, a source pointing at another
+    patch of the images would give a wrong patch: both look valid, so only a checksum finds them. The radii's is
+    checked at every load; the sources (mapped, never read whole by a run) by PatchStore.verify and `info --verify`."""
+    copy = build(dataset, tmp_path / "copy")
+    PatchStore(copy.path).verify(progress=False)
+    path = scale_file(copy.path, 3)
+    with h5py.File(path, "r") as file:
+        sources, radii = file["label-all/interior/sources"], file["label-all/interior/radii"]
+        source_at, first_source = sources.id.get_offset(), sources[0]
+        radius_at, first_radius = radii.id.get_chunk_info(0).byte_offset, radii[0]
+    overwrite_bytes(path, source_at, np.array([(first_source[0] + 1) % len(dataset)], dtype=np.int32))
+    damaged = PatchStore(copy.path)
+    with pytest.raises(PatchdbError, match="scale-03.h5 .*label-all/interior/sources does not match its checksum.*build-index"):
+        damaged.verify(progress=False)
+    result = CliRunner().invoke(main, ["info", "--verify", str(copy.path)])
+    assert result.exit_code == 1 and "sources does not match its checksum" in result.output
+    overwrite_bytes(path, radius_at, np.array([first_radius / 2], dtype=np.float32))
+    machine = make_machine("bbels", dataset, store=damaged, backend=TopKBackend(tol=1e-2, fallback="none"))
+    with pytest.raises(PatchdbError, match="scale-03.h5 is corrupt"):
+        machine.posterior(noisy_batch(dataset, 0.9, seed=0).float(), 0.9, None, 3)
 
 
 def test_scale_files_of_another_build_are_refused_and_rebuilt(dataset, store, tmp_path, caplog):
