@@ -1,5 +1,6 @@
 """The patch store: build, load, resume, refuse mismatched runs and corrupt files; indexed machines equal exact ones."""
 
+import json
 import shutil
 
 import h5py
@@ -24,7 +25,7 @@ from patchdb.index import ClusteredDictionary, GatheredEntries
 from patchdb.patches import dictionary_groups
 from patchdb.schedule import machine_steps
 from patchdb.machines import make_machine
-from patchdb.store import STORE_FILE, PatchStore, scale_file, stored_array
+from patchdb.store import FORMAT_VERSION, STORE_FILE, PatchStore, scale_file, stored_array
 from patchdb.topk import FALLBACKS, PATHS, TopKBackend
 
 from conftest import deny_reading, noisy_batch, tiny_dataset
@@ -181,6 +182,15 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
         machine.posterior(noisy_batch(dataset, 0.5, seed=0).float(), 0.5, None, 3)
     scale_file(copy.path, 3).write_bytes(b"garbage")
     with pytest.raises(PatchdbError, match="scale-03.h5 is corrupt"):
+        PatchStore(copy.path)
+
+
+def test_a_store_of_another_format_is_refused_with_the_rebuild_command(dataset, tmp_path):
+    copy = build(dataset, tmp_path / "copy")
+    with h5py.File(copy.path / STORE_FILE, "a") as file:
+        file.attrs["settings"] = json.dumps({**json.loads(file.attrs["settings"]), "format_version": FORMAT_VERSION - 1})
+    with pytest.raises(PatchdbError, match=f"has store format {FORMAT_VERSION - 1}, this patchdb reads format "
+                                           f"{FORMAT_VERSION}; rebuild it with `patchdb build-index`"):
         PatchStore(copy.path)
 
 
