@@ -2,21 +2,26 @@
 # Issue 3, results: cpu preset, Fashion-MNIST, class-conditional network (ResNet or UNet) with zero padding:
 # train, calibrate bbELS (cosine, candidates 3..17), compare 100 seeds (with the single-step agreement on 100
 # held-out test images), then summarise.
-# Usage: PATCHDB_DATA=/work/shared/data benchmarks/issue3_end_to_end.sh [RUNS_DIR] [CALIBRATION_SAMPLES] [MODEL]
-#   RUNS_DIR defaults to runs/ (git-ignored); CALIBRATION_SAMPLES to 10 (the paper's method); MODEL to resnet (or unet).
+# Usage: PATCHDB_DATA=/work/shared/data benchmarks/issue3_end_to_end.sh [RUNS_DIR] [CALIBRATION_SAMPLES] [MODEL] [TRAIN_SEED]
+#   RUNS_DIR defaults to runs/ (git-ignored); CALIBRATION_SAMPLES to 10 (the paper's method); MODEL to resnet (or unet);
+#   TRAIN_SEED (train --seed: initial weights, shuffles, times and noise) to 0.
 # Each stage's wall time goes to RUNS_DIR/issue3-MODEL-times.txt and the medians to RUNS_DIR/issue3-MODEL-results.md
-# (for resnet: RUNS_DIR/issue3-times.txt and issue3-results.md, the names of the first runs).
+# (for resnet: RUNS_DIR/issue3-times.txt and issue3-results.md, the names of the first runs); a TRAIN_SEED other than
+# 0 adds -seedS to every name. The 100 compared noise seeds are 0..99 whatever TRAIN_SEED is.
 # Stages resume: train continues its checkpoint (a finished run returns at once).
 set -euo pipefail
 runs=${1:-runs}
 samples=${2:-10}
 model=${3:-resnet}
+train_seed=${4:-0}
 case $model in
     resnet) suffix= ;;
     unet) suffix=-unet ;;
     *) echo "MODEL must be resnet or unet, got $model" >&2; exit 2 ;;
 esac
-run=$runs/fmnist-$model-zeros-cond-cpu
+seed_suffix=$([ "$train_seed" = 0 ] || echo "-seed$train_seed")
+suffix=$suffix$seed_suffix
+run=$runs/fmnist-$model-zeros-cond-cpu$seed_suffix
 compare=$runs/issue3-compare$suffix
 times=$runs/issue3$suffix-times.txt
 patchdb() { python -c "from cli.main import main; main()" "$@"; }
@@ -27,7 +32,7 @@ stage() {
     echo "$name $(( $(date +%s) - start )) s (ended $(date -u +%H:%M:%S) UTC)" >> "$times"
 }
 mkdir -p "$runs"
-stage train patchdb train --model "$model" --dataset fashion-mnist --conditional --padding zeros --preset cpu --out "$run"
+stage train patchdb train --model "$model" --dataset fashion-mnist --conditional --padding zeros --preset cpu --seed "$train_seed" --out "$run"
 stage calibrate patchdb calibrate --model "$run" --machine bbels --candidates 3,5,...,17 --samples "$samples" \
     --metric cos --memory-gb 4 --out "$run/scales.json"
 stage compare patchdb compare --model "$run" --machine bbels --num 100 --seed 0 --batch-size 20 --memory-gb 4 \
