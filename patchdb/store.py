@@ -416,9 +416,9 @@ def _damage(node: h5py.Group, patch_dimension: int) -> list[str]:
     problems = []
     for name in MAPPED_ARRAYS:
         array, crc = node[name], 0
-        rows = max(1, CRC_BLOCK_BYTES // max(1, array.dtype.itemsize * int(np.prod(array.shape[1:]))))
+        rows = max(1, CRC_BLOCK_BYTES // (array.dtype.itemsize * int(np.prod(array.shape[1:]))))
         for start in range(0, array.shape[0], rows):
-            crc = zlib.crc32(np.ascontiguousarray(array[start:start + rows]), crc)
+            crc = zlib.crc32(array[start:start + rows], crc)  # h5py reads a block as a new C-contiguous array
         if crc != array.attrs["crc32"]:
             problems.append(f"{node.name}/{name} does not match its checksum")
     return problems
