@@ -74,9 +74,11 @@ class Machine:
 
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None,
                  patch_size: int | None = None) -> torch.Tensor:
-        """Score (B, C, H, W) of the machine at noisy batch x (B, C, H, W) and time t in (0, 1]."""
-        x = x.to(device=self.device, dtype=self.dtype)
-        return self.posterior(x, t, labels, patch_size, provenance=False).score(x, t)
+        """Score (B, C, H, W) of the machine at noisy batch x (B, C, H, W) and time t in (0, 1], computed on the
+        machine's device and dtype and returned in x's."""
+        x_machine = x.to(device=self.device, dtype=self.dtype)
+        score = self.posterior(x_machine, t, labels, patch_size, provenance=False).score(x_machine, t)
+        return score.to(device=x.device, dtype=x.dtype)
 
     def posterior(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, patch_size: int | None = None,
                   provenance: bool = True) -> Posterior:

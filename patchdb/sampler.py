@@ -1,7 +1,8 @@
 """The reverse-process sampler shared by machines and trained networks.
 
 A score model is any callable ``model(x, t, labels=None, patch_size=None) -> score`` on batches
-x of shape (B, C, H, W) at time t in (0, 1]; machines use patch_size, networks ignore it.
+x of shape (B, C, H, W) at time t in (0, 1], returning a score of x's shape, dtype and device
+(whatever device the model computes on); machines use patch_size, networks ignore it.
 """
 
 from collections.abc import Callable

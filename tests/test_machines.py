@@ -434,6 +434,27 @@ def test_gathered_patches_equal_the_padded_image_blocks(padding):
     assert torch.equal(gather_sources(windows, sources), expected)
 
 
+@pytest.mark.parametrize("name, patch_size", [("is", None), ("bbels", 3)])
+def test_machine_returns_the_score_in_the_inputs_dtype(name, patch_size, labelled_dataset):
+    """Like a network, a machine computes in its own dtype and answers in x's, so the two compare directly."""
+    machine = make_machine(name, labelled_dataset, dtype=torch.float64)
+    x = noisy_batch(labelled_dataset, 0.5, seed=3, dtype=torch.float32)
+    score = machine(x, 0.5, patch_size=patch_size)
+    assert score.dtype == torch.float32
+    torch.testing.assert_close(score, machine(x.double(), 0.5, patch_size=patch_size).float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the GPU path runs where there is one")
+def test_machine_on_the_gpu_answers_on_the_inputs_device(labelled_dataset):
+    """A CUDA machine called with CPU x (as calibrate and compare do with the network's trajectory) answers on the CPU."""
+    x = noisy_batch(labelled_dataset, 0.5, seed=3)
+    gpu = make_machine("bbels", labelled_dataset, dtype=torch.float64, device="cuda")
+    score = gpu(x, 0.5, patch_size=3)
+    assert score.device.type == "cpu"
+    cpu = make_machine("bbels", labelled_dataset, dtype=torch.float64)
+    torch.testing.assert_close(score, cpu(x, 0.5, patch_size=3), rtol=0, atol=1e-9)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the GPU path runs where there is one")
 @pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
 @pytest.mark.parametrize("name, patch_size", [("is", None), ("es", None), ("ls", 3), ("els", 5), ("bbels", 3), ("bbels", 5)])
