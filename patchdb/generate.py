@@ -307,9 +307,10 @@ def _check_config(config: SampleConfig) -> None:
         raise PatchdbError(f"--memory-budget must be positive, got {config.memory_budget_gib} GiB")
     if config.scales != defaults["scales"]:  # the default is no choice: IS and ES run with it
         check_scale_spec(config.machine, config.scales)
-    if config.noise is not None and not config.conditional and config.index is None and config.seed != defaults["seed"]:
-        raise PatchdbError("--seed draws the starting noise (and, with --conditional, the classes); with --noise and no "
-                           "--conditional it would be ignored: drop --seed")
+    if config.noise is not None and not config.conditional and config.seed != defaults["seed"]:
+        raise PatchdbError("--seed draws the starting noise (and, with --conditional, the classes), not the top-k "
+                           "estimator's draws (fixed, so that a sample regenerated alone is the same image); with --noise "
+                           "and no --conditional it would be ignored: drop --seed")
     if config.index is None:
         ignored = [name for name in INDEX_OPTIONS if getattr(config, name) != defaults[name]]
         if ignored:

@@ -126,7 +126,8 @@ def test_a_run_interrupted_while_writing_leaves_no_run_json(tiny_npz, tmp_path, 
 
 @pytest.mark.parametrize("options, message", [
     ({"tol": 0.1}, "--tol"), ({"topk": 8, "fallback": "exact"}, "--topk, --fallback"),
-    ({"exact_from_patch_size": 5}, "--exact-from-patch-size"), ({"noise": "noise.npy", "seed": 3}, "drop --seed")])
+    ({"exact_from_patch_size": 5}, "--exact-from-patch-size"), ({"noise": "noise.npy", "seed": 3}, "drop --seed"),
+    ({"noise": "noise.npy", "seed": 3, "index": "store"}, "drop --seed")])
 def test_options_of_the_other_backend_are_refused_not_ignored(tiny_npz, tmp_path, options, message):
     config = SampleConfig(out=str(tmp_path / "run"), dataset=f"file:{tiny_npz}", machine="els", scales="3", steps=3, num=1,
                           **options)
