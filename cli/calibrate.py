@@ -3,7 +3,7 @@
 import click
 
 from cli.options import DEVICE, SAMPLE_COUNTS, SEEDS, STEPS, UserPath, gib_to_bytes, machine_data_options, warn_if_unfinished
-from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run
+from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run, largest_candidate_warning
 from patchdb.patches import PATCH_MACHINES
 from patchdb.scales import parse_size_list
 
@@ -13,7 +13,8 @@ from patchdb.scales import parse_size_list
               help="Run folder of a trained network (from `patchdb train`).")
 @click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels",
               help="Patch machine whose scale is calibrated (IS and ES have none).")
-@click.option("--candidates", default="3,5,...,17", help="Candidate patch sizes: '3,5,7' or '3,5,...,17'.")
+@click.option("--candidates", default=None, show_default="3,5,...,17 for a ResNet, 3,5,...,27 for a UNet",
+              help="Candidate patch sizes: '3,5,7' or '3,5,...,17'.")
 @click.option("--samples", type=SAMPLE_COUNTS, default=10, help="Reverse trajectories (noise seeds) to follow.")
 @click.option("--metric", type=click.Choice(METRICS), default="cos", help="Score agreement: cosine similarity or L2 distance.")
 @click.option("--steps", "num_steps", type=STEPS, default=20, help="Sampling steps n.")
@@ -29,8 +30,12 @@ def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, da
     Entry i of the schedule is the patch size at t = i/n (what `--scales calibrated:RUN_DIR` reads).
     """
     warn_if_unfinished(run_dir)
-    path, result = calibrate_run(run_dir, machine=machine, candidates=parse_size_list(candidates, "candidates"), samples=samples,
+    path, result = calibrate_run(run_dir, machine=machine, samples=samples,
+                                 candidates=None if candidates is None else parse_size_list(candidates, "candidates"),
                                  metric=metric, num_steps=num_steps, seed=seed, data_dir=data_dir, device=device,
                                  out=out, memory_budget=gib_to_bytes(memory_gb))
     click.echo(f"scales {result['scales']} (entry i at t = i/{num_steps}) -> {path}")
+    warning = largest_candidate_warning(result, num_steps)
+    if warning is not None:
+        click.echo(f"warning: {warning}", err=True)
 

@@ -37,7 +37,9 @@ SCALES_PLOT_SOFTWARE = "patchdb calibrate"
 """The Software text of a schedule's plot, by which calibrate knows the pictures it may replace."""
 METRICS = ("cos", "l2")
 CONVENTION = "entry i is the patch size at t = i/n"
-DEFAULT_CANDIDATES = (3, 5, 7, 9, 11, 13, 15, 17)
+DEFAULT_CANDIDATES = {"resnet": tuple(range(3, 18, 2)), "unet": tuple(range(3, 28, 2))}
+"""Candidate patch sizes by network architecture: the authors' calibrated schedules reach 17 for ResNets and 27 for
+UNets (paper-scales.json)."""
 DEFAULT_SEED = 1000
 """Calibration noise seeds start here, clear of comparison seeds 0-999."""
 
@@ -76,7 +78,8 @@ def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tens
 
     Returns {"scales": n ints (the convention above), "per_sample": n lists of S best sizes
     (entries 1..n-1 measured, entry 0 a copy of entry 1), "similarity": n lists of the
-    median similarity of each candidate, "samples": network outputs (S, C, H, W)}.
+    median similarity of each candidate, "samples": network outputs (S, C, H, W),
+    "at_largest_candidate": the steps i (1..n-1) whose scale is the largest candidate}.
     """
     candidates = check_candidates(candidates)
     if metric not in METRICS:
@@ -102,15 +105,30 @@ def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tens
     per_sample = [[candidates[k] for k in step.argmax(dim=1).tolist()] for step in agreement]
     similarity = [step.median(dim=0).values.tolist() for step in agreement]
     scales = [median_candidate(sizes, candidates) for sizes in per_sample]
-    return {"scales": scales, "per_sample": per_sample, "similarity": similarity, "samples": samples}
+    at_largest = [i for i in range(1, num_steps) if scales[i] == candidates[-1]]
+    return {"scales": scales, "per_sample": per_sample, "similarity": similarity, "samples": samples,
+            "at_largest_candidate": at_largest}
 
 
-def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candidates: Sequence[int] = DEFAULT_CANDIDATES,
+def largest_candidate_warning(result: dict, num_steps: int) -> str | None:
+    """A warning where calibrate_scales' result takes its largest candidate at some step (the network may be less
+    local there than any candidate, so the schedule is capped), else None."""
+    steps = result["at_largest_candidate"]
+    if not steps:
+        return None
+    largest = result["scales"][steps[0]]
+    times = ", ".join(f"{i / num_steps:g}" for i in sorted(steps, reverse=True))
+    return (f"the schedule takes the largest candidate, {largest}, at t = {times}: the network may be less local "
+            f"there than any candidate; calibrate with larger --candidates (e.g. 3,5,...,{largest + 10})")
+
+
+def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candidates: Sequence[int] | None = None,
                   samples: int = 10, metric: str = "cos", num_steps: int = 20, seed: int = DEFAULT_SEED,
                   data_dir=None, device: str = "cpu", out: str | os.PathLike | None = None,
                   memory_budget: int | None = None, show_progress: bool = True) -> tuple[Path, dict]:
     """Calibrate a machine over a run's own training images to the run's network; write scales.json
     (default RUN_DIR/scales.json) and scales.png. Sample k's noise and label come from seed + k.
+    candidates: None for the network architecture's DEFAULT_CANDIDATES.
     memory_budget: the machine's memory bound in bytes (None: its default)."""
     from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine
@@ -119,12 +137,15 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
 
     if machine not in PATCH_MACHINES:
         raise PatchdbError(f"machine {machine!r} has no patch size to calibrate: choose one of {', '.join(PATCH_MACHINES)}")
-    candidates = check_candidates(candidates)
+    if candidates is not None:
+        candidates = check_candidates(candidates)
     path = user_path(out, "--out") if out else user_path(run_dir, "--model") / "scales.json"
     check_schedule_path(path)
     # before the long run, so that an unusable or busy --out fails fast; the file alone, as train may hold its folder
     with folder_lock(path.parent, path.name):
         network = load_network(run_dir, device)
+        if candidates is None:
+            candidates = list(DEFAULT_CANDIDATES[network.config.architecture])
         dataset = load_training_data(run_dir, data_dir)
         check_patch_sizes(candidates, machine, dataset.images.shape[1:])  # before the network's trajectories
         noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),

@@ -427,7 +427,7 @@ def comparison_scales(run_dir: Path, network: "NetworkScore", machine: str, scal
     saying so through announce, where RUN_DIR/scales.json is missing); (None, None) for IS and ES. The run's own
     calibrated schedule (calibrated:RUN_DIR, given or by default) must have been calibrated on network's weights, the
     run's loaded network (calibration.check_run_schedule); a schedule named as a file is taken as it is."""
-    from patchdb.calibration import calibrate_run, check_run_schedule
+    from patchdb.calibration import calibrate_run, check_run_schedule, largest_candidate_warning
     from patchdb.patches import PATCH_MACHINES
     from patchdb.scales import calibrated_run, check_scale_spec, parse_scales
 
@@ -440,8 +440,11 @@ def comparison_scales(run_dir: Path, network: "NetworkScore", machine: str, scal
         if not own_schedule.is_file():
             if announce is not None:
                 announce(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
-            calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
-                          memory_budget=memory_budget)
+            _, result = calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
+                                      memory_budget=memory_budget)
+            warning = largest_candidate_warning(result, num_steps)
+            if warning is not None and announce is not None:
+                announce(f"warning: {warning}")
     scales = parse_scales(scale_spec, num_steps, machine)
     calibrated = calibrated_run(scale_spec)
     if calibrated is not None and calibrated.resolve() == Path(run_dir).resolve():

@@ -3,17 +3,20 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from patchdb.calibration import (
-    calibrate_scales, check_candidates, check_schedule_path, median_candidate, score_similarity, write_scales,
+    calibrate_scales, check_candidates, check_schedule_path, largest_candidate_warning, median_candidate, score_similarity,
+    write_scales,
 )
 from patchdb.comparison import seeded_inputs
+from patchdb.data import load_dataset
 from patchdb.errors import PatchdbError
 from patchdb.machines import make_machine
 from patchdb.scales import parse_patch_sizes, parse_scales, parse_size_list
-from tests.conftest import tiny_dataset
+from tests.conftest import quantised_images, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -39,6 +42,33 @@ def test_calibration_recovers_the_schedule_at_the_index_it_was_used(metric, cond
     assert result["scales"][1:] == KNOWN[1:]
     assert result["scales"][0] == KNOWN[1]
     assert all(sizes == [KNOWN[i]] * 3 for i, sizes in enumerate(result["per_sample"]) if i > 0)
+    assert result["at_largest_candidate"] == [3]  # KNOWN takes the largest candidate, 7, at t = 3/6 only
+    assert "largest candidate, 7, at t = 0.5:" in largest_candidate_warning(result, NUM_STEPS)
+
+
+def test_no_warning_below_the_largest_candidate():
+    result = {"scales": KNOWN, "at_largest_candidate": []}
+    assert largest_candidate_warning(result, NUM_STEPS) is None
+
+
+@pytest.mark.parametrize("architecture, largest", [("resnet", 17), ("unet", 27)])
+def test_default_candidates_reach_the_architectures_largest_published_scale(tmp_path, architecture, largest):
+    """The authors' calibrated schedules reach 17 for ResNets and 27 for UNets: a default that stopped short would cap
+    them."""
+    from click.testing import CliRunner
+    from cli.main import main
+    from patchdb.networks import NetworkConfig
+    from patchdb.training import TrainingConfig, train_network
+
+    np.savez(tmp_path / "train.npz", images=quantised_images(2, 4, 32).numpy())
+    spec = f"file:{tmp_path / 'train.npz'}"
+    train_network(tmp_path / "run", load_dataset(spec), spec, NetworkConfig(architecture=architecture, width=8, num_hidden_layers=1,
+                  embedding_dim=16), TrainingConfig(epochs=1, batch_size=4), show_progress=False)
+    result = CliRunner().invoke(main, ["calibrate", "--model", str(tmp_path / "run"), "--machine", "ls", "--samples", "1",
+                                       "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "run" / "scales.json").read_text())
+    assert written["candidates"] == list(range(3, largest + 1, 2))
 
 
 def test_scales_file_is_read_back_by_every_scale_spec(tmp_path):
