@@ -29,6 +29,7 @@ from patchdb.sampler import ScoreModel, sample_ddim
 from patchdb.schedule import alpha_bar, beta, full_steps, machine_steps
 
 if TYPE_CHECKING:
+    from patchdb.data import Dataset
     from patchdb.networks import NetworkScore
     from patchdb.training import TrainingProgress
 
@@ -252,16 +253,18 @@ def run_comparison(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     from patchdb.training import load_network
 
     with folder_lock(out_dir, outputs=COMPARE_OUTPUTS) as out_dir:
-        return _compare(run_dir, load_network(run_dir, device), out_dir, machine=machine, scales=scales,
-                        scales_source=scales_source,
-                        num_steps=num_steps, num=num, seed=seed, batch_size=batch_size, test_dataset=test_dataset,
-                        single_step=single_step, data_dir=data_dir, device=device, memory_budget=memory_budget,
-                        show_progress=show_progress)
+        network = load_network(run_dir, device)
+        dataset, held_out = comparison_data(run_dir, network, single_step=single_step, test_dataset=test_dataset,
+                                            num=num, data_dir=data_dir)
+        return _compare(run_dir, network, dataset, held_out, out_dir, machine=machine, scales=scales,
+                        scales_source=scales_source, num_steps=num_steps, num=num, seed=seed, batch_size=batch_size,
+                        device=device, memory_budget=memory_budget, show_progress=show_progress)
 
 
 def compare_model(model: str, out_dir: str | os.PathLike, *, dataset_spec: str | None = None, padding: str | None = None,
                   conditional: bool | None = None, train_missing: bool = False, machine: str = "bbels",
-                  scale_spec: str | None = None, num_steps: int = 20, data_dir=None, device: str = "cpu",
+                  scale_spec: str | None = None, num_steps: int = 20, num: int = 100, test_dataset: str | None = None,
+                  single_step: bool = False, data_dir=None, device: str = "cpu",
                   memory_budget: int | None = None, confirm: Callable[[str], bool] | None = None,
                   announce: Callable[[str], None] | None = None,
                   on_run: "Callable[[Path, TrainingProgress], None] | None" = None, **options) -> dict:
@@ -269,7 +272,8 @@ def compare_model(model: str, out_dir: str | os.PathLike, *, dataset_spec: str |
     (comparison_scales; calibrated first where missing) and their comparison (run_comparison, whose other options
     options holds), with out_dir locked throughout, so that a folder another command is writing to is refused before
     any training or calibration. The network is loaded once: the schedule is checked against the weights compared.
-    on_run(run_dir, progress) is called once the run is found. Returns the content of compare.json."""
+    on_run(run_dir, progress) is called once the run is found. The held-out images of single_step are checked before
+    any calibration. Returns the content of compare.json."""
     from patchdb.training import load_network
 
     with folder_lock(out_dir, outputs=COMPARE_OUTPUTS) as out_dir:
@@ -278,45 +282,59 @@ def compare_model(model: str, out_dir: str | os.PathLike, *, dataset_spec: str |
         network = load_network(run_dir, device)
         if on_run is not None:
             on_run(run_dir, network.training)
+        dataset, held_out = comparison_data(run_dir, network, single_step=single_step, test_dataset=test_dataset,
+                                            num=num, data_dir=data_dir)
         scales_source, scales = comparison_scales(run_dir, network, machine, scale_spec, num_steps, data_dir=data_dir,
                                                   device=device, memory_budget=memory_budget, announce=announce)
-        return _compare(run_dir, network, out_dir, machine=machine, scales=scales, scales_source=scales_source,
-                        num_steps=num_steps, data_dir=data_dir, device=device, memory_budget=memory_budget, **options)
+        return _compare(run_dir, network, dataset, held_out, out_dir, machine=machine, scales=scales,
+                        scales_source=scales_source, num_steps=num_steps, num=num, device=device,
+                        memory_budget=memory_budget, **options)
 
 
-def _compare(run_dir: str | os.PathLike, network: "NetworkScore", out_dir: Path, *, machine: str = "bbels",
-             scales: list[int] | None, scales_source: str | None, num_steps: int = 20, num: int = 100, seed: int = 0,
-             batch_size: int = 10, test_dataset: str | None = None, single_step: bool = False,
-             data_dir=None, device: str = "cpu", memory_budget: int | None = None,
-             show_progress: bool = True) -> dict:
-    """run_comparison of run_dir's loaded network into out_dir, a folder this process holds locked."""
-    import patchdb
+def comparison_data(run_dir: str | os.PathLike, network: "NetworkScore", *, single_step: bool, test_dataset: str | None,
+                    num: int, data_dir=None) -> "tuple[Dataset, Dataset | None]":
+    """The run's training images, and with single_step the held-out images (test_dataset's, or the first num of the run
+    data set's test split), checked against the network: found before any long work, so that a missing or unfit test
+    set fails fast."""
     from patchdb.data import load_dataset
+    from patchdb.training import load_training_data, read_config
+
+    dataset = load_training_data(run_dir, data_dir)
+    if not single_step:
+        return dataset, None
+    held_out = load_dataset(test_dataset or held_out_spec(read_config(run_dir)["dataset"]["spec"], num), data_dir)
+    if held_out.images.shape[1:] != dataset.images.shape[1:]:
+        raise PatchdbError(f"the held-out images of {held_out.name!r} are {tuple(held_out.images.shape[1:])} but the "
+                           f"network was trained on {tuple(dataset.images.shape[1:])}; choose a --test-dataset of "
+                           "that shape")
+    conditional = network.config.conditional
+    if conditional and held_out.labels is None:
+        raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
+    if conditional:  # a class the training images lack (beyond num_classes or not) has no dictionary, no embedding
+        absent = sorted(set(held_out.labels[:num].tolist()) - set(dataset.classes.tolist()))
+        if absent:
+            raise PatchdbError(f"the held-out data set {held_out.name!r} has labels {absent} that the network's training "
+                               f"images lack (they hold {dataset.classes.tolist()}; the network has "
+                               f"{network.config.num_classes} classes); "
+                               "choose a --test-dataset of those classes")
+    return dataset, held_out
+
+
+def _compare(run_dir: str | os.PathLike, network: "NetworkScore", dataset: "Dataset", held_out: "Dataset | None",
+             out_dir: Path, *, machine: str = "bbels", scales: list[int] | None, scales_source: str | None,
+             num_steps: int = 20, num: int = 100, seed: int = 0, batch_size: int = 10, device: str = "cpu",
+             memory_budget: int | None = None, show_progress: bool = True) -> dict:
+    """run_comparison of run_dir's loaded network, over its training images dataset (and held_out, from
+    comparison_data), into out_dir, a folder this process holds locked."""
+    import patchdb
     from patchdb.gaussian import GaussianScore
     from patchdb.machines import make_machine
     from patchdb.patches import check_patch_sizes
-    from patchdb.training import load_training_data, read_config
+    from patchdb.training import read_config
 
     config = read_config(run_dir)
-    dataset = load_training_data(run_dir, data_dir)
     check_patch_sizes(scales or (), machine, dataset.images.shape[1:])  # before the network's sampling
     conditional = network.config.conditional
-    held_out = None
-    if single_step:  # found before the long sampling, so a missing test set fails fast
-        held_out = load_dataset(test_dataset or held_out_spec(config["dataset"]["spec"], num), data_dir)
-        if held_out.images.shape[1:] != dataset.images.shape[1:]:
-            raise PatchdbError(f"the held-out images of {held_out.name!r} are {tuple(held_out.images.shape[1:])} but the "
-                               f"network was trained on {tuple(dataset.images.shape[1:])}; choose a --test-dataset of "
-                               "that shape")
-        if conditional and held_out.labels is None:
-            raise PatchdbError(f"the held-out data set {held_out.name!r} has no labels but the network is conditional")
-        if conditional:  # a class the training images lack (beyond num_classes or not) has no dictionary, no embedding
-            absent = sorted(set(held_out.labels[:num].tolist()) - set(dataset.classes.tolist()))
-            if absent:
-                raise PatchdbError(f"the held-out data set {held_out.name!r} has labels {absent} that the network's training "
-                                   f"images lack (they hold {dataset.classes.tolist()}; the network has "
-                                   f"{network.config.num_classes} classes); "
-                                   "choose a --test-dataset of those classes")
     noise, labels = seeded_inputs(seed, num, tuple(dataset.images.shape[1:]), dataset.classes if conditional else None)
     options = {"device": device} if memory_budget is None else {"device": device, "memory_budget": memory_budget}
     models = {machine: (make_machine(machine, dataset, **options), scales)}

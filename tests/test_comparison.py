@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from patchdb.comparison import (
-    comparison_summary, held_out_spec, image_statistics, run_comparison, seeded_inputs, summarize,
+    compare_model, comparison_summary, held_out_spec, image_statistics, run_comparison, seeded_inputs, summarize,
 )
 from patchdb.errors import PatchdbError
 from patchdb.gaussian import GaussianScore
@@ -312,11 +312,18 @@ def test_held_out_labels_the_training_images_lack_are_refused_before_sampling(tm
         raise AssertionError("sampled before the held-out labels were checked")
 
     monkeypatch.setattr(patchdb.comparison, "compare_models", sampled)
-    with pytest.raises(PatchdbError, match=r"has labels \[2, 7\] that the network's training images lack \(they hold "
-                                           r"\[1, 3\]; the network has 4 classes\); choose a --test-dataset"):
+    refusal = (r"has labels \[2, 7\] that the network's training images lack \(they hold \[1, 3\]; the network has 4 "
+               r"classes\); choose a --test-dataset")
+    with pytest.raises(PatchdbError, match=refusal):
         run_comparison(tmp_path / "run", tmp_path / "out", machine="els", scales=[3, 3], scales_source="3", num_steps=2,
                        num=4, single_step=True, test_dataset=f"file:{tmp_path / 'test.npz'}", show_progress=False)
     assert not (tmp_path / "out" / "compare.json").exists()
+
+    import patchdb.calibration
+    monkeypatch.setattr(patchdb.calibration, "calibrate_scales", sampled)  # `patchdb compare` without a scales.json
+    with pytest.raises(PatchdbError, match=refusal):
+        compare_model(str(tmp_path / "run"), tmp_path / "out", machine="els", num_steps=2, num=4, single_step=True,
+                      test_dataset=f"file:{tmp_path / 'test.npz'}", show_progress=False)
 
 
 def test_a_conditional_flag_that_is_not_the_runs_own_is_refused_in_plain_words(tmp_path):
