@@ -54,8 +54,14 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
     summary = report["summary"]
     for name, values in summary.items():
         r = values["pearson_r"]
-        click.echo(f"{name:>9}: median r {r['median']:.3f} (quartiles {r['q1']:.3f}-{r['q3']:.3f}), "
-                   f"median R^2 {values['r_squared']['median']:.3f}, median MSE {values['mse']['median']:.4f}")
+        click.echo(f"{name:>9}: median r {_shown(r['median'])} (quartiles {_shown(r['q1'])}-{_shown(r['q3'])}), "
+                   f"median R^2 {_shown(values['r_squared']['median'])}, median MSE {_shown(values['mse']['median'], 4)}"
+                   + (f" ({r['undefined']} seeds of constant images have no r)" if r["undefined"] else ""))
     fraction = report.get(f"fraction_{machine}_beats_is")
     if fraction is not None:
         click.echo(f"{machine} beats IS on {100 * fraction:.0f}% of seeds -> {out_dir / COMPARE_FILE}")
+
+
+def _shown(value: float | None, places: int = 3) -> str:
+    """A summary statistic as compare prints it: to the given places, or 'undefined' (no seed defines it)."""
+    return "undefined" if value is None else f"{value:.{places}f}"

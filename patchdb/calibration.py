@@ -103,7 +103,7 @@ def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tens
                 bar.update(1)
     agreement[0] = agreement[1]
     per_sample = [[candidates[k] for k in step.argmax(dim=1).tolist()] for step in agreement]
-    similarity = [step.median(dim=0).values.tolist() for step in agreement]
+    similarity = [step.quantile(0.5, dim=0).tolist() for step in agreement]  # the mean of the middle two, as statistics
     scales = [median_candidate(sizes, candidates) for sizes in per_sample]
     at_largest = [i for i in range(1, num_steps) if scales[i] == candidates[-1]]
     return {"scales": scales, "per_sample": per_sample, "similarity": similarity, "samples": samples,

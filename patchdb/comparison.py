@@ -12,6 +12,7 @@ Statistics of a machine's image y_hat against the network's image y (both (C, H,
 - mse: mean (y - y_hat)^2.
 """
 
+import math
 import os
 import statistics
 import time
@@ -43,28 +44,35 @@ COMPARE_OUTPUTS = (COMPARE_FILE, "outputs.npz", *COMPARE_PLOTS)
 
 
 def image_statistics(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """pearson_r, r_squared and mse (each (B,) float64) of predictions against targets, both (B, ...)."""
+    """pearson_r, r_squared and mse (each (B,) float64) of predictions against targets, both (B, ...); NaN where
+    undefined: pearson_r where either image is constant, r_squared where the target is."""
     if prediction.shape != target.shape:
         raise PatchdbError(f"cannot compare images of shapes {tuple(prediction.shape)} and {tuple(target.shape)}")
     y_hat = prediction.reshape(prediction.shape[0], -1).double()
     y = target.reshape(target.shape[0], -1).double()
     y_hat_centred, y_centred = y_hat - y_hat.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
     norms = torch.linalg.vector_norm(y_hat_centred, dim=1) * torch.linalg.vector_norm(y_centred, dim=1)
+    target_variation = y_centred.square().sum(1)
     squared_error = (y - y_hat).square()
+    nan = torch.tensor(math.nan, dtype=torch.float64)
     return {
-        "pearson_r": (y_hat_centred * y_centred).sum(1) / norms.clamp_min(1e-300),
-        "r_squared": 1.0 - squared_error.sum(1) / y_centred.square().sum(1).clamp_min(1e-300),
+        "pearson_r": torch.where(norms > 0, (y_hat_centred * y_centred).sum(1) / norms, nan),
+        "r_squared": torch.where(target_variation > 0, 1.0 - squared_error.sum(1) / target_variation, nan),
         "mse": squared_error.mean(1),
     }
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    """Median, quartiles (inclusive method), mean, min and max of a list of numbers."""
-    if len(values) < 2:
-        value = float(values[0])
-        return {"median": value, "q1": value, "q3": value, "mean": value, "min": value, "max": value}
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return {"median": median, "q1": q1, "q3": q3, "mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+def summarize(values: list[float]) -> dict[str, float | int | None]:
+    """Median, quartiles (inclusive method), mean, min and max of the defined (not NaN) numbers of a list, None where
+    there are none, and how many are undefined."""
+    defined = [float(value) for value in values if not math.isnan(value)]
+    summary = {"undefined": len(values) - len(defined)}
+    if len(defined) < 2:
+        value = defined[0] if defined else None
+        return {"median": value, "q1": value, "q3": value, "mean": value, "min": value, "max": value, **summary}
+    q1, median, q3 = statistics.quantiles(defined, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "mean": statistics.fmean(defined), "min": min(defined),
+            "max": max(defined), **summary}
 
 
 def generate_images(model: ScoreModel, noise: torch.Tensor, labels: torch.Tensor | None, num_steps: int, *,
@@ -105,8 +113,8 @@ def compare_models(network: ScoreModel, models: dict[str, tuple[ScoreModel, list
 
 def comparison_summary(result: dict, machine: str, baseline: str = "is") -> dict:
     """compare.json's statistics: per model and statistic the summary over seeds, and the fraction
-    of seeds where the machine's pearson_r beats the baseline's (ties count half; absent when the
-    machine is the baseline)."""
+    of seeds where the machine's pearson_r beats the baseline's (ties count half; over the seeds where both are
+    defined, None where none is; absent when the machine is the baseline)."""
     stats = result["statistics"]
     summary = {name: {key: summarize(values.tolist()) for key, values in per_model.items()}
                for name, per_model in stats.items()}
@@ -115,7 +123,10 @@ def comparison_summary(result: dict, machine: str, baseline: str = "is") -> dict
     fraction = None
     if machine in stats and baseline in stats:
         machine_r, baseline_r = stats[machine]["pearson_r"], stats[baseline]["pearson_r"]
-        fraction = float(((machine_r > baseline_r).double() + 0.5 * (machine_r == baseline_r).double()).mean())
+        defined = ~(machine_r.isnan() | baseline_r.isnan())
+        machine_r, baseline_r = machine_r[defined], baseline_r[defined]
+        if defined.any():
+            fraction = float(((machine_r > baseline_r).double() + 0.5 * (machine_r == baseline_r).double()).mean())
     return {"summary": summary, f"fraction_{machine}_beats_{baseline}": fraction}
 
 
@@ -159,6 +170,17 @@ def save_arrays(path: Path, arrays: dict[str, torch.Tensor | None]) -> None:
     save_npz(path, {name: value.cpu().numpy() for name, value in arrays.items() if value is not None})
 
 
+def _defined(value: torch.Tensor) -> float | None:
+    """A statistic as JSON holds it: None where undefined (NaN)."""
+    return None if value.isnan() else float(value)
+
+
+def _median_text(values: torch.Tensor) -> str:
+    """The median of values as compare.json gives it (summarize), to 3 decimals, or 'undefined'."""
+    median = summarize(values.tolist())["median"]
+    return "undefined" if median is None else f"{median:.3f}"
+
+
 def plot_scatter(path: Path, machine_r: torch.Tensor, baseline_r: torch.Tensor, machine: str, baseline: str = "is") -> None:
     """scatter.png: the machine's r against the baseline's r, one dot per seed (the paper's Fig. 10)."""
     from matplotlib.figure import Figure
@@ -169,7 +191,7 @@ def plot_scatter(path: Path, machine_r: torch.Tensor, baseline_r: torch.Tensor, 
     low = float(min(machine_r.min(), baseline_r.min(), 0.0))
     axis.plot([low, 1], [low, 1], color="grey", lw=1, ls="--")
     axis.set(xlabel=f"{baseline.upper()} r (vs network)", ylabel=f"{machine} r (vs network)",
-             title=f"median r: {machine} {machine_r.median():.3f}, {baseline.upper()} {baseline_r.median():.3f}",
+             title=f"median r: {machine} {_median_text(machine_r)}, {baseline.upper()} {_median_text(baseline_r)}",
              xlim=(low, 1), ylim=(low, 1), aspect="equal")
     figure.tight_layout()
     save_figure(figure, path)
@@ -354,7 +376,7 @@ def _compare(run_dir: str | os.PathLike, network: "NetworkScore", dataset: "Data
         "seconds": result["seconds"],
         **comparison_summary(result, machine),
         "per_seed": [{"seed": s, "label": None if labels is None else int(labels[k]),
-                      **{key: {name: float(stats[name][key][k]) for name in stats} for key in STATISTICS}}
+                      **{key: {name: _defined(stats[name][key][k]) for name in stats} for key in STATISTICS}}
                      for k, s in enumerate(seeds)],
         "versions": {"patchdb": patchdb.__version__, "torch": torch.__version__},
     }

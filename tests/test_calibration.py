@@ -46,6 +46,18 @@ def test_calibration_recovers_the_schedule_at_the_index_it_was_used(metric, cond
     assert "largest candidate, 7, at t = 0.5:" in largest_candidate_warning(result, NUM_STEPS)
 
 
+def test_median_similarity_of_an_even_number_of_samples_averages_the_middle_two(monkeypatch):
+    import patchdb.calibration
+
+    dataset = tiny_dataset(labelled=False, num_images=6, side=8, seed=4)
+    machine = make_machine("els", dataset, dtype=torch.float64)
+    noise, _ = seeded_inputs(7, 2, (1, 8, 8))
+    monkeypatch.setattr(patchdb.calibration, "score_similarity", lambda *arguments: torch.tensor([0.0, 1.0]))
+    result = calibrate_scales(machine_at_schedule(machine, KNOWN), machine, noise.double(), None, NUM_STEPS, [3, 5],
+                              show_progress=False)
+    assert result["similarity"] == [[0.5, 0.5]] * NUM_STEPS
+
+
 def test_no_warning_below_the_largest_candidate():
     result = {"scales": KNOWN, "at_largest_candidate": []}
     assert largest_candidate_warning(result, NUM_STEPS) is None

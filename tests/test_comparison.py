@@ -40,13 +40,35 @@ def test_pearson_r_r_squared_and_mse_on_constructed_pairs():
         image_statistics(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 5, 5))
 
 
+def test_statistics_of_constant_images_are_undefined_not_extreme():
+    """A constant network image has no R^2 (its variance is 0) and no r; a constant prediction has no r, only R^2."""
+    image, constant = torch.randn(1, 1, 6, 6), torch.full((1, 1, 6, 6), -1.0)
+    of_constant_target = image_statistics(image, constant)
+    assert of_constant_target["pearson_r"].isnan().all() and of_constant_target["r_squared"].isnan().all()
+    of_constant_prediction = image_statistics(constant, image)
+    assert of_constant_prediction["pearson_r"].isnan().all()
+    assert of_constant_prediction["r_squared"].item() == pytest.approx(1 - ((image + 1) ** 2).sum() /
+                                                                        ((image - image.mean()) ** 2).sum())
+
+
 def test_summary_and_fraction_beating_the_baseline():
-    assert summarize([1, 2, 3, 4, 5]) == {"median": 3, "q1": 2, "q3": 4, "mean": 3, "min": 1, "max": 5}
+    assert summarize([1, 2, 3, 4, 5]) == {"median": 3, "q1": 2, "q3": 4, "mean": 3, "min": 1, "max": 5, "undefined": 0}
     stats = {"bbels": {"pearson_r": torch.tensor([0.9, 0.5, 0.7, 0.6])},
              "is": {"pearson_r": torch.tensor([0.1, 0.6, 0.7, 0.2])}}
     summary = comparison_summary({"statistics": stats}, "bbels")
     assert summary["fraction_bbels_beats_is"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
     assert summary["summary"]["bbels"]["pearson_r"]["median"] == pytest.approx(0.65)
+
+
+def test_undefined_statistics_are_counted_and_left_out():
+    nan = float("nan")
+    assert summarize([1.0, nan, 3.0]) == {"median": 2, "q1": 1.5, "q3": 2.5, "mean": 2, "min": 1, "max": 3,
+                                          "undefined": 1}
+    assert summarize([nan])["median"] is None
+    stats = {"bbels": {"pearson_r": torch.tensor([0.9, nan, 0.1])}, "is": {"pearson_r": torch.tensor([0.5, 0.6, nan])}}
+    assert comparison_summary({"statistics": stats}, "bbels")["fraction_bbels_beats_is"] == 1.0  # seed 0 alone
+    stats["is"]["pearson_r"][0] = nan
+    assert comparison_summary({"statistics": stats}, "bbels")["fraction_bbels_beats_is"] is None
 
 
 def test_each_sample_regenerates_alone_from_its_seed():
