@@ -66,9 +66,9 @@ ESTIMATING_FALLBACKS = ("estimate", "auto")
                    f"before the pixel visits more clusters ({DEEPENING_FACTOR} times as many entries, "
                    f"at most {DEEPENING_ROUNDS} times).")
 @click.option("--exact-from-patch-size", type=PatchSize(), default=None,
-              help="With --index: leave the steps at this (odd) patch size and larger to the exact backend's sliding "
-                   "windows (CPU), "
-                   "where the posterior is broad and scoring the nearest clusters costs more (default: none).")
+              help="With --index: leave the steps at this (odd) patch size and larger to the exact backend (its "
+                   "--exact-method: sliding windows on a CPU by default), where the posterior is broad and scoring the "
+                   "nearest clusters costs more (default: none).")
 @click.option("--out", type=OUTPUT_FOLDER, required=True,
               help="Output folder: samples.npy, noise.npy, [labels.npy], provenance.npz, grid.png, provenance.png, run.json, "
                    "[paths.npy].")

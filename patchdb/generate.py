@@ -256,14 +256,23 @@ def index_steps(generation: Generation, steps: list[int], scales: list[int], num
 
 
 def backend_name(machine: Machine) -> str:
-    """How the machine scores: 'top-k', 'exact: windows (ISA)', 'exact: fused' (the patch machines' plain dictionaries;
-    the same-location ones by products) or 'exact: products' (also whole images, for IS and ES)."""
+    """How the machine scores. Whole images: 'exact: products' (IS) or 'exact: fft' (ES). The patch machines' plain
+    dictionaries: 'exact: windows (ISA)', 'exact: fused' or 'exact: products' (the same-location ones by products), or
+    with an index 'top-k (SCORING scoring; exact: ...)', SCORING one of patchdb.topk.SCORINGS and after it the exact
+    backend of its fallback and its small dictionaries."""
     backend = getattr(machine, "backend", None)
-    if isinstance(backend, ExactBackend) and backend.uses_windows(machine.device, machine.dtype):
+    if backend is None:
+        return "exact: fft" if machine.name == "es" else "exact: products"
+    if isinstance(backend, TopKBackend):
+        return f"top-k ({backend.scoring_on(machine.device, machine.dtype)} scoring; {_exact_name(backend.exact, machine)})"
+    return _exact_name(backend, machine)
+
+
+def _exact_name(backend: ExactBackend, machine: Machine) -> str:
+    """'exact: windows (ISA)', 'exact: fused' or 'exact: products': how backend scores the machine's plain dictionaries."""
+    if backend.uses_windows(machine.device, machine.dtype):
         return f"exact: windows ({windows.best_isa()})"
-    if isinstance(backend, ExactBackend):
-        return f"exact: {backend.plain_method(machine.device, machine.dtype)}"
-    return "exact: products" if backend is None else "top-k"
+    return f"exact: {backend.plain_method(machine.device, machine.dtype)}"
 
 
 def versions() -> dict[str, str | None]:

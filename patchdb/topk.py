@@ -185,9 +185,9 @@ class TopKBackend:
     def reads_patches_in_place(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this backend's scoring reads the clustered entries' patches where they lie in the training images
         ('compiled'), so that the store need not copy them into memory (patchdb.store.PatchStore.dictionaries)."""
-        return self._scoring(device, dtype) == "compiled"
+        return self.scoring_on(device, dtype) == "compiled"
 
-    def _scoring(self, device: torch.device, dtype: torch.dtype) -> str:
+    def scoring_on(self, device: torch.device, dtype: torch.dtype) -> str:
         """The scoring used for queries on device in dtype: the one asked for, or the default there."""
         return self.scoring or default_scoring(device, dtype)
 
@@ -336,7 +336,7 @@ class TopKBackend:
     def _score(self, accumulator, queries, dictionary: ClusteredDictionary, visit: torch.Tensor, alpha_bar: float) -> int:
         """Score exactly, for each query, the entries of the clusters visit (Q, C) marks; returns the entries scored."""
         entries, clusters = dictionary.entries, dictionary.clusters
-        scoring = self._scoring(queries.device, queries.dtype)
+        scoring = self.scoring_on(queries.device, queries.dtype)
         if scoring == "compiled":
             return _score_compiled(accumulator, queries, dictionary, visit, alpha_bar)
         if scoring == "runs":

@@ -14,6 +14,7 @@ from cli.main import PatchdbGroup, main
 from patchdb import fused
 from patchdb.errors import PatchdbError
 from patchdb.generate import MAX_NOISE_MAGNITUDE
+from patchdb.topk import default_scoring
 
 from conftest import quantised_images
 
@@ -241,6 +242,8 @@ def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
     assert np.allclose(np.load(out / "samples.npy"), np.load(batch / "samples.npy"), atol=1e-4)
     record = json.loads((out / "run.json").read_text())
     assert record["arguments"]["index"] == str(store) and len(record["index_steps"]) == 3
+    scoring = default_scoring(torch.device("cpu"), torch.float32)
+    assert record["backend"].startswith(f"top-k ({scoring} scoring; exact: windows (")
     for step in record["index_steps"]:
         assert (abs(sum(step["fraction_of_pixels"].values()) - 1) < 1e-9
                 and set(step["seconds"]) == {"search", "rescore", "estimate", "other"})
@@ -369,3 +372,4 @@ def test_a_patch_size_too_large_for_the_images_is_refused_before_sampling(data_s
     result = sample(data_specs["labelled"], tmp_path, "--num", "1", "--scales", "65")
     assert result.exit_code == 1 and "patch size 65 is larger than a 32x32 image's patches" in result.output
     assert "sampling" not in result.output
+

@@ -207,3 +207,18 @@ def test_an_estimated_sample_regenerates_alone_from_its_seed(tmp_path):
     assert all(step["fraction_of_pixels"].get("estimated", 0) > 0.5 for step in batch["index_steps"])
     np.testing.assert_allclose(np.load(tmp_path / "alone" / "samples.npy")[0],
                                np.load(tmp_path / "batch" / "samples.npy")[1], atol=1e-5)
+
+
+def test_run_json_names_the_backend_that_scored(unlabelled_dataset):
+    """Whole images by products (IS) or FFT correlations (ES); top-k with its scoring and its exact backend."""
+    from patchdb.engine import ExactBackend
+    from patchdb.generate import backend_name
+    from patchdb.topk import TopKBackend
+
+    assert backend_name(make_machine("is", unlabelled_dataset)) == "exact: products"
+    assert backend_name(make_machine("es", unlabelled_dataset)) == "exact: fft"
+    exact = ExactBackend(method="products")
+    assert backend_name(make_machine("bbels", unlabelled_dataset, backend=exact)) == "exact: products"
+    indexed = make_machine("bbels", unlabelled_dataset, backend=TopKBackend(scoring="gathered", exact=exact))
+    assert backend_name(indexed) == "top-k (gathered scoring; exact: products)"
+
