@@ -9,7 +9,7 @@ from cli.options import DATA_DIR, OUTPUT_FOLDER, UserPath
 from patchdb.build import build_store
 from patchdb.data import load_dataset
 from patchdb.index import CLUSTER_SIZE, MIN_INDEXED_ENTRIES
-from patchdb.patches import PATCH_MACHINES
+from patchdb.patches import PATCH_MACHINES, check_patch_sizes
 from patchdb.scales import parse_patch_sizes
 from patchdb.store import PatchStore
 
@@ -38,10 +38,12 @@ def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster
     """Index a machine's patch dictionaries at every scale (HDF5 store + FAISS k-means clusters) into OUT."""
     logging.basicConfig(format="%(message)s")
     logging.getLogger("patchdb").setLevel(logging.INFO)
-    data = load_dataset(dataset, data_dir)
     if labels is not None and not conditional:
         raise click.UsageError("--labels selects classes of a --conditional store; add --conditional")
-    store = build_store(data, machine, parse_patch_sizes(scales), out, conditional=conditional,
+    patch_sizes = parse_patch_sizes(scales)
+    check_patch_sizes(patch_sizes, machine)  # before the data loads: every data set is loaded at one size
+    data = load_dataset(dataset, data_dir)
+    store = build_store(data, machine, patch_sizes, out, conditional=conditional,
                         labels=None if labels is None else _int_list(labels, "--labels"), cluster_size=cluster_size,
                         min_indexed_entries=min_indexed_entries, merge_duplicates=not keep_duplicates)
     click.echo(store.summary())

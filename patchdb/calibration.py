@@ -139,6 +139,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
         raise PatchdbError(f"machine {machine!r} has no patch size to calibrate: choose one of {', '.join(PATCH_MACHINES)}")
     if candidates is not None:
         candidates = check_candidates(candidates)
+        check_patch_sizes(candidates, machine)  # before the data loads: every data set is loaded at one size
     path = user_path(out, "--out") if out else user_path(run_dir, "--model") / "scales.json"
     check_schedule_path(path)
     # before the long run, so that an unusable or busy --out fails fast; the file alone, as train may hold its folder
@@ -147,7 +148,6 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
         if candidates is None:
             candidates = list(DEFAULT_CANDIDATES[network.config.architecture])
         dataset = load_training_data(run_dir, data_dir)
-        check_patch_sizes(candidates, machine, dataset.images.shape[1:])  # before the network's trajectories
         noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),
                                       dataset.classes if network.config.conditional else None)
         options = {} if memory_budget is None else {"memory_budget": memory_budget}

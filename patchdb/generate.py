@@ -189,9 +189,9 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     """The whole sample job: check the arguments, load data, sample, write config.out; returns run.json's content."""
     start = time.perf_counter()
     _check_config(config)
-    dataset = load_dataset(config.dataset, config.data_dir)
     scales = parse_scales(config.scales, config.steps, config.machine) if config.machine in PATCH_MACHINES else None
-    check_patch_sizes(scales or (), config.machine, dataset.images.shape[1:])
+    check_patch_sizes(scales or (), config.machine)  # before the data loads: every data set is loaded at one size
+    dataset = load_dataset(config.dataset, config.data_dir)
     noise, labels = _inputs(config, dataset)
     machine = make_machine(config.machine, dataset, dtype=DTYPES[config.dtype], device=config.device,
                            memory_budget=int(config.memory_budget_gib * GIB), **_backend_options(config, dataset, scales, labels))

@@ -113,9 +113,10 @@ def check_patch_size(patch_size: int, padding: str, height: int, width: int) -> 
                            f"(at {2 * max(height, width) - 1} each holds the whole image); use at most that")
 
 
-def check_patch_sizes(sizes, machine: str, image_shape: tuple[int, ...]) -> None:
+def check_patch_sizes(sizes, machine: str, image_shape: tuple[int, ...] = (1, IMAGE_SIZE, IMAGE_SIZE)) -> None:
     """check_patch_size for each of sizes with machine's padding on images of image_shape (C, H, W): before any work,
-    rather than at the first step that uses a size."""
+    rather than at the first step that uses a size. The default shape is the one every data set is loaded at
+    (patchdb.data.load_dataset), so that sizes can be checked before the data loads."""
     for size in sorted(set(sizes)):
         check_patch_size(size, padding_mode(machine), *image_shape[1:])
 

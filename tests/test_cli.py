@@ -373,3 +373,23 @@ def test_a_patch_size_too_large_for_the_images_is_refused_before_sampling(data_s
     assert result.exit_code == 1 and "patch size 65 is larger than a 32x32 image's patches" in result.output
     assert "sampling" not in result.output
 
+
+@pytest.mark.parametrize("command", [
+    ["sample", "--machine", "bbels", "--scales", "65", "--out", "{tmp}/out", "--dataset", "file:{tmp}/train.npz"],
+    ["build-index", "--machine", "ls", "--scales", "3,65", "--out", "{tmp}/store", "--dataset", "file:{tmp}/train.npz"],
+    ["calibrate", "--model", "{tmp}/run", "--machine", "bbels", "--candidates", "3,5,...,65"],
+], ids=["sample", "build-index", "calibrate"])
+def test_patch_sizes_too_large_for_zero_padding_are_refused_before_any_data_loads(command, tmp_path):
+    """65 fits circular padding on 32x32 images but not zero padding (63): named before the data (deleted here) is read."""
+    from patchdb.data import load_dataset
+    from patchdb.networks import NetworkConfig
+    from patchdb.training import TrainingConfig, train_network
+
+    np.savez(tmp_path / "train.npz", images=quantised_images(3, 4, 32).numpy())
+    spec = f"file:{tmp_path / 'train.npz'}"
+    train_network(tmp_path / "run", load_dataset(spec), spec, NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16),
+                  TrainingConfig(epochs=1, batch_size=4), show_progress=False)
+    (tmp_path / "train.npz").unlink()
+    result = CliRunner().invoke(main, [part.format(tmp=tmp_path) for part in command])
+    assert result.exit_code != 0 and "patch size 65 is larger than a 32x32 image's patches" in result.output, result.output
+    assert "Traceback" not in result.output
