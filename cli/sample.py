@@ -14,9 +14,6 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, AUTO_TOPK_DIMENSION, DEEPENING_FAC
                           DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, FALLBACKS, MAX_ESTIMATE_SAMPLES,
                           MIN_AUTO_TOPK)
 
-ESTIMATING_FALLBACKS = ("estimate", "auto")
-"""The --fallback values whose estimator reads --estimate-samples and --estimate-error."""
-
 
 @click.command("sample")
 @click.option("--dataset", "dataset", default=None, show_default="the embedded default, 1,000 Fashion-MNIST images",
@@ -76,11 +73,8 @@ def sample(dataset, data_dir, machine, scales, steps, num, seed, label, conditio
            memory_gb, exact_method, index, topk, tol, fallback, estimate_samples, estimate_error, exact_from_patch_size,
            out) -> None:
     """Sample N images from an analytic score machine with the deterministic DDIM sampler into OUT."""
-    given = [f"--{name.replace('_', '-')}" for name in ("estimate_samples", "estimate_error")
-             if click.get_current_context().get_parameter_source(name) is ParameterSource.COMMANDLINE]
-    if index is not None and fallback not in ESTIMATING_FALLBACKS and given:  # without --index, run_sample refuses them
-        raise click.UsageError(f"--fallback {fallback} does not estimate, so {' and '.join(given)} would be ignored: "
-                               f"drop {'them' if len(given) > 1 else 'it'}, or choose --fallback estimate or auto")
+    context = click.get_current_context()
+    given = {name for name in context.params if context.get_parameter_source(name) is ParameterSource.COMMANDLINE}
     config = SampleConfig(
         out=str(out), dataset=dataset, data_dir=None if data_dir is None else str(data_dir), machine=machine,
         scales=scales, steps=steps, num=num, seed=seed, label=label, conditional=conditional,
@@ -88,6 +82,6 @@ def sample(dataset, data_dir, machine, scales, steps, num, seed, label, conditio
         memory_budget_gib=memory_gb, index=None if index is None else str(index), topk=topk, tol=tol,
         fallback=fallback, estimate_samples=estimate_samples, estimate_error=estimate_error, exact_method=exact_method,
         exact_from_patch_size=exact_from_patch_size)
-    record = run_sample(config)
+    record = run_sample(config, given=given)
     click.echo(f"{record['num_samples']} samples, {len(record['seconds_per_step'])} steps of {machine} "
                f"on {record['data']['name']} ({record['data']['num_images']} images) in {record['total_seconds']:.1f} s -> {out}")

@@ -28,6 +28,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
@@ -48,8 +49,8 @@ from patchdb.sampler import sample_ddim
 from patchdb.scales import check_scale_spec, parse_scales, scale_at
 from patchdb.schedule import MAX_STEPS, full_steps, machine_steps
 from patchdb.store import PatchStore
-from patchdb.topk import (DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK, PATHS,
-                          TopKBackend)
+from patchdb.topk import (DEFAULT_ESTIMATE_ERROR, DEFAULT_ESTIMATE_SAMPLES, DEFAULT_FALLBACK, DEFAULT_TOL, DEFAULT_TOPK,
+                          ESTIMATING_FALLBACKS, PATHS, TopKBackend)
 
 DEFAULT_SCALES = "paper:fashion-mnist-resnet-zeros-conditional"
 RUN_FILE = "run.json"
@@ -185,10 +186,13 @@ def generate(machine: Machine, noise: torch.Tensor, scales: list[int] | None, nu
     return Generation(samples, recorder.last, recorder.seconds, recorder.reports, recorder.paths)
 
 
-def run_sample(config: SampleConfig, progress: bool = True) -> dict:
-    """The whole sample job: check the arguments, load data, sample, write config.out; returns run.json's content."""
+def run_sample(config: SampleConfig, progress: bool = True, given: Collection[str] = ()) -> dict:
+    """The whole sample job: check the arguments, load data, sample, write config.out; returns run.json's content.
+
+    given: the names of the config fields that the user set (a command line's options): an option the run would ignore
+    is refused where it is given, even at its default value, as where it differs from the default."""
     start = time.perf_counter()
-    _check_config(config)
+    _check_config(config, given)
     scales = parse_scales(config.scales, config.steps, config.machine) if config.machine in PATCH_MACHINES else None
     check_patch_sizes(scales or (), config.machine)  # before the data loads: every data set is loaded at one size
     dataset = load_dataset(config.dataset, config.data_dir)
@@ -286,7 +290,7 @@ def versions() -> dict[str, str | None]:
             "numpy": np.__version__, "faiss": faiss_version}
 
 
-def _check_config(config: SampleConfig) -> None:
+def _check_config(config: SampleConfig, given: Collection[str] = ()) -> None:
     if config.machine not in MACHINES:
         raise PatchdbError(f"unknown machine {config.machine!r}; choose one of {', '.join(MACHINES)}")
     if config.loop not in LOOPS:
@@ -298,6 +302,10 @@ def _check_config(config: SampleConfig) -> None:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise PatchdbError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     defaults = {field.name: field.default for field in fields(SampleConfig)}
+
+    def chosen(name: str) -> bool:
+        return name in given or getattr(config, name) != defaults[name]
+
     if config.label is not None and config.conditional:
         raise PatchdbError("--label L and --conditional exclude each other: give one class for all samples, "
                            "or draw one per sample")
@@ -306,7 +314,7 @@ def _check_config(config: SampleConfig) -> None:
     if not 2 <= config.steps <= MAX_STEPS:
         raise PatchdbError(f"--steps must lie in 2..{MAX_STEPS}, got {config.steps}")
     check_exact_method(config.exact_method)
-    if config.machine not in PATCH_MACHINES and config.exact_method != defaults["exact_method"]:
+    if config.machine not in PATCH_MACHINES and chosen("exact_method"):
         raise PatchdbError(f"--exact-method chooses how patches are scored, and the {config.machine} machine scores whole "
                            "images (matrix products, or FFT correlations for es): drop --exact-method")
     if config.exact_method == "fused" and not fused.available(torch.device(config.device)):
@@ -314,17 +322,23 @@ def _check_config(config: SampleConfig) -> None:
                            "choose --exact-method auto or products")
     if config.memory_budget_gib <= 0:
         raise PatchdbError(f"--memory-budget must be positive, got {config.memory_budget_gib} GiB")
-    if config.scales != defaults["scales"]:  # the default is no choice: IS and ES run with it
+    if chosen("scales"):  # the default is no choice: IS and ES run with it
         check_scale_spec(config.machine, config.scales)
-    if config.noise is not None and not config.conditional and config.seed != defaults["seed"]:
+    if config.noise is not None and not config.conditional and chosen("seed"):
         raise PatchdbError("--seed draws the starting noise (and, with --conditional, the classes), not the top-k "
                            "estimator's draws (fixed, so that a sample regenerated alone is the same image); with --noise "
                            "and no --conditional it would be ignored: drop --seed")
     if config.index is None:
-        ignored = [name for name in INDEX_OPTIONS if getattr(config, name) != defaults[name]]
+        ignored = [name for name in INDEX_OPTIONS if chosen(name)]
         if ignored:
             raise PatchdbError(f"without --index STORE the exact backend samples, and {', '.join(map(_option, ignored))} "
                                "(options of the top-k backend) would be ignored: add --index, or drop them")
+    elif config.fallback not in ESTIMATING_FALLBACKS:
+        ignored = [name for name in ("estimate_samples", "estimate_error") if chosen(name)]
+        if ignored:
+            raise PatchdbError(f"--fallback {config.fallback} does not estimate, so {' and '.join(map(_option, ignored))} "
+                               f"would be ignored: drop {'them' if len(ignored) > 1 else 'it'}, or choose --fallback "
+                               f"{' or '.join(ESTIMATING_FALLBACKS)}")
 
 
 INDEX_OPTIONS = ("topk", "tol", "fallback", "estimate_samples", "estimate_error", "exact_from_patch_size")

@@ -68,6 +68,8 @@ except ImportError:  # the extension was not compiled (no C compiler when instal
 PATHS = ("exact", "certified", "estimated", "truncated")
 """Path codes: the path a query took is PATHS[code]."""
 FALLBACKS = ("auto", "exact", "estimate", "none")
+ESTIMATING_FALLBACKS = ("estimate", "auto")
+"""The fallbacks whose estimator reads estimate_samples and estimate_error."""
 SCORINGS = ("compiled", "runs", "gathered")
 
 DEFAULT_TOPK = None

@@ -151,6 +151,11 @@ def test_noise_file_is_the_starting_noise(batch, data_specs, tmp_path):
     ("labelled", ["--machine", "es", "--exact-method", "products"], "drop --exact-method"),
     ("labelled", ["--exact-from-patch-size", "2"], "2 is even; patch sizes are odd"),
     ("labelled", ["--exact-from-patch-size", "99"], "99 is not in the range 1<=x<=65"),
+    # options the run would ignore are refused even where they are typed at their defaults
+    ("labelled", ["--tol", "0.01"], "the exact backend samples, and --tol (options of the top-k backend) would be ignored"),
+    ("labelled", ["--machine", "is", "--exact-method", "auto"], "drop --exact-method"),
+    ("labelled", ["--machine", "es", "--scales", "paper:fashion-mnist-resnet-zeros-conditional"], "--scales would be ignored"),
+    ("labelled", ["--noise", "BAD_NOISE", "--seed", "0"], "drop --seed"),
 ])
 def test_bad_input_is_a_message_not_a_traceback(data_specs, tmp_path, spec_key, options, message):
     np.save(tmp_path / "bad.npy", np.zeros((2, 1, 16, 16), np.float32))
@@ -337,7 +342,7 @@ def test_estimator_options_with_a_fallback_that_does_not_estimate_are_refused(da
                            (["--fallback", "exact", "--estimate-error", "0.1", "--estimate-samples", "5"],
                             "--estimate-samples and --estimate-error would")):
         result = sample(data_specs["labelled"], tmp_path / "out", "--num", "1", "--index", str(store), *options)
-        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert (f"Error: --fallback {options[1]} does not estimate, so {given} be ignored: drop") in result.output
         assert "or choose --fallback estimate or auto" in result.output and not (tmp_path / "out").exists()
     result = sample(data_specs["labelled"], tmp_path / "out", "--num", "1", "--index", str(store), "--fallback", "auto",
