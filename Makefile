@@ -17,11 +17,14 @@ DEMO_OUT := out/demo
 
 setup: $(STAMP)
 
-# torch is pinned and installed before the package so that pip takes the CPU build on disk;
-# an unpinned torch would pull a multi-GB CUDA build.
+# torch is pinned and installed before the package so that pip takes the CPU build on this project's machines' disk;
+# an unpinned torch would pull a multi-GB CUDA build. Elsewhere PyPI's torch for Linux x86_64 is a CUDA build
+# (what a GPU needs); for the CPU build there: make setup TORCH_PIP_OPTIONS='--index-url https://download.pytorch.org/whl/cpu'
+TORCH_PIP_OPTIONS ?=
+
 $(STAMP): setup.cfg setup.py pyproject.toml patchdb/_buffers.h patchdb/_exp2.h patchdb/_clusters.c patchdb/_clusters_kernel.h patchdb/_windows.c patchdb/_windows_isa.h patchdb/_windows_kernel.h
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
-	$(VENV_PYTHON) -m pip install torch==2.13.0
+	$(VENV_PYTHON) -m pip install $(TORCH_PIP_OPTIONS) torch==2.13.0
 	$(VENV_PYTHON) -m pip install -e '.[test]'
 	touch $@
 
