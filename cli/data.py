@@ -15,7 +15,7 @@ from patchdb.fetch import FETCHABLE, default_fetch_dir, fetch_dataset
     "--data-dir",
     type=UserPath(file_okay=False, writable=True),
     default=default_fetch_dir,
-    show_default=f"${DATA_ENV_VAR} or ~/.cache/patchdb/data",
+    show_default=f"${DATA_ENV_VAR}, else $XDG_CACHE_HOME/patchdb/data, by default ~/.cache/patchdb/data",
     help="Root folder of the data sets; the files go to DATA_DIR/NAME/.",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a download progress bar.")
