@@ -176,7 +176,9 @@ def check_run_schedule(path: Path, run_dir: Path, network: "NetworkScore", num_s
     if weights == network.weights_digest():
         return
     batches = training.get("batches_done") if isinstance(training, dict) else None
-    if isinstance(batches, int) and network.training is not None and batches != network.training.batches_done:
+    same_folder = isinstance(recorded.get("model"), str) and Path(recorded["model"]).resolve() == Path(run_dir).resolve()
+    if same_folder and isinstance(batches, int) and network.training is not None and \
+            batches != network.training.batches_done:
         raise PatchdbError(f"{path} was calibrated on {run_dir}'s network at batch {batches}, but the network has now "
                            f"trained {network.training.batches_done} batches; recalibrate it: `{command}` (or give "
                            f"--scales {path} to use the old schedule as it is)")
