@@ -69,7 +69,8 @@ class NetworkConfig:
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of times t (B,) in [0, 1]: (B, dim), cosines then sines of TIME_SCALE * t
-    at geometrically spaced frequencies from 1 down to 1/10000."""
+    at dim // 2 geometrically spaced frequencies 10000^(-k / (dim // 2)), k = 0, 1, ...: from 1 down to just above
+    1/10000."""
     half = dim // 2
     frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = TIME_SCALE * t.float()[:, None] * frequencies[None, :]

@@ -1,7 +1,7 @@
 """Figures of samples and of their patch-mosaic provenance.
 
 Functions build a ``matplotlib.figure.Figure`` drawn by the Agg canvas (no pyplot, no global
-backend switch) and return it; the caller saves it (``figure.savefig(path)``). Images are
+backend switch) and return it; the caller saves it (``patchdb.files.save_figure``, atomically). Images are
 (N, C, H, W) arrays with pixels in [-1, 1], C = 1 (grey) or 3 (RGB).
 """
 
