@@ -182,13 +182,14 @@ def _median_text(values: torch.Tensor) -> str:
 
 
 def plot_scatter(path: Path, machine_r: torch.Tensor, baseline_r: torch.Tensor, machine: str, baseline: str = "is") -> None:
-    """scatter.png: the machine's r against the baseline's r, one dot per seed (the paper's Fig. 10)."""
+    """scatter.png: the machine's r against the baseline's r, one dot per seed (the paper's Fig. 10; seeds where either
+    is undefined are left out)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(5, 5))
     axis = figure.subplots()
     axis.scatter(baseline_r.numpy(), machine_r.numpy(), s=12, alpha=0.7)
-    low = float(min(machine_r.min(), baseline_r.min(), 0.0))
+    low = min(float(torch.cat([machine_r, baseline_r]).nan_to_num(nan=0.0).min()), 0.0)
     axis.plot([low, 1], [low, 1], color="grey", lw=1, ls="--")
     axis.set(xlabel=f"{baseline.upper()} r (vs network)", ylabel=f"{machine} r (vs network)",
              title=f"median r: {machine} {_median_text(machine_r)}, {baseline.upper()} {_median_text(baseline_r)}",
@@ -203,12 +204,13 @@ PAIRS_PER_GROUP = 4
 
 def plot_pairs(path: Path, machine_images: torch.Tensor, network_images: torch.Tensor, machine_r: torch.Tensor,
                seeds: list[int], machine: str) -> None:
-    """pairs.png: machine | network side by side for the best, median and worst seeds by r."""
+    """pairs.png: machine | network side by side for the best, median and worst seeds by r (undefined r counts as the
+    worst)."""
     from matplotlib.figure import Figure
 
     from patchdb.plots import display_image
 
-    order = torch.argsort(machine_r, descending=True).tolist()
+    order = torch.argsort(machine_r.nan_to_num(nan=-math.inf), descending=True, stable=True).tolist()
     middle = max(0, len(order) // 2 - PAIRS_PER_GROUP // 2)
     chosen = list(dict.fromkeys(order[:PAIRS_PER_GROUP] + order[middle:middle + PAIRS_PER_GROUP] + order[-PAIRS_PER_GROUP:]))
     figure = Figure(figsize=(4 * 1.1, 1.2 * len(chosen) / 2 + 0.5))
@@ -222,7 +224,8 @@ def plot_pairs(path: Path, machine_images: torch.Tensor, network_images: torch.T
         for offset, (name, image) in enumerate(((machine, machine_images[index]), ("network", network_images[index]))):
             axis = axes[row, 2 * pair + offset]
             axis.imshow(display_image(image.float().numpy()), cmap="gray", vmin=0, vmax=1)
-            title = f"seed {seeds[index]} r={machine_r[index]:.2f}" if offset == 0 else name
+            r = _defined(machine_r[index])
+            title = (f"seed {seeds[index]} " + ("r undefined" if r is None else f"r={r:.2f}")) if offset == 0 else name
             axis.set_title(title, fontsize=6)
     figure.suptitle(f"{machine} | network: best, median and worst seeds", fontsize=8)
     figure.tight_layout()
@@ -389,7 +392,7 @@ def _compare(run_dir: str | os.PathLike, network: "NetworkScore", dataset: "Data
     # compare.json goes last: a folder without it holds a run interrupted while writing its files
     (out_dir / COMPARE_FILE).unlink(missing_ok=True)
     save_arrays(out_dir / "outputs.npz", {"noise": noise, "labels": labels, **result["images"]})
-    if "is" in stats:
+    if machine != "is":
         plot_scatter(out_dir / "scatter.png", stats[machine]["pearson_r"], stats["is"]["pearson_r"], machine)
     else:
         (out_dir / "scatter.png").unlink(missing_ok=True)

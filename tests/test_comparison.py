@@ -60,6 +60,17 @@ def test_summary_and_fraction_beating_the_baseline():
     assert summary["summary"]["bbels"]["pearson_r"]["median"] == pytest.approx(0.65)
 
 
+def test_plots_take_seeds_whose_r_is_undefined(tmp_path):
+    """A constant image's r is NaN: the scatter leaves it out, pairs.png shows it among the worst."""
+    from patchdb.comparison import plot_pairs, plot_scatter
+
+    nan = float("nan")
+    plot_scatter(tmp_path / "scatter.png", torch.tensor([0.9, nan, 0.5]), torch.tensor([0.5, 0.6, 0.4]), "bbels")
+    images = torch.zeros(4, 1, 8, 8)
+    plot_pairs(tmp_path / "pairs.png", images, images, torch.tensor([0.5, nan, 0.9, 0.1]), [0, 1, 2, 3], "bbels")
+    assert (tmp_path / "scatter.png").stat().st_size > 0 and (tmp_path / "pairs.png").stat().st_size > 0
+
+
 def test_undefined_statistics_are_counted_and_left_out():
     nan = float("nan")
     assert summarize([1.0, nan, 3.0]) == {"median": 2, "q1": 1.5, "q3": 2.5, "mean": 2, "min": 1, "max": 3,
@@ -171,6 +182,7 @@ def test_tiny_comparison_run_writes_every_output(tmp_path):
     assert not (tmp_path / "run" / "scales.json").exists()
     ideal = json.loads((tmp_path / "out-is" / "compare.json").read_text())
     assert set(ideal["summary"]) == {"is", "gaussian"} and "fraction_is_beats_is" not in ideal
+    assert not (tmp_path / "out-is" / "scatter.png").exists()  # IS against itself
     assert ideal["per_seed"][0]["pearson_r"]["is"] == pytest.approx(report["per_seed"][0]["pearson_r"]["is"])
 
 
