@@ -63,9 +63,9 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, AUTO_TOPK_DIMENSION, DEEPENING_FAC
                    f"before the pixel visits more clusters ({DEEPENING_FACTOR} times as many entries, "
                    f"at most {DEEPENING_ROUNDS} times).")
 @click.option("--exact-from-patch-size", type=PatchSize(), default=None,
-              help="With --index: leave the steps at this (odd) patch size and larger to the exact backend (its "
-                   "--exact-method: sliding windows on a CPU by default), where the posterior is broad and scoring the "
-                   "nearest clusters costs more (default: none).")
+              help="With --index: leave the steps at this (odd) patch size and larger to the exact backend's sliding "
+                   "windows (--device cpu, --exact-method auto or windows), where the posterior is broad and scoring "
+                   "the nearest clusters costs more (default: none).")
 @click.option("--out", type=OUTPUT_FOLDER, required=True,
               help="Output folder: samples.npy, noise.npy, [labels.npy], provenance.npz, grid.png, provenance.png, run.json, "
                    "[paths.npy].")

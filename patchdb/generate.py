@@ -261,22 +261,23 @@ def index_steps(generation: Generation, steps: list[int], scales: list[int], num
 
 def backend_name(machine: Machine) -> str:
     """How the machine scores. Whole images: 'exact: products' (IS) or 'exact: fft' (ES). The patch machines' plain
-    dictionaries: 'exact: windows (ISA)', 'exact: fused' or 'exact: products' (the same-location ones by products), or
-    with an index 'top-k (SCORING scoring; exact: ...)', SCORING one of patchdb.topk.SCORINGS and after it the exact
-    backend of its fallback and its small dictionaries."""
+    dictionaries: 'exact: windows (ISA)', 'exact: fused' or 'exact: products' (the same-location ones by products). With
+    an index: 'top-k (SCORING scoring; small dictionaries: exact METHOD[; P >= N: exact windows (ISA)])', SCORING one of
+    patchdb.topk.SCORINGS, METHOD the exact backend's for the dictionaries too small to index, and N the patch size
+    from which steps are left to the sliding windows (exact_from_patch_size)."""
     backend = getattr(machine, "backend", None)
     if backend is None:
         return "exact: fft" if machine.name == "es" else "exact: products"
+    device, dtype = machine.device, machine.dtype
     if isinstance(backend, TopKBackend):
-        return f"top-k ({backend.scoring_on(machine.device, machine.dtype)} scoring; {_exact_name(backend.exact, machine)})"
-    return _exact_name(backend, machine)
-
-
-def _exact_name(backend: ExactBackend, machine: Machine) -> str:
-    """'exact: windows (ISA)', 'exact: fused' or 'exact: products': how backend scores the machine's plain dictionaries."""
-    if backend.uses_windows(machine.device, machine.dtype):
+        parts = [f"{backend.scoring_on(device, dtype)} scoring",
+                 f"small dictionaries: exact {backend.exact.plain_method(device, dtype)}"]
+        if backend.exact_from_patch_size is not None:
+            parts.append(f"P >= {backend.exact_from_patch_size}: exact windows ({windows.best_isa()})")
+        return f"top-k ({'; '.join(parts)})"
+    if backend.uses_windows(device, dtype):
         return f"exact: windows ({windows.best_isa()})"
-    return f"exact: {backend.plain_method(machine.device, machine.dtype)}"
+    return f"exact: {backend.plain_method(device, dtype)}"
 
 
 def versions() -> dict[str, str | None]:
@@ -333,7 +334,13 @@ def _check_config(config: SampleConfig, given: Collection[str] = ()) -> None:
         if ignored:
             raise PatchdbError(f"without --index STORE the exact backend samples, and {', '.join(map(_option, ignored))} "
                                "(options of the top-k backend) would be ignored: add --index, or drop them")
-    elif config.fallback not in ESTIMATING_FALLBACKS:
+        return
+    if config.exact_from_patch_size is not None and \
+            not ExactBackend(method=config.exact_method).uses_windows(torch.device(config.device), DTYPES[config.dtype]):
+        raise PatchdbError("--exact-from-patch-size leaves steps to the exact backend's sliding windows, which need "
+                           "--device cpu, --exact-method auto or windows and patchdb's compiled kernel: drop "
+                           "--exact-from-patch-size, or choose those")
+    if config.fallback not in ESTIMATING_FALLBACKS:
         ignored = [name for name in ("estimate_samples", "estimate_error") if chosen(name)]
         if ignored:
             raise PatchdbError(f"--fallback {config.fallback} does not estimate, so {' and '.join(map(_option, ignored))} "

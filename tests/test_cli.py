@@ -248,7 +248,7 @@ def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["arguments"]["index"] == str(store) and len(record["index_steps"]) == 3
     scoring = default_scoring(torch.device("cpu"), torch.float32)
-    assert record["backend"].startswith(f"top-k ({scoring} scoring; exact: windows (")
+    assert record["backend"] == f"top-k ({scoring} scoring; small dictionaries: exact products)"
     for step in record["index_steps"]:
         assert (abs(sum(step["fraction_of_pixels"].values()) - 1) < 1e-9
                 and set(step["seconds"]) == {"search", "rescore", "estimate", "other"})
@@ -263,6 +263,8 @@ def test_build_index_info_and_indexed_sampling(data_specs, batch, tmp_path):
     assert np.allclose(np.load(left / "samples.npy"), np.load(batch / "samples.npy"), atol=1e-4)
     record = json.loads((left / "run.json").read_text())
     assert record["arguments"]["exact_from_patch_size"] == 3
+    assert record["backend"].startswith(f"top-k ({scoring} scoring; small dictionaries: exact products; P >= 3: exact "
+                                        "windows (")
     assert all(step["fraction_of_pixels"] == {"exact": 1.0} for step in record["index_steps"])
     # a store built for other data or another machine is refused with the reason
     mismatched = sample(data_specs["unlabelled"], tmp_path / "refused", "--index", str(store))

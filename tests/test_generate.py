@@ -136,6 +136,15 @@ def test_options_of_the_other_backend_are_refused_not_ignored(tiny_npz, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_steps_left_to_sliding_windows_that_cannot_slide_are_refused_before_any_work(tiny_npz, tmp_path):
+    """--exact-from-patch-size needs the sliding windows: with --exact-method products it is refused before the data
+    and the store (absent here) are read, not at the first step it leaves."""
+    config = SampleConfig(out=str(tmp_path / "run"), dataset=f"file:{tiny_npz}", machine="els", scales="3", steps=3, num=1,
+                          index=str(tmp_path / "absent-store"), exact_from_patch_size=3, exact_method="products")
+    with pytest.raises(PatchdbError, match="sliding windows, which need --device cpu, --exact-method auto or windows"):
+        run_sample(config, progress=False)
+
+
 @pytest.mark.parametrize("array, message", [
     (np.zeros((2, 1, 16, 16), np.float32), "shape"),
     (np.zeros((2, 32, 32), np.float32), "shape"),
@@ -220,5 +229,7 @@ def test_run_json_names_the_backend_that_scored(unlabelled_dataset):
     exact = ExactBackend(method="products")
     assert backend_name(make_machine("bbels", unlabelled_dataset, backend=exact)) == "exact: products"
     indexed = make_machine("bbels", unlabelled_dataset, backend=TopKBackend(scoring="gathered", exact=exact))
-    assert backend_name(indexed) == "top-k (gathered scoring; exact: products)"
+    assert backend_name(indexed) == "top-k (gathered scoring; small dictionaries: exact products)"
+    leaving = make_machine("bbels", unlabelled_dataset, backend=TopKBackend(scoring="runs", exact_from_patch_size=13))
+    assert backend_name(leaving).startswith("top-k (runs scoring; small dictionaries: exact products; P >= 13: exact windows (")
 
