@@ -13,7 +13,7 @@ from patchdb.scales import parse_size_list
               help="Run folder of a trained network (from `patchdb train`).")
 @click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels",
               help="Patch machine whose scale is calibrated (IS and ES have none).")
-@click.option("--candidates", default=None, show_default="3,5,...,17 for a ResNet, 3,5,...,27 for a UNet",
+@click.option("--candidates", default=None, show_default="3,5,...,19 for a ResNet, 3,5,...,27 for a UNet",
               help="Candidate patch sizes: '3,5,7' or '3,5,...,17'.")
 @click.option("--samples", type=SAMPLE_COUNTS, default=10, help="Reverse trajectories (noise seeds) to follow.")
 @click.option("--metric", type=click.Choice(METRICS), default="cos", help="Score agreement: cosine similarity or L2 distance.")
@@ -35,7 +35,7 @@ def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, da
                                  metric=metric, num_steps=num_steps, seed=seed, data_dir=data_dir, device=device,
                                  out=out, memory_budget=gib_to_bytes(memory_gb))
     click.echo(f"scales {result['scales']} (entry i at t = i/{num_steps}) -> {path}")
-    warning = largest_candidate_warning(result, num_steps)
+    warning = largest_candidate_warning(result, num_steps, machine)
     if warning is not None:
         click.echo(f"warning: {warning}", err=True)
 

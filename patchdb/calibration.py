@@ -37,11 +37,17 @@ SCALES_PLOT_SOFTWARE = "patchdb calibrate"
 """The Software text of a schedule's plot, by which calibrate knows the pictures it may replace."""
 METRICS = ("cos", "l2")
 CONVENTION = "entry i is the patch size at t = i/n"
-DEFAULT_CANDIDATES = {"resnet": tuple(range(3, 18, 2)), "unet": tuple(range(3, 28, 2))}
-"""Candidate patch sizes by network architecture: the authors' calibrated schedules reach 17 for ResNets and 27 for
-UNets (paper-scales.json)."""
 DEFAULT_SEED = 1000
 """Calibration noise seeds start here, clear of comparison seeds 0-999."""
+
+
+def default_candidates(architecture: str) -> list[int]:
+    """The candidate patch sizes for a network architecture ('resnet' or 'unet'): 3, 5, ..., the largest scale of the
+    authors' calibrated schedules for that architecture (paper-scales.json: 19 for ResNets, 27 for UNets)."""
+    from patchdb.scales import paper_scales
+
+    largest = max(max(schedule) for key, schedule in paper_scales().items() if f"-{architecture}-" in f"{key}-")
+    return list(range(3, largest + 1, 2))
 
 
 def score_similarity(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
@@ -110,16 +116,18 @@ def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tens
             "at_largest_candidate": at_largest}
 
 
-def largest_candidate_warning(result: dict, num_steps: int) -> str | None:
-    """A warning where calibrate_scales' result takes its largest candidate at some step (the network may be less
-    local there than any candidate, so the schedule is capped), else None."""
+def largest_candidate_warning(result: dict, num_steps: int, machine: str) -> str | None:
+    """A warning where calibrate_scales' result for the machine takes its largest candidate at some step (the network
+    may be less local there than any candidate, so the schedule is capped) and a larger one exists, else None."""
+    from patchdb.patches import largest_patch_size, padding_mode
+
     steps = result["at_largest_candidate"]
-    if not steps:
+    largest, limit = (result["scales"][steps[0]] if steps else None), largest_patch_size(padding_mode(machine))
+    if largest is None or largest >= limit:
         return None
-    largest = result["scales"][steps[0]]
     times = ", ".join(f"{i / num_steps:g}" for i in sorted(steps, reverse=True))
     return (f"the schedule takes the largest candidate, {largest}, at t = {times}: the network may be less local "
-            f"there than any candidate; calibrate with larger --candidates (e.g. 3,5,...,{largest + 10})")
+            f"there than any candidate; calibrate with larger --candidates (e.g. 3,5,...,{min(largest + 10, limit)})")
 
 
 def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candidates: Sequence[int] | None = None,
@@ -128,7 +136,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
                   memory_budget: int | None = None, show_progress: bool = True) -> tuple[Path, dict]:
     """Calibrate a machine over a run's own training images to the run's network; write scales.json
     (default RUN_DIR/scales.json) and scales.png. Sample k's noise and label come from seed + k.
-    candidates: None for the network architecture's DEFAULT_CANDIDATES.
+    candidates: None for the network architecture's default_candidates.
     memory_budget: the machine's memory bound in bytes (None: its default)."""
     from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine
@@ -146,7 +154,7 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     with folder_lock(path.parent, path.name):
         network = load_network(run_dir, device)
         if candidates is None:
-            candidates = list(DEFAULT_CANDIDATES[network.config.architecture])
+            candidates = default_candidates(network.config.architecture)
         dataset = load_training_data(run_dir, data_dir)
         noise, labels = seeded_inputs(seed, samples, tuple(dataset.images.shape[1:]),
                                       dataset.classes if network.config.conditional else None)

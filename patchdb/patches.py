@@ -97,20 +97,28 @@ def extract_patches(images: torch.Tensor, patch_size: int, padding: str, pixels:
     return gather_patches(patch_windows(images, patch_size, padding), pixels)
 
 
-MAX_PATCH_SIZE = 2 * IMAGE_SIZE + 1
+def largest_patch_size(padding: str, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE) -> int:
+    """The largest patch size that check_patch_size lets through on height x width images with padding: circular
+    patches may wrap once around the image; zero-padded ones hold the whole image at every pixel from 2 * side - 1 on,
+    and a larger one would only add zeros to every patch."""
+    return 2 * min(height, width) + 1 if padding == "circular" else 2 * max(height, width) - 1
+
+
+MAX_PATCH_SIZE = largest_patch_size("circular")
 """The largest patch size that check_patch_size lets through on the IMAGE_SIZE x IMAGE_SIZE images every data set is
 loaded as (circular padding; zero padding stops at 2 * IMAGE_SIZE - 1)."""
 
 
 def check_patch_size(patch_size: int, padding: str, height: int, width: int) -> None:
     """PatchdbError where patches of patch_size cannot be cut from height x width images with padding."""
-    if padding == "circular" and patch_size > 2 * min(height, width) + 1:
+    largest = largest_patch_size(padding, height, width)
+    if patch_size <= largest:
+        return
+    if padding == "circular":
         raise PatchdbError(f"patch size {patch_size} wraps more than once around a {height}x{width} image; "
-                           f"circular patches can be at most {2 * min(height, width) + 1} wide")
-    if padding == "zeros" and patch_size > 2 * max(height, width) - 1:
-        # every pixel's patch holds the whole image from 2 * side - 1 on: a larger one only adds zeros to every patch
-        raise PatchdbError(f"patch size {patch_size} is larger than a {height}x{width} image's patches can usefully be "
-                           f"(at {2 * max(height, width) - 1} each holds the whole image); use at most that")
+                           f"circular patches can be at most {largest} wide")
+    raise PatchdbError(f"patch size {patch_size} is larger than a {height}x{width} image's patches can usefully be "
+                       f"(at {largest} each holds the whole image); use at most that")
 
 
 def check_patch_sizes(sizes, machine: str, image_shape: tuple[int, ...] = (1, IMAGE_SIZE, IMAGE_SIZE)) -> None:

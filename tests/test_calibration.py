@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def test_calibration_recovers_the_schedule_at_the_index_it_was_used(metric, cond
     assert result["scales"][0] == KNOWN[1]
     assert all(sizes == [KNOWN[i]] * 3 for i, sizes in enumerate(result["per_sample"]) if i > 0)
     assert result["at_largest_candidate"] == [3]  # KNOWN takes the largest candidate, 7, at t = 3/6 only
-    assert "largest candidate, 7, at t = 0.5:" in largest_candidate_warning(result, NUM_STEPS)
+    assert "largest candidate, 7, at t = 0.5:" in largest_candidate_warning(result, NUM_STEPS, "els")
 
 
 def test_median_similarity_of_an_even_number_of_samples_averages_the_middle_two(monkeypatch):
@@ -58,15 +59,19 @@ def test_median_similarity_of_an_even_number_of_samples_averages_the_middle_two(
     assert result["similarity"] == [[0.5, 0.5]] * NUM_STEPS
 
 
-def test_no_warning_below_the_largest_candidate():
-    result = {"scales": KNOWN, "at_largest_candidate": []}
-    assert largest_candidate_warning(result, NUM_STEPS) is None
+def test_no_warning_below_the_largest_candidate_nor_at_the_largest_patch_size():
+    assert largest_candidate_warning({"scales": KNOWN, "at_largest_candidate": []}, NUM_STEPS, "els") is None
+    at_63 = {"scales": [63] * 3, "at_largest_candidate": [1, 2]}
+    assert largest_candidate_warning(at_63, 3, "bbels") is None  # zero-padded patches stop at 63 on 32x32 images
+    assert largest_candidate_warning(at_63, 3, "els").endswith("(e.g. 3,5,...,65)")  # circular ones at 65
 
 
-@pytest.mark.parametrize("architecture, largest", [("resnet", 17), ("unet", 27)])
+@pytest.mark.parametrize("architecture, largest", [("resnet", 19), ("unet", 27)])
 def test_default_candidates_reach_the_architectures_largest_published_scale(tmp_path, architecture, largest):
-    """The authors' calibrated schedules reach 17 for ResNets and 27 for UNets: a default that stopped short would cap
-    them."""
+    """The authors' calibrated schedules reach 19 for ResNets (CelebA) and 27 for UNets: a default that stopped short
+    would cap them."""
+    published = json.loads((Path(__file__).parents[1] / "patchdb" / "resources" / "paper-scales.json").read_text())
+    assert largest == max(max(schedule) for key, schedule in published["scales"].items() if f"-{architecture}-" in key)
     from click.testing import CliRunner
     from cli.main import main
     from patchdb.networks import NetworkConfig
