@@ -36,3 +36,6 @@ main.add_command(calibrate)
 main.add_command(compare)
 main.add_command(build_index)
 main.add_command(info)
+
+if __name__ == "__main__":  # python -m cli.main
+    main()

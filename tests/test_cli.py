@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import click
 import numpy as np
@@ -400,3 +401,13 @@ def test_patch_sizes_too_large_for_zero_padding_are_refused_before_any_data_load
     result = CliRunner().invoke(main, [part.format(tmp=tmp_path) for part in command])
     assert result.exit_code != 0 and "patch size 65 is larger than a 32x32 image's patches" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("module", ["cli", "cli.main"])
+def test_the_command_runs_as_a_module_from_a_checkout(module):
+    """`python -m cli` (and `python -m cli.main`) is the patchdb command, not a silent no-op."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", module, "info", "--help"], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 0 and "Usage:" in result.stdout and "--verify" in result.stdout, result.stderr
