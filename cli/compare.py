@@ -54,7 +54,7 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
     summary = report["summary"]
     for name, values in summary.items():
         r = values["pearson_r"]
-        click.echo(f"{name:>9}: median r {_shown(r['median'])} (quartiles {_shown(r['q1'])}-{_shown(r['q3'])}), "
+        click.echo(f"{name:>9}: median r {_shown(r['median'])} (quartiles {_shown(r['q1'])} to {_shown(r['q3'])}), "
                    f"median R^2 {_shown(values['r_squared']['median'])}, median MSE {_shown(values['mse']['median'], 4)}"
                    + (f" ({r['undefined']} seeds of constant images have no r)" if r["undefined"] else ""))
     fraction = report.get(f"fraction_{machine}_beats_is")

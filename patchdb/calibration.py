@@ -184,12 +184,12 @@ def check_run_schedule(path: Path, run_dir: Path, network: "NetworkScore", num_s
     if weights == network.weights_digest():
         return
     batches = training.get("batches_done") if isinstance(training, dict) else None
-    same_folder = isinstance(recorded.get("model"), str) and Path(recorded["model"]).resolve() == Path(run_dir).resolve()
-    if same_folder and isinstance(batches, int) and network.training is not None and \
-            batches != network.training.batches_done:
-        raise PatchdbError(f"{path} was calibrated on {run_dir}'s network at batch {batches}, but the network has now "
-                           f"trained {network.training.batches_done} batches; recalibrate it: `{command}` (or give "
-                           f"--scales {path} to use the old schedule as it is)")
+    if isinstance(batches, int) and network.training is not None and batches != network.training.batches_done:
+        # the weights alone cannot tell this network trained further (or a copy of it) from another network
+        raise PatchdbError(f"{path} was calibrated on other weights than {run_dir}'s network has now: on the network of "
+                           f"{recorded.get('model')} at batch {batches}, while this one has trained "
+                           f"{network.training.batches_done} batches (this network before it trained further, or another "
+                           f"one); recalibrate it: `{command}` (or give --scales {path} to use it as it is)")
     raise PatchdbError(f"{path} was calibrated on another network than {run_dir}'s (recorded: {recorded.get('model')}); "
                        f"calibrate this run: `{command}`")
 

@@ -294,11 +294,12 @@ def test_a_calibrated_schedule_of_another_network_or_of_fewer_batches_is_refused
     assert result.exit_code == 1, result.output
     assert f"was calibrated on another network than {tmp_path / 'other'}'s (recorded: {tmp_path / 'run'}); calibrate " \
            f"this run: `patchdb calibrate --model {tmp_path / 'other'} --machine bbels --steps 2`" in result.output
-    # still another network's once this one has trained more batches than that one had: not "trained further"
+    # once this one has trained more batches than that one had, the message names both possibilities
     train_network(tmp_path / "other", dataset, spec, network_config, TrainingConfig(epochs=2, batch_size=8, seed=1),
                   show_progress=False)
     result = runner.invoke(main, [*compare, "--model", str(tmp_path / "other")])
-    assert result.exit_code == 1 and f"was calibrated on another network than {tmp_path / 'other'}'s" in result.output
+    assert result.exit_code == 1 and f"on the network of {tmp_path / 'run'} at batch 1, while this one has trained 2 " \
+        "batches (this network before it trained further, or another one)" in result.output
     assert runner.invoke(main, calibrate).exit_code == 0
     shutil.copytree(tmp_path / "run", tmp_path / "renamed")  # the same weights: the schedule is still theirs
     assert runner.invoke(main, [*compare, "--model", str(tmp_path / "renamed")]).exit_code == 0
@@ -306,8 +307,8 @@ def test_a_calibrated_schedule_of_another_network_or_of_fewer_batches_is_refused
     (tmp_path / "out" / "compare.json").unlink()
     result = runner.invoke(main, [*compare, "--model", str(tmp_path / "run")])
     assert result.exit_code == 1, result.output
-    assert "network at batch 1, but the network has now trained 2 batches; recalibrate it: `patchdb calibrate --model" \
-        in result.output
+    assert "at batch 1, while this one has trained 2 batches (this network before it trained further, or another one); " \
+        "recalibrate it: `patchdb calibrate --model" in result.output
     assert not (tmp_path / "out" / "compare.json").exists()
     result = runner.invoke(main, [*compare, "--model", str(tmp_path / "run"), "--scales", str(tmp_path / "run" / "scales.json")])
     assert result.exit_code == 0, result.output
