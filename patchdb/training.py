@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from patchdb.data import (DEFAULT_SPEC, Dataset, is_default_spec, load_dataset, make_dataset, portable_spec, spec_file,
                           user_cache_data_dir)
-from patchdb.errors import PatchdbError, check_readable
+from patchdb.errors import PatchdbError, check_readable, user_path
 from patchdb.files import atomic_path, folder_lock, save_figure, write_json
 from patchdb.networks import NetworkConfig, NetworkScore, build_network
 from patchdb.schedule import alpha_bar_tensor
@@ -381,21 +381,21 @@ def model_cache_dir() -> Path:
     """Where `--model resnet|unet` runs live: $PATCHDB_CACHE/models, else beside the data cache
     ($XDG_CACHE_HOME/patchdb/models, by default ~/.cache/patchdb/models)."""
     root = os.environ.get(CACHE_ENV_VAR)
-    return (Path(root) if root else user_cache_data_dir().parent) / "models"
+    return (user_path(root, f"${CACHE_ENV_VAR}") if root else user_cache_data_dir().parent) / "models"
 
 
-def cached_run_dir(architecture: str, dataset: Dataset, *, padding: str = "zeros", conditional: bool = False,
-                   preset: str = "cpu") -> Path:
-    """The cache folder of the project's network for this architecture, data set and setting. Its name ends in a digest
-    of the preset's configs and of the network's weight names and shapes, so that a network cached under an earlier
-    version of the preset (another width, say) or of the architecture is neither taken for this one nor resumed."""
-    network, training = preset_configs(preset, architecture, dataset, padding=padding, conditional=conditional)
+def cached_run_dir(architecture: str, dataset: Dataset, *, padding: str = "zeros", conditional: bool = False) -> Path:
+    """The cache folder of the project's network (cpu preset) for this architecture, data set and setting. Its name ends
+    in a digest of the preset's configs and of the network's weight names and shapes, so that a network cached under an
+    earlier version of the preset (another width, say) or of the architecture is neither taken for this one nor
+    resumed."""
+    network, training = preset_configs("cpu", architecture, dataset, padding=padding, conditional=conditional)
     weight_shapes = {name: list(weight.shape) for name, weight in build_network(network).state_dict().items()}
     configs = json.dumps([dataclasses.asdict(network), dataclasses.asdict(training), weight_shapes], sort_keys=True)
     digest = hashlib.sha256(configs.encode()).hexdigest()[:8]
     kind = "conditional" if conditional else "unconditional"
     safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset.name)
-    return model_cache_dir() / f"{architecture}-{safe_name}-{dataset.fingerprint[:12]}-{padding}-{kind}-{preset}-{digest}"
+    return model_cache_dir() / f"{architecture}-{safe_name}-{dataset.fingerprint[:12]}-{padding}-{kind}-cpu-{digest}"
 
 
 def plot_losses(path: Path, batch_losses: list[float], batches_per_epoch: int) -> None:

@@ -308,6 +308,14 @@ def test_a_checkpoint_without_its_config_is_a_damaged_folder_not_an_untrained_on
     assert result.exit_code == 1 and message in result.output and "`patchdb train --out" not in result.output, result.output
 
 
+def test_the_model_cache_expands_a_tilde_like_every_other_path(monkeypatch, tmp_path):
+    from patchdb.training import model_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PATCHDB_CACHE", "~/cache")
+    assert model_cache_dir() == tmp_path / "cache" / "models"
+
+
 def test_the_cache_folder_of_a_preset_network_changes_with_the_preset(monkeypatch, tmp_path):
     """A network cached under an earlier version of the cpu preset is neither used nor resumed as this one."""
     monkeypatch.setenv("PATCHDB_CACHE", str(tmp_path))
