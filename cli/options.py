@@ -97,7 +97,7 @@ class ScaleSpec(click.ParamType):
 
 
 DATA_DIR = click.option("--data-dir", type=UserPath(file_okay=False), default=None,
-                        help="Root folder of named data sets (else $PATCHDB_DATA and system folders).")
+                        help="Root folder of named data sets (else $PATCHDB_DATA, patchdb's cache and system folders).")
 """--data-dir: where named data sets are looked for first."""
 
 

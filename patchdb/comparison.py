@@ -294,8 +294,8 @@ def compare_model(model: str, out_dir: str | os.PathLike, *, dataset_spec: str |
                   announce: Callable[[str], None] | None = None,
                   on_run: "Callable[[Path, TrainingProgress], None] | None" = None, **options) -> dict:
     """`patchdb compare`: the run that model names (resolve_model; trained first where asked), its machine's schedule
-    (comparison_scales; calibrated first where missing) and their comparison (run_comparison, whose other options
-    options holds), with out_dir locked throughout, so that a folder another command is writing to is refused before
+    (comparison_scales; calibrated first where missing) and their comparison (as run_comparison's, with its other
+    options in options), with out_dir locked throughout, so that a folder another command is writing to is refused before
     any training or calibration. The network is loaded once: the schedule is checked against the weights compared.
     on_run(run_dir, progress) is called once the run is found. The held-out images of single_step are checked before
     any calibration. Returns the content of compare.json."""

@@ -102,7 +102,8 @@ SOURCES: dict[str, tuple[RemoteFile, ...]] = {
 
 
 def default_fetch_dir() -> Path:
-    """Where fetch-data writes by default: $PATCHDB_DATA if set, else ~/.cache/patchdb/data."""
+    """Where fetch-data writes by default: $PATCHDB_DATA if set, else $XDG_CACHE_HOME/patchdb/data (by default
+    ~/.cache/patchdb/data)."""
     return user_path(os.environ[DATA_ENV_VAR], f"${DATA_ENV_VAR}") if os.environ.get(DATA_ENV_VAR) else user_cache_data_dir()
 
 

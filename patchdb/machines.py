@@ -296,7 +296,7 @@ class PatchMachine(Machine):
         exact backend where it slides windows on x's device and dtype, or the top-k backend's at the patch sizes it
         leaves to it (TopKBackend.exact_from_patch_size), which need the windows."""
         if isinstance(self.backend, ExactBackend):
-            return self.backend if self.store is None and self.backend.uses_windows(x.device, x.dtype) else None
+            return self.backend if self.backend.uses_windows(x.device, x.dtype) else None  # no store: __init__ refuses one
         if not (isinstance(self.backend, TopKBackend) and self.backend.leaves_to_exact(patch_size)):
             return None
         if not self.backend.exact.uses_windows(x.device, x.dtype):

@@ -2,7 +2,7 @@
 
 A store is a folder:
 
-- ``store.h5``: metadata (attributes, see StoreSettings and BUILD_ATTRIBUTES) and the preprocessed
+- ``store.h5``: metadata (the ``settings`` attribute: StoreSettings as JSON) and the preprocessed
   training images (N, C, H, W) float32 (plus labels). Patches are not stored (C * P * P floats per entry,
   tens of GB at 60,000 images): a run gathers them from its own training images, which must have the
   store's fingerprint, and PatchStore.faiss_index from the images kept here.
