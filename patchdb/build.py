@@ -26,8 +26,8 @@ from patchdb.index import (CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_
                            number_of_clusters)
 from patchdb.patches import (PATCH_MACHINES, check_patch_sizes, dictionary_groups, gather_patches, gather_sources, padding_mode,
                              patch_windows)
-from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, differing_settings,
-                           read_settings, scale_file, scale_mismatch, write_scale, write_settings)
+from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, read_settings,
+                           scale_file, scale_mismatch, settings_differences, write_scale, write_settings)
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,14 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
     with folder_lock(out, outputs=outputs) as out:  # held for the whole build, so that no other command writes there meanwhile
         if (out / STORE_FILE).exists():
             existing = read_settings(out)
-            changed = differing_settings(settings, existing)
-            if changed:
-                raise PatchdbError(f"{out} holds a store built with other settings ({', '.join(changed)} differ); "
+            differences = settings_differences(settings, existing)
+            if differences is not None:
+                raise PatchdbError(f"{out} holds a store built with other settings ({differences}); "
                                    f"choose another --out, or delete {out} to rebuild it")
             settings = existing  # the same build, its data perhaps named otherwise: its scale files carry the stored settings
         else:
             write_settings(out, settings, dataset)
-        for temporary in out.glob(".*.tmp"):
+        for temporary in (path for name in outputs for path in out.glob(f".{name}.*.tmp")):  # this build's files only
             writer = temporary_writer(temporary)
             if writer is not None and not _process_alive(writer):  # left by a build that was killed outright
                 temporary.unlink(missing_ok=True)

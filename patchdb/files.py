@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,9 +192,38 @@ def _removed_unheld(path: Path, target: Path, option: str) -> bool:
 def _held_error(descriptor: int, target: Path, option: str) -> PatchdbError:
     """The PatchdbError refusing target, whose lock file (open at descriptor) another command holds: it names that
     command's process id."""
-    holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
-    return PatchdbError(f"another patchdb command is writing to {target} (pid {holder}); wait for it or choose "
-                        f"another {option}")
+    return PatchdbError(f"another patchdb command is writing to {target} (pid {_holder(descriptor)}); wait for it or "
+                        f"choose another {option}")
+
+
+def _holder(descriptor: int) -> str:
+    """The process id in a held lock file open at descriptor. Its holder writes it just after taking the lock, so an
+    empty file is read again for up to 0.1 s before the id is 'unknown'."""
+    for _ in range(10):
+        text = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.01)
+    return "unknown"
+
+
+def lock_holder(folder: "str | os.PathLike") -> str | None:
+    """The process id of the command that holds folder's lock (folder_lock), or None where no command holds it."""
+    if fcntl is None:
+        return None
+    try:
+        descriptor = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at the close: only a probe
+    except BlockingIOError:
+        return _holder(descriptor)
+    except OSError:  # a file system without locks
+        return None
+    finally:
+        os.close(descriptor)
+    return None
 
 
 def _same_file(descriptor: int, path: Path) -> bool:

@@ -47,7 +47,7 @@ import patchdb
 from patchdb.data import Dataset, make_dataset
 from patchdb.engine import PatchDictionary
 from patchdb.errors import PatchdbError, check_readable
-from patchdb.files import atomic_path
+from patchdb.files import atomic_path, lock_holder
 from patchdb.index import (ClusteredDictionary, EntryClusters, GatheredEntries, PatchCounts, cluster_log_mass, squared_norm_maps,
                            take_entries)
 from patchdb.patches import DictionaryGroup, centre_indices, dictionary_groups, patch_windows
@@ -103,6 +103,11 @@ def atomic_h5(path: Path) -> Iterator[h5py.File]:
         yield file
 
 
+H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
+"""What h5py and the readers of a store raise on a damaged or foreign file (RuntimeError: broken HDF5 metadata, such as
+'bad local heap signature'; TypeError: an attribute of another type)."""
+
+
 def _settings_json(settings: StoreSettings) -> str:
     return json.dumps(asdict(settings))
 
@@ -129,8 +134,10 @@ def read_settings(store: Path) -> StoreSettings:
         with h5py.File(path, "r") as file:
             raw = json.loads(file.attrs["settings"])
         version = raw.get("format_version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise ValueError(f"its format_version is {version!r}")
         settings = _settings_from(raw) if version == FORMAT_VERSION else None
-    except (OSError, KeyError, ValueError, AttributeError) as error:
+    except (*H5_ERRORS, AttributeError) as error:
         raise PatchdbError(f"{path} is corrupt or not a patchdb store ({error}); delete {store} and build it again") from None
     if settings is None:
         raise PatchdbError(f"{store} has store format {version}, this patchdb reads format {FORMAT_VERSION}; "
@@ -139,20 +146,30 @@ def read_settings(store: Path) -> StoreSettings:
 
 
 def _settings_from(raw: dict) -> StoreSettings:
-    """StoreSettings from their JSON object; ValueError when it is not one of them."""
+    """StoreSettings from their JSON object; ValueError when it is not one of them (a missing, extra or mistyped value)."""
     try:
         raw = {**raw, "image_shape": tuple(raw["image_shape"]), "scales": tuple(raw["scales"])}
         raw["labels"] = None if raw["labels"] is None else tuple(raw["labels"])
-        return StoreSettings(**raw)
+        settings = StoreSettings(**raw)
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"its settings are damaged: {error!r}") from None
+    integers = (settings.num_images, settings.cluster_size, settings.min_indexed_entries, settings.format_version,
+                *settings.image_shape, *settings.scales, *(settings.labels or ()))
+    texts = (settings.fingerprint, settings.dataset, settings.machine, settings.padding, settings.preprocessing,
+             settings.patchdb_version)
+    if not (all(isinstance(value, int) and not isinstance(value, bool) for value in integers)
+            and all(isinstance(value, str) for value in texts) and isinstance(settings.merge_duplicates, bool)):
+        raise ValueError("its settings are damaged: a value of the wrong type")
+    return settings
 
 
-def differing_settings(settings: StoreSettings, other: StoreSettings) -> list[str]:
-    """The names of the settings in which other differs from settings (the data set's spec only where the data
-    differ: the same images, by fingerprint, may be named in several ways)."""
-    return [name for name in differing_keys(vars(settings), vars(other))
-            if not (name == "dataset" and other.fingerprint == settings.fingerprint)]
+def settings_differences(asked: StoreSettings, stored: StoreSettings) -> str | None:
+    """How the stored settings differ from those asked for, e.g. "scales (3, 5) stored, (3, 5, 7) asked", or None
+    where they do not (the data set's spec only where the data differ: the same images, by fingerprint, may be named
+    in several ways)."""
+    names = [name for name in differing_keys(vars(asked), vars(stored))
+             if not (name == "dataset" and stored.fingerprint == asked.fingerprint)]
+    return "; ".join(f"{name} {getattr(stored, name)!r} stored, {getattr(asked, name)!r} asked" for name in names) or None
 
 
 def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str | None:
@@ -163,12 +180,12 @@ def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str
         with h5py.File(path, "r") as file:
             built = _settings_from(json.loads(file.attrs["settings"]))
             written_size = int(file.attrs["patch_size"])
-    except (OSError, KeyError, TypeError, ValueError) as error:
+    except H5_ERRORS as error:
         return f"{path.name} is corrupt or from an older patchdb ({error})"
     if written_size != patch_size:
         return f"{path.name} holds patch size {written_size}, not {patch_size} (a renamed file)"
-    changed = differing_settings(settings, built)
-    return f"{path.name} was built with other settings ({', '.join(changed)} differ)" if changed else None
+    differences = settings_differences(settings, built)
+    return None if differences is None else f"{path.name} was built with other settings ({differences})"
 
 
 @dataclass
@@ -211,11 +228,18 @@ class PatchStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.settings = read_settings(self.path)
-        missing = [size for size in self.settings.scales if not scale_file(self.path, size).is_file()]
-        if missing:
-            raise PatchdbError(f"the store {self.path} is incomplete: patch sizes {missing} were never written (the build "
-                               f"was interrupted); rerun the same `patchdb build-index` command to resume it")
+        try:
+            self.settings = read_settings(self.path)
+            missing = [size for size in self.settings.scales if not scale_file(self.path, size).is_file()]
+            if missing:
+                raise PatchdbError(f"the store {self.path} is incomplete: patch sizes {missing} were never written (the "
+                                   f"build was interrupted); rerun the same `patchdb build-index` command to resume it")
+        except PatchdbError:
+            holder = lock_holder(self.path)  # a build in progress: not interrupted, not to be resumed
+            if holder is None:
+                raise
+            raise PatchdbError(f"the store {self.path} is being written by another patchdb command (pid {holder}), which "
+                               "holds its folder; wait for it to finish") from None
         mismatched = [problem for size in self.settings.scales if (problem := scale_mismatch(self.path, size, self.settings))]
         if mismatched:
             raise PatchdbError(f"the store {self.path} mixes builds: {'; '.join(mismatched)}; rerun the `patchdb "
@@ -272,7 +296,7 @@ class PatchStore:
                     in_memory = "offsets" not in node or held + node["sources"].shape[0] * patch_bytes <= memory_budget
                     held += node["sources"].shape[0] * patch_bytes if in_memory else 0
                     loaded.append(_read_dictionary(node, windows, norm_maps, centre, in_memory))
-        except (OSError, KeyError, ValueError) as error:  # ValueError: a file too short for what it maps
+        except H5_ERRORS as error:  # ValueError: also a file too short for what it maps
             raise PatchdbError(f"{scale_file(self.path, patch_size)} is corrupt or lacks a dictionary ({error}); "
                                f"delete it and rerun `patchdb build-index` to rebuild that scale") from None
         return loaded
@@ -280,9 +304,13 @@ class PatchStore:
     def training_data(self) -> Dataset:
         """The preprocessed training images and labels the store was built from (kept in store.h5)."""
         path = self.path / STORE_FILE
-        with h5py.File(path, "r") as file:
-            dataset = make_dataset(torch.from_numpy(file["images"][...]),
-                                   torch.from_numpy(file["labels"][...]) if "labels" in file else None, self.settings.dataset)
+        try:
+            with h5py.File(path, "r") as file:
+                dataset = make_dataset(torch.from_numpy(file["images"][...]),
+                                       torch.from_numpy(file["labels"][...]) if "labels" in file else None,
+                                       self.settings.dataset)
+        except (*H5_ERRORS, PatchdbError) as error:  # PatchdbError: images or labels that are not a data set's
+            raise PatchdbError(f"the images in {path} are damaged ({error}); delete {self.path} and build it again") from None
         if dataset.fingerprint != self.settings.fingerprint:
             raise PatchdbError(f"the images in {path} do not have the store's fingerprint: the file is damaged; "
                                f"delete {self.path} and build it again")
@@ -345,7 +373,7 @@ class PatchStore:
                     nodes = []
                     file.visititems(lambda name, node: nodes.append(node) if _is_dictionary(node) else None)
                     problems = [problem for node in nodes for problem in _damage(node, patch_dimension)]
-            except (OSError, KeyError, ValueError) as error:  # OSError: a Fletcher-32 mismatch, or a broken file
+            except H5_ERRORS as error:  # OSError: also a Fletcher-32 mismatch
                 problems = [str(error)]
             if problems:
                 damaged.append(f"{path.name} ({'; '.join(problems)})")
@@ -359,12 +387,17 @@ class PatchStore:
         for size in self.settings.scales:
             path = scale_file(self.path, size)
             dictionaries = {}
-            with h5py.File(path, "r") as file:
-                def visit(name, node, dictionaries=dictionaries):
-                    if _is_dictionary(node):
-                        dictionaries[name] = {"patches": int(node.attrs["num_patches"]), "entries": node["sources"].shape[0],
-                                              "clusters": node["radii"].shape[0] if "radii" in node else 0}
-                file.visititems(visit)
+
+            def visit(name, node, dictionaries=dictionaries):
+                if _is_dictionary(node):
+                    dictionaries[name] = {"patches": int(node.attrs["num_patches"]), "entries": node["sources"].shape[0],
+                                          "clusters": node["radii"].shape[0] if "radii" in node else 0}
+            try:
+                with h5py.File(path, "r") as file:
+                    file.visititems(visit)
+            except H5_ERRORS as error:
+                raise PatchdbError(f"{path} is corrupt ({error}); delete it and rerun the `patchdb build-index` command "
+                                   "that made the store: it rebuilds only what is missing") from None
             scales[size] = {"bytes": path.stat().st_size, "dictionaries": dictionaries}
         return {"path": str(self.path), "settings": asdict(self.settings),
                 "store_bytes": (self.path / STORE_FILE).stat().st_size, "scales": scales}

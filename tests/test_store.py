@@ -1,6 +1,7 @@
 """The patch store: build, load, resume, refuse mismatched runs and corrupt files; indexed machines equal exact ones."""
 
 import json
+import os
 import shutil
 
 import h5py
@@ -145,7 +146,7 @@ def test_interrupted_build_leaves_no_partial_scale_and_resumes(dataset, tmp_path
 
 
 def test_build_refuses_to_mix_settings_in_one_folder(dataset, store):
-    with pytest.raises(PatchdbError, match="cluster_size"):
+    with pytest.raises(PatchdbError, match=r"holds a store built with other settings \(cluster_size 16 stored, 99 asked\)"):
         build_store(dataset, "bbels", SCALES, store.path, cluster_size=99, min_indexed_entries=64, progress=False)
     renamed = patchdb.data.make_dataset(dataset.images, dataset.labels, "the same images under another spec")
     assert build(renamed, store.path).settings == store.settings  # same fingerprint: the built store is kept
@@ -183,6 +184,52 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
     scale_file(copy.path, 3).write_bytes(b"garbage")
     with pytest.raises(PatchdbError, match="scale-03.h5 is corrupt"):
         PatchStore(copy.path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda settings: 5,  # not JSON text
+    lambda settings: json.dumps({**json.loads(settings), "scales": "35"}),
+    lambda settings: json.dumps({**json.loads(settings), "format_version": str(FORMAT_VERSION)}),
+    lambda settings: json.dumps({**json.loads(settings), "num_images": "many"}),
+], ids=["attribute", "scales", "format", "count"])
+def test_settings_of_the_wrong_type_are_a_corrupt_store(dataset, tmp_path, edit):
+    copy = build(dataset, tmp_path / "copy")
+    with h5py.File(copy.path / STORE_FILE, "a") as file:
+        file.attrs["settings"] = edit(file.attrs["settings"])
+    with pytest.raises(PatchdbError, match="is corrupt or not a patchdb store"):
+        PatchStore(copy.path)
+
+
+def test_broken_hdf5_metadata_and_damaged_images_are_named_not_raised(dataset, tmp_path, monkeypatch):
+    """h5py raises RuntimeError on broken metadata ('bad local heap signature'): info and verify name the file."""
+    copy = build(dataset, tmp_path / "copy")
+    with h5py.File(copy.path / STORE_FILE, "a") as file:
+        del file["images"]
+    with pytest.raises(PatchdbError, match=f"the images in .*{STORE_FILE} are damaged"):
+        PatchStore(copy.path).verify(progress=False)
+
+    def broken(*arguments):
+        raise RuntimeError("Object specific failed (bad local heap signature)")
+
+    monkeypatch.setattr(h5py.Group, "visititems", broken)
+    store = PatchStore(build(dataset, tmp_path / "other").path)
+    with pytest.raises(PatchdbError, match=r"scale-03.h5 is corrupt \(Object specific failed \(bad local heap"):
+        store.describe()
+    with pytest.raises(PatchdbError, match="is damaged: scale-03.h5 .*bad local heap signature"):
+        store.verify(progress=False)
+
+
+def test_a_store_being_built_is_not_called_interrupted(dataset, tmp_path):
+    """While build-index holds the folder, a run is told to wait, not to resume the build (which the lock refuses)."""
+    from patchdb.files import folder_lock
+
+    copy = build(dataset, tmp_path / "copy")
+    scale_file(copy.path, 3).unlink()
+    with pytest.raises(PatchdbError, match="incomplete: patch sizes \\[3\\] were never written"):
+        PatchStore(copy.path)
+    with folder_lock(copy.path):
+        with pytest.raises(PatchdbError, match=f"being written by another patchdb command \\(pid {os.getpid()}\\)"):
+            PatchStore(copy.path)
 
 
 def test_a_store_of_another_format_is_refused_with_the_rebuild_command(dataset, tmp_path):
@@ -314,7 +361,8 @@ def test_byte_damage_to_a_radius_or_a_source_is_found_by_its_checksum(dataset, t
 def test_scale_files_of_another_build_are_refused_and_rebuilt(dataset, store, tmp_path, caplog):
     other = build_store(dataset, "bbels", SCALES, tmp_path / "other", cluster_size=8, min_indexed_entries=64, progress=False)
     shutil.copy(scale_file(store.path, 5), scale_file(other.path, 5))
-    with pytest.raises(PatchdbError, match="mixes builds: scale-05.h5 was built with other settings .cluster_size differ"):
+    with pytest.raises(PatchdbError, match=r"mixes builds: scale-05.h5 was built with other settings \(cluster_size 16 "
+                                           r"stored, 8 asked\)"):
         PatchStore(other.path)
     (other.path / STORE_FILE).unlink()  # store.h5 rewritten for other settings: the scale files left are stale
     kept = scale_file(other.path, 3).stat().st_mtime_ns
@@ -373,7 +421,7 @@ def test_a_build_killed_outright_leaves_a_temporary_that_the_next_build_removes(
     scale_file(out, SCALES[1]).unlink()
     stale = out / f".{scale_file(out, SCALES[1]).name}.999999999.tmp"  # no such process
     stale.write_bytes(b"half a file")
-    others = [out / ".notes.tmp", out / ".draft.h5.abc.tmp"]  # not a build's: left alone
+    others = [out / ".notes.tmp", out / ".draft.h5.abc.tmp", out / ".my.2024.tmp"]  # not a build's: left alone
     for path in others:
         path.write_text("someone else's")
     build(dataset, out)
