@@ -37,6 +37,8 @@ SCALES_PLOT_SOFTWARE = "patchdb calibrate"
 """The Software text of a schedule's plot, by which calibrate knows the pictures it may replace."""
 METRICS = ("cos", "l2")
 CONVENTION = "entry i is the patch size at t = i/n"
+BATCH_SIZE = 100
+"""Samples whose network trajectories calibrate_scales holds at once."""
 DEFAULT_SEED = 1000
 """Calibration noise seeds start here, clear of comparison seeds 0-999."""
 
@@ -79,8 +81,9 @@ def check_candidates(candidates: list[int]) -> list[int]:
 
 def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tensor, labels: torch.Tensor | None,
                      num_steps: int, candidates: list[int], metric: str = "cos",
-                     show_progress: bool = True) -> dict:
-    """Calibrate the machine's scale schedule to the network from noise (S, C, H, W) (+ labels (S,)).
+                     show_progress: bool = True, batch_size: int = BATCH_SIZE) -> dict:
+    """Calibrate the machine's scale schedule to the network from noise (S, C, H, W) (+ labels (S,)), batch_size
+    samples at a time (their trajectories, n - 1 steps of x and score each, are held until the machine has scored them).
 
     Returns {"scales": n ints (the convention above), "per_sample": n lists of S best sizes
     (entries 1..n-1 measured, entry 0 a copy of entry 1), "similarity": n lists of the
@@ -90,29 +93,35 @@ def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tens
     candidates = check_candidates(candidates)
     if metric not in METRICS:
         raise PatchdbError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
-    trajectory = []  # (i, t, x_t, network score) of steps i = n-1..1
+    trajectory = []  # (i, t, x_t, network score) of steps i = n-1..1 of the batch
 
     def record_step(state: dict) -> None:
         if state["i"] < num_steps:  # the t = 1 step has no entry of its own
             trajectory.append((state["i"], state["t"], state["x"], state["score"]))
 
-    samples = sample_ddim(network, noise, full_steps(num_steps), num_steps, labels=labels, callback=record_step,
-                          disable=True)
-    # Candidates outermost: the machine builds each scale's patch dictionaries once for all steps.
     agreement = torch.empty(num_steps, noise.shape[0], len(candidates), dtype=torch.float64)
-    with tqdm(total=len(trajectory) * len(candidates), desc="calibrating", unit="machine call",
+    samples = []
+    starts = range(0, noise.shape[0], batch_size)
+    with tqdm(total=len(starts) * (num_steps - 1) * len(candidates), desc="calibrating", unit="machine call",
               disable=not show_progress) as bar:
-        for column, size in enumerate(candidates):
-            for i, t, x, network_score in trajectory:
-                machine_score = machine(x, t, labels=labels, patch_size=size)
-                agreement[i, :, column] = score_similarity(machine_score, network_score, metric)
-                bar.update(1)
+        for start in starts:
+            members = slice(start, start + batch_size)
+            batch_labels = None if labels is None else labels[members]
+            trajectory.clear()
+            samples.append(sample_ddim(network, noise[members], full_steps(num_steps), num_steps, labels=batch_labels,
+                                       callback=record_step, disable=True))
+            # Candidates outermost: the machine builds each scale's patch dictionaries once for all steps.
+            for column, size in enumerate(candidates):
+                for i, t, x, network_score in trajectory:
+                    machine_score = machine(x, t, labels=batch_labels, patch_size=size)
+                    agreement[i, members, column] = score_similarity(machine_score, network_score, metric)
+                    bar.update(1)
     agreement[0] = agreement[1]
     per_sample = [[candidates[k] for k in step.argmax(dim=1).tolist()] for step in agreement]
     similarity = [step.quantile(0.5, dim=0).tolist() for step in agreement]  # the mean of the middle two, as statistics
     scales = [median_candidate(sizes, candidates) for sizes in per_sample]
     at_largest = [i for i in range(1, num_steps) if scales[i] == candidates[-1]]
-    return {"scales": scales, "per_sample": per_sample, "similarity": similarity, "samples": samples,
+    return {"scales": scales, "per_sample": per_sample, "similarity": similarity, "samples": torch.cat(samples),
             "at_largest_candidate": at_largest}
 
 

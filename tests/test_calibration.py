@@ -47,6 +47,17 @@ def test_calibration_recovers_the_schedule_at_the_index_it_was_used(metric, cond
     assert "largest candidate, 7, at t = 0.5:" in largest_candidate_warning(result, NUM_STEPS, "els")
 
 
+def test_calibration_in_batches_equals_calibration_at_once():
+    dataset = tiny_dataset(labelled=True, num_images=6, side=8, seed=4)
+    machine = make_machine("els", dataset, dtype=torch.float64)
+    noise, labels = seeded_inputs(7, 3, (1, 8, 8), dataset.num_classes)
+    network = machine_at_schedule(machine, KNOWN)
+    whole, batched = (calibrate_scales(network, machine, noise.double(), labels, NUM_STEPS, [3, 5, 7], "l2",
+                                       show_progress=False, batch_size=size) for size in (3, 2))
+    assert whole["per_sample"] == batched["per_sample"] and whole["similarity"] == batched["similarity"]
+    assert torch.equal(whole["samples"], batched["samples"])
+
+
 def test_median_similarity_of_an_even_number_of_samples_averages_the_middle_two(monkeypatch):
     import patchdb.calibration
 
