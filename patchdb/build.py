@@ -10,7 +10,6 @@ interrupted build resumes.
 """
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from patchdb.data import Dataset
-from patchdb.errors import PatchdbError
-from patchdb.files import folder_lock, temporary_writer
+from patchdb.errors import WRITE_PROBE, PatchdbError
+from patchdb.files import folder_lock, process_alive, temporary_writer
 from patchdb.duplicates import BLOCK_ROWS, merge_hashed, row_hashes, unique_rows
 from patchdb.index import (CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_ENTRIES, Partition, Quantizer, flat_index,
                            number_of_clusters)
@@ -72,16 +71,16 @@ def build_store(dataset: Dataset, machine: str, scales: list[int], out: str | Pa
     with folder_lock(out, outputs=outputs) as out:  # held for the whole build, so that no other command writes there meanwhile
         if (out / STORE_FILE).exists():
             existing = read_settings(out)
-            differences = settings_differences(settings, existing)
+            differences = settings_differences(existing, settings, ("stored", "asked"))
             if differences is not None:
                 raise PatchdbError(f"{out} holds a store built with other settings ({differences}); "
                                    f"choose another --out, or delete {out} to rebuild it")
             settings = existing  # the same build, its data perhaps named otherwise: its scale files carry the stored settings
         else:
             write_settings(out, settings, dataset)
-        for temporary in (path for name in outputs for path in out.glob(f".{name}.*.tmp")):  # this build's files only
+        for temporary in (path for name in (*outputs, WRITE_PROBE) for path in out.glob(f".{name}.*.tmp")):  # ours only
             writer = temporary_writer(temporary)
-            if writer is not None and not _process_alive(writer):  # left by a build that was killed outright
+            if writer is not None and not process_alive(writer):  # left by a command that was killed outright
                 temporary.unlink(missing_ok=True)
         todo = [size for size in scales if _missing_or_stale(out, size, settings)]
         if len(todo) < len(scales):
@@ -101,16 +100,6 @@ def _missing_or_stale(out: Path, patch_size: int, settings: StoreSettings) -> bo
     if problem:
         log.warning("rebuilding patch size %d: %s", patch_size, problem)
     return problem is not None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _build_scale(dataset: Dataset, settings: StoreSettings, patch_size: int, out: Path) -> None:

@@ -4,6 +4,9 @@ output folders whose checks raise it."""
 import os
 from pathlib import Path
 
+WRITE_PROBE = "write-probe"
+"""The name of the empty file (.write-probe.PID.tmp) that output_folder creates and removes to prove a folder writable."""
+
 
 class PatchdbError(Exception):
     """A problem with the user's input or files; the message names the problem and the fix."""
@@ -29,7 +32,7 @@ def output_folder(path: "str | os.PathLike", option: str = "--out") -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PatchdbError(f"cannot create the output folder {folder} ({error.strerror}); choose another {option}") from None
-    probe = folder / f".write-probe.{os.getpid()}.tmp"  # named like patchdb.files' temporaries, which builds clear away
+    probe = folder / f".{WRITE_PROBE}.{os.getpid()}.tmp"  # named like patchdb.files' temporaries, which builds clear away
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
         probe.unlink()

@@ -216,14 +216,28 @@ def lock_holder(folder: "str | os.PathLike") -> str | None:
     except OSError:
         return None
     try:
+        written = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        if not (written.isdigit() and process_alive(int(written))):
+            return None  # a lock file left by a killed command, or one not yet locked: probing it could refuse its locker
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at the close: only a probe
     except BlockingIOError:
-        return _holder(descriptor)
+        return written
     except OSError:  # a file system without locks
         return None
     finally:
         os.close(descriptor)
     return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (perhaps another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _same_file(descriptor: int, path: Path) -> bool:

@@ -105,7 +105,13 @@ def atomic_h5(path: Path) -> Iterator[h5py.File]:
 
 H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
 """What h5py and the readers of a store raise on a damaged or foreign file (RuntimeError: broken HDF5 metadata, such as
-'bad local heap signature'; TypeError: an attribute of another type)."""
+'bad local heap signature'; TypeError: an attribute of another type). torch's allocation failures are RuntimeErrors
+too: _damaged tells them apart."""
+
+
+def _damaged(error: Exception) -> bool:
+    """Whether error (one of H5_ERRORS) says a file is damaged, not that torch could not allocate memory."""
+    return not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error))
 
 
 def _settings_json(settings: StoreSettings) -> str:
@@ -163,13 +169,13 @@ def _settings_from(raw: dict) -> StoreSettings:
     return settings
 
 
-def settings_differences(asked: StoreSettings, stored: StoreSettings) -> str | None:
-    """How the stored settings differ from those asked for, e.g. "scales (3, 5) stored, (3, 5, 7) asked", or None
-    where they do not (the data set's spec only where the data differ: the same images, by fingerprint, may be named
-    in several ways)."""
-    names = [name for name in differing_keys(vars(asked), vars(stored))
-             if not (name == "dataset" and stored.fingerprint == asked.fingerprint)]
-    return "; ".join(f"{name} {getattr(stored, name)!r} stored, {getattr(asked, name)!r} asked" for name in names) or None
+def settings_differences(first: StoreSettings, second: StoreSettings, names: tuple[str, str]) -> str | None:
+    """How two settings differ, each side named by names, e.g. "scales (3, 5) stored, (3, 5, 7) asked" for names
+    ("stored", "asked"), or None where they do not (the data set's spec only where the data differ: the same images,
+    by fingerprint, may be named in several ways)."""
+    keys = [key for key in differing_keys(vars(first), vars(second))
+            if not (key == "dataset" and first.fingerprint == second.fingerprint)]
+    return "; ".join(f"{key} {getattr(first, key)!r} {names[0]}, {getattr(second, key)!r} {names[1]}" for key in keys) or None
 
 
 def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str | None:
@@ -184,7 +190,7 @@ def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str
         return f"{path.name} is corrupt or from an older patchdb ({error})"
     if written_size != patch_size:
         return f"{path.name} holds patch size {written_size}, not {patch_size} (a renamed file)"
-    differences = settings_differences(settings, built)
+    differences = settings_differences(built, settings, (f"in {path.name}", f"in {STORE_FILE}"))
     return None if differences is None else f"{path.name} was built with other settings ({differences})"
 
 
@@ -234,16 +240,17 @@ class PatchStore:
             if missing:
                 raise PatchdbError(f"the store {self.path} is incomplete: patch sizes {missing} were never written (the "
                                    f"build was interrupted); rerun the same `patchdb build-index` command to resume it")
+            mismatched = [problem for size in self.settings.scales
+                          if (problem := scale_mismatch(self.path, size, self.settings))]
+            if mismatched:
+                raise PatchdbError(f"the store {self.path} mixes builds: {'; '.join(mismatched)}; rerun the `patchdb "
+                                   f"build-index` command that made {STORE_FILE} to rebuild those scales")
         except PatchdbError:
             holder = lock_holder(self.path)  # a build in progress: not interrupted, not to be resumed
             if holder is None:
                 raise
             raise PatchdbError(f"the store {self.path} is being written by another patchdb command (pid {holder}), which "
                                "holds its folder; wait for it to finish") from None
-        mismatched = [problem for size in self.settings.scales if (problem := scale_mismatch(self.path, size, self.settings))]
-        if mismatched:
-            raise PatchdbError(f"the store {self.path} mixes builds: {'; '.join(mismatched)}; rerun the `patchdb "
-                               f"build-index` command that made {STORE_FILE} to rebuild those scales")
 
     def check_run(self, dataset: Dataset, machine: str, scales: list[int] | None = None, conditional: bool | None = None,
                   labels: torch.Tensor | None = None) -> None:
@@ -297,6 +304,8 @@ class PatchStore:
                     held += node["sources"].shape[0] * patch_bytes if in_memory else 0
                     loaded.append(_read_dictionary(node, windows, norm_maps, centre, in_memory))
         except H5_ERRORS as error:  # ValueError: also a file too short for what it maps
+            if not _damaged(error):
+                raise
             raise PatchdbError(f"{scale_file(self.path, patch_size)} is corrupt or lacks a dictionary ({error}); "
                                f"delete it and rerun `patchdb build-index` to rebuild that scale") from None
         return loaded
@@ -310,6 +319,8 @@ class PatchStore:
                                        torch.from_numpy(file["labels"][...]) if "labels" in file else None,
                                        self.settings.dataset)
         except (*H5_ERRORS, PatchdbError) as error:  # PatchdbError: images or labels that are not a data set's
+            if not _damaged(error):
+                raise
             raise PatchdbError(f"the images in {path} are damaged ({error}); delete {self.path} and build it again") from None
         if dataset.fingerprint != self.settings.fingerprint:
             raise PatchdbError(f"the images in {path} do not have the store's fingerprint: the file is damaged; "

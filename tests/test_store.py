@@ -230,6 +230,39 @@ def test_a_store_being_built_is_not_called_interrupted(dataset, tmp_path):
     with folder_lock(copy.path):
         with pytest.raises(PatchdbError, match=f"being written by another patchdb command \\(pid {os.getpid()}\\)"):
             PatchStore(copy.path)
+    build(dataset, copy.path)
+    other = build_store(dataset, "bbels", SCALES, tmp_path / "other", cluster_size=8, min_indexed_entries=64, progress=False)
+    shutil.copy(scale_file(other.path, 5), scale_file(copy.path, 5))
+    with folder_lock(copy.path):  # a stale scale being rebuilt
+        with pytest.raises(PatchdbError, match="being written by another patchdb command"):
+            PatchStore(copy.path)
+
+
+def test_a_lock_file_of_no_live_command_is_not_probed(tmp_path, monkeypatch):
+    """Probing takes a shared lock for an instant, which would refuse a command locking the folder just then: a lock
+    file naming no live process (left by a killed command, or not yet written by its locker) is not probed."""
+    import patchdb.files
+    from patchdb.files import LOCK_FILE, lock_holder
+
+    def probed(*arguments):
+        raise AssertionError("probed a lock file that no live command holds")
+
+    monkeypatch.setattr(patchdb.files.fcntl, "flock", probed)
+    for written in ("999999999\n", ""):
+        (tmp_path / LOCK_FILE).write_text(written)
+        assert lock_holder(tmp_path) is None
+
+
+def test_an_allocation_failure_while_loading_a_dictionary_is_not_called_a_damaged_file(dataset, store, monkeypatch):
+    import patchdb.store
+
+    def out_of_memory(*arguments):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(patchdb.store, "take_entries", out_of_memory)  # the copy of patches into memory
+    machine = make_machine("bbels", dataset, store=store, backend=TopKBackend(scoring="gathered"))
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        machine.posterior(noisy_batch(dataset, 0.5, seed=0).float(), 0.5, None, 3)
 
 
 def test_a_store_of_another_format_is_refused_with_the_rebuild_command(dataset, tmp_path):
@@ -362,7 +395,7 @@ def test_scale_files_of_another_build_are_refused_and_rebuilt(dataset, store, tm
     other = build_store(dataset, "bbels", SCALES, tmp_path / "other", cluster_size=8, min_indexed_entries=64, progress=False)
     shutil.copy(scale_file(store.path, 5), scale_file(other.path, 5))
     with pytest.raises(PatchdbError, match=r"mixes builds: scale-05.h5 was built with other settings \(cluster_size 16 "
-                                           r"stored, 8 asked\)"):
+                                           r"in scale-05.h5, 8 in store.h5\)"):
         PatchStore(other.path)
     (other.path / STORE_FILE).unlink()  # store.h5 rewritten for other settings: the scale files left are stale
     kept = scale_file(other.path, 3).stat().st_mtime_ns
@@ -421,11 +454,13 @@ def test_a_build_killed_outright_leaves_a_temporary_that_the_next_build_removes(
     scale_file(out, SCALES[1]).unlink()
     stale = out / f".{scale_file(out, SCALES[1]).name}.999999999.tmp"  # no such process
     stale.write_bytes(b"half a file")
+    probe = out / ".write-probe.999999999.tmp"  # output_folder's, left by a killed command
+    probe.touch()
     others = [out / ".notes.tmp", out / ".draft.h5.abc.tmp", out / ".my.2024.tmp"]  # not a build's: left alone
     for path in others:
         path.write_text("someone else's")
     build(dataset, out)
-    assert not stale.exists() and scale_file(out, SCALES[1]).is_file()
+    assert not stale.exists() and not probe.exists() and scale_file(out, SCALES[1]).is_file()
     assert all(path.exists() for path in others)
 
 
