@@ -193,7 +193,7 @@ def check_run_schedule(path: Path, run_dir: Path, network: "NetworkScore", num_s
     if weights == network.weights_digest():
         return
     batches = training.get("batches_done") if isinstance(training, dict) else None
-    if isinstance(batches, int) and network.training is not None and batches != network.training.batches_done:
+    if isinstance(batches, int) and network.training is not None and batches < network.training.batches_done:
         # the weights alone cannot tell this network trained further (or a copy of it) from another network
         raise PatchdbError(f"{path} was calibrated on other weights than {run_dir}'s network has now: on the network of "
                            f"{recorded.get('model')} at batch {batches}, while this one has trained "

@@ -183,3 +183,21 @@ def test_calibrate_writes_only_over_its_own_schedules(tmp_path):
     (tmp_path / "figure.png").write_bytes((tmp_path / "grid.png").read_bytes())  # a picture of the user's own
     with pytest.raises(PatchdbError, match="figure.png exists and is not a schedule's plot"):
         check_schedule_path(tmp_path / "figure.json")
+
+
+@pytest.mark.parametrize("recorded, now, message", [
+    (20, 500, "at batch 20, while this one has trained 500 batches (this network before it trained further, or another"),
+    (500, 20, "was calibrated on another network than"),  # fewer batches now: not this network trained further
+])
+def test_a_schedule_of_other_weights_names_only_the_causes_that_fit_the_batch_counts(tmp_path, recorded, now, message):
+    from types import SimpleNamespace
+
+    from patchdb.calibration import check_run_schedule
+    from patchdb.training import TrainingProgress
+
+    result = {"scales": KNOWN, "per_sample": [[s, s] for s in KNOWN], "similarity": [[1.0] * 3] * NUM_STEPS}
+    path = write_scales(tmp_path / "scales.json", result, machine="bbels", metric="cos", candidates=[3, 5, 7],
+                        model=tmp_path / "a", seed=0, model_training=TrainingProgress(recorded, 500), model_weights="old")
+    network = SimpleNamespace(weights_digest=lambda: "new", training=TrainingProgress(now, 500))
+    with pytest.raises(PatchdbError, match=re.escape(message)):
+        check_run_schedule(path, tmp_path / "b", network, NUM_STEPS)
