@@ -202,15 +202,19 @@ PAIRS_PER_GROUP = 4
 """pairs.png shows this many seeds from the best, the median and the worst by r."""
 
 
+def ranked_seeds(r: torch.Tensor) -> list[int]:
+    """Indices of r (S,) from the highest r to the lowest, undefined (NaN) ones last."""
+    return torch.argsort(r.nan_to_num(nan=-math.inf), descending=True, stable=True).tolist()
+
+
 def plot_pairs(path: Path, machine_images: torch.Tensor, network_images: torch.Tensor, machine_r: torch.Tensor,
                seeds: list[int], machine: str) -> None:
-    """pairs.png: machine | network side by side for the best, median and worst seeds by r (undefined r counts as the
-    worst)."""
+    """pairs.png: machine | network side by side for the best, median and worst seeds by r (ranked_seeds)."""
     from matplotlib.figure import Figure
 
     from patchdb.plots import display_image
 
-    order = torch.argsort(machine_r.nan_to_num(nan=-math.inf), descending=True, stable=True).tolist()
+    order = ranked_seeds(machine_r)
     middle = max(0, len(order) // 2 - PAIRS_PER_GROUP // 2)
     chosen = list(dict.fromkeys(order[:PAIRS_PER_GROUP] + order[middle:middle + PAIRS_PER_GROUP] + order[-PAIRS_PER_GROUP:]))
     figure = Figure(figsize=(4 * 1.1, 1.2 * len(chosen) / 2 + 0.5))

@@ -61,9 +61,10 @@ def test_summary_and_fraction_beating_the_baseline():
 
 
 def test_plots_take_seeds_whose_r_is_undefined(tmp_path):
-    """A constant image's r is NaN: the scatter leaves it out, pairs.png shows it among the worst."""
-    from patchdb.comparison import plot_pairs, plot_scatter
+    """A constant image's r is NaN: the scatter leaves it out, pairs.png ranks it worst."""
+    from patchdb.comparison import plot_pairs, plot_scatter, ranked_seeds
 
+    assert ranked_seeds(torch.tensor([0.5, float("nan"), 0.9, 0.1])) == [2, 0, 3, 1]
     nan = float("nan")
     plot_scatter(tmp_path / "scatter.png", torch.tensor([0.9, nan, 0.5]), torch.tensor([0.5, 0.6, 0.4]), "bbels")
     images = torch.zeros(4, 1, 8, 8)
