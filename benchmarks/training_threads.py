@@ -1,6 +1,7 @@
 """Is seeded training bit-reproducible, and at which thread counts? Trains the same small run (conditional cpu-preset
-network on the first --images default images, --epochs epochs, --seed) once per thread count, twice at the first,
-in fresh processes, and prints one JSON line: each run's weight digest and whether it equals the first run's.
+network on the first --images default images, --epochs epochs, --seed) once per entry of --threads (the default
+2,2,1: twice on 2 threads, then on 1), each in a fresh process, and prints one JSON line: each run's weight digest and
+whether it equals the first run's.
 
     python benchmarks/training_threads.py --model unet --images 256 --epochs 2 --threads 2,2,1
 """

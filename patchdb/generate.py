@@ -335,8 +335,7 @@ def _check_config(config: SampleConfig, given: Collection[str] = ()) -> None:
             raise PatchdbError(f"without --index STORE the exact backend samples, and {', '.join(map(_option, ignored))} "
                                "(options of the top-k backend) would be ignored: add --index, or drop them")
         return
-    if config.exact_from_patch_size is not None and \
-            not ExactBackend(method=config.exact_method).uses_windows(torch.device(config.device), DTYPES[config.dtype]):
+    if config.exact_from_patch_size is not None and not _slides_windows(config):
         raise PatchdbError("--exact-from-patch-size leaves steps to the exact backend's sliding windows, which need "
                            "--device cpu, --exact-method auto or windows and patchdb's compiled kernel: drop "
                            "--exact-from-patch-size, or choose those")
@@ -346,6 +345,14 @@ def _check_config(config: SampleConfig, given: Collection[str] = ()) -> None:
             raise PatchdbError(f"--fallback {config.fallback} does not estimate, so {' and '.join(map(_option, ignored))} "
                                f"would be ignored: drop {'them' if len(ignored) > 1 else 'it'}, or choose --fallback "
                                f"{' or '.join(ESTIMATING_FALLBACKS)}")
+
+
+def _slides_windows(config: SampleConfig) -> bool:
+    """Whether the exact backend of config scores by sliding windows (False too where its method 'windows' cannot)."""
+    try:
+        return ExactBackend(method=config.exact_method).uses_windows(torch.device(config.device), DTYPES[config.dtype])
+    except PatchdbError:  # 'windows' asked for where they cannot run: the caller's message names the options
+        return False
 
 
 INDEX_OPTIONS = ("topk", "tol", "fallback", "estimate_samples", "estimate_error", "exact_from_patch_size")
