@@ -2,7 +2,8 @@
 
 import click
 
-from cli.options import DEVICE, SAMPLE_COUNTS, SEEDS, STEPS, UserPath, gib_to_bytes, machine_data_options, warn_if_unfinished
+from cli.options import (DEVICE, SAMPLE_COUNTS, SEEDS, SIZE_LIST_HELP, STEPS, UserPath, gib_to_bytes, machine_data_options,
+                         warn_if_unfinished)
 from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run, largest_candidate_warning
 from patchdb.patches import PATCH_MACHINES
 from patchdb.scales import parse_size_list
@@ -14,7 +15,7 @@ from patchdb.scales import parse_size_list
 @click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels",
               help="Patch machine whose scale is calibrated (IS and ES have none).")
 @click.option("--candidates", default=None, show_default="3,5,...,19 for a ResNet, 3,5,...,27 for a UNet",
-              help="Candidate patch sizes: '3,5,7' or '3,5,...,17'.")
+              help=f"Candidate patch sizes: {SIZE_LIST_HELP}.")
 @click.option("--samples", type=SAMPLE_COUNTS, default=10, help="Reverse trajectories (noise seeds) to follow.")
 @click.option("--metric", type=click.Choice(METRICS), default="cos", help="Score agreement: cosine similarity or L2 distance.")
 @click.option("--steps", "num_steps", type=STEPS, default=20, help="Sampling steps n.")

@@ -7,7 +7,6 @@ import click
 from cli.options import (DEVICE, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, ModelName, ScaleSpec, gib_to_bytes,
                          machine_data_options, warn_if_unfinished)
 from patchdb.comparison import COMPARE_FILE, compare_model
-from patchdb.errors import PatchdbError
 from patchdb.machines import MACHINES
 from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
@@ -17,8 +16,8 @@ from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
 @click.option("--model", type=ModelName(ARCHITECTURES), required=True,
               help="'resnet' or 'unet' (the project's cpu-preset network for --dataset, from the model cache) or a RUN_DIR.")
 @click.option("--dataset", "dataset_spec", default=None, show_default="the run's own data set",
-              help="Data set spec; picks the cached network for --model resnet|unet. The machines always use "
-                   "the network's own training images.")
+              help="Data set spec (NAME[:SPLIT][:LIMIT], default[:LIMIT] or file:PATH[:LIMIT]); picks the cached "
+                   "network for --model resnet|unet. The machines always use the network's own training images.")
 @click.option("--padding", type=click.Choice(PADDINGS), default=None, show_default="a RUN_DIR's own; zeros for resnet|unet",
               help="Padding of the network's convolutions.")
 @click.option("--conditional/--unconditional", default=None, show_default="a RUN_DIR's own; unconditional for resnet|unet",
@@ -44,7 +43,7 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
     """Run the network and the machine (plus the IS machine and a Gaussian baseline) from the same seeds; report r, R^2, MSE."""
     check_scale_spec(machine, scale_spec)  # before the network is found (or trained)
     if test_dataset is not None and not single_step:
-        raise PatchdbError("--test-dataset is read only with --single-step: add --single-step, or drop --test-dataset")
+        raise click.UsageError("--test-dataset is read only with --single-step: add --single-step, or drop --test-dataset")
     report = compare_model(model, out_dir, dataset_spec=dataset_spec, padding=padding, conditional=conditional,
                            train_missing=train_missing, machine=machine, scale_spec=scale_spec, num_steps=num_steps,
                            data_dir=data_dir, device=device, memory_budget=gib_to_bytes(memory_gb),

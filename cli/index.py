@@ -5,7 +5,7 @@ import logging
 
 import click
 
-from cli.options import DATA_DIR, OUTPUT_FOLDER, UserPath
+from cli.options import DATA_DIR, DATASET, OUTPUT_FOLDER, SIZE_LIST_HELP, UserPath
 from patchdb.build import build_store
 from patchdb.data import load_dataset
 from patchdb.index import CLUSTER_SIZE, MIN_INDEXED_ENTRIES
@@ -15,13 +15,12 @@ from patchdb.store import PatchStore
 
 
 @click.command("build-index")
-@click.option("--dataset", default=None, show_default="the embedded default, 1,000 Fashion-MNIST images",
-              help="Training images: NAME[:SPLIT][:LIMIT] or file:PATH[:LIMIT].")
+@DATASET
 @DATA_DIR
 @click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels",
               help="The patch machine whose dictionaries to index.")
 @click.option("--scales", default="3,5,7,9,11,13,15,17",
-              help="Patch sizes to index: odd sizes '3,5,7', a range '3,5,...,17', or paper:KEY (its sizes).")
+              help=f"Patch sizes to index: {SIZE_LIST_HELP}; or paper:KEY (the sizes of that schedule).")
 @click.option("--conditional", is_flag=True, help="One set of dictionaries per class (for class-conditional sampling).")
 @click.option("--labels", default=None, help="With --conditional: only these classes, comma-separated (default: all).")
 @click.option("--cluster-size", type=click.IntRange(min=1), default=CLUSTER_SIZE,

@@ -29,6 +29,15 @@ MAX_MEMORY_GIB = 2.0**20
 """The largest memory bound the options take, in GiB (a pebibyte): far above any machine, far below an overflow."""
 
 
+DATASET = click.option("--dataset", default=None, show_default="the embedded default, 1,000 Fashion-MNIST images",
+                       help="Training images: NAME[:SPLIT][:LIMIT] (mnist, fashion-mnist, cifar10, celeba), "
+                            "default[:LIMIT] or file:PATH[:LIMIT].")
+"""--dataset of the commands that read training images (compare names the run's own)."""
+SIZE_LIST_HELP = ("odd sizes '3,5,7' or a range '3,5,...,17', within 1..63 (zero padding: ls, bbels) or 1..65 "
+                  "(circular: els)")
+"""How a list of patch sizes is written (patchdb.scales.parse_size_list) and the sizes 32x32 images allow."""
+
+
 def finite(ctx, param, value):
     """A click callback refusing NaN and infinity (which FloatRange's bounds let through)."""
     if value is not None and not math.isfinite(value):

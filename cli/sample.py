@@ -3,8 +3,8 @@
 import click
 from click.core import ParameterSource
 
-from cli.options import (DATA_DIR, DEVICE, MEMORY_BUDGET, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, PatchSize, ScaleSpec,
-                         TopK, UserPath, finite)
+from cli.options import (DATA_DIR, DATASET, DEVICE, MEMORY_BUDGET, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, PatchSize,
+                         ScaleSpec, TopK, UserPath, finite)
 from patchdb.data import MAX_CLASSES
 from patchdb.engine import EXACT_METHODS
 from patchdb.generate import DEFAULT_NUM, DEFAULT_SCALES, DTYPES, LOOPS, SampleConfig, run_sample
@@ -16,8 +16,7 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, AUTO_TOPK_DIMENSION, DEEPENING_FAC
 
 
 @click.command("sample")
-@click.option("--dataset", "dataset", default=None, show_default="the embedded default, 1,000 Fashion-MNIST images",
-              help="Training images: NAME[:SPLIT][:LIMIT] (mnist, fashion-mnist, cifar10, celeba) or file:PATH[:LIMIT].")
+@DATASET
 @DATA_DIR
 @click.option("--machine", type=click.Choice(MACHINES), default="bbels",
               help="is: ideal, es: equivariant, ls: local, els: equivariant local, bbels: boundary-broken ELS.")
@@ -49,7 +48,7 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, AUTO_TOPK_DIMENSION, DEEPENING_FAC
                    f"{AUTO_TOPK_CLUSTERS} mean clusters' worth of each dictionary, at least {MIN_AUTO_TOPK}, at patches of "
                    f"{AUTO_TOPK_DIMENSION} numbers (11x11, one channel), in inverse proportion to the patches' numbers "
                    "at other sizes (a budget of multiply-adds).")
-@click.option("--tol", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_TOL,
+@click.option("--tol", type=click.FloatRange(min=0, max=1, max_open=True), callback=finite, default=DEFAULT_TOL,
               help="With --index: certified bound on the posterior mass a pixel may neglect.")
 @click.option("--fallback", type=click.Choice(FALLBACKS), default=DEFAULT_FALLBACK,
               help="With --index, for pixels the certificate does not cover: estimate (nearest clusters + reweighted uniform "

@@ -148,6 +148,7 @@ def test_noise_file_is_the_starting_noise(batch, data_specs, tmp_path):
     ("labelled", ["--num", "100000000"], "1<=x<=100000"),
     ("labelled", ["--estimate-samples", "100000000"], "1<=x<=1048576"),
     ("labelled", ["--estimate-error", "nan"], "not a finite number"),
+    ("labelled", ["--tol", "nan"], "not a finite number"),
     ("labelled", ["--machine", "is", "--exact-method", "windows"], "drop --exact-method"),
     ("labelled", ["--machine", "es", "--exact-method", "products"], "drop --exact-method"),
     ("labelled", ["--exact-from-patch-size", "2"], "2 is even; patch sizes are odd"),
@@ -363,7 +364,9 @@ def test_help_shows_one_memory_budget_option_and_every_range():
         assert "--memory-budget, --memory-gb FLOAT RANGE" in help_text(command)
         assert "[default: 4.0; 0<x<=1048576.0]" in help_text(command)
     assert "--topk AUTO|N With --index: most dictionary entries (1<=N<=2^40)" in help_text("sample")
-    assert "NAME[:SPLIT][:LIMIT] or file:PATH[:LIMIT]" in help_text("train")
+    for command in ("sample", "build-index", "train"):  # one --dataset help for the commands that read training images
+        assert ("NAME[:SPLIT][:LIMIT] (mnist, fashion-mnist, cifar10, celeba), default[:LIMIT] or file:PATH[:LIMIT]"
+                in help_text(command))
     assert "--model RESNET|UNET|RUN_DIR" in help_text("compare")
 
 
@@ -411,3 +414,14 @@ def test_the_command_runs_as_a_module_from_a_checkout(module):
     result = subprocess.run([sys.executable, "-m", module, "info", "--help"], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 0 and "Usage:" in result.stdout and "--verify" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["compare", "--model", "resnet", "--test-dataset", "mnist", "--out", "c"],
+     "--test-dataset is read only with --single-step"),
+    (["train", "--epochs", "10000000", "--out", "r"], "10000000 is not in the range 1<=x<=1000000"),
+])
+def test_usage_errors_exit_with_status_2(tmp_path, monkeypatch, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
