@@ -80,7 +80,7 @@ class SampleConfig:
     whose dictionaries the top-k backend uses, with topk (None: each dictionary's own), tol, fallback,
     estimate_samples, estimate_error and exact_from_patch_size (see patchdb.topk.TopKBackend); None: the exact backend, whose
     method for the patch machines is exact_method (patchdb.engine.EXACT_METHODS), which with an index is the method
-    of the top-k backend's exact fallback and of the steps it leaves to the exact backend.
+    of the dictionaries too small to index (the steps left by exact_from_patch_size slide windows).
     """
 
     out: str
