@@ -6,7 +6,7 @@ import click
 
 from cli.options import (DEVICE, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, ModelName, ScaleSpec, gib_to_bytes,
                          machine_data_options, warn_if_unfinished)
-from patchdb.comparison import COMPARE_FILE, compare_model
+from patchdb.comparison import COMPARE_FILE, compare_model, statistic_text
 from patchdb.machines import MACHINES
 from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
@@ -53,14 +53,10 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
     summary = report["summary"]
     for name, values in summary.items():
         r = values["pearson_r"]
-        click.echo(f"{name:>9}: median r {_shown(r['median'])} (quartiles {_shown(r['q1'])} to {_shown(r['q3'])}), "
-                   f"median R^2 {_shown(values['r_squared']['median'])}, median MSE {_shown(values['mse']['median'], 4)}"
+        click.echo(f"{name:>9}: median r {statistic_text(r['median'])} (quartiles {statistic_text(r['q1'])} to "
+                   f"{statistic_text(r['q3'])}), median R^2 {statistic_text(values['r_squared']['median'])}, "
+                   f"median MSE {statistic_text(values['mse']['median'], 4)}"
                    + (f" ({r['undefined']} seeds of constant images have no r)" if r["undefined"] else ""))
     fraction = report.get(f"fraction_{machine}_beats_is")
     if fraction is not None:
         click.echo(f"{machine} beats IS on {100 * fraction:.0f}% of seeds -> {out_dir / COMPARE_FILE}")
-
-
-def _shown(value: float | None, places: int = 3) -> str:
-    """A summary statistic as compare prints it: to the given places, or 'undefined' (no seed defines it)."""
-    return "undefined" if value is None else f"{value:.{places}f}"

@@ -8,7 +8,7 @@ import click
 from patchdb.engine import DEFAULT_MEMORY_BUDGET
 from patchdb.errors import PatchdbError, user_path
 from patchdb.generate import DEVICES, GIB, MAX_SAMPLES
-from patchdb.patches import MAX_PATCH_SIZE
+from patchdb.patches import MAX_PATCH_SIZE, largest_patch_size
 from patchdb.schedule import MAX_STEPS
 from patchdb.topk import MAX_TOPK
 from patchdb.training import TrainingProgress, training_progress
@@ -33,8 +33,8 @@ DATASET = click.option("--dataset", default=None, show_default="the embedded def
                        help="Training images: NAME[:SPLIT][:LIMIT] (mnist, fashion-mnist, cifar10, celeba), "
                             "default[:LIMIT] or file:PATH[:LIMIT].")
 """--dataset of the commands that read training images (compare names the run's own)."""
-SIZE_LIST_HELP = ("odd sizes '3,5,7' or a range '3,5,...,17', within 1..63 (zero padding: ls, bbels) or 1..65 "
-                  "(circular: els)")
+SIZE_LIST_HELP = (f"odd sizes '3,5,7' or a range '3,5,...,17', within 1..{largest_patch_size('zeros')} (zero padding: "
+                  f"ls, bbels) or 1..{largest_patch_size('circular')} (circular: els)")
 """How a list of patch sizes is written (patchdb.scales.parse_size_list) and the sizes 32x32 images allow."""
 
 

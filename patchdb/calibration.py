@@ -130,10 +130,10 @@ def largest_candidate_warning(result: dict, num_steps: int, machine: str) -> str
     may be less local there than any candidate, so the schedule is capped) and a larger one exists, else None."""
     from patchdb.patches import largest_patch_size, padding_mode
 
-    steps = result["at_largest_candidate"]
-    largest, limit = (result["scales"][steps[0]] if steps else None), largest_patch_size(padding_mode(machine))
-    if largest is None or largest >= limit:
+    steps, limit = result["at_largest_candidate"], largest_patch_size(padding_mode(machine))
+    if not steps or result["scales"][steps[0]] >= limit:
         return None
+    largest = result["scales"][steps[0]]
     times = ", ".join(f"{i / num_steps:g}" for i in sorted(steps, reverse=True))
     return (f"the schedule takes the largest candidate, {largest}, at t = {times}: the network may be less local "
             f"there than any candidate; calibrate with larger --candidates (e.g. 3,5,...,{min(largest + 10, limit)})")

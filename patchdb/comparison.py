@@ -175,10 +175,14 @@ def _defined(value: torch.Tensor) -> float | None:
     return None if value.isnan() else float(value)
 
 
+def statistic_text(value: float | None, places: int = 3) -> str:
+    """A summary statistic (summarize) to the given decimal places, or 'undefined' where no seed defines it."""
+    return "undefined" if value is None else f"{value:.{places}f}"
+
+
 def _median_text(values: torch.Tensor) -> str:
     """The median of values as compare.json gives it (summarize), to 3 decimals, or 'undefined'."""
-    median = summarize(values.tolist())["median"]
-    return "undefined" if median is None else f"{median:.3f}"
+    return statistic_text(summarize(values.tolist())["median"])
 
 
 def plot_scatter(path: Path, machine_r: torch.Tensor, baseline_r: torch.Tensor, machine: str, baseline: str = "is") -> None:

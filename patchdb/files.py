@@ -200,11 +200,16 @@ def _holder(descriptor: int) -> str:
     """The process id in a held lock file open at descriptor. Its holder writes it just after taking the lock, so an
     empty file is read again for up to 0.1 s before the id is 'unknown'."""
     for _ in range(10):
-        text = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        text = _written_pid(descriptor)
         if text:
             return text
         time.sleep(0.01)
     return "unknown"
+
+
+def _written_pid(descriptor: int) -> str:
+    """The text of the lock file open at descriptor: its holder's process id, or '' before the holder wrote it."""
+    return os.pread(descriptor, 32, 0).decode(errors="replace").strip()
 
 
 def lock_holder(folder: "str | os.PathLike") -> str | None:
@@ -216,7 +221,7 @@ def lock_holder(folder: "str | os.PathLike") -> str | None:
     except OSError:
         return None
     try:
-        written = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        written = _written_pid(descriptor)
         if not (written.isdigit() and process_alive(int(written))):
             return None  # a lock file left by a killed command, or one not yet locked: probing it could refuse its locker
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at the close: only a probe
