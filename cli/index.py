@@ -5,12 +5,12 @@ import logging
 
 import click
 
-from cli.options import DATA_DIR, DATASET, OUTPUT_FOLDER, SIZE_LIST_HELP, UserPath
+from cli.options import DATA_DIR, DATASET, OUTPUT_FOLDER, SIZE_LIST_HELP, ScaleSpec, UserPath
 from patchdb.build import build_store
 from patchdb.data import load_dataset
 from patchdb.index import CLUSTER_SIZE, MIN_INDEXED_ENTRIES
 from patchdb.patches import PATCH_MACHINES, check_patch_sizes
-from patchdb.scales import parse_patch_sizes
+from patchdb.scales import PATCH_SIZES_HELP, parse_patch_sizes
 from patchdb.store import PatchStore
 
 
@@ -19,8 +19,8 @@ from patchdb.store import PatchStore
 @DATA_DIR
 @click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels",
               help="The patch machine whose dictionaries to index.")
-@click.option("--scales", default="3,5,7,9,11,13,15,17",
-              help=f"Patch sizes to index: {SIZE_LIST_HELP}; or paper:KEY (the sizes of that schedule).")
+@click.option("--scales", type=ScaleSpec(), default="3,5,7,9,11,13,15,17",
+              help=f"Patch sizes to index: {SIZE_LIST_HELP}; or {PATCH_SIZES_HELP}.")
 @click.option("--conditional", is_flag=True, help="One set of dictionaries per class (for class-conditional sampling).")
 @click.option("--labels", default=None, help="With --conditional: only these classes, comma-separated (default: all).")
 @click.option("--cluster-size", type=click.IntRange(min=1), default=CLUSTER_SIZE,
@@ -39,7 +39,7 @@ def build_index(dataset, data_dir, machine, scales, conditional, labels, cluster
     logging.getLogger("patchdb").setLevel(logging.INFO)
     if labels is not None and not conditional:
         raise click.UsageError("--labels selects classes of a --conditional store; add --conditional")
-    patch_sizes = parse_patch_sizes(scales)
+    patch_sizes = parse_patch_sizes(scales, machine)
     check_patch_sizes(patch_sizes, machine)  # before the data loads: every data set is loaded at one size
     data = load_dataset(dataset, data_dir)
     store = build_store(data, machine, patch_sizes, out, conditional=conditional,

@@ -59,9 +59,9 @@ def check_scale_spec(machine: str, scale_spec: str | None) -> None:
         raise PatchdbError(f"the {machine} machine has no patch size, so --scales would be ignored: drop it")
 
 
-def _read_scale_file(path: Path, num_steps: int, machine: str | None, run_dir: Path | None = None) -> list[int]:
-    """The schedule in a JSON file; run_dir: the run whose calibrated schedule it is (calibrated:RUN_DIR), whose
-    recalibration a wrong length suggests."""
+def _read_scale_file(path: Path, num_steps: int | None, machine: str | None, run_dir: Path | None = None) -> list[int]:
+    """The schedule in a JSON file, of num_steps entries (None: of any length); run_dir: the run whose calibrated
+    schedule it is (calibrated:RUN_DIR), whose recalibration a wrong length suggests."""
     if not path.is_file():
         raise PatchdbError(f"scale file {path} does not exist; write it with `patchdb calibrate --model RUN_DIR --out {path}` "
                            "(by default RUN_DIR/scales.json, which --scales calibrated:RUN_DIR reads) or give another --scales")
@@ -97,10 +97,12 @@ def calibrate_command(run_dir: "str | Path", machine: str | None, num_steps: int
     return f"patchdb calibrate --model {shlex.quote(str(run_dir))}{machine_option} --steps {num_steps}"
 
 
-def check_scales(sizes: list, num_steps: int, source: str = "scales", remedy: str = "change --steps") -> list[int]:
-    """Validate a schedule: exactly num_steps positive odd integers; remedy: the fix a wrong length suggests besides
-    a schedule of that length."""
-    if len(sizes) != num_steps:
+def check_scales(sizes: list, num_steps: int | None, source: str = "scales", remedy: str = "change --steps") -> list[int]:
+    """Validate a schedule: exactly num_steps (None: one or more) positive odd integers; remedy: the fix a wrong length
+    suggests besides a schedule of that length."""
+    if num_steps is None and not sizes:
+        raise PatchdbError(f"{source}: the schedule is empty; it needs one patch size per sampling step")
+    if num_steps is not None and len(sizes) != num_steps:
         raise PatchdbError(
             f"{source}: the schedule has {len(sizes)} entries but the sampler has {num_steps} steps; "
             f"give one patch size per step (entry i is used at t = i/{num_steps}) or {remedy}"
@@ -111,13 +113,25 @@ def check_scales(sizes: list, num_steps: int, source: str = "scales", remedy: st
     return list(sizes)
 
 
-def parse_patch_sizes(spec: str) -> list[int]:
-    """The patch sizes of a list ('3,5,7' or '3,5,...,17', see parse_size_list) or of a paper:KEY schedule (checked by
-    their user)."""
+PATCH_SIZES_HELP = "'paper:KEY', 'calibrated:RUN_DIR' or FILE.json (the sizes of that schedule)"
+"""The schedules whose patch sizes parse_patch_sizes takes besides a list of sizes."""
+
+
+def parse_patch_sizes(spec: str, machine: str | None = None) -> list[int]:
+    """The distinct patch sizes, ascending, of a list ('3,5,7' or '3,5,...,17', see parse_size_list) or of every step of
+    a schedule (PATCH_SIZES_HELP: what a store serving that schedule needs); machine: the patch machine the sizes are
+    for, which a calibrated schedule must have been calibrated for (None: unchecked). Sizes are checked by their user."""
     spec = str(spec).strip()
+    run_dir = calibrated_run(spec)
     if spec.startswith("paper:"):
-        return _paper_preset(spec)
-    return parse_size_list(spec, "the patch sizes", "or paper:KEY")
+        sizes = _paper_preset(spec)
+    elif run_dir is not None:
+        sizes = _read_scale_file(run_dir / "scales.json", None, machine, run_dir)
+    elif spec.endswith(".json"):
+        sizes = _read_scale_file(user_path(spec, "--scales"), None, machine)
+    else:
+        sizes = parse_size_list(spec, "the patch sizes", f"or {PATCH_SIZES_HELP}")
+    return sorted(set(sizes))
 
 
 def parse_size_list(text: str, what: str = "the sizes", alternatives: str = "") -> list[int]:

@@ -16,7 +16,7 @@ from patchdb.comparison import seeded_inputs
 from patchdb.data import load_dataset
 from patchdb.errors import PatchdbError
 from patchdb.machines import make_machine
-from patchdb.scales import parse_patch_sizes, parse_scales, parse_size_list
+from patchdb.scales import paper_scales, parse_patch_sizes, parse_scales, parse_size_list
 from tests.conftest import quantised_images, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -108,6 +108,24 @@ def test_scales_file_is_read_back_by_every_scale_spec(tmp_path):
     assert parse_scales(f"calibrated:{tmp_path}", NUM_STEPS) == KNOWN
     assert parse_scales(str(path), NUM_STEPS) == KNOWN
     assert (tmp_path / "scales.png").stat().st_size > 0
+
+
+def test_patch_sizes_of_a_schedule_are_its_distinct_sizes(tmp_path):
+    """build-index --scales takes the schedule that sample --scales will read: calibrated:RUN_DIR, FILE.json, paper:KEY."""
+    path = write_scales(tmp_path / "scales.json", {"scales": [7, 3, 5, 5], "per_sample": [[7], [3], [5], [5]],
+                                                         "similarity": [[1.0]] * 4},
+                        machine="bbels", metric="cos", candidates=[3, 5, 7], model=tmp_path, seed=0)
+    assert parse_patch_sizes(f"calibrated:{tmp_path}", "bbels") == [3, 5, 7] == parse_patch_sizes(str(path), "bbels")
+    with pytest.raises(PatchdbError, match="calibrated for the bbels machine, not ls"):
+        parse_patch_sizes(f"calibrated:{tmp_path}", "ls")
+    with pytest.raises(PatchdbError, match="does not exist; write it with `patchdb calibrate"):
+        parse_patch_sizes(f"calibrated:{tmp_path / 'untrained'}", "bbels")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(PatchdbError, match="the schedule is empty"):
+        parse_patch_sizes(str(tmp_path / "empty.json"))
+    preset = paper_scales()["fashion-mnist-resnet-zeros-conditional"]
+    assert parse_patch_sizes("paper:fashion-mnist-resnet-zeros-conditional") == sorted(set(preset)) != preset
+    assert parse_patch_sizes("7,3,7") == [3, 7]
 
 
 def test_median_candidate_rounds_to_a_candidate():

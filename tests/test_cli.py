@@ -316,11 +316,12 @@ def test_every_path_option_expands_the_home_folder(tmp_path, monkeypatch):
             CliRunner().invoke(main, ["train", "--dataset", spec, "--epochs", "1", "--out", "~/tr"]),
             CliRunner().invoke(main, ["calibrate", "--model", "~/tr", "--candidates", "3", "--samples", "1", "--steps", "2",
                                       "--out", "~/tr/sc.json"]),
+            CliRunner().invoke(main, ["build-index", "--dataset", spec, "--scales", "~/tr/sc.json", "--out", "~/sc"]),
             CliRunner().invoke(main, ["compare", "--model", "~/tr", "--scales", "~/tr/sc.json", "--steps", "2", "--num", "1",
                                       "--out", "~/c"])]
     for result in runs:
         assert result.exit_code == 0, result.output
-    assert all((home / name).is_dir() for name in ("s", "st", "t", "tr", "c")) and not list(work.iterdir())
+    assert all((home / name).is_dir() for name in ("s", "st", "t", "tr", "sc", "c")) and not list(work.iterdir())
     assert (home / "tr" / "sc.json").is_file() and np.array_equal(np.load(home / "t" / "noise.npy"),
                                                                    np.load(home / "s" / "noise.npy"))
 
@@ -329,6 +330,7 @@ def test_every_path_option_expands_the_home_folder(tmp_path, monkeypatch):
                                        ["sample", "--noise", " ", "--out", "s"], ["info", ""],
                                        ["compare", "--model", "", "--out", "c"],
                                        ["sample", "--scales", "calibrated:", "--out", "s"],
+                                       ["build-index", "--scales", "calibrated:", "--out", "st"],
                                        ["compare", "--model", "resnet", "--scales", "calibrated: ", "--out", "c"]])
 def test_an_empty_path_is_refused(tmp_path, monkeypatch, arguments):
     monkeypatch.chdir(tmp_path)
