@@ -2,16 +2,16 @@
 
 import click
 
-from cli.options import (DEVICE, SAMPLE_COUNTS, SEEDS, SIZE_LIST_HELP, STEPS, UserPath, gib_to_bytes, machine_data_options,
-                         warn_if_unfinished)
+from cli.options import (DEVICE, SAMPLE_COUNTS, SEEDS, SIZE_LIST_HELP, STEPS, UserPath, confirm_if_interactive,
+                         gib_to_bytes, machine_data_options, network_options, warn_if_unfinished)
 from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run, largest_candidate_warning
+from patchdb.comparison import resolve_model
 from patchdb.patches import PATCH_MACHINES
 from patchdb.scales import parse_size_list
 
 
 @click.command("calibrate")
-@click.option("--model", "run_dir", type=UserPath(file_okay=False), required=True,
-              help="Run folder of a trained network (from `patchdb train`).")
+@network_options
 @click.option("--machine", type=click.Choice(PATCH_MACHINES), default="bbels",
               help="Patch machine whose scale is calibrated (IS and ES have none).")
 @click.option("--candidates", default=None, show_default="3,5,...,19 for a ResNet, 3,5,...,27 for a UNet",
@@ -24,12 +24,17 @@ from patchdb.scales import parse_size_list
 @machine_data_options
 @click.option("--device", type=DEVICE, default="cpu", help="torch device for the network and the machine.")
 @click.option("--out", type=UserPath(dir_okay=False), default=None,
-              show_default="RUN_DIR/scales.json", help="Where the schedule's JSON goes (the same name with .png beside it).")
-def calibrate(run_dir, machine, candidates, samples, metric, num_steps, seed, data_dir, memory_gb, device, out) -> None:
+              show_default="RUN_DIR/scales.json (the cache folder's for resnet|unet)",
+              help="Where the schedule's JSON goes (the same name with .png beside it).")
+def calibrate(model, dataset_spec, padding, conditional, train_missing, machine, candidates, samples, metric, num_steps,
+              seed, data_dir, memory_gb, device, out) -> None:
     """Follow the network's reverse trajectories; per step keep the machine patch size whose score best matches it.
 
-    Entry i of the schedule is the patch size at t = i/n (what `--scales calibrated:RUN_DIR` reads).
+    Entry i of the schedule is the patch size at t = i/n (what `--scales calibrated:RUN_DIR` reads, and what compare
+    reads by default).
     """
+    run_dir = resolve_model(model, dataset_spec, padding=padding, conditional=conditional, train_missing=train_missing,
+                            data_dir=data_dir, device=device, confirm=confirm_if_interactive())
     warn_if_unfinished(run_dir)
     path, result = calibrate_run(run_dir, machine=machine, samples=samples,
                                  candidates=None if candidates is None else parse_size_list(candidates, "candidates"),

@@ -1,28 +1,16 @@
 """``patchdb compare``: seed-by-seed agreement of a trained network with the analytic machines."""
 
-import sys
-
 import click
 
-from cli.options import (DEVICE, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, ModelName, ScaleSpec, gib_to_bytes,
-                         machine_data_options, warn_if_unfinished)
+from cli.options import (DEVICE, OUTPUT_FOLDER, SAMPLE_COUNTS, SEEDS, STEPS, ScaleSpec, confirm_if_interactive,
+                         gib_to_bytes, machine_data_options, network_options, warn_if_unfinished)
 from patchdb.comparison import COMPARE_FILE, compare_model, statistic_text
 from patchdb.machines import MACHINES
-from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.scales import SCALE_SPEC_HELP, check_scale_spec
 
 
 @click.command("compare")
-@click.option("--model", type=ModelName(ARCHITECTURES), required=True,
-              help="'resnet' or 'unet' (the project's cpu-preset network for --dataset, from the model cache) or a RUN_DIR.")
-@click.option("--dataset", "dataset_spec", default=None, show_default="the run's own data set",
-              help="Data set spec (NAME[:SPLIT][:LIMIT], default[:LIMIT] or file:PATH[:LIMIT]); picks the cached "
-                   "network for --model resnet|unet. The machines always use the network's own training images.")
-@click.option("--padding", type=click.Choice(PADDINGS), default=None, show_default="a RUN_DIR's own; zeros for resnet|unet",
-              help="Padding of the network's convolutions.")
-@click.option("--conditional/--unconditional", default=None, show_default="a RUN_DIR's own; unconditional for resnet|unet",
-              help="Class-conditional network.")
-@click.option("--train", "train_missing", is_flag=True, help="Train a missing cached network with the cpu preset without asking.")
+@network_options
 @click.option("--machine", type=click.Choice(MACHINES), default="bbels", help="The machine compared with the network.")
 @click.option("--scales", "scale_spec", type=ScaleSpec(), default=None,
               show_default="calibrated:RUN_DIR (calibrated first if missing; none for is|es)",
@@ -47,7 +35,7 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
     report = compare_model(model, out_dir, dataset_spec=dataset_spec, padding=padding, conditional=conditional,
                            train_missing=train_missing, machine=machine, scale_spec=scale_spec, num_steps=num_steps,
                            data_dir=data_dir, device=device, memory_budget=gib_to_bytes(memory_gb),
-                           confirm=click.confirm if sys.stdin.isatty() else None, announce=click.echo,
+                           confirm=confirm_if_interactive(), announce=click.echo,
                            on_run=warn_if_unfinished, num=num, seed=seed, batch_size=batch_size,
                            test_dataset=test_dataset, single_step=single_step)
     summary = report["summary"]

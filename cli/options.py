@@ -1,6 +1,8 @@
 """Click options shared by the commands that build machines from a data set."""
 
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -8,6 +10,7 @@ import click
 from patchdb.engine import DEFAULT_MEMORY_BUDGET
 from patchdb.errors import PatchdbError, user_path
 from patchdb.generate import DEVICES, GIB, MAX_SAMPLES
+from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.patches import MAX_PATCH_SIZE, largest_patch_size
 from patchdb.schedule import MAX_STEPS
 from patchdb.topk import MAX_TOPK
@@ -103,6 +106,33 @@ class ScaleSpec(click.ParamType):
             refuse_empty(self, value.strip().removeprefix("calibrated:"), f"{value.strip()!r} names no run folder (it "
                          "is empty after calibrated:); give calibrated:RUN_DIR (calibrated:. for the current one)", param, ctx)
         return value
+
+
+def network_options(command):
+    """--model (an architecture's cached cpu-preset network, or a RUN_DIR), --dataset, --padding,
+    --conditional/--unconditional and --train: the network of calibrate and compare (patchdb.comparison.resolve_model)."""
+    options = [
+        click.option("--model", type=ModelName(ARCHITECTURES), required=True,
+                     help="'resnet' or 'unet' (the project's cpu-preset network for --dataset, from the model cache) or a "
+                          "RUN_DIR (from `patchdb train`)."),
+        click.option("--dataset", "dataset_spec", default=None, show_default="the run's own data set",
+                     help="Data set spec (NAME[:SPLIT][:LIMIT], default[:LIMIT] or file:PATH[:LIMIT]); picks the cached "
+                          "network for --model resnet|unet. The machines always use the network's own training images."),
+        click.option("--padding", type=click.Choice(PADDINGS), default=None,
+                     show_default="a RUN_DIR's own; zeros for resnet|unet", help="Padding of the network's convolutions."),
+        click.option("--conditional/--unconditional", default=None,
+                     show_default="a RUN_DIR's own; unconditional for resnet|unet", help="Class-conditional network."),
+        click.option("--train", "train_missing", is_flag=True,
+                     help="Train a missing cached network with the cpu preset without asking."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def confirm_if_interactive() -> Callable[[str], bool] | None:
+    """Where stdin is a terminal, click.confirm, to ask before long work (training a missing cached network); else None."""
+    return click.confirm if sys.stdin.isatty() else None
 
 
 DATA_DIR = click.option("--data-dir", type=UserPath(file_okay=False), default=None,

@@ -427,3 +427,23 @@ def test_usage_errors_exit_with_status_2(tmp_path, monkeypatch, arguments, messa
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_calibrate_takes_the_cached_network_as_compare_does(tmp_path, monkeypatch):
+    """calibrate --model resnet|unet calibrates the project's cached network (trained on request), into its cache folder,
+    where compare --model resnet|unet reads the schedule."""
+    write_npz(tmp_path / "labelled.npz")
+    spec, cache = f"file:{tmp_path / 'labelled.npz'}", tmp_path / "cache"
+    monkeypatch.setattr("patchdb.training.cached_run_dir", lambda architecture, dataset, padding, conditional:
+                        cache / f"{architecture}-{padding}-{'conditional' if conditional else 'unconditional'}")
+    cached = cache / "resnet-zeros-unconditional"
+    calibrate = ["calibrate", "--model", "resnet", "--dataset", spec, "--candidates", "3", "--samples", "1", "--steps", "2"]
+    missing = CliRunner().invoke(main, calibrate)
+    assert missing.exit_code == 1 and "no trained resnet" in missing.output and "pass --train" in missing.output
+    trained = CliRunner().invoke(main, ["train", "--dataset", spec, "--epochs", "1", "--out", str(cached)])
+    assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(main, calibrate)
+    assert result.exit_code == 0, result.output
+    assert f"-> {cached / 'scales.json'}" in result.output and (cached / "scales.png").is_file()
+    conditional = CliRunner().invoke(main, [*calibrate, "--conditional"])
+    assert conditional.exit_code == 1 and "no trained resnet" in conditional.output  # another cache folder's network
