@@ -1,6 +1,7 @@
 """The ``patchdb`` command line: ``patchdb sample`` end to end, and user errors shown as messages."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -447,3 +448,24 @@ def test_calibrate_takes_the_cached_network_as_compare_does(tmp_path, monkeypatc
     assert f"-> {cached / 'scales.json'}" in result.output and (cached / "scales.png").is_file()
     conditional = CliRunner().invoke(main, [*calibrate, "--conditional"])
     assert conditional.exit_code == 1 and "no trained resnet" in conditional.output  # another cache folder's network
+
+
+def test_the_readme_synopsis_of_every_command_names_its_options():
+    """README.md's `patchdb COMMAND [...]` synopses stay in step with the commands' options."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    synopses, command = {}, None
+    for line in readme.splitlines():
+        words = line.split()
+        if len(words) > 1 and words[0] == "patchdb" and words[1] in main.commands and ("[" in line or "|" in line):
+            command = words[1]
+            synopses[command] = synopses.get(command, "") + line
+        elif command is not None and line.startswith(" ") and line.strip().startswith(("[", "--")):
+            synopses[command] += line
+        else:
+            command = None
+    assert set(synopses) == set(main.commands)
+    for name, command in main.commands.items():
+        named = set(re.findall(r"(?<![\w-])--[\w-]+", synopses[name]))
+        absent = [param.opts[0] for param in command.params if isinstance(param, click.Option) and param.opts[0] != "--help"
+                  and not named & {*param.opts, *param.secondary_opts}]
+        assert not absent, f"README's synopsis of `patchdb {name}` lacks {absent}"
