@@ -35,7 +35,7 @@ def compare(model, dataset_spec, padding, conditional, train_missing, machine, s
     report = compare_model(model, out_dir, dataset_spec=dataset_spec, padding=padding, conditional=conditional,
                            train_missing=train_missing, machine=machine, scale_spec=scale_spec, num_steps=num_steps,
                            data_dir=data_dir, device=device, memory_budget=gib_to_bytes(memory_gb),
-                           confirm=confirm_if_interactive(), announce=click.echo,
+                           confirm=confirm_if_interactive(), announce=lambda text: click.echo(text, err=True),
                            on_run=warn_if_unfinished, num=num, seed=seed, batch_size=batch_size,
                            test_dataset=test_dataset, single_step=single_step)
     summary = report["summary"]

@@ -125,18 +125,25 @@ def calibrate_scales(network: ScoreModel, machine: ScoreModel, noise: torch.Tens
             "at_largest_candidate": at_largest}
 
 
-def largest_candidate_warning(result: dict, num_steps: int, machine: str) -> str | None:
+def largest_candidate_warning(result: dict, num_steps: int, machine: str, run_dir: "str | os.PathLike | None" = None
+                              ) -> str | None:
     """A warning where calibrate_scales' result for the machine takes its largest candidate at some step (the network
-    may be less local there than any candidate, so the schedule is capped) and a larger one exists, else None."""
+    may be less local there than any candidate, so the schedule is capped) and a larger one exists, else None.
+    run_dir: the run calibrated, whose `patchdb calibrate` command with larger candidates the warning then gives (for
+    a caller other than that command, which calibrated on its own)."""
     from patchdb.patches import largest_patch_size, padding_mode
+    from patchdb.scales import calibrate_command
 
     steps, limit = result["at_largest_candidate"], largest_patch_size(padding_mode(machine))
     if not steps or result["scales"][steps[0]] >= limit:
         return None
     largest = result["scales"][steps[0]]
     times = ", ".join(f"{i / num_steps:g}" for i in sorted(steps, reverse=True))
+    candidates = f"3,5,...,{min(largest + 10, limit)}"
+    fix = (f"calibrate with larger --candidates (e.g. {candidates})" if run_dir is None else
+           f"calibrate with larger candidates: `{calibrate_command(run_dir, machine, num_steps)} --candidates {candidates}`")
     return (f"the schedule takes the largest candidate, {largest}, at t = {times}: the network may be less local "
-            f"there than any candidate; calibrate with larger --candidates (e.g. 3,5,...,{min(largest + 10, limit)})")
+            f"there than any candidate; {fix}")
 
 
 def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candidates: Sequence[int] | None = None,

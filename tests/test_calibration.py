@@ -77,6 +77,14 @@ def test_no_warning_below_the_largest_candidate_nor_at_the_largest_patch_size():
     assert largest_candidate_warning(at_63, 3, "els").endswith("(e.g. 3,5,...,65)")  # circular ones at 65
 
 
+def test_a_warning_for_another_command_gives_the_calibrate_command():
+    """compare calibrates a run on its own, and has no --candidates: its warning names the command that recalibrates."""
+    at_7 = {"scales": [7] * 3, "at_largest_candidate": [2]}
+    assert largest_candidate_warning(at_7, 3, "ls", "runs/a b").endswith(
+        "calibrate with larger candidates: `patchdb calibrate --model 'runs/a b' --machine ls --steps 3 --candidates "
+        "3,5,...,17`")
+
+
 @pytest.mark.parametrize("architecture, largest", [("resnet", 19), ("unet", 27)])
 def test_default_candidates_reach_the_architectures_largest_published_scale(tmp_path, architecture, largest):
     """The authors' calibrated schedules reach 19 for ResNets (CelebA) and 27 for UNets: a default that stopped short

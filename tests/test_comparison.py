@@ -187,6 +187,23 @@ def test_tiny_comparison_run_writes_every_output(tmp_path):
     assert ideal["per_seed"][0]["pearson_r"]["is"] == pytest.approx(report["per_seed"][0]["pearson_r"]["is"])
 
 
+def test_compare_calibrating_on_its_own_says_so_on_stderr_with_the_command_for_larger_candidates(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from cli.main import main
+
+    np.savez(tmp_path / "train.npz", images=quantised_images(6, 8, 16).numpy())
+    spec = f"file:{tmp_path / 'train.npz'}"
+    from patchdb.data import load_dataset
+    train_network(tmp_path / "run", load_dataset(spec), spec, NetworkConfig(width=8, num_hidden_layers=1, embedding_dim=16),
+                  TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+    monkeypatch.setattr("patchdb.calibration.default_candidates", lambda architecture: [3])  # every step at the largest
+    result = CliRunner().invoke(main, ["compare", "--model", str(tmp_path / "run"), "--steps", "2", "--num", "1",
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "has no scales.json: calibrating bbels first" in result.stderr
+    assert f"`patchdb calibrate --model {tmp_path / 'run'} --machine bbels --steps 2 --candidates 3,5,...,13`" in result.stderr
+    assert "warning" not in result.stdout and "bbels beats IS" in result.stdout
+
 def test_single_step_agreement_is_one_for_the_model_itself_and_uses_each_step_scale():
     from patchdb.comparison import single_step_agreement
     from patchdb.machines import make_machine
