@@ -14,7 +14,7 @@ from patchdb.networks import ARCHITECTURES, PADDINGS
 from patchdb.patches import MAX_PATCH_SIZE, largest_patch_size
 from patchdb.schedule import MAX_STEPS
 from patchdb.topk import MAX_TOPK
-from patchdb.training import TrainingProgress, training_progress
+from patchdb.training import TrainingProgress, read_config, train_command, training_progress
 
 SEEDS = click.IntRange(min=0, max=2**62)
 """--seed: sample k's generator is seeded with seed + k, which torch takes up to 2^63 - 1."""
@@ -54,8 +54,8 @@ def warn_if_unfinished(run_dir: Path, progress: TrainingProgress | None = None) 
     progress = progress or training_progress(run_dir)
     if not progress.finished:
         click.echo(f"warning: {run_dir} has trained {progress.batches_done} of its {progress.batches_configured} batches, "
-                   "so these results describe a partly trained network; rerun its `patchdb train` command to finish it",
-                   err=True)
+                   f"so these results describe a partly trained network; finish it with "
+                   f"{train_command(run_dir, read_config(run_dir))}", err=True)
 
 
 def refuse_empty(kind: click.ParamType, text, message: str, param, ctx) -> None:

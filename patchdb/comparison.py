@@ -441,7 +441,12 @@ def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str |
     padding = padding or "zeros"
     dataset = load_dataset(dataset_spec, data_dir)
     run_dir = cached_run_dir(model, dataset, padding=padding, conditional=bool(conditional))
-    if not is_trained(run_dir):
+    try:
+        trained = is_trained(run_dir)
+    except PatchdbError as error:
+        raise PatchdbError(f"the cached {model} network in {run_dir} is damaged: delete that folder, then rerun with --train "
+                           f"to train it again (what is wrong: {error})") from None
+    if not trained:
         question = (f"no trained {model} for {dataset.name} in the cache ({run_dir}); train one now with the cpu preset "
                     "(7 to 10 minutes on two idle cores)?")
         if not (train_missing or (confirm is not None and confirm(question))):

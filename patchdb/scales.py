@@ -65,13 +65,15 @@ def _read_scale_file(path: Path, num_steps: int | None, machine: str | None, run
     if not path.is_file():
         raise PatchdbError(f"scale file {path} does not exist; write it with `patchdb calibrate --model RUN_DIR --out {path}` "
                            "(by default RUN_DIR/scales.json, which --scales calibrated:RUN_DIR reads) or give another --scales")
+    rewrite = (f"write it again with `patchdb calibrate --model RUN_DIR --out {path}`" if run_dir is None else
+               f"recalibrate: `{calibrate_command(run_dir, machine, num_steps)}`")
     try:
         content = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PatchdbError(f"scale file {path} is not valid JSON ({error})") from None
+        raise PatchdbError(f"scale file {path} is not valid JSON ({error}); {rewrite}") from None
     sizes = content.get("scales") if isinstance(content, dict) else content
     if not isinstance(sizes, list):
-        raise PatchdbError(f"scale file {path} must hold a list of sizes or an object with a 'scales' list")
+        raise PatchdbError(f"scale file {path} must hold a list of sizes or an object with a 'scales' list; {rewrite}")
     calibrated_for = content.get("machine") if isinstance(content, dict) else None
     if machine is not None and calibrated_for is not None and calibrated_for != machine:
         raise PatchdbError(f"scale file {path} was calibrated for the {calibrated_for} machine, not {machine}; calibrate one "
@@ -90,11 +92,12 @@ def calibrated_run(spec: str) -> Path | None:
     return user_path(spec.removeprefix("calibrated:"), "--scales calibrated:")
 
 
-def calibrate_command(run_dir: "str | Path", machine: str | None, num_steps: int) -> str:
+def calibrate_command(run_dir: "str | Path", machine: str | None, num_steps: int | None) -> str:
     """The `patchdb calibrate` command that writes run_dir/scales.json, which --scales calibrated:RUN_DIR reads, for the
-    machine (None: calibrate's default) and num_steps."""
+    machine and num_steps (None: calibrate's defaults)."""
     machine_option = "" if machine is None else f" --machine {machine}"
-    return f"patchdb calibrate --model {shlex.quote(str(run_dir))}{machine_option} --steps {num_steps}"
+    steps_option = "" if num_steps is None else f" --steps {num_steps}"
+    return f"patchdb calibrate --model {shlex.quote(str(run_dir))}{machine_option}{steps_option}"
 
 
 def check_scales(sizes: list, num_steps: int | None, source: str = "scales", remedy: str = "change --steps") -> list[int]:

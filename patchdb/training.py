@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -158,7 +159,7 @@ def train_network(run_dir: str | os.PathLike, dataset: Dataset, dataset_spec: st
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
             if batches_done % batches_per_epoch == 0 or batches_done == total_batches or \
                     time.monotonic() - last_save > CHECKPOINT_SECONDS:
-                save_checkpoint(run_dir, network, optimizer, batches_done, batch_losses)
+                save_checkpoint(run_dir, config, network, optimizer, batches_done, batch_losses)
                 last_save = time.monotonic()
         bar.close()
         plot_losses(run_dir / LOSS_PLOT_FILE, batch_losses, batches_per_epoch)
@@ -199,17 +200,48 @@ def _check_device(device: str) -> torch.device:
 
 
 def _resume(run_dir: Path, config: dict, network, optimizer) -> tuple[int, list[float]]:
-    """Load run_dir's checkpoint into network and optimizer if it is a run of the same settings."""
-    checkpoint_path = run_dir / CHECKPOINT_FILE
-    if not checkpoint_path.exists():
+    """Load run_dir's checkpoint into network and optimizer if it is a run of the same settings (a run folder whose
+    config.json has other settings is refused, checkpoint or not: a run stopped before its first checkpoint too)."""
+    if not (run_dir / CONFIG_FILE).exists() and not (run_dir / CHECKPOINT_FILE).exists():
         return 0, []
-    changed = differing_keys(_resumable_settings(read_config(run_dir)), _resumable_settings(config))
+    stored = read_config(run_dir)
+    changed = differing_keys(_resumable_settings(stored), _resumable_settings(config))
     if changed:
         raise PatchdbError(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ from "
-                           f"{run_dir / CONFIG_FILE}); use a new --out folder, or the same settings to resume it")
-    checkpoint = _restore(run_dir, network)
-    optimizer.load_state_dict(checkpoint["optimizer"])
+                           f"{run_dir / CONFIG_FILE}); use a new --out folder, or resume that run: {train_command(run_dir, stored)}")
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        return 0, []
+    checkpoint = _restore(run_dir, stored, network)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a damaged state dict: torch checks little of it
+        raise PatchdbError(f"{run_dir / CHECKPOINT_FILE}: its optimizer state is damaged ({type(error).__name__}: {error}); "
+                           "train again into a new --out folder") from None
     return int(checkpoint["batches_done"]), checkpoint["batch_losses"].tolist()
+
+
+def train_command(run_dir: str | os.PathLike, config: dict) -> str:
+    """The `patchdb train` command that trains the run of config (run_dir's config.json), and so resumes it; where its
+    settings are no preset's (train_network given its own configs), what to run instead."""
+    network, training, spec = config["network"], config["training"], config["dataset"]["spec"]
+    for preset, settings in PRESETS.items():
+        try:
+            expected_network = NetworkConfig(**{**network, **settings[network["architecture"]]})
+            expected_training = TrainingConfig(**settings["training"], epochs=training["epochs"], seed=training["seed"])
+        except (KeyError, TypeError, PatchdbError):  # no config a preset makes
+            continue
+        if dataclasses.asdict(expected_network) == network and dataclasses.asdict(expected_training) == training:
+            words = ["patchdb", "train", "--model", network["architecture"], *(["--dataset", spec] if spec else []),
+                     "--padding", network["padding"], "--conditional" if network["num_classes"] else "--unconditional",
+                     "--preset", preset, "--epochs", str(training["epochs"]), "--seed", str(training["seed"]),
+                     "--out", str(run_dir)]
+            return f"`{shlex.join(words)}`"
+    return f"the train_network call that started it (its settings in {Path(run_dir) / CONFIG_FILE} are no preset's)"
+
+
+def settings_digest(config: dict) -> str:
+    """sha256 of a run config's resumable settings: what its checkpoints carry and are checked against."""
+    return hashlib.sha256(json.dumps(_resumable_settings(config), sort_keys=True).encode()).hexdigest()
 
 
 def _resumable_settings(config: dict) -> dict:
@@ -219,9 +251,11 @@ def _resumable_settings(config: dict) -> dict:
             "dataset": {**config["dataset"], "spec": None, "name": None}}
 
 
-def save_checkpoint(run_dir: Path, network, optimizer, batches_done: int, batch_losses: list[float]) -> None:
-    """Write run_dir/checkpoint.pt atomically (temporary name in the same folder, then os.replace)."""
+def save_checkpoint(run_dir: Path, config: dict, network, optimizer, batches_done: int, batch_losses: list[float]) -> None:
+    """Write run_dir/checkpoint.pt atomically (temporary name in the same folder, then os.replace), with the digest of
+    config's resumable settings, so that a checkpoint is never loaded with another run's config.json."""
     state = {
+        "settings_digest": settings_digest(config),
         "model": {name: tensor.contiguous() for name, tensor in network.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "batches_done": batches_done,
@@ -279,6 +313,10 @@ def read_config(run_dir: str | os.PathLike) -> dict:
                      or config[section][key] < 1]
     if not_counts:
         raise PatchdbError(f"{path}: {', '.join(not_counts)} must be positive whole numbers; train again into a new --out folder")
+    spec, fingerprint = config["dataset"]["spec"], config["dataset"]["fingerprint"]
+    if not (spec is None or isinstance(spec, str)) or not isinstance(fingerprint, str):
+        raise PatchdbError(f"{path}: dataset.spec must be a data set spec or null and dataset.fingerprint a digest, not "
+                           f"{spec!r} and {fingerprint!r}; train again into a new --out folder")
     return config
 
 
@@ -294,7 +332,7 @@ def load_network(run_dir: str | os.PathLike, device: str = "cpu") -> NetworkScor
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     network = build_network(_network_config(run_dir, config))
-    checkpoint = _restore(run_dir, network)
+    checkpoint = _restore(run_dir, config, network)
     # the progress of these very weights: a training still running may have written a later checkpoint by the end of a job
     return NetworkScore(network.to(_check_device(device)), _progress(config, checkpoint))
 
@@ -311,11 +349,14 @@ def _network_config(run_dir: str | os.PathLike, config: dict) -> NetworkConfig:
         raise PatchdbError(f"{Path(run_dir) / CONFIG_FILE} has no valid network config ({error})") from None
 
 
-def _restore(run_dir: Path, network) -> dict:
-    """run_dir's checkpoint, its weights loaded into network (built from run_dir's config.json)."""
-    path = _checkpoint_path(run_dir)
+def _restore(run_dir: Path, config: dict, network) -> dict:
+    """run_dir's checkpoint, its weights loaded into network (built from config, run_dir's config.json)."""
+    path = _checkpoint_path(run_dir, config)
     checkpoint = _load_checkpoint(path)
+    recorded = checkpoint.get("settings_digest")  # absent from the checkpoints of patchdb 0.1, which only the weights check
     try:
+        if recorded is not None and recorded != settings_digest(config):
+            raise RuntimeError("it was trained with other settings")
         network.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError) as error:  # RuntimeError: missing, unexpected or differently shaped weights
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -353,7 +394,8 @@ class TrainingProgress(NamedTuple):
 
 def training_progress(run_dir: str | os.PathLike) -> TrainingProgress:
     """How far run_dir's training has come; PatchdbError where it has no config or checkpoint."""
-    return _progress(read_config(run_dir), _load_checkpoint(_checkpoint_path(run_dir)))
+    config = read_config(run_dir)
+    return _progress(config, _load_checkpoint(_checkpoint_path(run_dir, config)))
 
 
 def _progress(config: dict, checkpoint: dict) -> TrainingProgress:
@@ -361,11 +403,11 @@ def _progress(config: dict, checkpoint: dict) -> TrainingProgress:
     return TrainingProgress(int(checkpoint["batches_done"]), config["training"]["epochs"] * batches_per_epoch)
 
 
-def _checkpoint_path(run_dir: str | os.PathLike) -> Path:
-    """run_dir's checkpoint; PatchdbError where training has not written one yet."""
+def _checkpoint_path(run_dir: str | os.PathLike, config: dict) -> Path:
+    """run_dir's checkpoint (config: its config.json); PatchdbError where training has not written one yet."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
-        raise PatchdbError(f"{run_dir} has no {CHECKPOINT_FILE} yet: finish training with `patchdb train --out {run_dir}`")
+        raise PatchdbError(f"{run_dir} has no {CHECKPOINT_FILE} yet: finish training with {train_command(run_dir, config)}")
     return path
 
 
@@ -385,17 +427,18 @@ def model_cache_dir() -> Path:
 
 
 def cached_run_dir(architecture: str, dataset: Dataset, *, padding: str = "zeros", conditional: bool = False) -> Path:
-    """The cache folder of the project's network (cpu preset) for this architecture, data set and setting. Its name ends
-    in a digest of the preset's configs and of the network's weight names and shapes, so that a network cached under an
-    earlier version of the preset (another width, say) or of the architecture is neither taken for this one nor
-    resumed."""
+    """The cache folder of the project's network (cpu preset) for this architecture, data set and setting. Its name holds
+    the fingerprint of the images the preset trains on (so that one network serves every spec of them: fashion-mnist,
+    fashion-mnist:train, fashion-mnist:train:1000) and ends in a digest of the preset's configs and of the network's
+    weight names and shapes, so that a network cached under an earlier version of the preset (another width, say) or of
+    the architecture is neither taken for this one nor resumed."""
     network, training = preset_configs("cpu", architecture, dataset, padding=padding, conditional=conditional)
     weight_shapes = {name: list(weight.shape) for name, weight in build_network(network).state_dict().items()}
     configs = json.dumps([dataclasses.asdict(network), dataclasses.asdict(training), weight_shapes], sort_keys=True)
     digest = hashlib.sha256(configs.encode()).hexdigest()[:8]
     kind = "conditional" if conditional else "unconditional"
-    safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset.name)
-    return model_cache_dir() / f"{architecture}-{safe_name}-{dataset.fingerprint[:12]}-{padding}-{kind}-cpu-{digest}"
+    images = training_subset(dataset, training.max_images).fingerprint[:12]
+    return model_cache_dir() / f"{architecture}-{images}-{padding}-{kind}-cpu-{digest}"
 
 
 def plot_losses(path: Path, batch_losses: list[float], batches_per_epoch: int) -> None:

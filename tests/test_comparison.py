@@ -243,6 +243,7 @@ def test_partly_trained_and_mismatched_runs_are_flagged_before_the_long_work(tmp
                                   "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert "warning: " in result.stderr and "trained 1 of its 3 batches" in result.stderr
+    assert "finish it with the train_network call that started it" in result.stderr  # no preset's settings: no command
     assert json.loads((tmp_path / "run" / "scales.json").read_text())["model_training"] == {
         "batches_done": 1, "batches_configured": 3}
     for name in ("schedule.png", "config.json", "loss.json"):  # names whose writing would destroy the schedule or the run
@@ -383,6 +384,19 @@ def test_held_out_labels_the_training_images_lack_are_refused_before_sampling(tm
         compare_model(str(tmp_path / "run"), tmp_path / "out", machine="els", num_steps=2, num=4, single_step=True,
                       test_dataset=f"file:{tmp_path / 'test.npz'}", show_progress=False)
 
+
+def test_a_damaged_cached_network_says_to_delete_its_cache_folder(tmp_path, monkeypatch):
+    """The fix a run folder's damage suggests (train into a new --out) does not apply to the model cache."""
+    from patchdb.comparison import resolve_model
+
+    cached = tmp_path / "cache" / "resnet"
+    train_network(cached, tiny_dataset(num_images=8, side=8), None, NetworkConfig(width=8, num_hidden_layers=1,
+                  embedding_dim=16), TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+    (cached / "checkpoint.pt").write_bytes(b"damaged")
+    monkeypatch.setattr("patchdb.training.cached_run_dir", lambda architecture, dataset, **setting: cached)
+    with pytest.raises(PatchdbError, match=f"the cached resnet network in {cached} is damaged: delete that folder, then "
+                                           r"rerun with --train to train it again \(what is wrong: .*checkpoint.pt: not a "):
+        resolve_model("resnet", "default:10")
 
 def test_a_conditional_flag_that_is_not_the_runs_own_is_refused_in_plain_words(tmp_path):
     from patchdb.comparison import resolve_model

@@ -150,6 +150,9 @@ def test_damaged_or_missing_runs_give_clear_errors(tmp_path):
         load_network(tmp_path)
     dataset = tiny_dataset(num_images=8, side=8)
     network_config, training_config = tiny_run_configs(epochs=1)
+    with pytest.raises(PatchdbError, match="is not a patchdb run's config"):  # nor is it trained over
+        train_network(tmp_path, dataset, None, network_config, training_config, show_progress=False)
+    (tmp_path / "config.json").unlink()
     train_network(tmp_path, dataset, None, network_config, training_config, show_progress=False)
     checkpoint = (tmp_path / "checkpoint.pt").read_bytes()
     for damaged in (b"not a checkpoint", checkpoint[:len(checkpoint) // 2], b""):
@@ -166,6 +169,10 @@ def test_damaged_or_missing_runs_give_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "training": {**config["training"], "batch_size": 0}}))
     with pytest.raises(PatchdbError, match="training.batch_size must be positive whole numbers"):
         training_progress(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dataset": {**config["dataset"], "spec": 5}}))
+    with pytest.raises(PatchdbError, match="dataset.spec must be a data set spec or null and dataset.fingerprint a digest, "
+                                           "not 5 and '[0-9a-f]+'; train again"):
+        load_training_data(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     for foreign in ({"model": {}}, [1, 2], network_config):
         torch.save(foreign if not isinstance(foreign, NetworkConfig) else build_network(foreign).state_dict(),
@@ -332,3 +339,65 @@ def test_the_cache_folder_of_a_preset_network_changes_with_the_preset(monkeypatc
             patch.setitem(PRESETS["cpu"], part, {**PRESETS["cpu"][part], **change})
             assert cached_run_dir("unet", dataset, conditional=True) != folder
     assert cached_run_dir("unet", dataset, conditional=True) == folder
+
+
+def test_a_run_stopped_before_its_first_checkpoint_keeps_its_settings_and_names_its_command(tmp_path):
+    """Its config.json alone still refuses other settings, and the advice to finish it is the command that resumes it."""
+    dataset = tiny_dataset(num_images=8, side=8)
+    network_config, training_config = preset_configs("cpu", "resnet", dataset, conditional=True, epochs=1)
+    train_network(tmp_path / "run", dataset, None, network_config, training_config, show_progress=False)
+    (tmp_path / "run" / "checkpoint.pt").unlink()  # as if killed during its first epoch
+    command = f"`patchdb train --model resnet --padding zeros --conditional --preset cpu --epochs 1 --seed 0 --out {tmp_path / 'run'}`"
+    with pytest.raises(PatchdbError, match="has no checkpoint.pt yet: finish training with ") as error:
+        training_progress(tmp_path / "run")
+    assert str(error.value).endswith(command)
+    with pytest.raises(PatchdbError, match="network.num_classes differ from .*; use a new --out folder, or resume that run: "):
+        train_network(tmp_path / "run", dataset, None, dataclasses.replace(network_config, num_classes=0), training_config,
+                      show_progress=False)
+    assert read_config(tmp_path / "run")["network"] == dataclasses.asdict(network_config)
+    train_network(tmp_path / "own", dataset, None, *tiny_run_configs(epochs=1), show_progress=False)
+    (tmp_path / "own" / "checkpoint.pt").unlink()
+    with pytest.raises(PatchdbError, match="finish training with the train_network call that started it"):
+        training_progress(tmp_path / "own")
+
+
+def test_a_checkpoint_is_loaded_only_with_the_config_of_its_own_run(tmp_path):
+    """Two runs whose weights have the same shapes: neither loads nor resumes the other's checkpoint."""
+    dataset = tiny_dataset(num_images=8, side=8)
+    network_config, training_config = tiny_run_configs(epochs=1)
+    train_network(tmp_path / "a", dataset, None, network_config, training_config, show_progress=False)
+    other = dataclasses.replace(training_config, learning_rate=1e-2)
+    train_network(tmp_path / "b", dataset, None, network_config, other, show_progress=False)
+    (tmp_path / "b" / "checkpoint.pt").write_bytes((tmp_path / "a" / "checkpoint.pt").read_bytes())
+    message = r"b/checkpoint.pt does not hold the network that .*b/config.json describes \(it was trained with other settings\)"
+    with pytest.raises(PatchdbError, match=message):
+        load_network(tmp_path / "b")
+    with pytest.raises(PatchdbError, match=message):
+        train_network(tmp_path / "b", dataset, None, network_config, dataclasses.replace(other, epochs=2), show_progress=False)
+    copied = tmp_path / "copy"  # a whole run folder, copied or renamed, is the same run
+    copied.mkdir()
+    for name in ("config.json", "checkpoint.pt"):
+        (copied / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    copied_weights, own_weights = load_network(copied).network.state_dict(), load_network(tmp_path / "a").network.state_dict()
+    assert all(torch.equal(copied_weights[name], weight) for name, weight in own_weights.items())
+
+
+def test_a_damaged_optimizer_state_is_a_message(tmp_path):
+    dataset = tiny_dataset(num_images=8, side=8)
+    network_config, training_config = tiny_run_configs(epochs=1)
+    train_network(tmp_path, dataset, None, network_config, training_config, show_progress=False)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({**checkpoint, "optimizer": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(PatchdbError, match=r"checkpoint.pt: its optimizer state is damaged \(KeyError: .*train again"):
+        train_network(tmp_path, dataset, None, network_config, dataclasses.replace(training_config, epochs=2),
+                      show_progress=False)
+
+
+def test_one_cache_folder_serves_every_spec_of_the_same_training_images():
+    from conftest import quantised_images
+    from patchdb.data import make_dataset
+
+    images = quantised_images(3, 1001, 8)
+    folder = cached_run_dir("resnet", make_dataset(images[:1000], None, "fashion-mnist:train:1000"))
+    assert cached_run_dir("resnet", make_dataset(images, None, "fashion-mnist")) == folder  # the cpu preset's first 1,000
+    assert cached_run_dir("resnet", make_dataset(images[1:], None, "fashion-mnist")) != folder

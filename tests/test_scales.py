@@ -71,10 +71,13 @@ def test_bad_specs_raise_clear_errors(spec, steps, message):
 def test_bad_scale_files_raise_clear_errors(tmp_path, content, message):
     path = tmp_path / "scales.json"
     path.write_text(content)
-    with pytest.raises(PatchdbError, match=message):
+    with pytest.raises(PatchdbError, match=message) as given_as_a_file:
         parse_scales(str(path), 3)
-    with pytest.raises(PatchdbError, match=message):
+    with pytest.raises(PatchdbError, match=message) as calibrated:
         parse_scales(f"calibrated:{tmp_path}", 3)
+    if "JSON" in message or "list" in message:  # the file as a whole is unusable: each error says how to write it again
+        assert str(given_as_a_file.value).endswith(f"write it again with `patchdb calibrate --model RUN_DIR --out {path}`")
+        assert str(calibrated.value).endswith(f"recalibrate: `patchdb calibrate --model {tmp_path} --steps 3`")
 
 
 def test_missing_scale_files_say_how_to_make_one(tmp_path):
