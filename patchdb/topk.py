@@ -214,7 +214,7 @@ class TopKBackend:
         seconds["rescore"] += time.perf_counter() - start
         uncertified = torch.nonzero(~plan.certified).squeeze(1)
         if self.fallback != "exact":
-            uncertified = self._certify_scored(accumulator, plan, uncertified)
+            uncertified = self._certify_scored(accumulator, queries, clusters, alpha_bar, plan, uncertified)
         rejected = uncertified[:0]
         if self.fallback in ("estimate", "auto"):
             rejected, budget = uncertified, topk
@@ -232,7 +232,7 @@ class TopKBackend:
                 budget *= DEEPENING_FACTOR
                 scored += self._score(accumulator, queries, dictionary, self._deepen(plan, clusters, rejected, budget), alpha_bar)
                 seconds["rescore"] += time.perf_counter() - start
-                rejected = self._certify_scored(accumulator, plan, rejected)
+                rejected = self._certify_scored(accumulator, queries, clusters, alpha_bar, plan, rejected)
         if rejected.numel():
             start = time.perf_counter()
             tail_visit = torch.zeros_like(plan.visit)
@@ -243,19 +243,29 @@ class TopKBackend:
         self._count(plan.path.cpu(), scored)
         return plan.path
 
-    def _certify_scored(self, accumulator: SoftmaxAccumulator, plan: "_Plan", rows: torch.Tensor) -> torch.Tensor:
+    def _certify_scored(self, accumulator: SoftmaxAccumulator, queries: torch.Tensor, clusters: EntryClusters,
+                        alpha_bar: float, plan: "_Plan", rows: torch.Tensor) -> torch.Tensor:
         """Certify those of rows whose scored clusters now prove the rest below tol; returns the others.
 
         Once a query's visited clusters are scored, its normaliser is known exactly over them, a
         lower bound usually far above the medoids'; where the unvisited clusters' mass bound lies
-        below tol times it, the query is certified after all and needs no fallback.
+        below tol times it, the query is certified after all and needs no fallback. The comparison is
+        made in log space: at small t the normaliser lies thousands of nats above the plan's shift.
         """
         if not rows.numel() or self.tol == 0:
             return rows
-        log_normaliser = accumulator.running_max[rows] + accumulator.normaliser[rows].log()
+        log_normaliser = (accumulator.running_max[rows] + accumulator.normaliser[rows].log()).double()
         # over all rows, in place (the visited clusters' bounds are not needed again): cheaper than copying most rows
         unvisited_mass = _summed_masses(plan.masses.masked_fill_(plan.visit, 0.0))[rows] * (1 + MASS_ROUNDING)
-        proven = unvisited_mass <= self.tol * (log_normaliser - plan.mass_shift[rows]).double().exp()
+        log_unvisited = unvisited_mass.log() + plan.mass_shift[rows].double()
+        # a bound that overflowed float32 relative to the shift (a cluster near the query, unvisited) bounds nothing:
+        # the rows that hold one get their unvisited clusters' bounds again, summed in log space
+        overflowed = torch.isinf(unvisited_mass)
+        if overflowed.any():
+            again = rows[overflowed]
+            bounds = clusters.search(queries[again], alpha_bar)[1].masked_fill_(plan.visit[again], -math.inf)
+            log_unvisited[overflowed] = torch.logsumexp(bounds.double(), dim=1) + math.log1p(MASS_ROUNDING)
+        proven = log_unvisited <= math.log(self.tol) + log_normaliser
         plan.certified[rows[proven]] = True
         plan.path[rows[proven]] = PATHS.index("certified")
         return rows[~proven]

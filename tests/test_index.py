@@ -149,8 +149,8 @@ def test_pixels_certified_once_their_clusters_are_scored_are_within_tol_times_th
     late = []
     real = TopKBackend._certify_scored
 
-    def recording(self, accumulator, plan, rows):
-        left = real(self, accumulator, plan, rows)
+    def recording(self, accumulator, queries, clusters, alpha_bar, plan, rows):
+        left = real(self, accumulator, queries, clusters, alpha_bar, plan, rows)
         certified = rows[~torch.isin(rows, left)]
         late.append((certified, plan.visit[certified].clone()))
         return left
@@ -201,6 +201,39 @@ def test_the_certificate_holds_where_a_wide_cluster_around_the_query_has_a_loose
     assert -0.9 < float(exact) < -0.6  # the tight clusters hold a real share of the posterior
     assert path[0] == PATHS.index("certified") and (mean - exact).abs().max() <= tol * 2
 
+
+@pytest.mark.parametrize("nearest, certifiable", [(0.1, False), (1.0, True)])
+def test_the_certificate_after_scoring_holds_where_an_unvisited_bound_overflows_float32(nearest, certifiable):
+    """Both medoids lie far from q, so the plan's shift lies some 1,200 nats below the bounds near q: the unvisited
+    cluster's float32 mass overflows to inf, and so did the tolerance it was compared with once the visited cluster's
+    member at q was scored (inf <= inf certified q). In log space its bound certifies q where its nearest member is
+    far (1.0: e^-49 of the normaliser), and not where it holds a real share of the posterior (0.1: e^-0.5)."""
+    from patchdb.index import ClusteredDictionary, EntryClusters
+
+    generator = torch.Generator().manual_seed(0)
+    dimension, radius, alpha_bar, tol = 16, 5.0, 0.99, 1e-2
+    directions = torch.nn.functional.normalize(torch.randn(64, dimension, generator=generator), dim=1)
+    sphere = torch.cat([radius * directions, -radius * directions])
+    axis = directions[0]
+    centre = (nearest + radius) * axis  # the other cluster: a sphere beyond q whose member nearest q lies at nearest
+    visited = torch.cat([sphere, torch.zeros(1, dimension)])  # its medoid (first entry) 5 from q, a member at q
+    unvisited = torch.cat([(centre + radius * axis)[None], centre + sphere, (nearest * axis)[None]])
+    keys = torch.cat([visited, unvisited])  # float32, as a store holds them
+    offsets = torch.tensor([0, len(visited), len(keys)])
+    members = [visited, unvisited]
+    centroids = torch.stack([part.mean(0) for part in members])
+    radii = torch.stack([(part - centroid).norm(dim=1).max() for part, centroid in zip(members, centroids)])
+    values = torch.cat([torch.full((len(visited), 1), -1.0), torch.full((len(unvisited), 1), 1.0)])
+    sources = torch.stack([torch.arange(len(keys)), torch.zeros(len(keys)).long(), torch.zeros(len(keys)).long()], 1)
+    flat = PatchDictionary(keys, values, keys.square().sum(1), torch.zeros(len(keys)), sources, False)
+    indexed = ClusteredDictionary(flat, EntryClusters(offsets, centroids, radii, offsets.diff().float().log(),
+                                                      offsets[:-1].clone()))
+    query = torch.zeros(1, dimension)
+    mean, path = topk_fold(TopKBackend(topk=len(visited), tol=tol, fallback="none", scoring="runs"), query, indexed,
+                           alpha_bar)
+    error = float((mean - exact_mean(query, flat, alpha_bar)).abs().max())
+    assert (path[0] == PATHS.index("certified")) == certifiable
+    assert error <= tol * 2 if certifiable else error > 0.5  # the truncation it refused to certify is far off
 
 @pytest.mark.parametrize("alpha_bar", [0.9, 0.999, 0.9999])
 def test_float32_cluster_bounds_hold_against_the_float64_truth(alpha_bar):
