@@ -146,8 +146,8 @@ def read_settings(store: Path) -> StoreSettings:
     except (*H5_ERRORS, AttributeError) as error:
         raise PatchdbError(f"{path} is corrupt or not a patchdb store ({error}); delete {store} and build it again") from None
     if settings is None:
-        raise PatchdbError(f"{store} has store format {version}, this patchdb reads format {FORMAT_VERSION}; "
-                           "rebuild it with `patchdb build-index`")
+        raise PatchdbError(f"{store} has store format {version}, this patchdb reads format {FORMAT_VERSION}; delete {store} "
+                           "and rebuild it with the `patchdb build-index` command that made it (or build into another --out)")
     return settings
 
 

@@ -1,6 +1,7 @@
 """The patch store: build, load, resume, refuse mismatched runs and corrupt files; indexed machines equal exact ones."""
 
 import json
+import re
 import os
 import shutil
 
@@ -269,9 +270,12 @@ def test_a_store_of_another_format_is_refused_with_the_rebuild_command(dataset, 
     copy = build(dataset, tmp_path / "copy")
     with h5py.File(copy.path / STORE_FILE, "a") as file:
         file.attrs["settings"] = json.dumps({**json.loads(file.attrs["settings"]), "format_version": FORMAT_VERSION - 1})
-    with pytest.raises(PatchdbError, match=f"has store format {FORMAT_VERSION - 1}, this patchdb reads format "
-                                           f"{FORMAT_VERSION}; rebuild it with `patchdb build-index`"):
+    refusal = (f"has store format {FORMAT_VERSION - 1}, this patchdb reads format {FORMAT_VERSION}; delete {copy.path} "
+               "and rebuild it with the `patchdb build-index` command that made it")
+    with pytest.raises(PatchdbError, match=re.escape(refusal)):
         PatchStore(copy.path)
+    with pytest.raises(PatchdbError, match=re.escape(refusal)):  # which refuses to build over it, so the advice is to delete
+        build(dataset, copy.path)
 
 
 @pytest.mark.parametrize("unreadable", [STORE_FILE, "scale-03.h5"])
