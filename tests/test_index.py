@@ -117,11 +117,13 @@ def test_clustering_keeps_every_entry_once(dictionary, indexed):
 
 
 @pytest.mark.parametrize("fallback", ["exact", "auto", "estimate", "none"])
-def test_topk_with_zero_tolerance_and_room_for_everything_is_exact(dictionary, indexed, fallback):
-    alpha_bar = 0.6
+@pytest.mark.parametrize("alpha_bar, tol", [(0.6, 0.0), (0.99, 1e-2)])
+def test_topk_with_room_for_everything_is_exact_at_any_tolerance(dictionary, indexed, fallback, alpha_bar, tol):
+    """K >= the dictionary's entries leaves nothing to truncate: no prefix is certified in place of the whole."""
     queries = noisy_queries(dictionary, alpha_bar)
-    mean, path = topk_fold(TopKBackend(topk=len(dictionary), tol=0.0, fallback=fallback), queries, indexed, alpha_bar)
-    assert (path == PATHS.index("certified")).all()
+    backend = TopKBackend(topk=len(dictionary), tol=tol, fallback=fallback)
+    mean, path = topk_fold(backend, queries, indexed, alpha_bar)
+    assert (path == PATHS.index("exact")).all() and backend.take_report()["paths"]["exact"] == len(queries)
     assert torch.allclose(mean, exact_mean(queries, dictionary, alpha_bar), atol=1e-10)
 
 
@@ -195,7 +197,7 @@ def test_the_certificate_holds_where_a_wide_cluster_around_the_query_has_a_loose
                                                       offsets[:-1].clone()))
     query = torch.zeros(1, dimension)
     tol = 1e-2
-    mean, path = topk_fold(TopKBackend(topk=len(keys), tol=tol, fallback=fallback, scoring="runs"), query, indexed,
+    mean, path = topk_fold(TopKBackend(topk=len(keys) - 1, tol=tol, fallback=fallback, scoring="runs"), query, indexed,
                            alpha_bar)
     exact = exact_mean(query, flat, alpha_bar)
     assert -0.9 < float(exact) < -0.6  # the tight clusters hold a real share of the posterior
