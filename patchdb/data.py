@@ -454,16 +454,27 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
             images = archive["images"]
             labels = archive["labels"] if "labels" in keys else None
     except ValueError as error:
-        if "allow_pickle" in str(error):  # numpy's own message would advise loading untrusted pickles
-            raise PatchdbError(f"{path}: holds Python objects (pickled), which patchdb does not load; save numeric arrays "
-                               "with np.savez(path, images=..., labels=...)") from None
-        raise PatchdbError(f"{path}: not a readable .npz file ({error})") from None
+        raise PatchdbError(f"{path}: {numpy_load_problem(path, error, '.npz')}; save numeric arrays with "
+                           "np.savez(path, images=..., labels=...)") from None
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
         raise PatchdbError(f"{path}: not a readable .npz file ({error})") from None
     _check_image_array(images, str(path))
     if labels is not None:
         labels = _check_labels(labels, images.shape[0], str(path))
     return images, labels
+
+
+def numpy_load_problem(path: Path, error: ValueError, kind: str) -> str:
+    """Why np.load(path, allow_pickle=False) raised error, in words, for a file meant to be a kind ('.npz' or '.npy')
+    of numeric arrays. numpy's own message advises loading untrusted pickles, and it takes any file that is neither an
+    archive nor an array for a pickle."""
+    if "allow_pickle" not in str(error):
+        return f"not a readable {kind} file ({error})"
+    with path.open("rb") as file:
+        head = file.read(6)
+    if head.startswith((b"PK", b"\x93NUMPY", b"\x80")):  # an archive or array of objects, or a pickle itself
+        return "holds Python objects (pickled), which patchdb does not load"
+    return f"is not an {kind} file (it starts with neither the .npz (zip) nor the .npy header)"
 
 
 def _check_file(path: Path) -> None:

@@ -38,7 +38,7 @@ import torch
 
 import patchdb
 from patchdb import fused, windows
-from patchdb.data import Dataset, load_dataset
+from patchdb.data import Dataset, load_dataset, numpy_load_problem
 from patchdb.engine import DEFAULT_MEMORY_BUDGET, ExactBackend, check_exact_method
 from patchdb.errors import PatchdbError
 from patchdb.files import folder_lock, save_figure, save_npy, save_npz, write_json
@@ -394,7 +394,10 @@ def read_noise(path: Path, image_shape: tuple[int, ...]) -> torch.Tensor:
                            f"holding an (N, {', '.join(map(str, image_shape))}) float array")
     try:
         noise = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+    except ValueError as error:
+        raise PatchdbError(f"noise file {path}: {numpy_load_problem(path, error, '.npy')}; save the noise with "
+                           "np.save(path, array)") from None
+    except (OSError, EOFError) as error:
         raise PatchdbError(f"noise file {path} is not a readable .npy array ({error})") from None
     if not isinstance(noise, np.ndarray):
         raise PatchdbError(f"noise file {path} is an .npz archive, not one array; save the noise alone with np.save")

@@ -562,6 +562,9 @@ def test_images_beside_class_folders_and_pickled_archives_are_refused(tmp_path):
     np.savez(tmp_path / "objects.npz", images=np.array([None, 1], dtype=object))
     with pytest.raises(PatchdbError, match="holds Python objects"):
         read_npz(tmp_path / "objects.npz")
+    (tmp_path / "text.npz").write_text("abc\n")  # numpy takes any file of neither format for a pickle
+    with pytest.raises(PatchdbError, match=r"text.npz: is not an .npz file \(it starts with neither"):
+        read_npz(tmp_path / "text.npz")
 
 
 def test_an_empty_output_folder_name_is_refused():

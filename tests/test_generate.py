@@ -158,6 +158,21 @@ def test_bad_noise_files_are_refused(tmp_path, array, message):
         read_noise(path, (1, 32, 32))
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"abc", r"is not an .npy file \(it starts with neither the .npz \(zip\) nor the .npy header\); save the noise"),
+    (None, "holds Python objects"),
+])
+def test_a_noise_file_of_no_numeric_array_is_named_without_numpys_advice_to_unpickle_it(tmp_path, content, message):
+    path = tmp_path / "noise.npy"
+    if content is None:
+        np.save(path, np.array([None], dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(PatchdbError, match=message) as error:
+        read_noise(path, (1, 32, 32))
+    assert "allow_pickle" not in str(error.value) and "unsafely" not in str(error.value)
+
+
 def test_missing_noise_file_is_refused(tmp_path):
     with pytest.raises(PatchdbError, match="does not exist"):
         read_noise(tmp_path / "absent.npy", (1, 32, 32))
