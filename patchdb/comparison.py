@@ -185,6 +185,10 @@ def _median_text(values: torch.Tensor) -> str:
     return statistic_text(summarize(values.tolist())["median"])
 
 
+SCATTER_MARGIN = 0.03
+"""scatter.png's axes reach this fraction of their range beyond the lowest r and beyond r = 1."""
+
+
 def plot_scatter(path: Path, machine_r: torch.Tensor, baseline_r: torch.Tensor, machine: str, baseline: str = "is") -> None:
     """scatter.png: the machine's r against the baseline's r, one dot per seed (the paper's Fig. 10; seeds where either
     is undefined are left out)."""
@@ -193,11 +197,12 @@ def plot_scatter(path: Path, machine_r: torch.Tensor, baseline_r: torch.Tensor, 
     figure = Figure(figsize=(5, 5))
     axis = figure.subplots()
     axis.scatter(baseline_r.numpy(), machine_r.numpy(), s=12, alpha=0.7)
-    low = min(float(torch.cat([machine_r, baseline_r]).nan_to_num(nan=0.0).min()), 0.0)
-    axis.plot([low, 1], [low, 1], color="grey", lw=1, ls="--")
+    low, high = min(float(torch.cat([machine_r, baseline_r]).nan_to_num(nan=0.0).min()), 0.0), 1.0
+    margin = SCATTER_MARGIN * (high - low)  # so that the dots at the limits (r = 1, the lowest r) are drawn whole
+    axis.plot([low, high], [low, high], color="grey", lw=1, ls="--")
     axis.set(xlabel=f"{baseline.upper()} r (vs network)", ylabel=f"{machine} r (vs network)",
              title=f"median r: {machine} {_median_text(machine_r)}, {baseline.upper()} {_median_text(baseline_r)}",
-             xlim=(low, 1), ylim=(low, 1), aspect="equal")
+             xlim=(low - margin, high + margin), ylim=(low - margin, high + margin), aspect="equal")
     figure.tight_layout()
     save_figure(figure, path)
 

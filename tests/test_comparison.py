@@ -455,3 +455,14 @@ def test_a_folder_named_as_an_output_and_a_patch_size_too_large_are_refused_befo
     result = CliRunner().invoke(main, [*compare[:-1], "65", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "Error: patch size 65 is larger than a 32x32 image's patches" in result.output
     assert "sampling network" not in result.output
+
+
+def test_the_scatter_draws_the_dots_at_its_limits_whole(monkeypatch, tmp_path):
+    from patchdb.comparison import plot_scatter
+
+    figures = []
+    monkeypatch.setattr("patchdb.comparison.save_figure", lambda figure, path, **options: figures.append(figure))
+    plot_scatter(tmp_path / "scatter.png", torch.tensor([0.95, 1.0]), torch.tensor([-0.213, 0.4]), "bbels")
+    (axis,) = figures[0].axes
+    for low, high in (axis.get_xlim(), axis.get_ylim()):
+        assert low < -0.24 and high > 1.03  # beyond the lowest r and r = 1 by 3% of the range
