@@ -37,7 +37,8 @@ from patchdb.topk import (AUTO_TOPK_CLUSTERS, AUTO_TOPK_DIMENSION, DEEPENING_FAC
 @click.option("--dtype", type=click.Choice(tuple(DTYPES)), default="float32", help="Floating-point precision of the machine.")
 @MEMORY_BUDGET
 @click.option("--exact-method", type=click.Choice(EXACT_METHODS), default="auto", show_default=True,
-              help="How the exact backend scores the patch machines (with --index: the dictionaries too small to index): "
+              help="How the exact backend scores the patch machines (with --index: the dictionaries too small to index, "
+                   "by products or fused; windows only with --exact-from-patch-size): "
                    "windows (sliding-window correlations, compiled, CPU), "
                    "products (matrix products of patches, any device), fused (product and softmax in one kernel: CUDA, Triton), "
                    "auto (windows on a CPU, fused on a GPU in float32, else products). The same posterior.")

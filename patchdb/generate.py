@@ -233,11 +233,12 @@ def _backend_options(config: SampleConfig, dataset: Dataset, scales: list[int], 
     if config.machine not in PATCH_MACHINES:
         raise PatchdbError(f"--index serves the patch machines ({', '.join(PATCH_MACHINES)}), not {config.machine}; drop --index")
     store = PatchStore(config.index)
-    used = sorted({scale_at(scales, i, config.steps) for i in LOOPS[config.loop](config.steps)})
-    store.check_run(dataset, config.machine, used, labels is not None, labels)
     backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, config.estimate_error,
                           exact=ExactBackend(method=config.exact_method),
                           exact_from_patch_size=config.exact_from_patch_size)
+    used = {scale_at(scales, i, config.steps) for i in LOOPS[config.loop](config.steps)}
+    read = sorted(size for size in used if not backend.leaves_to_exact(size))  # the steps left slide windows instead
+    store.check_run(dataset, config.machine, read, labels is not None, labels)
     return {"store": store, "backend": backend}
 
 
@@ -339,6 +340,11 @@ def _check_config(config: SampleConfig, given: Collection[str] = ()) -> None:
         raise PatchdbError("--exact-from-patch-size leaves steps to the exact backend's sliding windows, which need "
                            "--device cpu, --exact-method auto or windows and patchdb's compiled kernel: drop "
                            "--exact-from-patch-size, or choose those")
+    if config.exact_method == "windows" and config.exact_from_patch_size is None:
+        raise PatchdbError("with --index, --exact-method is the method of the dictionaries too small to index, which "
+                           "are scored by matrix products (products, or fused on a GPU): the windows slide over whole "
+                           "images, as only the steps that --exact-from-patch-size leaves do; drop --exact-method "
+                           "windows, or add --exact-from-patch-size P")
     if config.fallback not in ESTIMATING_FALLBACKS:
         ignored = [name for name in ("estimate_samples", "estimate_error") if chosen(name)]
         if ignored:

@@ -357,6 +357,22 @@ def test_estimator_options_with_a_fallback_that_does_not_estimate_are_refused(da
     assert result.exit_code == 0, result.output
 
 
+def test_indexed_runs_read_exact_method_windows_and_patch_sizes_only_where_the_windows_slide(data_specs, tmp_path):
+    """With --index the dictionaries too small to index are scored by products: windows there would be ignored; the
+    patch sizes that --exact-from-patch-size leaves to the windows need no dictionaries in the store."""
+    store = tmp_path / "store"
+    built = CliRunner().invoke(main, ["build-index", "--dataset", data_specs["labelled"], "--scales", "3", "--out", str(store)])
+    assert built.exit_code == 0, built.output
+    refused = sample(data_specs["labelled"], tmp_path / "refused", "--num", "1", "--index", str(store),
+                     "--exact-method", "windows")
+    assert refused.exit_code == 1 and "drop --exact-method windows, or add --exact-from-patch-size P" in refused.output
+    left = sample(data_specs["labelled"], tmp_path / "left", "--num", "1", "--index", str(store), "--exact-method",
+                  "windows", "--exact-from-patch-size", "5", "--scales", "3,3,5,5")  # no P = 5 in the store
+    assert left.exit_code == 0, left.output
+    record = json.loads((tmp_path / "left" / "run.json").read_text())
+    assert [step["patch_size"] for step in record["index_steps"]] == [5, 5, 3]
+    assert "; P >= 5: exact windows (" in record["backend"]
+
 def test_help_shows_one_memory_budget_option_and_every_range():
     def help_text(command):
         result = CliRunner().invoke(main, [command, "--help"], terminal_width=400)
