@@ -58,6 +58,7 @@ def info(store, as_json, verify) -> None:
     opened = PatchStore(store)
     if verify:
         opened.verify()
+        click.echo(f"verified: every dictionary of {store} is present and every checksum matches", err=True)
     click.echo(json.dumps(opened.describe(), indent=2) if as_json else opened.summary())
 
 

@@ -186,12 +186,23 @@ def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str
         with h5py.File(path, "r") as file:
             built = _settings_from(json.loads(file.attrs["settings"]))
             written_size = int(file.attrs["patch_size"])
+            absent = [key for key in stored_keys(settings, patch_size) if key not in file]
     except H5_ERRORS as error:
         return f"{path.name} is corrupt or from an older patchdb ({error})"
     if written_size != patch_size:
         return f"{path.name} holds patch size {written_size}, not {patch_size} (a renamed file)"
     differences = settings_differences(built, settings, (f"in {path.name}", f"in {STORE_FILE}"))
-    return None if differences is None else f"{path.name} was built with other settings ({differences})"
+    if differences is not None:
+        return f"{path.name} was built with other settings ({differences})"
+    return f"{path.name} lacks the dictionaries {', '.join(absent)}" if absent else None
+
+
+def stored_keys(settings: StoreSettings, patch_size: int) -> list[str]:
+    """The HDF5 paths (dictionary_key) of the dictionaries in scale-PP.h5 of a store with settings: every label's
+    dictionary of every boundary class of the machine that is not same-location (those are gathered, not stored)."""
+    _, height, width = settings.image_shape
+    groups = [group for group in dictionary_groups(settings.machine, patch_size, height, width) if not group.same_location]
+    return [dictionary_key(label, group) for label in (settings.labels or (None,)) for group in groups]
 
 
 @dataclass
@@ -243,7 +254,7 @@ class PatchStore:
             mismatched = [problem for size in self.settings.scales
                           if (problem := scale_mismatch(self.path, size, self.settings))]
             if mismatched:
-                raise PatchdbError(f"the store {self.path} mixes builds: {'; '.join(mismatched)}; rerun the `patchdb "
+                raise PatchdbError(f"the store {self.path} has scale files to rebuild: {'; '.join(mismatched)}; rerun the `patchdb "
                                    f"build-index` command that made {STORE_FILE} to rebuild those scales")
         except PatchdbError:
             holder = lock_holder(self.path)  # a build in progress: not interrupted, not to be resumed
@@ -383,7 +394,8 @@ class PatchStore:
                 with h5py.File(path, "r") as file:
                     nodes = []
                     file.visititems(lambda name, node: nodes.append(node) if _is_dictionary(node) else None)
-                    problems = [problem for node in nodes for problem in _damage(node, patch_dimension)]
+                    problems = [f"it lacks the dictionary {key}" for key in stored_keys(self.settings, size) if key not in file]
+                    problems += [problem for node in nodes for problem in _damage(node, patch_dimension)]
             except H5_ERRORS as error:  # OSError: also a Fletcher-32 mismatch
                 problems = [str(error)]
             if problems:

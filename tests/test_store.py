@@ -192,9 +192,8 @@ def test_corrupt_or_missing_stores_give_clear_errors(dataset, store, tmp_path):
     copy = build(dataset, tmp_path / "copy")
     with h5py.File(scale_file(copy.path, 3), "a") as file:
         del file["label-all/interior"]
-    machine = make_machine("bbels", dataset, store=PatchStore(copy.path), backend=TopKBackend())
-    with pytest.raises(PatchdbError, match="corrupt or lacks a dictionary"):
-        machine.posterior(noisy_batch(dataset, 0.5, seed=0).float(), 0.5, None, 3)
+    with pytest.raises(PatchdbError, match="scale-03.h5 lacks the dictionaries label-all/interior"):  # found at opening
+        PatchStore(copy.path)
     scale_file(copy.path, 3).write_bytes(b"garbage")
     with pytest.raises(PatchdbError, match="scale-03.h5 is corrupt"):
         PatchStore(copy.path)
@@ -390,7 +389,8 @@ def test_byte_damage_to_a_radius_or_a_source_is_found_by_its_checksum(dataset, t
     patch of the images would give a wrong patch: both look valid, so only a checksum finds them. The radii's is
     checked at every load; the sources (mapped, never read whole by a run) by PatchStore.verify and `info --verify`."""
     copy = build(dataset, tmp_path / "copy")
-    PatchStore(copy.path).verify(progress=False)
+    verified = CliRunner().invoke(main, ["info", "--verify", str(copy.path)])
+    assert verified.exit_code == 0 and "verified: every dictionary of" in verified.stderr and "P=3: " in verified.stdout
     path = scale_file(copy.path, 3)
     with h5py.File(path, "r") as file:
         sources, radii = file["label-all/interior/sources"], file["label-all/interior/radii"]
@@ -408,10 +408,22 @@ def test_byte_damage_to_a_radius_or_a_source_is_found_by_its_checksum(dataset, t
         machine.posterior(noisy_batch(dataset, 0.9, seed=0).float(), 0.9, None, 3)
 
 
+def test_a_scale_file_that_lacks_a_dictionary_is_found_by_every_reader_and_rebuilt(dataset, tmp_path, caplog):
+    damaged = build(dataset, tmp_path / "damaged")
+    with h5py.File(scale_file(damaged.path, 5), "a") as file:
+        del file["label-all/interior"]
+    with pytest.raises(PatchdbError, match=r"scale-05.h5 \(it lacks the dictionary label-all/interior\)"):
+        damaged.verify(progress=False)
+    with pytest.raises(PatchdbError, match="has scale files to rebuild: scale-05.h5 lacks the dictionaries label-all/interior"):
+        PatchStore(damaged.path)
+    build(dataset, damaged.path)
+    assert "rebuilding patch size 5: scale-05.h5 lacks the dictionaries label-all/interior" in caplog.text
+    PatchStore(damaged.path).verify(progress=False)
+
 def test_scale_files_of_another_build_are_refused_and_rebuilt(dataset, store, tmp_path, caplog):
     other = build_store(dataset, "bbels", SCALES, tmp_path / "other", cluster_size=8, min_indexed_entries=64, progress=False)
     shutil.copy(scale_file(store.path, 5), scale_file(other.path, 5))
-    with pytest.raises(PatchdbError, match=r"mixes builds: scale-05.h5 was built with other settings \(cluster_size 16 "
+    with pytest.raises(PatchdbError, match=r"has scale files to rebuild: scale-05.h5 was built with other settings \(cluster_size 16 "
                                            r"in scale-05.h5, 8 in store.h5\)"):
         PatchStore(other.path)
     (other.path / STORE_FILE).unlink()  # store.h5 rewritten for other settings: the scale files left are stale
