@@ -5,7 +5,6 @@ import click
 from cli.options import (DEVICE, SAMPLE_COUNTS, SEEDS, SIZE_LIST_HELP, STEPS, UserPath, confirm_if_interactive,
                          gib_to_bytes, machine_data_options, network_options, warn_if_unfinished)
 from patchdb.calibration import DEFAULT_SEED, METRICS, calibrate_run, largest_candidate_warning
-from patchdb.comparison import resolve_model
 from patchdb.patches import PATCH_MACHINES
 from patchdb.scales import parse_size_list
 
@@ -33,13 +32,12 @@ def calibrate(model, dataset_spec, padding, conditional, train_missing, machine,
     Entry i of the schedule is the patch size at t = i/n (what `--scales calibrated:RUN_DIR` reads, and what compare
     reads by default).
     """
-    run_dir = resolve_model(model, dataset_spec, padding=padding, conditional=conditional, train_missing=train_missing,
-                            data_dir=data_dir, device=device, confirm=confirm_if_interactive())
-    warn_if_unfinished(run_dir)
-    path, result = calibrate_run(run_dir, machine=machine, samples=samples,
+    path, result = calibrate_run(model, machine=machine, samples=samples,
                                  candidates=None if candidates is None else parse_size_list(candidates, "candidates"),
                                  metric=metric, num_steps=num_steps, seed=seed, data_dir=data_dir, device=device,
-                                 out=out, memory_budget=gib_to_bytes(memory_gb))
+                                 out=out, memory_budget=gib_to_bytes(memory_gb), dataset_spec=dataset_spec,
+                                 padding=padding, conditional=conditional, train_missing=train_missing,
+                                 confirm=confirm_if_interactive(), on_run=warn_if_unfinished)
     click.echo(f"scales {result['scales']} (entry i at t = i/{num_steps}) -> {path}")
     warning = largest_candidate_warning(result, num_steps, machine)
     if warning is not None:

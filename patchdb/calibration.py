@@ -14,10 +14,11 @@ share entry n-1) and entry 0 is copied from entry 1. Unlike the authors' code, s
 at entry i, the entry the sampler reads at step i.
 """
 
+import contextlib
 import json
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -146,14 +147,23 @@ def largest_candidate_warning(result: dict, num_steps: int, machine: str, run_di
             f"there than any candidate; {fix}")
 
 
-def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candidates: Sequence[int] | None = None,
+def calibrate_run(model: str | os.PathLike, *, machine: str = "bbels", candidates: Sequence[int] | None = None,
                   samples: int = 10, metric: str = "cos", num_steps: int = 20, seed: int = DEFAULT_SEED,
                   data_dir=None, device: str = "cpu", out: str | os.PathLike | None = None,
-                  memory_budget: int | None = None, show_progress: bool = True) -> tuple[Path, dict]:
+                  memory_budget: int | None = None, show_progress: bool = True, dataset_spec: str | None = None,
+                  padding: str | None = None, conditional: bool | None = None, train_missing: bool = False,
+                  confirm: "Callable[[str], bool] | None" = None,
+                  on_run: "Callable[[Path, TrainingProgress], None] | None" = None) -> tuple[Path, dict]:
     """Calibrate a machine over a run's own training images to the run's network; write scales.json
     (default RUN_DIR/scales.json) and scales.png. Sample k's noise and label come from seed + k.
-    candidates: None for the network architecture's default_candidates.
-    memory_budget: the machine's memory bound in bytes (None: its default)."""
+
+    model: a run folder, or the architecture of the project's cached network for dataset_spec
+    (patchdb.comparison.resolve_model, which trains it where train_missing or confirm(question) says so, and checks
+    dataset_spec, padding and conditional against a run folder); out, where given, is checked and locked first, so
+    that an unusable or busy --out fails before any training. on_run(run_dir, progress) is called once the network is
+    loaded. candidates: None for the network architecture's default_candidates. memory_budget: the machine's memory
+    bound in bytes (None: its default)."""
+    from patchdb.comparison import resolve_model
     from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine
     from patchdb.patches import PATCH_MACHINES, check_patch_sizes
@@ -164,11 +174,20 @@ def calibrate_run(run_dir: str | os.PathLike, *, machine: str = "bbels", candida
     if candidates is not None:
         candidates = check_candidates(candidates)
         check_patch_sizes(candidates, machine)  # before the data loads: every data set is loaded at one size
-    path = user_path(out, "--out") if out else user_path(run_dir, "--model") / "scales.json"
-    check_schedule_path(path)
-    # before the long run, so that an unusable or busy --out fails fast; the file alone, as train may hold its folder
-    with folder_lock(path.parent, path.name):
+
+    def locked(path: Path):
+        # before the long run, so that an unusable or busy --out fails fast; the file alone, as train may hold its folder
+        check_schedule_path(path)
+        return stack.enter_context(folder_lock(path.parent, path.name)) / path.name
+
+    with contextlib.ExitStack() as stack:
+        path = None if out is None else locked(user_path(out, "--out"))
+        run_dir = resolve_model(str(model), dataset_spec, padding=padding, conditional=conditional,
+                                train_missing=train_missing, data_dir=data_dir, device=device, confirm=confirm)
+        path = path or locked(run_dir / "scales.json")
         network = load_network(run_dir, device)
+        if on_run is not None:
+            on_run(run_dir, network.training)
         if candidates is None:
             candidates = default_candidates(network.config.architecture)
         dataset = load_training_data(run_dir, data_dir)

@@ -35,12 +35,6 @@ def command(name: str, spec: str, out) -> list[str]:
 COMMANDS = ("sample", "train", "build-index", "calibrate", "compare")
 
 
-@pytest.fixture
-def no_run_check(monkeypatch):
-    """calibrate's CLI reads the (here missing) run's progress before the library checks the output folder."""
-    monkeypatch.setattr("cli.calibrate.warn_if_unfinished", lambda run_dir: None)
-
-
 def modes_bind_this_process(folder) -> bool:
     """Whether a read-only folder refuses this process's files (not for root, whose capabilities override modes)."""
     probe = folder / "mode-probe"
@@ -56,7 +50,7 @@ def modes_bind_this_process(folder) -> bool:
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_a_read_only_output_folder_is_refused_before_any_work(spec, tmp_path, no_run_check, name):
+def test_a_read_only_output_folder_is_refused_before_any_work(spec, tmp_path, name):
     if not modes_bind_this_process(tmp_path):
         pytest.skip("this process writes into read-only folders (root): see the simulated test below")
     out = tmp_path / "ro"
@@ -67,7 +61,7 @@ def test_a_read_only_output_folder_is_refused_before_any_work(spec, tmp_path, no
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_an_unwritable_output_folder_is_refused_before_any_work(spec, tmp_path, monkeypatch, no_run_check, name):
+def test_an_unwritable_output_folder_is_refused_before_any_work(spec, tmp_path, monkeypatch, name):
     out = tmp_path / "out"
     real_open = os.open
 
@@ -132,7 +126,7 @@ def test_errors_other_than_a_failed_write_pass_through(tmp_path):
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_a_folder_that_another_command_is_writing_to_is_refused_at_once(spec, tmp_path, monkeypatch, no_run_check, name):
+def test_a_folder_that_another_command_is_writing_to_is_refused_at_once(spec, tmp_path, monkeypatch, name):
     out = tmp_path / "busy"
 
     def no_work(*args, **kwargs):  # compare's training and calibration come after the lock, not before
