@@ -195,6 +195,8 @@ def run_sample(config: SampleConfig, progress: bool = True, given: Collection[st
     _check_config(config, given)
     scales = parse_scales(config.scales, config.steps, config.machine) if config.machine in PATCH_MACHINES else None
     check_patch_sizes(scales or (), config.machine)  # before the data loads: every data set is loaded at one size
+    if config.index is not None and scales is not None:
+        _check_steps_searched(config, scales, given)
     dataset = load_dataset(config.dataset, config.data_dir)
     noise, labels = _inputs(config, dataset)
     machine = make_machine(config.machine, dataset, dtype=DTYPES[config.dtype], device=config.device,
@@ -236,8 +238,7 @@ def _backend_options(config: SampleConfig, dataset: Dataset, scales: list[int], 
     backend = TopKBackend(config.topk, config.tol, config.fallback, config.estimate_samples, config.estimate_error,
                           exact=ExactBackend(method=config.exact_method),
                           exact_from_patch_size=config.exact_from_patch_size)
-    used = {scale_at(scales, i, config.steps) for i in LOOPS[config.loop](config.steps)}
-    read = sorted(size for size in used if not backend.leaves_to_exact(size))  # the steps left slide windows instead
+    read = sorted(size for size in _used_patch_sizes(config, scales) if not backend.leaves_to_exact(size))  # the rest slide
     store.check_run(dataset, config.machine, read, labels is not None, labels)
     return {"store": store, "backend": backend}
 
@@ -303,10 +304,8 @@ def _check_config(config: SampleConfig, given: Collection[str] = ()) -> None:
         raise PatchdbError(f"unknown device {config.device!r}; choose one of {', '.join(DEVICES)}")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise PatchdbError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    defaults = {field.name: field.default for field in fields(SampleConfig)}
-
     def chosen(name: str) -> bool:
-        return name in given or getattr(config, name) != defaults[name]
+        return _chosen(config, name, given)
 
     if config.label is not None and config.conditional:
         raise PatchdbError("--label L and --conditional exclude each other: give one class for all samples, "
@@ -351,6 +350,31 @@ def _check_config(config: SampleConfig, given: Collection[str] = ()) -> None:
             raise PatchdbError(f"--fallback {config.fallback} does not estimate, so {' and '.join(map(_option, ignored))} "
                                f"would be ignored: drop {'them' if len(ignored) > 1 else 'it'}, or choose --fallback "
                                f"{' or '.join(ESTIMATING_FALLBACKS)}")
+
+
+def _chosen(config: SampleConfig, name: str, given: Collection[str]) -> bool:
+    """Whether the user chose config's field name: gave it (given: the fields set on the command line), or set it to
+    other than its default."""
+    return name in given or getattr(config, name) != next(field.default for field in fields(SampleConfig)
+                                                          if field.name == name)
+
+
+def _used_patch_sizes(config: SampleConfig, scales: list[int]) -> set[int]:
+    """The patch sizes of the steps that config's loop runs."""
+    return {scale_at(scales, i, config.steps) for i in LOOPS[config.loop](config.steps)}
+
+
+def _check_steps_searched(config: SampleConfig, scales: list[int], given: Collection[str]) -> None:
+    """PatchdbError where --exact-from-patch-size leaves every step to the sliding windows while options of the top-k
+    search are given: the search never runs, so they would be ignored."""
+    if config.exact_from_patch_size is None or min(_used_patch_sizes(config, scales)) < config.exact_from_patch_size:
+        return
+    ignored = [name for name in INDEX_OPTIONS if name != "exact_from_patch_size" and _chosen(config, name, given)]
+    if ignored:
+        raise PatchdbError(f"--exact-from-patch-size {config.exact_from_patch_size} leaves every step (patch sizes "
+                           f"{sorted(_used_patch_sizes(config, scales))}) to the sliding windows, so the top-k search "
+                           f"never runs and {', '.join(map(_option, ignored))} would be ignored: drop "
+                           f"{'them' if len(ignored) > 1 else 'it'}, or raise --exact-from-patch-size")
 
 
 def _slides_windows(config: SampleConfig) -> bool:

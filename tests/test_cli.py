@@ -372,6 +372,10 @@ def test_indexed_runs_read_exact_method_windows_and_patch_sizes_only_where_the_w
     record = json.loads((tmp_path / "left" / "run.json").read_text())
     assert [step["patch_size"] for step in record["index_steps"]] == [5, 5, 3]
     assert "; P >= 5: exact windows (" in record["backend"]
+    every = sample(data_specs["labelled"], tmp_path / "every", "--num", "1", "--index", str(store), "--exact-from-patch-size",
+                   "3", "--topk", "5000", "--tol", "0.01")  # sample() runs P = 3 at every step: nothing left to search
+    assert every.exit_code == 1 and "leaves every step (patch sizes [3]) to the sliding windows, so the top-k search " \
+        "never runs and --topk, --tol would be ignored: drop them" in every.output
 
 def test_help_shows_one_memory_budget_option_and_every_range():
     def help_text(command):
