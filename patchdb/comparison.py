@@ -501,7 +501,7 @@ def comparison_scales(run_dir: Path, network: "NetworkScore", machine: str, scal
         if not own_schedule.is_file():
             if announce is not None:
                 announce(f"{run_dir} has no scales.json: calibrating {machine} first (patchdb calibrate defaults)")
-            _, result = calibrate_run(run_dir, machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
+            _, result = calibrate_run(Path(run_dir), machine=machine, num_steps=num_steps, data_dir=data_dir, device=device,
                                       memory_budget=memory_budget)
             warning = largest_candidate_warning(result, num_steps, machine, run_dir)
             if warning is not None and announce is not None:

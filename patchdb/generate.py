@@ -339,11 +339,6 @@ def _check_config(config: SampleConfig, given: Collection[str] = ()) -> None:
         raise PatchdbError("--exact-from-patch-size leaves steps to the exact backend's sliding windows, which need "
                            "--device cpu, --exact-method auto or windows and patchdb's compiled kernel: drop "
                            "--exact-from-patch-size, or choose those")
-    if config.exact_method == "windows" and config.exact_from_patch_size is None:
-        raise PatchdbError("with --index, --exact-method is the method of the dictionaries too small to index, which "
-                           "are scored by matrix products (products, or fused on a GPU): the windows slide over whole "
-                           "images, as only the steps that --exact-from-patch-size leaves do; drop --exact-method "
-                           "windows, or add --exact-from-patch-size P")
     if config.fallback not in ESTIMATING_FALLBACKS:
         ignored = [name for name in ("estimate_samples", "estimate_error") if chosen(name)]
         if ignored:
@@ -365,14 +360,22 @@ def _used_patch_sizes(config: SampleConfig, scales: list[int]) -> set[int]:
 
 
 def _check_steps_searched(config: SampleConfig, scales: list[int], given: Collection[str]) -> None:
-    """PatchdbError where --exact-from-patch-size leaves every step to the sliding windows while options of the top-k
-    search are given: the search never runs, so they would be ignored."""
-    if config.exact_from_patch_size is None or min(_used_patch_sizes(config, scales)) < config.exact_from_patch_size:
+    """With --index, PatchdbError where options would be ignored: --exact-method windows where no step is left to the
+    sliding windows (the dictionaries too small to index are scored by products), and the options of the top-k search
+    where --exact-from-patch-size leaves every step to the windows (the search never runs)."""
+    used, threshold = _used_patch_sizes(config, scales), config.exact_from_patch_size
+    if config.exact_method == "windows" and (threshold is None or max(used) < threshold):
+        raise PatchdbError("with --index, --exact-method is the method of the dictionaries too small to index, which "
+                           "are scored by matrix products (products, or fused on a GPU): the windows slide over whole "
+                           "images, as only the steps that --exact-from-patch-size leaves do, and this run leaves none; "
+                           "drop --exact-method windows, or give an --exact-from-patch-size P of at most "
+                           f"{max(used)}")
+    if threshold is None or min(used) < threshold:
         return
     ignored = [name for name in INDEX_OPTIONS if name != "exact_from_patch_size" and _chosen(config, name, given)]
     if ignored:
-        raise PatchdbError(f"--exact-from-patch-size {config.exact_from_patch_size} leaves every step (patch sizes "
-                           f"{sorted(_used_patch_sizes(config, scales))}) to the sliding windows, so the top-k search "
+        raise PatchdbError(f"--exact-from-patch-size {threshold} leaves every step (patch sizes "
+                           f"{sorted(used)}) to the sliding windows, so the top-k search "
                            f"never runs and {', '.join(map(_option, ignored))} would be ignored: drop "
                            f"{'them' if len(ignored) > 1 else 'it'}, or raise --exact-from-patch-size")
 

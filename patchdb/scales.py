@@ -13,6 +13,7 @@ from pathlib import Path
 
 from patchdb.errors import PatchdbError, user_path
 from patchdb.data import IMAGE_SIZE
+from patchdb.networks import ARCHITECTURES
 from patchdb.patches import MAX_PATCH_SIZE, PATCH_MACHINES
 
 SCALE_SPEC_HELP = (
@@ -65,7 +66,7 @@ def _read_scale_file(path: Path, num_steps: int | None, machine: str | None, run
     if not path.is_file():
         raise PatchdbError(f"scale file {path} does not exist; write it with `patchdb calibrate --model RUN_DIR --out {path}` "
                            "(by default RUN_DIR/scales.json, which --scales calibrated:RUN_DIR reads) or give another --scales")
-    rewrite = (f"write it again with `patchdb calibrate --model RUN_DIR --out {path}`" if run_dir is None else
+    rewrite = (f"write it again with `patchdb calibrate --model RUN_DIR --out {shlex.quote(str(path))}`" if run_dir is None else
                f"recalibrate: `{calibrate_command(run_dir, machine, num_steps)}`")
     try:
         content = json.loads(path.read_text())
@@ -97,7 +98,14 @@ def calibrate_command(run_dir: "str | Path", machine: str | None, num_steps: int
     machine and num_steps (None: calibrate's defaults)."""
     machine_option = "" if machine is None else f" --machine {machine}"
     steps_option = "" if num_steps is None else f" --steps {num_steps}"
-    return f"patchdb calibrate --model {shlex.quote(str(run_dir))}{machine_option}{steps_option}"
+    return f"patchdb calibrate --model {model_argument(run_dir)}{machine_option}{steps_option}"
+
+
+def model_argument(run_dir: "str | Path") -> str:
+    """run_dir as --model (calibrate's and compare's) reads it back from a shell: quoted, and a folder named as an
+    architecture written ./NAME, which --model would take for the project's cached network."""
+    text = str(run_dir)
+    return shlex.quote(f"./{text}" if text in ARCHITECTURES else text)
 
 
 def check_scales(sizes: list, num_steps: int | None, source: str = "scales", remedy: str = "change --steps") -> list[int]:

@@ -235,7 +235,8 @@ def train_command(run_dir: str | os.PathLike, config: dict) -> str:
                      "--padding", network["padding"], "--conditional" if network["num_classes"] else "--unconditional",
                      "--preset", preset, "--epochs", str(training["epochs"]), "--seed", str(training["seed"]),
                      "--out", str(run_dir)]
-            return f"`{shlex.join(words)}`"
+            named = not is_default_spec(spec) and not spec.strip().startswith("file:")  # looked for in data folders
+            return f"`{shlex.join(words)}`" + (" (with the --data-dir that finds its data, if one did)" if named else "")
     return f"the train_network call that started it (its settings in {Path(run_dir) / CONFIG_FILE} are no preset's)"
 
 

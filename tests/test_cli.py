@@ -365,7 +365,11 @@ def test_indexed_runs_read_exact_method_windows_and_patch_sizes_only_where_the_w
     assert built.exit_code == 0, built.output
     refused = sample(data_specs["labelled"], tmp_path / "refused", "--num", "1", "--index", str(store),
                      "--exact-method", "windows")
-    assert refused.exit_code == 1 and "drop --exact-method windows, or add --exact-from-patch-size P" in refused.output
+    assert refused.exit_code == 1 and "drop --exact-method windows, or give an --exact-from-patch-size P of at most 3" \
+        in refused.output
+    none_left = sample(data_specs["labelled"], tmp_path / "refused", "--num", "1", "--index", str(store),
+                       "--exact-method", "windows", "--exact-from-patch-size", "5")  # sample() runs P = 3 only
+    assert none_left.exit_code == 1 and "this run leaves none" in none_left.output
     left = sample(data_specs["labelled"], tmp_path / "left", "--num", "1", "--index", str(store), "--exact-method",
                   "windows", "--exact-from-patch-size", "5", "--scales", "3,3,5,5")  # no P = 5 in the store
     assert left.exit_code == 0, left.output
@@ -489,3 +493,15 @@ def test_the_readme_synopsis_of_every_command_names_its_options():
         absent = [param.opts[0] for param in command.params if isinstance(param, click.Option) and param.opts[0] != "--help"
                   and not named & {*param.opts, *param.secondary_opts}]
         assert not absent, f"README's synopsis of `patchdb {name}` lacks {absent}"
+
+
+def test_a_run_folder_named_as_an_architecture_is_the_folder_when_compare_calibrates_it(tmp_path, monkeypatch):
+    """compare --model ./resnet calibrates that folder's network, not the cached resnet's (which is absent here)."""
+    write_npz(tmp_path / "labelled.npz")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATCHDB_CACHE", str(tmp_path / "cache"))
+    spec = f"file:{tmp_path / 'labelled.npz'}"
+    assert CliRunner().invoke(main, ["train", "--dataset", spec, "--epochs", "1", "--out", "resnet"]).exit_code == 0
+    result = CliRunner().invoke(main, ["compare", "--model", "./resnet", "--steps", "2", "--num", "1", "--out", "c"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "resnet" / "scales.json").is_file() and not (tmp_path / "cache").exists()

@@ -13,7 +13,7 @@ from patchdb.errors import PatchdbError
 from patchdb.networks import NetworkConfig, NetworkScore, ResNet, UNet, build_network, sinusoidal_embedding
 from patchdb.schedule import beta
 from patchdb.training import (
-    PRESETS, TrainingConfig, cached_run_dir, is_trained, load_network, load_training_data, preset_configs, read_config, train_network, training_progress,
+    PRESETS, TrainingConfig, cached_run_dir, is_trained, load_network, load_training_data, preset_configs, read_config, train_command, train_network, training_progress,
     training_subset,
 )
 from tests.conftest import deny_reading, tiny_dataset
@@ -351,6 +351,10 @@ def test_a_run_stopped_before_its_first_checkpoint_keeps_its_settings_and_names_
     with pytest.raises(PatchdbError, match="has no checkpoint.pt yet: finish training with ") as error:
         training_progress(tmp_path / "run")
     assert str(error.value).endswith(command)
+    named = read_config(tmp_path / "run")
+    named["dataset"]["spec"] = "fashion-mnist:train"  # found in a data folder, which --data-dir may have named
+    assert train_command(tmp_path / "run", named).endswith("--out {}` (with the --data-dir that finds its data, if one "
+                                                           "did)".format(tmp_path / "run"))
     with pytest.raises(PatchdbError, match="network.num_classes differ from .*; use a new --out folder, or resume that run: "):
         train_network(tmp_path / "run", dataset, None, dataclasses.replace(network_config, num_classes=0), training_config,
                       show_progress=False)

@@ -101,6 +101,8 @@ def test_a_calibrated_spec_names_its_run_with_home_expanded_and_the_recalibratin
     monkeypatch.setenv("HOME", str(tmp_path))
     assert calibrated_run("calibrated:~/my run") == tmp_path / "my run" and calibrated_run("3,5") is None
     assert calibrate_command(tmp_path / "my run", None, 3) == f"patchdb calibrate --model '{tmp_path / 'my run'}' --steps 3"
+    # a folder named as an architecture: --model resnet would be the project's cached network
+    assert calibrate_command(Path("resnet"), "ls", None) == "patchdb calibrate --model ./resnet --machine ls"
 
 
 def test_a_calibrated_schedule_serves_only_the_machine_it_was_calibrated_for(tmp_path):
