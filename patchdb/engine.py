@@ -148,7 +148,9 @@ class SoftmaxAccumulator:
             logits.add_(log_multiplicity)
             chunk_max = chunk_max + log_multiplicity.max()  # an upper bound is as good a shift as the maximum
         new_max = torch.maximum(self._max_bits[state_rows], chunk_max)
-        live = chunk_max > new_max + NEGLIGIBLE_LOG_WEIGHT * LOG2_E
+        # the difference, not new_max + NEGLIGIBLE: near t = 0 float32 logits reach 1e9 bits, where adding -86.6 rounds
+        # to nothing and a row's own maximum would not count as live
+        live = chunk_max - new_max > NEGLIGIBLE_LOG_WEIGHT * LOG2_E
         if not bool(live.all()):
             # Rows for which every entry of this chunk weighs < e^-60 of the row's maximum (or that it leaves out: logits
             # of -inf) keep their state: the mass skipped is below 1e-26 per entry (the engine's only truncation).
@@ -524,7 +526,7 @@ class ExactBackend:
         for first_block in range(0, bounds.shape[1], step_blocks):
             last_block = min(first_block + step_blocks, bounds.shape[1])
             start, stop = first_block * block_size, min(last_block * block_size, num_entries)
-            needed = bounds[:, first_block:last_block].amax(dim=1) > accumulator.running_max + NEGLIGIBLE_LOG_WEIGHT
+            needed = bounds[:, first_block:last_block].amax(dim=1) - accumulator.running_max > NEGLIGIBLE_LOG_WEIGHT
             rows = torch.nonzero(needed).squeeze(1)
             if not rows.numel():
                 continue

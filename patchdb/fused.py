@@ -265,7 +265,7 @@ def _kernel():
             tile_max = tl.where(row_ok, tl.max(logits, axis=1), float("-inf"))
             new_max = tl.maximum(running_max, tile_max)
             # a block every one of whose rows lies negligible_bits below its running maximum is skipped
-            if tl.max((tile_max > new_max - negligible_bits).to(tl.int32), axis=0) > 0:
+            if tl.max((tile_max - new_max > -negligible_bits).to(tl.int32), axis=0) > 0:  # a difference: see update
                 rescale = tl.exp2(running_max - new_max)
                 weights = tl.exp2(logits - new_max[:, None])
                 normaliser = normaliser * rescale + tl.sum(weights, axis=1)

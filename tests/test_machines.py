@@ -472,3 +472,20 @@ def test_machines_on_the_gpu_equal_the_cpu(name, patch_size, streamed, labelled_
             assert torch.equal(source_values(got.source.cpu(), labelled_dataset),
                                source_values(expected.source, labelled_dataset))
             torch.testing.assert_close(got.weight.cpu(), expected.weight, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name, patch_size", [("is", None), ("es", None), ("ls", 15), ("bbels", 9)])
+def test_float32_posteriors_near_t_0_are_those_of_float64(name, patch_size):
+    """At t = 1e-4 (the last step of a 10,000-step run) float32 logits reach 1e9 bits, where max + log(1e-26) rounds to
+    max: the accumulator took every row's own maximum for negligible and returned 0 / 0."""
+    from conftest import tiny_dataset
+
+    dataset = tiny_dataset(labelled=False, num_images=12, side=16)
+    t = 1e-4
+    generator = torch.Generator().manual_seed(0)
+    x = (math.sqrt(alpha_bar(t)) * dataset.images[:3].double()
+         + math.sqrt(1 - alpha_bar(t)) * torch.randn(3, 1, 16, 16, generator=generator, dtype=torch.float64))
+    options = {} if patch_size is None else {"backend": ExactBackend(method="products")}
+    single = make_machine(name, dataset, dtype=torch.float32, **options).posterior(x.float(), t, patch_size=patch_size)
+    double = make_machine(name, dataset, dtype=torch.float64, **options).posterior(x, t, patch_size=patch_size)
+    assert torch.allclose(single.mean.double(), double.mean, atol=1e-5)
