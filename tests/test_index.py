@@ -237,6 +237,42 @@ def test_the_certificate_after_scoring_holds_where_an_unvisited_bound_overflows_
     assert (path[0] == PATHS.index("certified")) == certifiable
     assert error <= tol * 2 if certifiable else error > 0.5  # the truncation it refused to certify is far off
 
+def test_the_certificate_near_t_0_reads_the_normaliser_from_the_state_in_bits():
+    """At t = 1e-4 (the last step of 10,000) on 11x11 dark patches, logits reach 2.5e9 nats: the float32 running_max
+    rounds by up to 128 nats and the normaliser's correction for it overflowed to inf, which certified every row
+    whatever its unvisited cluster held. Here the unvisited cluster holds the member nearest q (value +1)."""
+    from patchdb.index import ClusteredDictionary, EntryClusters
+    from patchdb.schedule import alpha_bar as alpha_bar_at
+
+    generator = torch.Generator().manual_seed(0)
+    dimension, radius, nearest, alpha_bar = 121, 0.05, 0.01, alpha_bar_at(1e-4)
+    base = torch.full((dimension,), -1.0, dtype=torch.float64)
+    directions = torch.nn.functional.normalize(torch.randn(64, dimension, generator=generator), dim=1)
+    sphere = torch.cat([radius * directions, -radius * directions])
+    axis = directions[0]
+    centre = (nearest + radius) * axis
+    unvisited = torch.cat([(centre + radius * axis)[None], centre + sphere, (nearest * axis)[None]])
+    keys = (base + torch.cat([sphere, unvisited]).double()).float()
+    offsets = torch.tensor([0, len(sphere), len(keys)])
+    members = [keys[:len(sphere)], keys[len(sphere):]]
+    centroids = torch.stack([part.double().mean(0).float() for part in members])
+    radii = torch.stack([(part.double() - centroid.double()).norm(dim=1).max().float() * 1.001
+                         for part, centroid in zip(members, centroids)])
+    values = torch.cat([torch.full((len(sphere), 1), -1.0), torch.full((len(unvisited), 1), 1.0)])
+    sources = torch.stack([torch.arange(len(keys)), torch.zeros(len(keys)).long(), torch.zeros(len(keys)).long()], 1)
+    flat = PatchDictionary(keys, values, keys.square().sum(1), torch.zeros(len(keys)), sources, False)
+    indexed = ClusteredDictionary(flat, EntryClusters(offsets, centroids, radii, offsets.diff().float().log(),
+                                                      offsets[:-1].clone()))
+    queries = (math.sqrt(alpha_bar) * (base + 1e-6 * torch.randn(64, dimension, generator=generator,
+                                                                  dtype=torch.float64))).float()
+    mean, path = topk_fold(TopKBackend(topk=len(sphere), tol=1e-2, fallback="none"), queries, indexed, alpha_bar)
+    exact = ExactBackend().summarize(queries.double(), [PatchDictionary(
+        keys.double(), values.double(), keys.double().square().sum(1), torch.zeros(len(keys), dtype=torch.float64),
+        sources, False)], alpha_bar).mean
+    assert torch.allclose(exact, torch.ones_like(exact))  # the unvisited member dominates
+    certified = path == PATHS.index("certified")
+    assert ((mean.double() - exact).abs()[certified] <= 1e-2 * 2).all()
+
 @pytest.mark.parametrize("alpha_bar", [0.9, 0.999, 0.9999])
 def test_float32_cluster_bounds_hold_against_the_float64_truth(alpha_bar):
     """Near t = 0 a bound is the difference of two terms of thousands of nats: their rounding must not undercut it."""
