@@ -157,8 +157,8 @@ def calibrate_run(model: str | Path, *, machine: str = "bbels", candidates: Sequ
     """Calibrate a machine over a run's own training images to the run's network; write scales.json
     (default RUN_DIR/scales.json) and scales.png. Sample k's noise and label come from seed + k.
 
-    model: a run folder as a Path, taken as it is; or --model's text, the architecture of the project's cached network
-    for dataset_spec or a run folder (patchdb.comparison.resolve_model, which trains the cached network where
+    model: a run folder as a Path (even one named resnet); or --model's text, the architecture of the project's cached
+    network for dataset_spec or a run folder (patchdb.comparison.resolve_model, which trains the cached network where
     train_missing or confirm(question) says so, and checks dataset_spec, padding and conditional against a run folder); out, where given, is checked and locked first, so
     that an unusable or busy --out fails before any training. on_run(run_dir, progress) is called once the network is
     loaded. candidates: None for the network architecture's default_candidates. memory_budget: the machine's memory
@@ -182,9 +182,8 @@ def calibrate_run(model: str | Path, *, machine: str = "bbels", candidates: Sequ
 
     with contextlib.ExitStack() as stack:
         path = None if out is None else locked(user_path(out, "--out"))
-        run_dir = model if isinstance(model, Path) else resolve_model(
-            model, dataset_spec, padding=padding, conditional=conditional, train_missing=train_missing,
-            data_dir=data_dir, device=device, confirm=confirm)
+        run_dir = resolve_model(model, dataset_spec, padding=padding, conditional=conditional,  # a Path is no name
+                                train_missing=train_missing, data_dir=data_dir, device=device, confirm=confirm)
         path = path or locked(run_dir / "scales.json")
         network = load_network(run_dir, device)
         if on_run is not None:

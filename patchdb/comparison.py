@@ -419,17 +419,17 @@ def _compare(run_dir: str | os.PathLike, network: "NetworkScore", dataset: "Data
     return report
 
 
-def resolve_model(model: str, dataset_spec: str | None = None, *, padding: str | None = None, conditional: bool | None = None,
+def resolve_model(model: "str | Path", dataset_spec: str | None = None, *, padding: str | None = None, conditional: bool | None = None,
                   train_missing: bool = False, data_dir=None, device: str = "cpu",
                   confirm: Callable[[str], bool] | None = None) -> Path:
-    """The run folder that `compare --model` names: the project's cached cpu-preset network for resnet|unet on
-    dataset_spec (trained first where train_missing, or where confirm(question) says so), else the RUN_DIR model,
-    checked against the dataset_spec, padding and conditional given (None: unchecked)."""
+    """The run folder that `compare --model` names (a Path is always a folder): the project's cached cpu-preset network
+    for resnet|unet on dataset_spec (trained first where train_missing, or where confirm(question) says so), else the
+    RUN_DIR model, checked against the dataset_spec, padding and conditional given (None: unchecked)."""
     from patchdb.data import load_dataset
     from patchdb.networks import ARCHITECTURES
     from patchdb.training import cached_run_dir, is_trained, read_config, read_network_config, train_cached
 
-    if model not in ARCHITECTURES:
+    if isinstance(model, Path) or model not in ARCHITECTURES:
         run_dir = user_path(model, "--model")
         if train_missing:
             raise PatchdbError(f"--train trains the cached {' or '.join(ARCHITECTURES)} network; {run_dir} is a run folder, "

@@ -64,7 +64,8 @@ def _read_scale_file(path: Path, num_steps: int | None, machine: str | None, run
     """The schedule in a JSON file, of num_steps entries (None: of any length); run_dir: the run whose calibrated
     schedule it is (calibrated:RUN_DIR), whose recalibration a wrong length suggests."""
     if not path.is_file():
-        raise PatchdbError(f"scale file {path} does not exist; write it with `patchdb calibrate --model RUN_DIR --out {path}` "
+        raise PatchdbError(f"scale file {path} does not exist; write it with `patchdb calibrate --model RUN_DIR --out "
+                           f"{shlex.quote(str(path))}` "
                            "(by default RUN_DIR/scales.json, which --scales calibrated:RUN_DIR reads) or give another --scales")
     rewrite = (f"write it again with `patchdb calibrate --model RUN_DIR --out {shlex.quote(str(path))}`" if run_dir is None else
                f"recalibrate: `{calibrate_command(run_dir, machine, num_steps)}`")

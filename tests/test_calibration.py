@@ -227,3 +227,15 @@ def test_a_schedule_of_other_weights_names_only_the_causes_that_fit_the_batch_co
     network = SimpleNamespace(weights_digest=lambda: "new", training=TrainingProgress(now, 500))
     with pytest.raises(PatchdbError, match=re.escape(message)):
         check_run_schedule(path, tmp_path / "b", network, NUM_STEPS)
+
+
+def test_a_run_folder_given_as_a_path_is_checked_as_a_named_one(tmp_path):
+    """calibrate_run(Path('resnet')) is that folder, never the cached network, and its settings are checked."""
+    from patchdb.calibration import calibrate_run
+    from patchdb.networks import NetworkConfig
+    from patchdb.training import TrainingConfig, train_network
+
+    train_network(tmp_path / "resnet", tiny_dataset(labelled=False), None, NetworkConfig(width=8, num_hidden_layers=1,
+                  embedding_dim=16), TrainingConfig(epochs=1, batch_size=8), show_progress=False)
+    with pytest.raises(PatchdbError, match="holds a network with zeros padding, not circular; drop --padding"):
+        calibrate_run(tmp_path / "resnet", padding="circular", candidates=[3], samples=1, num_steps=2)

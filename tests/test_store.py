@@ -646,7 +646,8 @@ def test_a_folder_where_the_build_writes_a_file_is_refused_before_any_work(datas
             PatchStore(tmp_path / "out")
 
 
-SHARED_FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
+SHARED_FASHION_MNIST = Path(os.environ.get("PATCHDB_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+                            ) / "fashion-mnist"
 
 
 @pytest.mark.skipif(not SHARED_FASHION_MNIST.is_dir(), reason="../shared/data is not present")
