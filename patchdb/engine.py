@@ -98,39 +98,24 @@ class SoftmaxAccumulator:
 
     @property
     def running_max(self) -> torch.Tensor:
-        """(Q,) the shift of normaliser and weighted_sum, in nats (at least every logit seen so far, up to rounding)."""
-        return self._max_bits * LN_2
+        """(Q,) float64 the shift of normaliser and weighted_sum, in nats (at least every logit seen so far, up to
+        rounding). float64: near t = 0 float32 logits reach 1e9 bits, where float32 nats would round by up to 128."""
+        return self._max_bits.double() * LN_2
 
     @property
     def normaliser(self) -> torch.Tensor:
         """(Q,) sum over the entries seen of exp(logit - running_max)."""
-        return self._normaliser * self._nats_correction()
+        return self._normaliser
 
     @property
     def weighted_sum(self) -> torch.Tensor:
         """(Q, V) sum over the entries seen of exp(logit - running_max) * value."""
-        return self._weighted_sum * self._nats_correction()[:, None]
+        return self._weighted_sum
 
     @property
     def best_logit(self) -> torch.Tensor:
         """(Q,) the largest logit seen (one copy, without its multiplicity), in nats."""
         return self._best_bits * LN_2
-
-    def log_normaliser(self, rows: torch.Tensor) -> torch.Tensor:
-        """(R,) float64 log, in nats, of the sum of exp(logit) over the entries seen by rows, from the state in bits:
-        near t = 0 float32 logits reach 1e9 bits, where running_max rounds by up to 128 nats and the normaliser's
-        correction for it overflows."""
-        return (self._max_bits[rows].double() + self._normaliser[rows].double().log2()) * LN_2
-
-    def state_bits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """rows' state as kept: the shift (R,) in bits, and the normaliser (R,) and weighted sum (R, V) relative to
-        2^shift (what normaliser and weighted_sum read relative to e^running_max)."""
-        return self._max_bits[rows], self._normaliser[rows], self._weighted_sum[rows]
-
-    def _nats_correction(self) -> torch.Tensor:
-        """2^_max_bits / e^running_max: running_max rounds _max_bits * ln 2; computed in float64."""
-        exact = self._max_bits.double() * LN_2
-        return torch.exp(exact - self.running_max.double()).nan_to_num_(1.0).to(self._max_bits.dtype)
 
     def update(self, logits: torch.Tensor, contract: Callable, sources: torch.Tensor,
                log_multiplicity: torch.Tensor | None = None, row_groups: torch.Tensor | None = None,
@@ -537,8 +522,7 @@ class ExactBackend:
         for first_block in range(0, bounds.shape[1], step_blocks):
             last_block = min(first_block + step_blocks, bounds.shape[1])
             start, stop = first_block * block_size, min(last_block * block_size, num_entries)
-            running_max = accumulator.state_bits(slice(None))[0].double() * LN_2  # not the float32 nats (see log_normaliser)
-            needed = bounds[:, first_block:last_block].amax(dim=1).double() - running_max > NEGLIGIBLE_LOG_WEIGHT
+            needed = bounds[:, first_block:last_block].amax(dim=1) > accumulator.running_max + NEGLIGIBLE_LOG_WEIGHT
             rows = torch.nonzero(needed).squeeze(1)
             if not rows.numel():
                 continue

@@ -259,7 +259,7 @@ class TopKBackend:
         """
         if not rows.numel() or self.tol == 0:
             return rows
-        log_normaliser = accumulator.log_normaliser(rows)
+        log_normaliser = accumulator.running_max[rows] + accumulator.normaliser[rows].double().log()
         # over all rows, in place (the visited clusters' bounds are not needed again): cheaper than copying most rows
         unvisited_mass = _summed_masses(plan.masses.masked_fill_(plan.visit, 0.0))[rows] * (1 + MASS_ROUNDING)
         log_unvisited = unvisited_mass.log() + plan.mass_shift[rows].double()
@@ -504,14 +504,14 @@ class TopKBackend:
         that fills it. The weights, at most 1, and their moments are in the logits' dtype: with values in
         a bounded range, as pixels are, the moments' cancellation costs float32 at most a few of its digits where the
         variance is not negligible against them."""
-        running_max, known, known_sum = accumulator.state_bits(rows)
+        running_max = accumulator.running_max[rows] * LOG2_E  # float64 bits
         chunk_max = logits.amax(dim=1)
-        shift = torch.maximum(running_max, chunk_max)
+        shift = torch.maximum(running_max.to(chunk_max.dtype), chunk_max)
         # (R, m), at most 1; floored like the accumulator's weights (LOG_WEIGHT_FLOOR), as subnormals are slow on x86
         weights = logits.sub_(shift[:, None]).clamp_(min=LOG_WEIGHT_FLOOR * LOG2_E).exp2_()
         count = drawn.clamp_min(1).double()
-        scale = torch.exp2(running_max.double() - shift.double())
-        known, known_sum = known.double() * scale, known_sum.double() * scale[:, None]
+        scale = torch.exp2(running_max - shift.double())
+        known, known_sum = accumulator.normaliser[rows].double() * scale, accumulator.weighted_sum[rows].double() * scale[:, None]
         ones = torch.ones(values.shape[0], 1, dtype=values.dtype, device=values.device)
         tail_sums = (weights @ torch.cat([values, ones], dim=1)).double()  # (R, V + 1): sums of w v and of w
         tail_mean, tail_mean_sum = tail_sums[:, -1] / count, tail_sums[:, :-1] / count[:, None]
