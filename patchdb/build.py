@@ -23,10 +23,10 @@ from patchdb.files import folder_lock, process_alive, temporary_writer
 from patchdb.duplicates import BLOCK_ROWS, merge_hashed, row_hashes, unique_rows
 from patchdb.index import (CLUSTER_SIZE, KMEANS_SAMPLE_PER_CLUSTER, MIN_INDEXED_ENTRIES, Partition, Quantizer, flat_index,
                            number_of_clusters)
-from patchdb.patches import (PATCH_MACHINES, check_patch_sizes, dictionary_groups, gather_patches, gather_sources, padding_mode,
+from patchdb.patches import (PATCH_MACHINES, check_patch_sizes, gather_patches, gather_sources, padding_mode,
                              patch_windows)
 from patchdb.store import (STORE_FILE, PatchStore, StoredDictionary, StoreSettings, dictionary_key, read_settings,
-                           scale_file, scale_mismatch, settings_differences, write_scale, write_settings)
+                           scale_file, scale_mismatch, settings_differences, stored_groups, write_scale, write_settings)
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def _missing_or_stale(out: Path, patch_size: int, settings: StoreSettings) -> bo
 
 
 def _build_scale(dataset: Dataset, settings: StoreSettings, patch_size: int, out: Path) -> None:
-    channels, height, width = settings.image_shape
-    groups = [group for group in dictionary_groups(settings.machine, patch_size, height, width) if not group.same_location]
+    channels = settings.image_shape[0]
+    groups = stored_groups(settings, patch_size)
     label_sets = [None] if settings.labels is None else list(settings.labels)
     dictionaries = {}
     for label in label_sets:

@@ -159,10 +159,10 @@ def calibrate_run(model: str | Path, *, machine: str = "bbels", candidates: Sequ
 
     model: a run folder as a Path (even one named resnet); or --model's text, the architecture of the project's cached
     network for dataset_spec or a run folder (patchdb.comparison.resolve_model, which trains the cached network where
-    train_missing or confirm(question) says so, and checks dataset_spec, padding and conditional against a run folder); out, where given, is checked and locked first, so
-    that an unusable or busy --out fails before any training. on_run(run_dir, progress) is called once the network is
-    loaded. candidates: None for the network architecture's default_candidates. memory_budget: the machine's memory
-    bound in bytes (None: its default)."""
+    train_missing or confirm(question) says so, and checks dataset_spec, padding and conditional against a run
+    folder). out, where given, is checked and locked first, so that an unusable or busy --out fails before any
+    training. on_run(run_dir, progress) is called once the network is loaded. candidates: None for the network
+    architecture's default_candidates. memory_budget: the machine's memory bound in bytes (None: its default)."""
     from patchdb.comparison import resolve_model
     from patchdb.generate import seeded_inputs
     from patchdb.machines import make_machine

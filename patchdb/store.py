@@ -197,12 +197,18 @@ def scale_mismatch(store: Path, patch_size: int, settings: StoreSettings) -> str
     return f"{path.name} lacks the dictionaries {', '.join(absent)}" if absent else None
 
 
+def stored_groups(settings: StoreSettings, patch_size: int) -> list[DictionaryGroup]:
+    """The boundary classes of the machine of a store with settings whose dictionaries scale-PP.h5 holds: those that
+    are not same-location (those are gathered from the images, not stored)."""
+    _, height, width = settings.image_shape
+    return [group for group in dictionary_groups(settings.machine, patch_size, height, width) if not group.same_location]
+
+
 def stored_keys(settings: StoreSettings, patch_size: int) -> list[str]:
     """The HDF5 paths (dictionary_key) of the dictionaries in scale-PP.h5 of a store with settings: every label's
-    dictionary of every boundary class of the machine that is not same-location (those are gathered, not stored)."""
-    _, height, width = settings.image_shape
-    groups = [group for group in dictionary_groups(settings.machine, patch_size, height, width) if not group.same_location]
-    return [dictionary_key(label, group) for label in (settings.labels or (None,)) for group in groups]
+    dictionary of every stored group."""
+    return [dictionary_key(label, group) for label in (settings.labels or (None,))
+            for group in stored_groups(settings, patch_size)]
 
 
 @dataclass

@@ -354,7 +354,7 @@ def _restore(run_dir: Path, config: dict, network) -> dict:
     """run_dir's checkpoint, its weights loaded into network (built from config, run_dir's config.json)."""
     path = _checkpoint_path(run_dir, config)
     checkpoint = _load_checkpoint(path)
-    recorded = checkpoint.get("settings_digest")  # absent from the checkpoints of patchdb 0.1, which only the weights check
+    recorded = checkpoint.get("settings_digest")  # absent from checkpoints written before it: only their weights check
     try:
         if recorded is not None and recorded != settings_digest(config):
             raise RuntimeError("it was trained with other settings")
